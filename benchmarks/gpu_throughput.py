@@ -1,0 +1,151 @@
+"""GPU throughput, MFU, memory and longest document of DiffEmbed against transformers' Qwen2Model (padded SDPA).
+
+Dream-7B shape (hidden 3584, 28 q / 4 kv heads of 128, MLP 18944), random bf16 weights, `--layers` of them
+(28 = the full model). Both models share the weights and get the same texts: random ids whose lengths are
+spread over 16..512 tokens, in batches that are unsorted (training, naive callers) or length-sorted
+(sentence-transformers). One command, no network, no flash-attn needed; prints a table last.
+
+    python benchmarks/gpu_throughput.py --layers 28     # about 3-5 minutes on one H100
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+PEAK_TFLOPS = 800.0  # bf16 dense matrix rate measured on the lent H100/H200 (PERFORMANCE.md)
+
+
+def dream_config(layers: int) -> dict:
+    return dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072, rms_norm_eps=1e-6)
+
+
+def flops_per_text(cfg: dict, length: int) -> float:
+    """Forward FLOPs of one text: 2 x non-embedding parameters per token plus full bidirectional attention."""
+    hidden, inter, heads, kv, layers = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                          "num_key_value_heads", "num_hidden_layers"))
+    head_dim = hidden // heads
+    per_layer = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter
+    attention = 4 * heads * head_dim * length  # QK^T and PV, per token
+    return length * layers * (2 * per_layer + attention)
+
+
+def make_batches(lengths, batch_size, sort, device, gen):
+    if sort:
+        lengths = sorted(lengths, reverse=True)
+    batches = []
+    for start in range(0, len(lengths), batch_size):
+        chunk = lengths[start : start + batch_size]
+        ids = torch.randint(0, 151643, (len(chunk), max(chunk)), generator=gen)
+        mask = (torch.arange(max(chunk))[None] < torch.tensor(chunk)[:, None]).long()
+        batches.append((ids.to(device), mask))  # the mask stays on the host, as a tokenizer returns it
+    return batches
+
+
+def cuda_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--texts", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long", type=str, default="8192,16384,32768,65536",
+                        help="single-document lengths to try, comma-separated")
+    args = parser.parse_args()
+
+    from transformers import Qwen2Config, Qwen2Model
+
+    from diffembed_hf import DiffEmbedConfig, DiffEmbedForEmbedding
+
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    device = torch.device("cuda")
+    cfg = dream_config(args.layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = DiffEmbedForEmbedding._from_config(DiffEmbedConfig(**cfg, rope_theta=1e6), dtype=torch.bfloat16).eval()
+        qcfg = Qwen2Config(**cfg, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        qcfg.is_causal = False
+        ref = Qwen2Model._from_config(qcfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    ref.load_state_dict(ours.model.state_dict())
+    backend = ours.attention_backend
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(16, 513, (args.texts,), generator=gen).tolist()
+    tokens = sum(lengths)
+    flops = sum(flops_per_text(cfg, n) for n in lengths)
+
+    def run_ref(batches):
+        out = []
+        for ids, mask in batches:
+            mask = mask.to(device)
+            hidden = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.float()[..., None]
+            out.append(F.normalize((hidden.float() * m).sum(1) / m.sum(1), dim=-1))
+        return torch.cat(out)
+
+    def run_ours(batches, attn):
+        ours.config._attn_implementation = attn
+        return torch.cat([ours(input_ids=ids, attention_mask=mask).embeddings for ids, mask in batches])
+
+    rows, parity = [], {}
+    with torch.inference_mode():
+        for order in ("unsorted", "sorted"):
+            batches = make_batches(lengths, args.batch_size, order == "sorted", device, gen)
+            padded_tokens = sum(ids.numel() for ids, _ in batches)
+            variants = {"transformers Qwen2Model sdpa": lambda: run_ref(batches),
+                        "DiffEmbed sdpa (padded)": lambda: run_ours(batches, "sdpa"),
+                        f"DiffEmbed auto [{backend}]": lambda: run_ours(batches, None)}
+            results = {}
+            for name, fn in variants.items():
+                fn()  # warm-up (kernel selection, probes)
+                torch.cuda.reset_peak_memory_stats()
+                seconds = cuda_time(fn, args.repeats)
+                results[name] = (seconds, torch.cuda.max_memory_allocated() / 2**30)
+            base = results["transformers Qwen2Model sdpa"][0]
+            for name, (seconds, mem) in results.items():
+                rows.append((order, name, tokens / seconds, flops / seconds / 1e12 / PEAK_TFLOPS, base / seconds, mem,
+                             1 - tokens / padded_tokens))
+            ref_emb, var_emb = run_ref(batches), run_ours(batches, None)
+            parity[order] = ((var_emb - ref_emb).norm() / ref_emb.norm()).item()
+
+        longest = {}
+        for length in (int(x) for x in args.long.split(",")):
+            ids = torch.randint(0, 151643, (1, length), device=device)
+            for name, fn in (("ours", lambda: ours(input_ids=ids, attention_mask=torch.ones(1, length)).embeddings),
+                             ("ref", lambda: ref(input_ids=ids).last_hidden_state)):
+                ours.config._attn_implementation = None
+                try:
+                    torch.cuda.reset_peak_memory_stats()
+                    seconds = cuda_time(fn, 1)
+                    longest[(name, length)] = (seconds, torch.cuda.max_memory_allocated() / 2**30)
+                except torch.OutOfMemoryError:
+                    longest[(name, length)] = None
+                torch.cuda.empty_cache()
+
+    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | Dream-7B shape, {args.layers} layers, bf16 | "
+          f"{args.texts} texts of 16-512 tokens ({tokens} real tokens), batch {args.batch_size}")
+    print("varlen vs transformers padded SDPA, relative error of embeddings: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in parity.items()))
+    print("longest single document (forward seconds, peak GiB): " + ", ".join(
+        f"{name}@{n}: " + ("OOM" if res is None else f"{res[0]:.2f}s {res[1]:.1f}GiB") for (name, n), res in longest.items()))
+    header = f"{'batches':<10}{'model':<36}{'tok/s':>9}{'MFU':>7}{'speedup':>9}{'peak GiB':>10}{'padding':>9}"
+    print(header)
+    print("-" * len(header))
+    for order, name, tps, mfu, speedup, mem, pad in rows:
+        print(f"{order:<10}{name:<36}{tps:>9.0f}{mfu:>7.1%}{speedup:>9.2f}{mem:>10.1f}{pad:>9.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The Hub remote code (`diffembed_hf.modeling`). Only the two module files are copied into checkpoints."""

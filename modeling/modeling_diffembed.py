@@ -1,0 +1,625 @@
+"""DiffEmbed: a diffusion language model (Dream, LLaDA) or a Qwen2/Llama-shaped LLM used as a text embedder.
+
+The backbone is a pre-norm decoder stack (RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP,
+final RMSNorm) run with **bidirectional** attention, as in the DiffEmbed study (arXiv 2505.15045). The
+embedding is the mean of the final-layer states over the real tokens.
+
+This file is Hub remote code: it is copied verbatim into every checkpoint and imports only `torch`,
+`transformers` and its configuration file. Optional kernels are imported inside `try:` blocks.
+
+Token layouts. Every layer works on one of two layouts, chosen once per forward:
+  * padded  `[batch, seq, hidden]` with a key-padding mask (the `eager` and `sdpa` reference paths);
+  * packed  `[total_tokens, hidden]` with `cu_seqlens` (every automatic path): the batch is unpadded once
+    before the first layer and re-padded once after the last, so no layer ever computes a padded token.
+Positions always count real tokens only, so left padding, right padding, packing and a text embedded
+alone all give the same embedding.
+"""
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput, logging
+
+from .configuration_diffembed import DiffEmbedConfig
+
+logger = logging.get_logger(__name__)
+
+try:  # the real flash-attn 2; a look-alike package that lacks the varlen function fails here
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # noqa: BLE001 - a broken CUDA build raises OSError/RuntimeError, not only ImportError
+    flash_attn_varlen_func = None
+
+try:  # torch >= 2.10: torch's own FlashAttention-2 kernels on unpadded tokens
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention backends
+# ----------------------------------------------------------------------------------------------------------
+
+# What users may pass as `attn_implementation`. `None` means: choose the fastest correct path at run time.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+# Names of the paths that can run, as reported by `DiffEmbedPreTrainedModel.attention_backend`.
+#   eager / sdpa:       padded batch, explicit key-padding mask (reference paths)
+#   flash_attn_varlen:  packed tokens, flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16)
+#   torch_varlen:       packed tokens, `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16)
+#   packed_sdpa:        packed tokens for every token-wise op, SDPA run per text (CPU)
+#   packed_eager:       as packed_sdpa with eager attention (packed input when eager is requested)
+_PACKED_BACKENDS = ("flash_attn_varlen", "torch_varlen", "packed_sdpa", "packed_eager")
+
+_kernel_probe_cache: dict = {}
+
+
+def _probe_kernel(name: str, device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int):
+    """How to call varlen kernel `name` on this device for grouped heads, or None if it cannot run here (cached)."""
+    key = (name, device.type, device.index, dtype, num_heads, num_kv_heads, head_dim)
+    if key not in _kernel_probe_cache:
+        usable = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        _kernel_probe_cache[key] = (
+            _working_gqa_mode(name, num_heads, num_kv_heads, head_dim, device, dtype) if usable else None
+        )
+    return _kernel_probe_cache[key]
+
+
+def _working_gqa_mode(name, num_heads, num_kv_heads, head_dim, device, dtype):
+    """Run the kernel once on a tiny input; return the first grouped-head mode it accepts, or None.
+
+    Import success is not enough: look-alike flash-attn builds import and then raise on call, and torch 2.11's
+    `varlen_attn` has no `enable_gqa` argument. Modes: "native" (kernel accepts fewer kv heads), "enable_gqa"
+    (pass that flag) or "repeat" (repeat kv heads first).
+    """
+    q = torch.randn(3, num_heads, head_dim, device=device, dtype=dtype)
+    cu = torch.tensor([0, 1, 3], device=device, dtype=torch.int32)
+    modes = ("native", "enable_gqa", "repeat") if num_heads != num_kv_heads else ("native",)
+    for mode in modes:
+        k = torch.randn(3, num_heads if mode == "repeat" else num_kv_heads, head_dim, device=device, dtype=dtype)
+        try:
+            out = _call_varlen_kernel(name, mode, q, k, k, cu, 2, head_dim**-0.5, False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as err:  # noqa: BLE001 - any refusal means "do not use this mode"
+            logger.debug("varlen kernel %s (%s) refused: %s", name, mode, err)
+            continue
+        if out.shape == q.shape and bool(torch.isfinite(out).all()):
+            return mode
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(fn) -> frozenset:
+    """Parameter names of `fn`, inspected once: torch's varlen_attn changed its signature between releases."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _call_varlen_kernel(name, gqa_mode, q, k, v, cu_seqlens, max_seqlen, scale, causal):
+    """Call a varlen kernel on packed `[tokens, heads, head_dim]` tensors. Both kernels take int32 `cu_seqlens`."""
+    if gqa_mode == "repeat" and k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if name == "flash_attn_varlen":
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=causal
+        )
+    params = _parameters(varlen_attn)
+    kwargs = {"scale": scale}
+    if "window_size" in params:  # torch >= 2.11
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif causal:  # torch 2.10
+        kwargs["is_causal"] = True
+    if gqa_mode == "enable_gqa":
+        kwargs["enable_gqa"] = True
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+    """Repeat each kv head `groups` times along `dim` (grouped-query attention for kernels without GQA)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
+
+
+def eager_attention(q, k, v, mask, scale, causal):
+    """Reference attention on `[batch, heads, seq, head_dim]`. `mask`: bool, True = may attend, or None."""
+    k = repeat_kv(k, q.shape[1] // k.shape[1], dim=1)
+    v = repeat_kv(v, q.shape[1] // v.shape[1], dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if causal:
+        length = q.shape[2]
+        causal_mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        mask = causal_mask if mask is None else mask & causal_mask
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def sdpa_attention(q, k, v, mask, scale, causal):
+    """SDPA on `[batch, heads, seq, head_dim]`; without a mask SDPA may pick its fastest kernel."""
+    if causal and mask is not None:
+        length = q.shape[2]
+        mask = mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        causal = False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+@dataclass
+class TokenLayout:
+    """How a batch's tokens are arranged; built once per forward and shared by every layer.
+
+    padded layout: `key_mask` is `[batch, 1, 1, seq]` (True = real token) or None when nothing is padded.
+    packed layout: `cu_seqlens` (int32, on the model's device), `max_seqlen` (host int) and `lengths`
+    (host list, only for `packed_sdpa`, which splits the batch per text).
+    """
+
+    backend: str
+    key_mask: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    max_seqlen: int = 0
+    lengths: Optional[list] = None
+    gqa_mode: Optional[str] = None
+
+    @property
+    def packed(self) -> bool:
+        return self.backend in _PACKED_BACKENDS
+
+
+def attention(q, k, v, layout: TokenLayout, scale: float, causal: bool) -> torch.Tensor:
+    """Attention over `[..., tokens, heads, head_dim]` in the layout's arrangement; returns the same shape as q."""
+    if layout.backend in ("flash_attn_varlen", "torch_varlen"):
+        return _call_varlen_kernel(
+            layout.backend, layout.gqa_mode, q, k, v, layout.cu_seqlens, layout.max_seqlen, scale, causal
+        )
+    if layout.backend in ("packed_sdpa", "packed_eager"):
+        attend = eager_attention if layout.backend == "packed_eager" else sdpa_attention
+        outputs = [
+            attend(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None], None, scale, causal)
+            for qi, ki, vi in zip(*(x.split(layout.lengths) for x in (q, k, v)))
+        ]
+        return torch.cat([o[0].transpose(0, 1) for o in outputs])
+    attend = eager_attention if layout.backend == "eager" else sdpa_attention
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout.key_mask, scale, causal)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------
+
+
+class DiffEmbedRMSNorm(nn.Module):
+    """RMSNorm computed in float32, as Qwen2/Llama do."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class DiffEmbedRotaryEmbedding(nn.Module):
+    """Default RoPE: cos/sin of position x inverse frequency, computed in float32."""
+
+    def __init__(self, config: DiffEmbedConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.base = config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device=None) -> torch.Tensor:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.base**exponent)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor):
+        """`position_ids` of any shape -> (cos, sin) of shape `[*position_ids.shape, head_dim]`, float32."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q, k, cos, sin, fp32: bool):
+    """Rotate `[..., tokens, heads, head_dim]` q/k; cos/sin are `[..., tokens, head_dim]` float32.
+
+    Qwen2/Dream rotate in the model dtype (cos/sin cast down); LLaDA rotates in float32 (`rope_fp32`).
+    """
+    dtype = q.dtype
+    if fp32:
+        q, k = q.float(), k.float()
+    cos, sin = cos.unsqueeze(-2).to(q.dtype), sin.unsqueeze(-2).to(q.dtype)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    return q.to(dtype), k.to(dtype)
+
+
+class DiffEmbedAttention(nn.Module):
+    """Grouped-query self-attention. Bidirectional unless `config.is_causal`."""
+
+    def __init__(self, config: DiffEmbedConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = config.is_causal
+        self.rope_fp32 = config.rope_fp32
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_output_bias)
+
+    def forward(self, hidden_states, cos, sin, layout: TokenLayout) -> torch.Tensor:
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape)
+        q, k = apply_rotary(q, k, cos, sin, self.rope_fp32)
+        out = attention(q, k, v, layout, self.scaling, self.is_causal)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
+
+
+class DiffEmbedMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: DiffEmbedConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DiffEmbedDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DiffEmbedConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DiffEmbedAttention(config, layer_idx)
+        self.mlp = DiffEmbedMLP(config)
+        self.input_layernorm = DiffEmbedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DiffEmbedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, cos, sin, layout: TokenLayout) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos, sin, layout)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiffEmbedOutput(ModelOutput):
+    """
+    last_hidden_state: final-layer token states after the last RMSNorm, in the input's layout
+        (`[batch, seq, hidden]`, or `[1, total_tokens, hidden]` for packed input). First, so that
+        `outputs[0]` is what sentence-transformers' Transformer module reads.
+    embeddings: one pooled (and, if configured, L2-normalised) float32 vector per text, `[num_texts, hidden]`.
+    """
+
+    last_hidden_state: Optional[torch.Tensor] = None
+    embeddings: Optional[torch.Tensor] = None
+
+
+class DiffEmbedPreTrainedModel(PreTrainedModel):
+    config_class = DiffEmbedConfig
+    config: DiffEmbedConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DiffEmbedDecoderLayer"]
+    _supports_sdpa = True
+    # flash_attention_2 is dispatched by this file (never through transformers' Hub-kernel fallback).
+    _supports_flash_attn = False
+    # Accepts packed input (`position_ids`, `cu_seq_lens_q/k`, `max_length_q/k`): sentence-transformers reads this.
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        # Through `transformers.initialization`, which leaves weights that were loaded from a checkpoint alone.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, DiffEmbedRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, DiffEmbedRotaryEmbedding):
+            # Non-persistent buffer: it starts on the meta device when loading, so it is rebuilt here.
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """Validate `attn_implementation` here instead of in transformers, which would fall back to downloading
+        a Hub kernel when flash-attn is missing. `None` stays `None`: the path is chosen per forward."""
+        if attn_implementation is None or attn_implementation in ("eager", "sdpa"):
+            return attn_implementation
+        if attn_implementation == "flash_attention_2":
+            if flash_attn_varlen_func is None:
+                raise ImportError(
+                    "attn_implementation='flash_attention_2' needs the flash-attn package with "
+                    "`flash_attn_varlen_func` (pip install flash-attn), which is not installed or not usable here. "
+                    "Leave attn_implementation unset to use torch's own varlen kernel on CUDA."
+                )
+            return attn_implementation
+        raise ValueError(
+            f"DiffEmbed does not support attn_implementation={attn_implementation!r}; "
+            f"use one of {ATTN_IMPLEMENTATIONS} or leave it unset (automatic choice)."
+        )
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True  # the backend is read from the config at every forward
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention path a padded batch takes on this model's current device and dtype."""
+        param = next(self.parameters())
+        return _select_backend(self.config, param.device, param.dtype)
+
+
+def _select_backend(config: DiffEmbedConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """Map the requested `attn_implementation` and the hardware to the path that runs."""
+    requested = config._attn_implementation
+    if requested in ("eager", "sdpa"):
+        return requested
+    heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    if requested == "flash_attention_2":
+        if _probe_kernel("flash_attn_varlen", device, dtype, *heads) is None:
+            raise RuntimeError(
+                f"attn_implementation='flash_attention_2' cannot run on {device} in {dtype}: flash-attn needs a "
+                "CUDA device and float16/bfloat16 weights."
+            )
+        return "flash_attn_varlen"
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        if flash_attn_varlen_func is not None and _probe_kernel("flash_attn_varlen", device, dtype, *heads):
+            return "flash_attn_varlen"
+        if varlen_attn is not None and _probe_kernel("torch_varlen", device, dtype, *heads):
+            return "torch_varlen"
+        logger.warning_once("No varlen attention kernel works here; DiffEmbed runs padded SDPA (slower).")
+        return "sdpa"
+    if device.type == "cuda":  # float32 on CUDA: one padded SDPA call beats a per-text loop of kernel launches
+        return "sdpa"
+    return "packed_sdpa"
+
+
+class DiffEmbedModel(DiffEmbedPreTrainedModel):
+    """The bidirectional backbone: token embeddings -> decoder layers -> final RMSNorm."""
+
+    def __init__(self, config: DiffEmbedConfig):
+        super().__init__(config)
+        # No padding_idx: Dream's pad id is <|endoftext|>, a real token whose embedding must stay trainable.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [DiffEmbedDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = DiffEmbedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DiffEmbedRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        """Padded input: `input_ids`/`inputs_embeds` `[batch, seq]` with an optional 0/1 `attention_mask`.
+        Packed input (sentence-transformers' flattening, sequence packing): `[1, total_tokens]` plus
+        `cu_seq_lens_q` (and optionally `max_length_q`, `position_ids` restarting at 0 per text).
+        `position_ids` are otherwise derived from the mask so that they count real tokens only."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"Expected a non-empty [batch, seq] input, got shape {tuple(shape)}.")
+        if input_ids is not None:
+            _check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        device, dtype = inputs_embeds.device, inputs_embeds.dtype
+
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is not None:
+            hidden, positions, layout = self._packed_input(inputs_embeds, cu_seqlens, position_ids, kwargs)
+        else:
+            hidden, positions, layout, token_index = self._padded_input(inputs_embeds, attention_mask, position_ids)
+
+        cos, sin = self.rotary_emb(positions)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, layout)
+        hidden = self.norm(hidden)
+
+        if cu_seqlens is not None:
+            hidden = hidden.unsqueeze(0)
+        elif layout.packed:  # re-pad once
+            batch, length = shape
+            padded = hidden.new_zeros(batch * length, hidden.shape[-1])
+            hidden = padded.index_copy_(0, token_index, hidden).view(batch, length, -1)
+        return BaseModelOutput(last_hidden_state=hidden)
+
+    def _padded_input(self, inputs_embeds, attention_mask, position_ids):
+        """Derive positions and the token layout of a padded batch; unpad it if the backend packs."""
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        backend = _select_backend(self.config, device, inputs_embeds.dtype)
+        # The mask goes to the host once: lengths, max_seqlen and the unpad index are then known without a
+        # device sync inside the model (a no-op when the tokenizer's mask was never moved to the GPU).
+        mask = None if attention_mask is None else attention_mask.detach().to("cpu", torch.bool)
+        if mask is not None and mask.all():
+            mask = None
+        if mask is not None:
+            lengths = mask.sum(1)
+            if not lengths.all():
+                empty = lengths.eq(0).nonzero().flatten().tolist()
+                raise ValueError(f"Rows {empty} of attention_mask have no real token; cannot embed an empty text.")
+            if int(lengths.max()) > self.config.max_position_embeddings:
+                _raise_too_long(int(lengths.max()), self.config.max_position_embeddings)
+        elif length > self.config.max_position_embeddings:
+            _raise_too_long(length, self.config.max_position_embeddings)
+
+        if position_ids is None:
+            if mask is None:
+                position_ids = torch.arange(length, device=device).expand(batch, length)
+            else:
+                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)
+
+        if backend in _PACKED_BACKENDS and mask is None:
+            # Nothing to unpad: one unmasked SDPA call lets torch pick its fastest kernel (cuDNN / flash on
+            # CUDA, measured faster than the varlen kernel on long single documents) and beats a per-text loop.
+            backend = "sdpa"
+        _log_backend_once(backend)
+        if backend not in _PACKED_BACKENDS:
+            key_mask = None if mask is None else mask[:, None, None, :].to(device)
+            return inputs_embeds, position_ids, TokenLayout(backend, key_mask=key_mask), None
+
+        if mask is None:
+            lengths_list = [length] * batch
+            token_index = torch.arange(batch * length, device=device)
+        else:
+            lengths_list = lengths.tolist()
+            token_index = mask.flatten().nonzero().flatten().to(device)
+        layout = _packed_layout(self.config, backend, lengths_list, device, inputs_embeds.dtype)
+        hidden = inputs_embeds.reshape(batch * length, -1).index_select(0, token_index)
+        positions = position_ids.reshape(-1).index_select(0, token_index)
+        return hidden, positions, layout, token_index
+
+    def _packed_input(self, inputs_embeds, cu_seqlens, position_ids, kwargs):
+        """Accept an already packed `[1, total_tokens]` batch as sentence-transformers 6 sends it."""
+        if inputs_embeds.shape[0] != 1:
+            raise ValueError(f"Packed input (cu_seq_lens_q) must have batch size 1, got {inputs_embeds.shape[0]}.")
+        device = inputs_embeds.device
+        cu_host = cu_seqlens.detach().to("cpu", torch.int64)
+        lengths = (cu_host[1:] - cu_host[:-1]).tolist()
+        if cu_host[0] != 0 or cu_host[-1] != inputs_embeds.shape[1] or min(lengths) <= 0:
+            raise ValueError(
+                f"cu_seq_lens_q must start at 0, increase strictly and end at the token count "
+                f"{inputs_embeds.shape[1]}; got {cu_host.tolist()}."
+            )
+        if max(lengths) > self.config.max_position_embeddings:
+            _raise_too_long(max(lengths), self.config.max_position_embeddings)
+        if position_ids is None:
+            starts = torch.repeat_interleave(cu_host[:-1], torch.tensor(lengths))
+            position_ids = (torch.arange(int(cu_host[-1])) - starts).to(device)
+        backend = _select_backend(self.config, device, inputs_embeds.dtype)
+        if backend not in _PACKED_BACKENDS:  # eager / sdpa requested: same per-text split, that kernel per text
+            backend = "packed_sdpa" if backend == "sdpa" else "packed_eager"
+        _log_backend_once(backend)
+        layout = _packed_layout(self.config, backend, lengths, device, inputs_embeds.dtype)
+        return inputs_embeds[0], position_ids.reshape(-1), layout
+
+
+_logged_backends: set = set()
+
+
+def _log_backend_once(backend: str):
+    """Say once per process which attention path runs: users need to know whether they got the fast one."""
+    if backend not in _logged_backends:
+        _logged_backends.add(backend)
+        logger.info("DiffEmbed attention path: %s", backend)
+
+
+def _packed_layout(config, backend: str, lengths: list, device, dtype) -> TokenLayout:
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    gqa_mode = _probe_kernel(backend, device, dtype, *heads) if backend in ("flash_attn_varlen", "torch_varlen") else None
+    return TokenLayout(backend, cu_seqlens=cu, max_seqlen=max(lengths), lengths=lengths, gqa_mode=gqa_mode)
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int):
+    """Out-of-range ids give a cryptic IndexError on CPU and a fatal device assert on CUDA: name them instead."""
+    low, high = torch.aminmax(input_ids.detach())
+    low, high = int(low), int(high)
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"input_ids must lie in [0, {vocab_size}) (the model's vocab_size), got values in [{low}, {high}]; "
+            "was the text tokenized with a different tokenizer?"
+        )
+
+
+def _raise_too_long(length: int, limit: int):
+    raise ValueError(
+        f"A sequence has {length} tokens, more than max_position_embeddings={limit}; truncate the input "
+        "(tokenizer truncation=True, max_length=...) before embedding."
+    )
+
+
+class DiffEmbedForEmbedding(DiffEmbedPreTrainedModel):
+    """Backbone + mean pooling over the real tokens (float32) + optional L2 normalisation."""
+
+    def __init__(self, config: DiffEmbedConfig):
+        super().__init__(config)
+        self.model = DiffEmbedModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        **kwargs,
+    ) -> DiffEmbedOutput:
+        hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds, **kwargs).last_hidden_state
+        if kwargs.get("cu_seq_lens_q") is not None:
+            cu = kwargs["cu_seq_lens_q"].to(hidden.device, torch.int64)
+            lengths = cu[1:] - cu[:-1]
+            text_index = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+            sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
+            sums.index_add_(0, text_index, hidden[0].float())
+            embeddings = sums / lengths[:, None].float()
+        elif attention_mask is None:
+            embeddings = hidden.float().mean(1)
+        else:
+            mask = attention_mask.to(hidden.device, torch.float32)[..., None]
+            embeddings = (hidden.float() * mask).sum(1) / mask.sum(1)
+        if self.config.normalize_embeddings:
+            embeddings = F.normalize(embeddings, p=2, dim=-1)
+        bad = ~torch.isfinite(embeddings).all(-1)
+        if bad.any():
+            raise FloatingPointError(
+                f"Non-finite embeddings for rows {bad.nonzero().flatten().tolist()} (model dtype {hidden.dtype}). "
+                "Qwen-family backbones overflow in float16; load with dtype=torch.bfloat16 or torch.float32."
+            )
+        return DiffEmbedOutput(last_hidden_state=hidden, embeddings=embeddings)
+
+
+__all__ = ["DiffEmbedPreTrainedModel", "DiffEmbedModel", "DiffEmbedForEmbedding", "DiffEmbedOutput"]

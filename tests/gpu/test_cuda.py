@@ -1,0 +1,89 @@
+"""CUDA-only checks of the fused varlen path (skipped where no GPU is present)."""
+
+import pytest
+import torch
+from conftest import make_batch, tiny_config
+
+from diffembed_hf import DiffEmbedForEmbedding
+from diffembed_hf.modeling import modeling_diffembed as mdl
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Dream's attention geometry (28 q heads, 4 kv heads, head_dim 128) on a 2-layer model: the kernels see real shapes.
+DREAM_HEADS = dict(hidden_size=3584, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=28,
+                   num_key_value_heads=4, vocab_size=1024)
+
+
+def dream_like(dtype=torch.bfloat16, **overrides):
+    torch.manual_seed(0)
+    config = tiny_config(**dict(DREAM_HEADS, **overrides))
+    with torch.device("cuda"):
+        return DiffEmbedForEmbedding._from_config(config, dtype=dtype).eval()
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def run(model, attn, ids, mask, **kwargs):
+    model.config._attn_implementation = attn
+    with torch.no_grad():
+        return model(input_ids=ids.cuda(), attention_mask=mask, **kwargs)
+
+
+def test_auto_backend_is_a_varlen_kernel_in_bf16():
+    model = dream_like()
+    expected = "flash_attn_varlen" if mdl.flash_attn_varlen_func is not None else "torch_varlen"
+    assert model.attention_backend == expected
+    assert dream_like(torch.float32).attention_backend == "sdpa"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_varlen_matches_padded_sdpa_in_bf16(side):
+    model = dream_like()
+    ids, mask = make_batch([300, 17, 1, 129, 64], side, vocab=1024, seed=1)
+    varlen = run(model, None, ids, mask)
+    padded = run(model, "sdpa", ids, mask)
+    real = mask.bool().cuda()
+    assert relative_error(varlen.last_hidden_state[real], padded.last_hidden_state[real]) < 1e-2
+    assert relative_error(varlen.embeddings, padded.embeddings) < 1e-2
+    assert torch.count_nonzero(varlen.last_hidden_state[~real]) == 0
+
+
+def test_varlen_matches_fp32_reference():
+    model = dream_like()
+    ids, mask = make_batch([200, 31, 77], "right", vocab=1024, seed=2)
+    varlen = run(model, None, ids, mask).embeddings
+    reference = run(model.float(), "sdpa", ids, mask).embeddings
+    assert relative_error(varlen, reference) < 1e-2
+
+
+def test_packed_input_on_cuda():
+    model = dream_like()
+    ids, mask = make_batch([40, 3, 90], "right", vocab=1024, seed=3)
+    lengths = mask.sum(1)
+    flat = ids[mask.bool()][None].cuda()
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).cuda()
+    positions = torch.cat([torch.arange(n) for n in lengths.tolist()])[None].cuda()
+    packed = run(model, None, flat, None, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                 max_length_q=int(lengths.max()), max_length_k=int(lengths.max()))
+    assert relative_error(packed.embeddings, run(model, "sdpa", ids, mask).embeddings) < 1e-2
+
+
+def test_varlen_backward_matches_padded_sdpa():
+    ids, mask = make_batch([120, 7, 60], "left", vocab=1024, seed=4)
+    grads = {}
+    for attn in (None, "sdpa"):
+        model = dream_like().train()
+        model.config._attn_implementation = attn
+        model.gradient_checkpointing_enable()
+        out = model(input_ids=ids.cuda(), attention_mask=mask).embeddings
+        (out.float() @ torch.linspace(-1, 1, out.shape[-1], device="cuda")).sum().backward()
+        grads[attn] = model.model.layers[0].self_attn.q_proj.weight.grad.float()
+    assert relative_error(grads[None], grads["sdpa"]) < 3e-2
+
+
+def test_causal_ablation_on_varlen():
+    model = dream_like(is_causal=True)
+    ids, mask = make_batch([50, 20], "right", vocab=1024, seed=5)
+    assert relative_error(run(model, None, ids, mask).embeddings, run(model, "sdpa", ids, mask).embeddings) < 1e-2
