@@ -62,13 +62,14 @@ def main():
     parser.add_argument("--texts", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--long", type=str, default="8192,16384,32768,65536",
+    parser.add_argument("--long", type=str, default="8192,32768,65536,131072",
                         help="single-document lengths to try, comma-separated")
     args = parser.parse_args()
 
     from transformers import Qwen2Config, Qwen2Model
 
     from diffembed_hf import DiffEmbedConfig, DiffEmbedForEmbedding
+    from diffembed_hf.modeling import modeling_diffembed as mdl
 
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     device = torch.device("cuda")
@@ -100,6 +101,7 @@ def main():
         return torch.cat([ours(input_ids=ids, attention_mask=mask).embeddings for ids, mask in batches])
 
     rows, parity = [], {}
+    weights_gib = torch.cuda.memory_allocated() / 2**30  # both models' weights: subtracted from every peak
     with torch.inference_mode():
         for order in ("unsorted", "sorted"):
             batches = make_batches(lengths, args.batch_size, order == "sorted", device, gen)
@@ -112,15 +114,18 @@ def main():
                 fn()  # warm-up (kernel selection, probes)
                 torch.cuda.reset_peak_memory_stats()
                 seconds = cuda_time(fn, args.repeats)
-                results[name] = (seconds, torch.cuda.max_memory_allocated() / 2**30)
+                results[name] = (seconds, torch.cuda.max_memory_allocated() / 2**30 - weights_gib)
             base = results["transformers Qwen2Model sdpa"][0]
             for name, (seconds, mem) in results.items():
                 rows.append((order, name, tokens / seconds, flops / seconds / 1e12 / PEAK_TFLOPS, base / seconds, mem,
                              1 - tokens / padded_tokens))
-            ref_emb, var_emb = run_ref(batches), run_ours(batches, None)
-            parity[order] = ((var_emb - ref_emb).norm() / ref_emb.norm()).item()
+            if order == "unsorted":
+                parity_batches = batches[:2]
 
         longest = {}
+        ours.config._attn_implementation = None
+        warm = torch.randint(0, 151643, (1, 1024), device=device)
+        ours(input_ids=warm, attention_mask=torch.ones(1, 1024)), ref(input_ids=warm)  # kernel selection off the clock
         for length in (int(x) for x in args.long.split(",")):
             ids = torch.randint(0, 151643, (1, length), device=device)
             for name, fn in (("ours", lambda: ours(input_ids=ids, attention_mask=torch.ones(1, length)).embeddings),
@@ -129,18 +134,35 @@ def main():
                 try:
                     torch.cuda.reset_peak_memory_stats()
                     seconds = cuda_time(fn, 1)
-                    longest[(name, length)] = (seconds, torch.cuda.max_memory_allocated() / 2**30)
+                    longest[(name, length)] = (seconds, torch.cuda.max_memory_allocated() / 2**30 - weights_gib)
                 except torch.OutOfMemoryError:
                     longest[(name, length)] = None
                 torch.cuda.empty_cache()
 
+        # Accuracy against an fp32 run of the same weights (bf16 -> fp32 -> bf16 is exact, so ours is restored).
+        errors = {}
+        outputs = {"transformers Qwen2Model sdpa": run_ref(parity_batches),
+                   "DiffEmbed sdpa (padded)": run_ours(parity_batches, "sdpa"),
+                   "DiffEmbed auto": run_ours(parity_batches, None)}
+        del ref
+        torch.cuda.empty_cache()
+        ours.float()
+        exact = run_ours(parity_batches, "sdpa")
+        ours.to(torch.bfloat16)
+        for name, emb in outputs.items():
+            errors[name] = ((emb - exact).norm() / exact.norm()).item()
+        parity["varlen vs transformers"] = ((outputs["DiffEmbed auto"] - outputs["transformers Qwen2Model sdpa"]).norm()
+                                            / outputs["transformers Qwen2Model sdpa"].norm()).item()
+
+    gqa = sorted({str(v) for v in mdl._kernel_probe_cache.values()})
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | Dream-7B shape, {args.layers} layers, bf16 | "
           f"{args.texts} texts of 16-512 tokens ({tokens} real tokens), batch {args.batch_size}")
-    print("varlen vs transformers padded SDPA, relative error of embeddings: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in parity.items()))
-    print("longest single document (forward seconds, peak GiB): " + ", ".join(
+    print(f"varlen kernel grouped-head mode: {gqa}; embeddings, relative error: varlen vs transformers padded SDPA "
+          f"{parity['varlen vs transformers']:.2e}; vs fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print(f"weights of both models: {weights_gib:.1f} GiB; peaks below are above that")
+    print("single long document (forward seconds, peak activation GiB): " + ", ".join(
         f"{name}@{n}: " + ("OOM" if res is None else f"{res[0]:.2f}s {res[1]:.1f}GiB") for (name, n), res in longest.items()))
-    header = f"{'batches':<10}{'model':<36}{'tok/s':>9}{'MFU':>7}{'speedup':>9}{'peak GiB':>10}{'padding':>9}"
+    header = f"{'batches':<10}{'model':<36}{'tok/s':>9}{'MFU':>7}{'speedup':>9}{'act. GiB':>10}{'padding':>9}"
     print(header)
     print("-" * len(header))
     for order, name, tps, mfu, speedup, mem, pad in rows:

@@ -1,8 +1,10 @@
 """Shared fixtures: tiny DiffEmbed configs and the transformers reference models they must match."""
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("DIFFEMBED_CACHE", tempfile.mkdtemp(prefix="diffembed-test-cache-"))
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import pytest  # noqa: E402

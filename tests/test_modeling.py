@@ -192,7 +192,7 @@ def run_remote_code(folder, ids, mask, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
-        check=True, env=env, cwd=tmp_path, timeout=300,
+        check=True, env=env, cwd=tmp_path, timeout=300, stdin=subprocess.DEVNULL,
     )
     return torch.load(tmp_path / "out.pt")
 
