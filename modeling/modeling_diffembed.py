@@ -207,11 +207,13 @@ class DiffEmbedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, keep_fp32: bool = False) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if keep_fp32:  # the final norm: pooling and normalisation then see unrounded states
+            return self.weight.float() * hidden_states
         return self.weight * hidden_states.to(input_dtype)
 
 
@@ -444,23 +446,25 @@ class DiffEmbedModel(DiffEmbedPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
-        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
-            raise ValueError(f"Expected a non-empty [batch, seq] input, got shape {tuple(shape)}.")
+        if len(shape) != 2:
+            raise ValueError(f"Expected a [batch, seq] input, got shape {tuple(shape)}.")
+        if shape.numel() == 0:  # an empty batch, or texts that tokenized to nothing: nothing to compute
+            device = (input_ids if input_ids is not None else inputs_embeds).device
+            return BaseModelOutput(last_hidden_state=torch.zeros(*shape, self.config.hidden_size, device=device))
         if input_ids is not None:
             _check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
-        device, dtype = inputs_embeds.device, inputs_embeds.dtype
 
         cu_seqlens = kwargs.get("cu_seq_lens_q")
         if cu_seqlens is not None:
-            hidden, positions, layout = self._packed_input(inputs_embeds, cu_seqlens, position_ids, kwargs)
+            hidden, positions, layout = self._packed_input(inputs_embeds, cu_seqlens, position_ids)
         else:
             hidden, positions, layout, token_index = self._padded_input(inputs_embeds, attention_mask, position_ids)
 
         cos, sin = self.rotary_emb(positions)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, layout)
-        hidden = self.norm(hidden)
+        hidden = self.norm(hidden, keep_fp32=True)
 
         if cu_seqlens is not None:
             hidden = hidden.unsqueeze(0)
@@ -480,11 +484,14 @@ class DiffEmbedModel(DiffEmbedPreTrainedModel):
         mask = None if attention_mask is None else attention_mask.detach().to("cpu", torch.bool)
         if mask is not None and mask.all():
             mask = None
+        empty = None
         if mask is not None:
             lengths = mask.sum(1)
             if not lengths.all():
-                empty = lengths.eq(0).nonzero().flatten().tolist()
-                raise ValueError(f"Rows {empty} of attention_mask have no real token; cannot embed an empty text.")
+                empty = lengths.eq(0)
+                logger.warning_once(
+                    "Some rows of attention_mask have no real token (empty texts): they get a zero embedding."
+                )
             if int(lengths.max()) > self.config.max_position_embeddings:
                 _raise_too_long(int(lengths.max()), self.config.max_position_embeddings)
         elif length > self.config.max_position_embeddings:
@@ -496,27 +503,31 @@ class DiffEmbedModel(DiffEmbedPreTrainedModel):
             else:
                 position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)
 
-        if backend in _PACKED_BACKENDS and mask is None:
+        if backend in _PACKED_BACKENDS and (mask is None or not lengths.any()):
             # Nothing to unpad: one unmasked SDPA call lets torch pick its fastest kernel (cuDNN / flash on
             # CUDA, measured faster than the varlen kernel on long single documents) and beats a per-text loop.
             backend = "sdpa"
         _log_backend_once(backend)
         if backend not in _PACKED_BACKENDS:
-            key_mask = None if mask is None else mask[:, None, None, :].to(device)
+            key_mask = None
+            if mask is not None:
+                # An empty row would mask every key (NaN); let it attend to its padding, its output is discarded.
+                key_mask = mask if empty is None else mask | empty[:, None]
+                key_mask = key_mask[:, None, None, :].to(device)
             return inputs_embeds, position_ids, TokenLayout(backend, key_mask=key_mask), None
 
         if mask is None:
             lengths_list = [length] * batch
             token_index = torch.arange(batch * length, device=device)
         else:
-            lengths_list = lengths.tolist()
+            lengths_list = [n for n in lengths.tolist() if n]
             token_index = mask.flatten().nonzero().flatten().to(device)
         layout = _packed_layout(self.config, backend, lengths_list, device, inputs_embeds.dtype)
         hidden = inputs_embeds.reshape(batch * length, -1).index_select(0, token_index)
         positions = position_ids.reshape(-1).index_select(0, token_index)
         return hidden, positions, layout, token_index
 
-    def _packed_input(self, inputs_embeds, cu_seqlens, position_ids, kwargs):
+    def _packed_input(self, inputs_embeds, cu_seqlens, position_ids):
         """Accept an already packed `[1, total_tokens]` batch as sentence-transformers 6 sends it."""
         if inputs_embeds.shape[0] != 1:
             raise ValueError(f"Packed input (cu_seq_lens_q) must have batch size 1, got {inputs_embeds.shape[0]}.")
@@ -606,11 +617,12 @@ class DiffEmbedForEmbedding(DiffEmbedPreTrainedModel):
             sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
             sums.index_add_(0, text_index, hidden[0].float())
             embeddings = sums / lengths[:, None].float()
-        elif attention_mask is None:
-            embeddings = hidden.float().mean(1)
         else:
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
             mask = attention_mask.to(hidden.device, torch.float32)[..., None]
-            embeddings = (hidden.float() * mask).sum(1) / mask.sum(1)
+            # An empty text (no real token) pools to zeros, and normalising zeros gives zeros, never NaN.
+            embeddings = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         if self.config.normalize_embeddings:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
         bad = ~torch.isfinite(embeddings).all(-1)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import tempfile
+from pathlib import Path
+
+import numpy as np
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -20,6 +25,68 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_texts(source: str, field: str) -> list[str]:
+    """One text per line, or one JSON object per line (`.jsonl`) whose `field` holds the text."""
+    stream = sys.stdin if source == "-" else open(source, encoding="utf-8")
+    with stream:
+        lines = stream.read().splitlines()
+    if not source.endswith(".jsonl"):
+        return lines
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record.get(field), str):
+            raise SystemExit(f"{source}:{number}: no string field {field!r}")
+        texts.append(record[field])
+    return texts
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from .encoding import encode, load_encoder
+
+    output = Path(args.output)
+    if output.suffix not in (".npy", ".safetensors"):
+        raise SystemExit(f"--output must end in .npy or .safetensors, got {output}")
+    texts = _read_texts(args.input, args.field)
+    model = load_encoder(args.model, device=args.device, max_seq_length=args.max_seq_length)
+    embeddings = encode(model, texts, prompt_name=args.prompt_name, batch_size=args.batch_size,
+                        show_progress_bar=None if args.progress is None else args.progress)
+    partial = output.with_name(f".{output.name}.partial")
+    if output.suffix == ".npy":
+        with open(partial, "wb") as handle:
+            np.save(handle, embeddings)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({"embeddings": np.ascontiguousarray(embeddings)}, str(partial))
+    os.replace(partial, output)  # a reader never sees a half-written file
+    print(f"{len(texts)} embeddings of dimension {embeddings.shape[1]} -> {output}", file=sys.stderr)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import signal
+
+    from .convert import ConversionError, convert_checkpoint
+
+    # SIGTERM (kill, a job scheduler) becomes SystemExit, so the half-built temporary folder is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        output = convert_checkpoint(
+            args.source, args.output, family=args.family, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, max_seq_length=args.max_seq_length, allow_pickle=args.allow_pickle,
+            ignore_sliding_window=args.ignore_sliding_window, trust_remote_code=args.trust_remote_code,
+            revision=args.revision,
+        )
+    except ConversionError as err:
+        print(f"diffembed convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"DiffEmbed folder: {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffembed", description="Diffusion language models as text embedders.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -27,6 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="build, save, reload (trust_remote_code) and rank with the default model")
     demo.add_argument("--output", help="folder to write the Hub-ready checkpoint to (default: a new temp folder)")
     demo.set_defaults(func=_demo)
+
+    enc = commands.add_parser("encode", help="embed texts from a file or stdin into a .npy or .safetensors file")
+    enc.add_argument("model", help="a DiffEmbed folder or Hub id")
+    enc.add_argument("--input", "-i", default="-", help="text file (one text per line), .jsonl, or - for stdin")
+    enc.add_argument("--field", default="text", help="the text field of .jsonl records (default: text)")
+    enc.add_argument("--output", "-o", required=True, help="embeddings file: .npy or .safetensors")
+    enc.add_argument("--prompt-name", help="a prompt stored with the model, e.g. query (default: none)")
+    enc.add_argument("--batch-size", type=int, default=32)
+    enc.add_argument("--max-seq-length", type=int, help="override the model's maximum length in tokens")
+    enc.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    enc.add_argument("--progress", action=argparse.BooleanOptionalAction, help="force the progress bar on/off")
+    enc.set_defaults(func=_encode)
+
+    conv = commands.add_parser("convert", help="convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint "
+                               "into a Hub-ready DiffEmbed folder")
+    conv.add_argument("source", help="a local checkpoint folder or a Hub id")
+    conv.add_argument("output", help="the folder to create")
+    conv.add_argument("--family", choices=["dream", "llada", "qwen2", "llama", "mistral"],
+                      help="force the source family (default: from config.json's model_type)")
+    conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT once the new folder is complete")
+    conv.add_argument("--max-shard-size", default="5GB", help="output shard size cap, e.g. 5GB or 500MiB")
+    conv.add_argument("--max-seq-length", type=int,
+                      help="sentence-transformers truncation length (default: min(max positions, 4096))")
+    conv.add_argument("--allow-pickle", action="store_true",
+                      help="accept .bin weights, loaded with torch.load(weights_only=True)")
+    conv.add_argument("--ignore-sliding-window", action="store_true",
+                      help="convert a sliding-window source (e.g. Mistral v0.1) to full attention")
+    conv.add_argument("--trust-remote-code", action="store_true", help="let a remote-code tokenizer run its code")
+    conv.add_argument("--revision", help="Hub revision (branch, tag or commit) for a Hub id")
+    conv.set_defaults(func=_convert)
     return parser
 
 

@@ -1,0 +1,120 @@
+"""Make a DiffEmbed checkpoint folder a complete sentence-transformers model as well.
+
+The files are written in sentence-transformers' legacy format (module types under `sentence_transformers.models`,
+`max_seq_length` in `sentence_bert_config.json`, `pooling_mode_mean_tokens` in the pooling config): 5.x reads it
+natively and 6.x maps it, whereas a folder saved by 6.x does not load in 5.x. Without `modules.json`,
+sentence-transformers would build Transformer + mean Pooling and silently drop the Normalize step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# The study's query format: an instruction, then the query (LLM2Vec style); documents carry no instruction.
+# Prompts end in ":\n", where Qwen's pre-tokenizer always cuts, so the prompt's tokens are exactly the prefix of
+# prompt + text (sentence-transformers relies on that to leave the prompt out of the mean when asked to).
+DEFAULT_QUERY_PROMPT = "Given a web search query, retrieve relevant passages that answer the query:\n"
+
+# The study's task instructions for the reasoning benchmark (BRIGHT), usable as `prompt_name=...`.
+TASK_PROMPTS = {
+    "theoremqa_theorems": "Given a problem, retrieve the relevant theorems that help solve the given problem:\n",
+    "theoremqa_questions": "Given a problem, retrieve the relevant problems that can be solved by the similar theorems:\n",
+    "aops": "Given a problem, retrieve the relevant problems that can be solved by the similar math theorems:\n",
+    "leetcode": (
+        "Given a coding problem, retrieve the relevant problems that can be solved by the similar algorithms "
+        "or data structures:\n"
+    ),
+}
+
+DEFAULT_MAX_SEQ_LENGTH = 4096  # the study's training and evaluation length
+
+
+def default_prompts() -> dict[str, str]:
+    """`query` (instruction + query), `document` (bare) and the study's named task prompts."""
+    return {"query": DEFAULT_QUERY_PROMPT, "document": "", **TASK_PROMPTS}
+
+
+def _write_json(path: Path, data: dict | list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def write_sentence_transformer_files(
+    folder: str | Path,
+    *,
+    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    include_prompt: bool = True,
+) -> None:
+    """Write modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/ and
+    2_Normalize/ into a DiffEmbed model folder that already holds config.json.
+
+    `include_prompt=True` keeps the instruction tokens in the mean, as the study does.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: write the model (save_pretrained) first")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("model_type") != "diffembed":
+        raise ValueError(f"{config_path} is not a DiffEmbed config (model_type={config.get('model_type')!r})")
+    max_positions = config.get("max_position_embeddings")
+    if max_positions and max_seq_length > max_positions:
+        raise ValueError(f"max_seq_length={max_seq_length} exceeds max_position_embeddings={max_positions}")
+    prompts = default_prompts() if prompts is None else prompts
+    if default_prompt_name is not None and default_prompt_name not in prompts:
+        raise ValueError(f"default_prompt_name={default_prompt_name!r} is not one of the prompts {sorted(prompts)}")
+
+    _write_json(
+        folder / "modules.json",
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ],
+    )
+    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+    _write_json(
+        folder / "config_sentence_transformers.json",
+        {"prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine"},
+    )
+    _write_json(
+        folder / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": config["hidden_size"],
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False,
+            "include_prompt": include_prompt,
+        },
+    )
+    (folder / "2_Normalize").mkdir(exist_ok=True)
+    logger.info("Wrote sentence-transformers files to %s (max_seq_length=%d)", folder, max_seq_length)
+
+
+def save_sentence_transformer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | Path,
+    **kwargs,
+) -> Path:
+    """Save a `DiffEmbedForEmbedding` and its tokenizer as one folder that loads with `AutoModel` and with
+    `SentenceTransformer` (both with `trust_remote_code=True`). `kwargs` go to
+    `write_sentence_transformer_files`."""
+    output_dir = Path(output_dir)
+    if tokenizer.pad_token is None:
+        raise ValueError("The tokenizer has no pad token; batches cannot be padded. Set tokenizer.pad_token first.")
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    write_sentence_transformer_files(output_dir, **kwargs)
+    return output_dir
