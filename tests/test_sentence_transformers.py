@@ -270,16 +270,16 @@ def test_encode_command(folder, encoder, tmp_path, monkeypatch, capsys):
     lines = ["first line of text", "短い文", "a third"]
     source = tmp_path / "texts.txt"
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    assert cli_main(["encode", str(folder), "-i", str(source), "-o", str(tmp_path / "e.npy")]) == 0
+    assert cli_main(["encode", str(folder), "-i", str(source), "-o", str(tmp_path / "e.npy"), "--device", "cpu"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), encode(encoder, lines), rtol=1e-5, atol=1e-6)
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text('{"body": "alpha"}\n{"body": "beta"}\n', encoding="utf-8")
     assert cli_main(["encode", str(folder), "-i", str(jsonl), "--field", "body", "--prompt-name", "query",
-                     "-o", str(tmp_path / "e.safetensors")]) == 0
+                     "-o", str(tmp_path / "e.safetensors"), "--device", "cpu"]) == 0
     stored = load_file(tmp_path / "e.safetensors")["embeddings"]
     np.testing.assert_allclose(stored, encode(encoder, ["alpha", "beta"], prompt_name="query"), rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("from stdin\n"))
-    assert cli_main(["encode", str(folder), "-o", str(tmp_path / "s.npy")]) == 0
+    assert cli_main(["encode", str(folder), "-o", str(tmp_path / "s.npy"), "--device", "cpu"]) == 0
     assert np.load(tmp_path / "s.npy").shape == (1, 64)
     with pytest.raises(SystemExit, match=".npy or .safetensors"):
         cli_main(["encode", str(folder), "-i", str(source), "-o", str(tmp_path / "e.csv")])

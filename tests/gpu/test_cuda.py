@@ -94,3 +94,21 @@ def test_causal_ablation_on_varlen():
     model = dream_like(is_causal=True)
     ids, mask = make_batch([50, 20], "right", vocab=1024, seed=5)
     assert relative_error(run(model, None, ids, mask).embeddings, run(model, "sdpa", ids, mask).embeddings) < 1e-2
+
+
+def test_sentence_transformers_on_cuda_defaults_to_bf16_and_matches_cpu(tmp_path):
+    from diffembed_hf import load_dream_tokenizer
+    from diffembed_hf.encoding import encode, load_encoder
+    from diffembed_hf.sentence_transformer import save_sentence_transformer
+    from conftest import tiny_model
+
+    save_sentence_transformer(tiny_model(vocab_size=151667), load_dream_tokenizer(), tmp_path, max_seq_length=256)
+    texts = ["a short text", "a somewhat longer text about photosynthesis and light " * 3, "", "x"]
+    gpu = load_encoder(str(tmp_path))
+    assert gpu.device.type == "cuda" and gpu[0].auto_model.dtype == torch.bfloat16
+    on_gpu = encode(gpu, texts, convert_to_tensor=True)
+    on_cpu = encode(load_encoder(str(tmp_path), device="cpu"), texts, convert_to_tensor=True)
+    assert on_gpu.dtype == torch.float32 and torch.isfinite(on_gpu).all()
+    assert torch.equal(on_gpu[2], torch.zeros(64))
+    cosine = torch.nn.functional.cosine_similarity(on_gpu[[0, 1, 3]], on_cpu[[0, 1, 3]])
+    assert cosine.min() > 0.99
