@@ -87,6 +87,28 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from .publish import PublishError, push
+
+    try:
+        result = push(
+            args.folder, args.repo_id, token=args.token, private=True if args.private else None,
+            revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
+            dry_run=args.dry_run, merge_adapter=args.merge, base_model=args.base_model, license=args.license,
+            language=args.language, card=args.card, write_card=args.write_card, validate=not args.skip_validation,
+        )
+    except PublishError as err:
+        print(f"diffembed push: error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        checked = "NOT validated" if args.skip_validation else "validated (AutoModel + SentenceTransformer, offline)"
+        print(f"Dry run: nothing was sent. {len(result)} files would be pushed to {args.repo_id}, {checked}:")
+        print("\n".join(f"  {path}" + ("  (generated model card)" if path == "README.md" else "") for path in result))
+    else:
+        print(f"Pushed {args.folder} to {result.pr_url or result.commit_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffembed", description="Diffusion language models as text embedders.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -124,6 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--trust-remote-code", action="store_true", help="let a remote-code tokenizer run its code")
     conv.add_argument("--revision", help="Hub revision (branch, tag or commit) for a Hub id")
     conv.set_defaults(func=_convert)
+
+    pub = commands.add_parser("push", help="validate a DiffEmbed folder (or LoRA adapter) and push it to the Hub "
+                              "with a model card, in one commit (HF_ENDPOINT, HF_TOKEN or the login cache)")
+    pub.add_argument("folder", help="a DiffEmbed folder (diffembed convert / train) or a LoRA adapter folder")
+    pub.add_argument("repo_id", help="the Hub repo, e.g. my-org/diffembed-dream")
+    pub.add_argument("--dry-run", action="store_true", help="check, validate and list the files; send nothing")
+    pub.add_argument("--private", action="store_true", help="create the repo private (ignored if it exists)")
+    pub.add_argument("--revision", help="branch to push to (created if missing) or refs/pr/N")
+    pub.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    pub.add_argument("--commit-message", help="default: 'Upload DiffEmbed model with diffembed-hf VERSION'")
+    pub.add_argument("--token", help="a write token (default: HF_TOKEN, then the `hf auth login` cache)")
+    pub.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its local base and push "
+                     "the standalone model")
+    pub.add_argument("--base-model", help="Hub id of the base model (needed for an adapter whose base is local)")
+    pub.add_argument("--license", help="licence of the weights for the card (default: the folder's card, else "
+                     "apache-2.0)")
+    pub.add_argument("--language", nargs="+", help="card languages (default: the folder's card, else en)")
+    pub.add_argument("--card", help="push this file as README.md instead of the generated card")
+    pub.add_argument("--write-card", action="store_true", help="also save the generated card as FOLDER/README.md")
+    pub.add_argument("--skip-validation", action="store_true", help="push without loading the folder first")
+    pub.set_defaults(func=_push)
     return parser
 
 
