@@ -628,8 +628,9 @@ class DiffEmbedForEmbedding(DiffEmbedPreTrainedModel):
         bad = ~torch.isfinite(embeddings).all(-1)
         if bad.any():
             raise FloatingPointError(
-                f"Non-finite embeddings for rows {bad.nonzero().flatten().tolist()} (model dtype {hidden.dtype}). "
-                "Qwen-family backbones overflow in float16; load with dtype=torch.bfloat16 or torch.float32."
+                f"Non-finite embeddings for rows {bad.nonzero().flatten().tolist()} (weights in "
+                f"{self.model.embed_tokens.weight.dtype}). In float16, Qwen-family backbones overflow: load with "
+                "dtype=torch.bfloat16 or torch.float32."
             )
         return DiffEmbedOutput(last_hidden_state=hidden, embeddings=embeddings)
 

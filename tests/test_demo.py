@@ -1,26 +1,29 @@
-"""The README's main command: build the default model, save, reload as a Hub user, rank."""
+"""The README's main command: the default model fine-tuned and evaluated on the standard-library task."""
 
 import json
 
 from diffembed_hf.cli import main
-from diffembed_hf.demo import DEFAULT_CONFIG, DOCUMENTS, QUERY, build_default_model
+from diffembed_hf.demo import DEFAULT_CONFIG, build_default_model
 
 
-def test_demo_command_writes_a_hub_ready_folder_and_ranks(tmp_path, capsys):
+def test_demo_command_trains_evaluates_and_writes_a_hub_ready_folder(tmp_path, capsys):
     folder = tmp_path / "demo"
-    assert main(["demo", "--output", str(folder)]) == 0
-    names = {p.name for p in folder.iterdir()}
+    assert main(["demo", "--output", str(folder), "--max-steps", "6", "--max-heldout", "40"]) == 0
+    model = folder / "model"
+    names = {p.name for p in model.iterdir()}
     assert {"config.json", "configuration_diffembed.py", "modeling_diffembed.py", "model.safetensors",
-            "tokenizer.json", "tokenizer_config.json"} <= names
-    config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "diffembed" and "AutoModel" in config["auto_map"]
-    assert config["vocab_size"] == DEFAULT_CONFIG["vocab_size"]
-    lines = capsys.readouterr().out.splitlines()
-    assert "untrained" in lines[0] and QUERY in lines[1]
-    ranked = lines[2:]
-    assert sorted(line.split("  ", 1)[1] for line in ranked) == sorted(DOCUMENTS)
-    scores = [float(line.split()[1]) for line in ranked]
-    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+            "tokenizer.json", "modules.json", "diffembed_training.json"} <= names
+    config = json.loads((model / "config.json").read_text())
+    assert config["model_type"] == "diffembed" and config["vocab_size"] == DEFAULT_CONFIG["vocab_size"]
+    assert (folder / "data" / "train.jsonl").stat().st_size > 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.split() and line.split()[0] in ("untrained", "fine-tuned", "BM25")}
+    assert set(rows) == {"untrained", "fine-tuned", "BM25"}
+    for values in rows.values():
+        assert all(0.0 <= float(v) <= 1.0 for v in values)
+    assert float(rows["BM25"][0]) > 0.2  # a real task: BM25 finds many functions from their summary
+    assert "40 docstring summaries" in out and "trust_remote_code" in out
 
 
 def test_default_model_is_reproducible():

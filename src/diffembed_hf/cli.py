@@ -14,14 +14,41 @@ import numpy as np
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import QUERY, run_demo
+    from .demo import run_demo
 
     output = args.output or tempfile.mkdtemp(prefix="diffembed-demo-")
-    ranking = run_demo(output)
-    print(f"DiffEmbed folder: {output}  (untrained default model: the ranking is not meaningful yet)")
-    print(f"query: {QUERY}")
-    for rank, (score, document) in enumerate(ranking, 1):
-        print(f"{rank}. {score:+.4f}  {document}")
+    result = run_demo(output, max_steps=args.max_steps, max_heldout=args.max_heldout)
+    print(f"Held-out retrieval: {result.heldout_rows} docstring summaries -> their functions' source, from standard "
+          f"library modules not seen in training ({result.train_rows} training rows).")
+    print(f"{'model':<24}{'nDCG@10':>9}{'MRR@10':>9}{'R@1':>7}{'R@10':>7}")
+    for name, metrics in result.metrics.items():
+        print(f"{name:<24}{metrics['ndcg@10']:>9.4f}{metrics['mrr@10']:>9.4f}{metrics['recall@1']:>7.3f}"
+              f"{metrics['recall@10']:>7.3f}")
+    print(f"fine-tuning: loss {result.losses[0]:.2f} -> {result.losses[-1]:.2f}, "
+          f"{result.train_seconds / 60:.1f} min on {os.cpu_count()} CPU cores")
+    print(f"Hub-ready folder (reloaded with AutoModel and SentenceTransformer, trust_remote_code): {result.folder}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .data import ColumnMapping
+    from .train import TrainingConfig, train
+
+    overrides = {key: value for key, value in {
+        "max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "max_seq_length": args.max_seq_length, "gradcache_mini_batch_size": args.gradcache,
+        "lora": False if args.full else None, "adapter_only": args.adapter_only or None,
+        "group_by_instruction": args.group_by_instruction or None, "eval_fraction": args.eval_fraction,
+    }.items() if value is not None}
+    config = TrainingConfig.from_file(args.config, **overrides) if args.config else TrainingConfig(**overrides)
+    mapping = ColumnMapping(query=args.query_column, positive=args.positive_column,
+                            negatives=args.negative_column or [], instruction=args.instruction_column)
+    result = train(args.model, args.data, args.output, config, mapping=mapping, eval_data=args.eval_data,
+                   overwrite=args.overwrite, resume=args.resume, device=args.device)
+    if result.metrics_after:
+        for name, metrics in (("before", result.metrics_before), ("after", result.metrics_after)):
+            print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"model written to {result.output_dir}")
     return 0
 
 
@@ -113,9 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffembed", description="Diffusion language models as text embedders.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="build, save, reload (trust_remote_code) and rank with the default model")
-    demo.add_argument("--output", help="folder to write the Hub-ready checkpoint to (default: a new temp folder)")
+    demo = commands.add_parser("demo", help="fine-tune and evaluate the default model on a standard-library task")
+    demo.add_argument("--output", help="folder for the task, the models and the Hub-ready checkpoint (default: temp)")
+    demo.add_argument("--max-steps", type=int, help="training steps (default: 200)")
+    demo.add_argument("--max-heldout", type=int, default=300, help="held-out rows to evaluate on (default: 300)")
     demo.set_defaults(func=_demo)
+
+    tr = commands.add_parser("train", help="contrastive fine-tuning with the DiffEmbed recipe (LoRA, InfoNCE x 50)")
+    tr.add_argument("model", help="a DiffEmbed folder or Hub id")
+    tr.add_argument("data", help="training rows: .jsonl / .csv / .parquet, or a Hub dataset id")
+    tr.add_argument("output", help="folder to write the fine-tuned, Hub-ready model to")
+    tr.add_argument("--config", help="JSON file of TrainingConfig fields; flags below override it")
+    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--batch-size", type=int, help="per device")
+    tr.add_argument("--learning-rate", type=float)
+    tr.add_argument("--max-seq-length", type=int)
+    tr.add_argument("--gradcache", type=int, metavar="MINI_BATCH", help="GradCache with this mini-batch size")
+    tr.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
+    tr.add_argument("--adapter-only", action="store_true", help="save only the LoRA adapter (not merged)")
+    tr.add_argument("--group-by-instruction", action="store_true", help="one instruction per batch")
+    tr.add_argument("--eval-data", help="held-out rows (default: --eval-fraction of the training rows)")
+    tr.add_argument("--eval-fraction", type=float)
+    tr.add_argument("--query-column")
+    tr.add_argument("--positive-column")
+    tr.add_argument("--negative-column", action="append", help="repeat for several negative columns")
+    tr.add_argument("--instruction-column")
+    tr.add_argument("--overwrite", action="store_true")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint of an interrupted run")
+    tr.add_argument("--device")
+    tr.set_defaults(func=_train)
 
     enc = commands.add_parser("encode", help="embed texts from a file or stdin into a .npy or .safetensors file")
     enc.add_argument("model", help="a DiffEmbed folder or Hub id")
@@ -172,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # libraries that set their own loggers to DEBUG stay quiet too
+        handler.setLevel(level)
     return args.func(args)
 
 

@@ -1,10 +1,12 @@
-"""The built-in default, end to end and offline: build a small DiffEmbed model with the real Dream tokenizer,
-save it as a Hub-ready folder (transformers and sentence-transformers files), reload it as a Hub user would
-(`AutoModel` and `SentenceTransformer`, `trust_remote_code=True`, in a process without this package) and rank
-a few documents for a query.
+"""The built-in default, end to end and offline.
 
-The default model is **untrained** (random weights): its ranking shows that the pipeline runs, not that
-the embeddings mean anything. Fine-tuning it is a later step of this project.
+1. Build a small DiffEmbed model (random weights) with the real Dream tokenizer.
+2. Build a real retrieval task from the running Python's standard library (docstring summary -> function
+   source; training and held-out rows from disjoint modules; see `builtin_task`).
+3. Score the untrained model and BM25 on the held-out rows, fine-tune the model contrastively
+   (`train.train`), score it again.
+4. Save it as a Hub-ready folder and reload it as a Hub user would (`AutoModel` and `SentenceTransformer`,
+   `trust_remote_code=True`, in a process without this package); both must give the in-process vectors.
 """
 
 from __future__ import annotations
@@ -15,15 +17,21 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .builtin_task import write_task
+from .data import load_training_data
+from .evaluate import evaluate_bm25
 from .modeling.configuration_diffembed import DiffEmbedConfig
 from .modeling.modeling_diffembed import DiffEmbedForEmbedding
 from .sentence_transformer import save_sentence_transformer
 from .tokenization import load_dream_tokenizer
+from .train import TrainingConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +47,10 @@ DEFAULT_CONFIG = dict(
     rope_theta=1_000_000.0,
 )
 
-QUERY = "Given a question, retrieve passages that answer it: how do plants turn sunlight into energy?"
-DOCUMENTS = [
-    "Photosynthesis converts light energy into chemical energy stored in glucose, inside chloroplasts.",
-    "The French Revolution began in 1789 and ended the absolute monarchy in France.",
-    "A hash table maps keys to values and offers average constant-time lookups.",
-    "Chlorophyll absorbs red and blue light, which drives the light-dependent reactions in leaves.",
-]
+# A randomly initialised model has nothing to preserve, so the demo trains all weights (the recipe's LoRA is
+# for pretrained backbones), at a learning rate a small model takes, on inputs cut to 128 tokens.
+DEMO_TRAINING = dict(max_steps=200, batch_size=16, learning_rate=1e-3, warmup_steps=20, lora=False,
+                     max_seq_length=128, gradient_checkpointing=False, save_steps=10**9, logging_steps=50)
 
 
 def build_default_model(seed: int = 0) -> DiffEmbedForEmbedding:
@@ -71,7 +76,7 @@ from transformers import AutoModel, AutoTokenizer
 folder, texts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-batch = tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
 with torch.inference_mode():
     embeddings = model(**batch).embeddings
 st_embeddings = SentenceTransformer(folder, trust_remote_code=True).encode(texts, convert_to_tensor=True)
@@ -98,19 +103,41 @@ def embed_as_hub_user(folder: str | Path, texts: list[str]) -> tuple[torch.Tenso
     return torch.tensor(payload["embeddings"]), torch.tensor(payload["st_embeddings"]), payload["module"]
 
 
-def run_demo(output_dir: str | Path) -> list[tuple[float, str]]:
-    """Build, save, reload through the Hub remote-code path, and rank `DOCUMENTS` for `QUERY` by cosine."""
-    output_dir = Path(output_dir)
-    model, tokenizer = build_default_model(), load_dream_tokenizer()
-    save_sentence_transformer(model, tokenizer, output_dir, max_seq_length=512)
-    logger.info("Saved a Hub-ready DiffEmbed folder (transformers + sentence-transformers) to %s", output_dir)
+@dataclass
+class DemoResult:
+    folder: Path
+    metrics: dict[str, dict[str, float]]  # untrained / fine-tuned / BM25 -> metric -> value
+    train_rows: int
+    heldout_rows: int
+    train_seconds: float
+    losses: list[float]
 
-    embeddings, st_embeddings, module = embed_as_hub_user(output_dir, [QUERY, *DOCUMENTS])
+
+def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: int = 300) -> DemoResult:
+    """Build, fine-tune and evaluate the default model on the standard-library task; save and reload it."""
+    output_dir = Path(output_dir)
+    train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout)
+    untrained = output_dir / "untrained"
+    save_sentence_transformer(build_default_model(), load_dream_tokenizer(), untrained, max_seq_length=128)
+    steps = max_steps or DEMO_TRAINING["max_steps"]
+    config = TrainingConfig(**{**DEMO_TRAINING, "max_steps": steps, "logging_steps": max(1, min(50, steps // 4))})
+    heldout = load_training_data(str(heldout_file), default_prompt=config.query_prompt).train
+    bm25 = evaluate_bm25(heldout)
+    start = time.perf_counter()
+    result = train(str(untrained), str(train_file), output_dir / "model", config, eval_data=str(heldout_file),
+                   overwrite=True, device="cpu")
+    seconds = time.perf_counter() - start
+
+    texts = heldout["anchor"][:2] + heldout["positive"][:2]
+    embeddings, st_embeddings, module = embed_as_hub_user(result.output_dir, texts)
     logger.info("Reloaded with AutoModel and SentenceTransformer (trust_remote_code) in a fresh process; "
                 "class from %s", module)
-    if not torch.allclose(embeddings, encode(model, tokenizer, [QUERY, *DOCUMENTS]), atol=1e-5):
+    model = DiffEmbedForEmbedding.from_pretrained(result.output_dir).eval()
+    tokenizer = load_dream_tokenizer()
+    if not torch.allclose(embeddings, encode(model, tokenizer, texts, max_length=128), atol=1e-5):
         raise RuntimeError("The reloaded model embeds differently from the one that was saved.")
     if not torch.allclose(st_embeddings, embeddings, atol=1e-5):
         raise RuntimeError("SentenceTransformer and AutoModel embed the saved folder differently.")
-    scores = (embeddings[:1] @ embeddings[1:].T)[0].tolist()
-    return sorted(zip(scores, DOCUMENTS), reverse=True)
+    metrics = {"untrained": result.metrics_before, "fine-tuned": result.metrics_after, "BM25": bm25}
+    return DemoResult(result.output_dir, metrics, len(load_training_data(str(train_file)).train), len(heldout),
+                      seconds, result.losses)

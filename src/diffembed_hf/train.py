@@ -1,0 +1,281 @@
+"""Contrastive fine-tuning with the DiffEmbed recipe, on sentence-transformers' trainer and PEFT.
+
+Defaults are the study's (RECIPE.md): LoRA r=16, alpha 32, dropout 0.05 on q/k/v/o/gate/up/down; InfoNCE over
+cosine x 50 with in-batch and hard negatives, gathered across ranks under torchrun / accelerate; lr 1e-4 with
+100 warm-up steps; gradient checkpointing; bf16 on CUDA; 4096 tokens. The output folder only ever holds a
+finished model: checkpoints live beside it (`.<name>.checkpoints`, for `resume=True`) and are removed on success.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+from .data import ColumnMapping, load_training_data
+from .evaluate import evaluate_model
+from .sentence_transformer import DEFAULT_QUERY_PROMPT, default_prompts, write_sentence_transformer_files
+
+try:  # sentence-transformers >= 6 moved these; 5.x has them only here
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers, MultiDatasetBatchSamplers
+except ImportError:
+    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+    from sentence_transformers.training_args import BatchSamplers, MultiDatasetBatchSamplers
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRAINING_METADATA = "diffembed_training.json"
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters; the defaults are the study's recipe. Load overrides with `TrainingConfig.from_file`."""
+
+    max_steps: int = 1000
+    batch_size: int = 4  # per device; the study used 4 per GPU x 4 GPUs
+    learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    scale: float = 50.0  # cosine x 50, i.e. temperature 0.02
+    max_seq_length: int = 4096
+    lora: bool = True  # False: full fine-tuning (sensible only for small or randomly initialised models)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    gradient_checkpointing: bool = True
+    gradcache_mini_batch_size: int | None = None  # set: GradCache, large batches at the memory of this many
+    group_by_instruction: bool = False  # every batch from one instruction, as the study batched
+    eval_fraction: float = 0.1
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    seed: int = 42
+    adapter_only: bool = False  # save only the LoRA adapter instead of the merged model
+    query_prompt: str = DEFAULT_QUERY_PROMPT
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> TrainingConfig:
+        """Read a JSON file of field values; unknown keys are an error, not silently ignored."""
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**{**values, **overrides})
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    metrics_before: dict[str, float] | None
+    metrics_after: dict[str, float] | None
+    losses: list[float]
+    seconds: float
+
+
+def _load_model(model_name_or_path: str, config: TrainingConfig, device: str | None) -> SentenceTransformer:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = SentenceTransformer(model_name_or_path, device=device, trust_remote_code=True,
+                                model_kwargs={"dtype": dtype})
+    model.max_seq_length = config.max_seq_length
+    return model
+
+
+def backbone(model: SentenceTransformer) -> torch.nn.Module:
+    """The transformers model inside a SentenceTransformer (`auto_model` in 5.x, `model` in 6.x)."""
+    return model[0].auto_model
+
+
+def set_backbone(model: SentenceTransformer, module: torch.nn.Module) -> None:
+    # sentence-transformers 6 made `auto_model` a read-only view of `model`; 5.x stores `auto_model` itself.
+    read_only = isinstance(getattr(type(model[0]), "auto_model", None), property)
+    setattr(model[0], "model" if read_only else "auto_model", module)
+
+
+def _add_lora(model: SentenceTransformer, config: TrainingConfig) -> None:
+    """Wrap the backbone with PEFT's LoRA (PEFT's own API: transformers' add_adapter demands peft >= 0.22)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), bias="none")
+    set_backbone(model, get_peft_model(backbone(model), lora))
+
+
+class _Trainer(SentenceTransformerTrainer):
+    """Resumes LoRA runs: a checkpoint then holds only the adapter, which sentence-transformers cannot reload
+    as a model, so the adapter weights are put back into the model in training directly."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        inner = backbone(self.model)
+        if not isinstance(inner, PeftModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint)
+        set_peft_model_state_dict(inner, load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors")))
+
+
+def _make_loss(model: SentenceTransformer, config: TrainingConfig) -> torch.nn.Module:
+    # gather_across_devices: under torchrun every rank scores its queries against every rank's documents.
+    if config.gradcache_mini_batch_size:
+        return CachedMultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=True,
+                                                  mini_batch_size=config.gradcache_mini_batch_size)
+    return MultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=True)
+
+
+def _stop_on_non_finite_loss(loss: torch.nn.Module, trainer: SentenceTransformerTrainer) -> None:
+    """A NaN/inf loss ends training with a clear error before any broken model can be written."""
+
+    def check(module, inputs, output):
+        if not torch.isfinite(output.detach()).all():
+            raise FloatingPointError(f"The training loss became {output.item()}.")
+
+    loss.register_forward_hook(check)
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    steps = [(int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return str(max(steps)[1]) if steps else None
+
+
+def _merge_adapter(model: SentenceTransformer, base: str, config: TrainingConfig, device: str | None):
+    """Merge the trained LoRA weights into a fresh copy of the base model (PEFT's merge_and_unload)."""
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        backbone(model).save_pretrained(adapter_dir)  # the adapter alone
+        merged = _load_model(base, config, device)
+        set_backbone(merged, PeftModel.from_pretrained(backbone(merged), adapter_dir).merge_and_unload())
+    return merged
+
+
+def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict) -> None:
+    """Write the finished model next to `output_dir`, then move it into place in one rename."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        backbone(model).save_pretrained(staging)  # the merged model, or the adapter alone
+        model.tokenizer.save_pretrained(staging)
+        if not config.adapter_only:
+            prompts = {**default_prompts(), "query": config.query_prompt}
+            write_sentence_transformer_files(staging, max_seq_length=config.max_seq_length, prompts=prompts)
+        (staging / TRAINING_METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def train(
+    model_name_or_path: str,
+    data: str,
+    output_dir: str | Path,
+    config: TrainingConfig | None = None,
+    *,
+    mapping: ColumnMapping | None = None,
+    eval_data: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str | None = None,
+    callbacks: list | None = None,
+) -> TrainingResult:
+    """Fine-tune `model_name_or_path` (a DiffEmbed folder or Hub id) on `data` and write a Hub-ready folder.
+
+    Data problems are reported before anything is written. Evaluation on the held-out rows (`eval_data`, or an
+    `eval_fraction` of `data`) runs before and after training; its table goes into `diffembed_training.json`,
+    which the model card reads.
+    """
+    config = config or TrainingConfig()
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not (overwrite or resume):
+        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
+    data_split = load_training_data(
+        data, mapping=mapping, eval_source=eval_data, eval_fraction=0.0 if eval_data else config.eval_fraction,
+        group_by_instruction=config.group_by_instruction, default_prompt=config.query_prompt, seed=config.seed,
+    )
+    checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints"
+    start = time.perf_counter()
+    model = _load_model(model_name_or_path, config, device)
+    before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
+    if config.lora:
+        torch.manual_seed(config.seed)  # LoRA's A matrices start random: seeded, a rerun or resume is the same run
+        _add_lora(model, config)
+    loss = _make_loss(model, config)
+    on_cuda = model.device.type == "cuda"
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type="linear",
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=on_cuda,
+        use_cpu=not on_cuda,
+        ddp_backend="gloo" if distributed and not on_cuda else None,  # torchrun on CPUs
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch would be a false negative
+        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,  # one instruction per batch
+        dataloader_drop_last=True,
+    )
+    if not hasattr(args, "save_safetensors"):  # transformers 5 removed it; sentence-transformers 5.2 saves with it
+        args.save_safetensors = True
+    trainer = _Trainer(model=model, args=args, train_dataset=data_split.train, loss=loss,
+                                         callbacks=callbacks)
+    _stop_on_non_finite_loss(loss, trainer)
+    try:
+        trainer.train(resume_from_checkpoint=_last_checkpoint(checkpoints) if resume else None)
+    except FloatingPointError as err:  # from the loss check above, or the model's own non-finite check
+        raise FloatingPointError(
+            f"Training stopped at step {trainer.state.global_step + 1}: {err} No model was written; lower the "
+            "learning rate, or train in bf16/fp32 rather than fp16."
+        ) from err
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if losses and not math.isfinite(losses[-1]):
+        raise FloatingPointError(f"The training loss ended as {losses[-1]}; no model was written.")
+
+    if config.lora and not config.adapter_only:
+        model = _merge_adapter(model, model_name_or_path, config, device)
+    after = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
+    seconds = time.perf_counter() - start
+    if trainer.is_world_process_zero():
+        metadata = {
+            "base_model": model_name_or_path,
+            "datasets": [data] + ([eval_data] if eval_data else []),
+            "hyperparameters": dataclasses.asdict(config),
+            "evaluation": None if after is None else {
+                "split": eval_data or f"held-out {config.eval_fraction:.0%} of {data}",
+                "metrics": after, "metrics_before_training": before,
+            },
+            "training_time_seconds": round(seconds, 1),
+        }
+        _write_output(model, output_dir, config, metadata)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
+    return TrainingResult(output_dir, before, after, losses, seconds)

@@ -1,0 +1,201 @@
+"""Contrastive fine-tuning: it learns, it writes a reloadable Hub-ready folder, and bad data is refused early."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
+from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
+from diffembed_hf.data import DataError, load_training_data
+from diffembed_hf.evaluate import evaluate_bm25
+from diffembed_hf.sentence_transformer import save_sentence_transformer
+from diffembed_hf.train import TRAINING_METADATA, TrainingConfig, train
+
+FAST = dict(batch_size=16, max_seq_length=64, warmup_steps=5, learning_rate=1e-3, save_steps=10**6,
+            logging_steps=5, query_prompt="", gradient_checkpointing=True)
+
+
+def word_overlap_rows(n, seed):
+    """A task a model must learn: the positive holds the query's three words among five others, the hard
+    negative only one of them. Words come from a real file (json's source), rows from a seeded generator."""
+    import json as json_module
+
+    words = sorted({w.strip(".,;:()").lower() for w in open(json_module.__file__).read().split()
+                    if w.isalpha() and 3 < len(w) < 10})
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        query = rng.sample(words, 3)
+        positive = query + rng.sample(words, 5)
+        negative = [query[0]] + rng.sample(words, 7)
+        rng.shuffle(positive), rng.shuffle(negative)
+        rows.append({"query": " ".join(query), "positive": " ".join(positive), "negative": " ".join(negative)})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
+    return str(save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("base") / "m",
+                                         max_seq_length=64))
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("task")
+    return write_jsonl(folder / "train.jsonl", word_overlap_rows(640, 0)), \
+        write_jsonl(folder / "heldout.jsonl", word_overlap_rows(100, 1))
+
+
+@pytest.fixture(scope="module")
+def trained(base, task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "model"
+    return train(base, task[0], out, TrainingConfig(max_steps=40, lora=False, **FAST), eval_data=task[1])
+
+
+def test_training_lowers_the_loss_and_raises_held_out_ndcg(trained):
+    assert trained.losses[-1] < 0.6 * trained.losses[0]
+    assert trained.metrics_after["ndcg@10"] > trained.metrics_before["ndcg@10"] + 0.01
+    assert set(trained.metrics_after) == {"ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10"}
+
+
+def test_output_is_a_hub_ready_folder_with_training_metadata(trained):
+    names = {p.name for p in trained.output_dir.iterdir()}
+    assert {"config.json", "modeling_diffembed.py", "model.safetensors", "tokenizer.json", "modules.json",
+            TRAINING_METADATA} <= names
+    metadata = json.loads((trained.output_dir / TRAINING_METADATA).read_text())
+    assert metadata["hyperparameters"]["max_steps"] == 40 and metadata["hyperparameters"]["scale"] == 50.0
+    assert metadata["evaluation"]["metrics"] == pytest.approx(trained.metrics_after)
+    assert not (trained.output_dir.parent / ".model.checkpoints").exists()  # removed on success
+
+
+RELOAD = textwrap.dedent(
+    """
+    import sys, numpy as np
+    sys.modules["diffembed_hf"] = None
+    from sentence_transformers import SentenceTransformer
+    model = SentenceTransformer(sys.argv[1], trust_remote_code=True)
+    np.save(sys.argv[2], model.encode(sys.argv[3:]))
+    """
+)
+
+
+def test_lora_run_merges_and_reloads_in_a_fresh_process(base, task, tmp_path):
+    result = train(base, task[0], tmp_path / "lora", TrainingConfig(max_steps=12, lora=True, **FAST),
+                   eval_data=task[1])
+    from safetensors import safe_open
+
+    with safe_open(str(result.output_dir / "model.safetensors"), "pt") as weights:
+        assert not any("lora" in name for name in weights.keys())  # merged: plain DiffEmbed weights
+    texts = ["alpha beta gamma", "some other words here"]
+    subprocess.run([sys.executable, "-c", RELOAD, str(result.output_dir), str(tmp_path / "e.npy"), *texts],
+                   check=True, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=""), stdin=subprocess.DEVNULL,
+                   timeout=300)
+    from diffembed_hf.encoding import encode, load_encoder
+
+    in_memory = encode(load_encoder(str(result.output_dir), device="cpu"), texts)
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), in_memory, rtol=1e-5, atol=1e-5)
+    base_vectors = encode(load_encoder(base, device="cpu"), texts)
+    assert not np.allclose(in_memory, base_vectors, atol=1e-4)  # the merged LoRA changed the model
+
+
+def test_adapter_only_output(base, task, tmp_path):
+    result = train(base, task[0], tmp_path / "adapter",
+                   TrainingConfig(max_steps=3, lora=True, adapter_only=True, eval_fraction=0.0, **FAST))
+    names = {p.name for p in result.output_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", TRAINING_METADATA} <= names
+    assert "model.safetensors" not in names
+    assert json.loads((result.output_dir / "adapter_config.json").read_text())["r"] == 16
+
+
+def bad_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", "", "empty"),
+    ("cols.jsonl", '{"question_text": "q", "answer": "a"}\n', "no query column"),
+    ("blank.jsonl", '{"query": "q1", "positive": "p"}\n{"query": "  ", "positive": "p"}\n', "row 2: empty query"),
+    ("negs.jsonl", '{"query": "q", "positive": "p", "negatives": ["a", "b"]}\n'
+                   '{"query": "r", "positive": "p", "negatives": ["a"]}\n', "row 2: 1 negatives, but row 1 has 2"),
+    ("pos.csv", "query,positive\nq,\n", "row 1: empty positive"),
+])
+def test_bad_data_is_refused_before_anything_is_written(base, tmp_path, name, content, message):
+    data = bad_file(tmp_path, name, content)
+    with pytest.raises(DataError, match=message) as error:
+        train(base, data, tmp_path / "out", TrainingConfig(max_steps=2, **FAST))
+    assert name in str(error.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.checkpoints").exists()
+
+
+def test_reasonaug_columns_are_recognised(tmp_path):
+    row = {"id": 1, "domain": "math", "instance": "x", "task_type": "p2i",
+           "task": "Given a problem, retrieve the relevant theorems", "user_query": "What is 2+2?",
+           "positive_document": "Addition theorem", "hard_negative_document": "Pythagoras", "negative_instance": "y"}
+    data = load_training_data(write_jsonl(tmp_path / "r.jsonl", [row, dict(row, user_query="What is 3+3?")]))
+    first = data.train[0]
+    assert first["anchor"] == "Given a problem, retrieve the relevant theorems:\nWhat is 2+2?"
+    assert first["positive"] == "Addition theorem" and first["negative_1"] == "Pythagoras"
+    assert data.train.column_names == ["anchor", "positive", "negative_1"]
+
+
+def test_group_by_instruction_gives_one_dataset_per_instruction(tmp_path):
+    rows = [{"query": f"q{i}", "positive": f"p{i}", "instruction": "A" if i % 2 else "B"} for i in range(6)]
+    data = load_training_data(write_jsonl(tmp_path / "g.jsonl", rows), group_by_instruction=True)
+    groups = list(data.train.values())
+    assert len(groups) == 2 and sorted(len(g) for g in groups) == [3, 3]
+    for group in groups:
+        assert len({a.split(":\n")[0] for a in group["anchor"]}) == 1
+
+
+def test_non_finite_loss_stops_training_and_writes_nothing(base, task, tmp_path):
+    with pytest.raises(FloatingPointError, match="No model was written"):
+        train(base, task[0], tmp_path / "nan", TrainingConfig(max_steps=5, lora=False, **dict(FAST, learning_rate=1e12)))
+    assert not (tmp_path / "nan").exists()
+
+
+def test_existing_output_is_refused(base, task, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        train(base, task[0], tmp_path / "taken", TrainingConfig(max_steps=1, **FAST))
+
+
+def test_config_file_rejects_unknown_settings(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"max_steps": 7, "lora_rank": 8}')
+    with pytest.raises(ValueError, match="lora_rank"):
+        TrainingConfig.from_file(path)
+    path.write_text('{"max_steps": 7}')
+    assert TrainingConfig.from_file(path, batch_size=2).max_steps == 7
+
+
+def test_builtin_task_rows_are_real_and_disjoint():
+    train_rows, held_out = build_rows(TRAIN_MODULES[:6]), build_rows(HELD_OUT_MODULES[:2])
+    assert len(train_rows) > 50 and len(held_out) > 50
+    for row in train_rows[:50]:
+        assert row["query"] not in row["positive"]  # the summary line never leaks into the document
+        assert "def " in row["positive"] and row["negative"] != row["positive"]
+    assert not {r["positive"] for r in train_rows} & {r["positive"] for r in held_out}
+
+
+def test_bm25_baseline_scores_the_same_task(task):
+    heldout = load_training_data(task[1], default_prompt="").train
+    metrics = evaluate_bm25(heldout)
+    assert 0.3 < metrics["ndcg@10"] <= 1.0  # three shared words make BM25 strong here
