@@ -199,3 +199,14 @@ def test_bm25_baseline_scores_the_same_task(task):
     heldout = load_training_data(task[1], default_prompt="").train
     metrics = evaluate_bm25(heldout)
     assert 0.3 < metrics["ndcg@10"] <= 1.0  # three shared words make BM25 strong here
+
+
+def test_gradcache_gives_the_same_first_step_as_the_plain_loss(base, task, tmp_path):
+    """GradCache (cached multiple-negatives loss) computes the same loss in mini-batches: same first loss."""
+    plain = train(base, task[0], tmp_path / "plain",
+                  TrainingConfig(max_steps=2, lora=False, eval_fraction=0.0, **dict(FAST, logging_steps=1)))
+    cached = train(base, task[0], tmp_path / "cached",
+                   TrainingConfig(max_steps=2, lora=False, eval_fraction=0.0, gradcache_mini_batch_size=4,
+                                  **dict(FAST, logging_steps=1)))
+    assert cached.losses[0] == pytest.approx(plain.losses[0], rel=1e-4)
+    assert (cached.output_dir / "model.safetensors").is_file()
