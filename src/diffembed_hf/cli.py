@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="fine-tune and evaluate the default model on a standard-library task")
     demo.add_argument("--output", help="folder for the task, the models and the Hub-ready checkpoint (default: temp)")
-    demo.add_argument("--max-steps", type=int, help="training steps (default: 200)")
+    demo.add_argument("--max-steps", type=int, help="training steps (default: 400)")
     demo.add_argument("--max-heldout", type=int, default=300, help="held-out rows to evaluate on (default: 300)")
     demo.set_defaults(func=_demo)
 

@@ -49,7 +49,7 @@ DEFAULT_CONFIG = dict(
 
 # A randomly initialised model has nothing to preserve, so the demo trains all weights (the recipe's LoRA is
 # for pretrained backbones), at a learning rate a small model takes, on inputs cut to 128 tokens.
-DEMO_TRAINING = dict(max_steps=200, batch_size=16, learning_rate=1e-3, warmup_steps=20, lora=False,
+DEMO_TRAINING = dict(max_steps=400, batch_size=16, learning_rate=1e-3, warmup_steps=20, lora=False,
                      max_seq_length=128, gradient_checkpointing=False, save_steps=10**9, logging_steps=50)
 
 
