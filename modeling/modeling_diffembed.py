@@ -613,7 +613,10 @@ class DiffEmbedForEmbedding(DiffEmbedPreTrainedModel):
         if kwargs.get("cu_seq_lens_q") is not None:
             cu = kwargs["cu_seq_lens_q"].to(hidden.device, torch.int64)
             lengths = cu[1:] - cu[:-1]
-            text_index = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+            # output_size known on the host: no device sync to size the index
+            text_index = torch.repeat_interleave(
+                torch.arange(len(lengths), device=hidden.device), lengths, output_size=hidden.shape[1]
+            )
             sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
             sums.index_add_(0, text_index, hidden[0].float())
             embeddings = sums / lengths[:, None].float()
