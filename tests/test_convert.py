@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from conftest import TINY, additive_mask, make_batch, randomize, real_positions
 from safetensors import safe_open
@@ -394,7 +395,8 @@ def test_output_folder_is_complete(family, sources, converted):
     assert len(names) == 2 + 9 * 2 + (6 if qkv_bias else 0) + (2 if o_bias else 0)  # no LM head, only DiffEmbed's
     assert all(n.startswith(("model.embed_tokens.", "model.layers.", "model.norm.")) for n in names)
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity\n")
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["library_name"] == "sentence-transformers" and metadata["pipeline_tag"] == "sentence-similarity"
     assert "- custom_code" in card and "- diffembed" in card and "base_model" not in card  # local source
     assert str(sources[family].folder) in card and "Not trained as an embedder" in card
     assert "trust_remote_code=True" in card and "diffembed convert" in card
@@ -595,7 +597,7 @@ def test_existing_output_is_kept_unless_overwrite(sources, tmp_path):
 
 def test_error_while_writing_leaves_nothing(sources, tmp_path, monkeypatch):
     """A failure after the first shard (disk full, say) removes the temporary folder; an old OUT survives."""
-    import diffembed_hf.convert as convert
+    import diffembed_hf.convert.weights as convert
 
     real, calls = convert._write_shard, []
 

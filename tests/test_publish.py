@@ -241,7 +241,7 @@ def test_resaving_with_shards_deletes_the_stale_single_file_on_the_hub(folder, t
 def test_a_failed_commit_is_reported_and_changes_nothing(folder, hub, monkeypatch, capsys):
     before = hashes(folder)
     hub.fail("commit", 500, "storage backend unavailable")
-    assert cli_main(["push", str(folder), "user/failing", "--skip-validation"]) == 2
+    assert cli_main(["push", str(folder), "user/failing", "--skip-validation"]) == 1  # a failure, not a usage error
     error = capsys.readouterr().err
     assert "failed while committing" in error and "500" in error and "storage backend unavailable" in error
     assert "Nothing was committed" in error

@@ -281,6 +281,6 @@ def test_encode_command(folder, encoder, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("from stdin\n"))
     assert cli_main(["encode", str(folder), "-o", str(tmp_path / "s.npy"), "--device", "cpu"]) == 0
     assert np.load(tmp_path / "s.npy").shape == (1, 64)
-    with pytest.raises(SystemExit, match=".npy or .safetensors"):
-        cli_main(["encode", str(folder), "-i", str(source), "-o", str(tmp_path / "e.csv")])
+    assert cli_main(["encode", str(folder), "-i", str(source), "-o", str(tmp_path / "e.csv")]) == 2
+    assert ".npy or .safetensors" in capsys.readouterr().err and not (tmp_path / "e.csv").exists()
     assert not list(tmp_path.glob(".*partial"))

@@ -131,10 +131,10 @@ def bad_file(tmp_path, name, content):
 @pytest.mark.parametrize("name, content, message", [
     ("empty.jsonl", "", "empty"),
     ("cols.jsonl", '{"question_text": "q", "answer": "a"}\n', "no query column"),
-    ("blank.jsonl", '{"query": "q1", "positive": "p"}\n{"query": "  ", "positive": "p"}\n', "row 2: empty query"),
+    ("blank.jsonl", '{"query": "q1", "positive": "p"}\n{"query": "  ", "positive": "p"}\n', "row 2: the query in column 'query' is empty"),
     ("negs.jsonl", '{"query": "q", "positive": "p", "negatives": ["a", "b"]}\n'
                    '{"query": "r", "positive": "p", "negatives": ["a"]}\n', "row 2: 1 negatives, but row 1 has 2"),
-    ("pos.csv", "query,positive\nq,\n", "row 1: empty positive"),
+    ("pos.csv", "query,positive\nq,\n", "row 1: the positive in column 'positive' is empty"),
 ])
 def test_bad_data_is_refused_before_anything_is_written(base, tmp_path, name, content, message):
     data = bad_file(tmp_path, name, content)

@@ -1,39 +1,169 @@
-"""`diffembed` command line: a thin layer over the library functions."""
+"""`diffembed` command line: a thin layer over the library functions.
+
+Each subcommand is a `_name(args)` function registered in `build_parser`; it imports what it needs when it
+runs, so `diffembed --help` imports neither torch nor transformers. A user mistake is raised as
+`errors.UsageError` (exit status 2) or `errors.DiffembedError` (exit status 1) and `main` prints it as one line,
+`diffembed <cmd>: error: ...` (`--debug` adds the traceback). Numeric options use the argparse types below
+(`positive_int`, `fraction`, ...), so a bad value is refused before any work, naming the option and the range.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import tempfile
+import traceback
+import warnings
 from pathlib import Path
 
-import numpy as np
+from . import __version__
+from .errors import DiffembedError, UsageError, require_extra
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument types: a bad value is an argparse error naming the option and the accepted range (exit status 2)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (steps, batch sizes, lengths, counts)."""
+    value = _number(text, int, "an integer >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, scales)."""
+    value = _number(text, float, "a number > 0")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1) (a share of the rows, e.g. held out for evaluation)."""
+    value = _number(text, float, "a number in [0, 1)")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def byte_size(text: str) -> str:
+    """A size in bytes, e.g. 5GB or 500MiB (> 0); kept as text for the library to read."""
+    from .files import parse_size
+
+    try:
+        parse_size(text)
+    except DiffembedError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default; options whose default depends on something else say so in their help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "default" not in text and action.default not in (None, False)
+                and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the defaults shown; subcommand parsers are built from this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks shared by the subcommands (before any work)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_model_source(name: str, option: str = "MODEL") -> None:
+    """A local folder, or something that can be a Hub id; a missing local path is named as such."""
+    from .files import looks_like_hub_id
+
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{option} {name} is a file; give a model folder or a Hub id")
+        return
+    if not looks_like_hub_id(name):
+        raise UsageError(f"{option} {name}: no such folder (and not a Hub id of the form namespace/name)")
+
+
+def check_device(name: str | None) -> None:
+    """Refuse a device torch does not know or that this machine does not have."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: unsupported device type {device.type!r}; use cpu, cuda or mps")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    require_extra("train")
+    import tempfile
 
+    from .demo import DEMO_TRAINING, run_demo
+    from .files import check_output_folder
+
+    if args.output:
+        check_output_folder(Path(args.output), overwrite=args.overwrite)
     output = args.output or tempfile.mkdtemp(prefix="diffembed-demo-")
-    result = run_demo(output, max_steps=args.max_steps, max_heldout=args.max_heldout)
+    result = run_demo(output, max_steps=args.max_steps or DEMO_TRAINING["max_steps"], max_heldout=args.max_heldout,
+                      overwrite=args.overwrite)
     print(f"Held-out retrieval: {result.heldout_rows} docstring summaries -> their functions' source, from standard "
           f"library modules not seen in training ({result.train_rows} training rows).")
     print(f"{'model':<24}{'nDCG@10':>9}{'MRR@10':>9}{'R@1':>7}{'R@10':>7}")
     for name, metrics in result.metrics.items():
         print(f"{name:<24}{metrics['ndcg@10']:>9.4f}{metrics['mrr@10']:>9.4f}{metrics['recall@1']:>7.3f}"
               f"{metrics['recall@10']:>7.3f}")
-    print(f"fine-tuning: loss {result.losses[0]:.2f} -> {result.losses[-1]:.2f}, "
+    print(f"fine-tuning: {result.steps} steps, loss {result.losses[0]:.2f} -> {result.losses[-1]:.2f}, "
           f"{result.train_seconds / 60:.1f} min on {os.cpu_count()} CPU cores")
     print(f"Hub-ready folder (reloaded with AutoModel and SentenceTransformer, trust_remote_code): {result.folder}")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .data import ColumnMapping
+    require_extra("train")
+    from .data import ColumnMapping, check_data_source
     from .train import TrainingConfig, train
 
+    check_model_source(args.model)
+    check_data_source(args.data)
+    if args.eval_data:
+        check_data_source(args.eval_data)
+    check_device(args.device)
     overrides = {key: value for key, value in {
         "max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
         "max_seq_length": args.max_seq_length, "gradcache_mini_batch_size": args.gradcache,
@@ -48,47 +178,36 @@ def _train(args: argparse.Namespace) -> int:
     if result.metrics_after:
         for name, metrics in (("before", result.metrics_before), ("after", result.metrics_after)):
             print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    print(f"model written to {result.output_dir}")
+    print(f"{result.steps} training steps" + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
+          + f"; model written to {result.output_dir}")
     return 0
 
 
-def _read_texts(source: str, field: str) -> list[str]:
-    """One text per line, or one JSON object per line (`.jsonl`) whose `field` holds the text."""
-    stream = sys.stdin if source == "-" else open(source, encoding="utf-8")
-    with stream:
-        lines = stream.read().splitlines()
-    if not source.endswith(".jsonl"):
-        return lines
-    texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if not isinstance(record.get(field), str):
-            raise SystemExit(f"{source}:{number}: no string field {field!r}")
-        texts.append(record[field])
-    return texts
-
-
 def _encode(args: argparse.Namespace) -> int:
-    from .encoding import encode, load_encoder
+    from .files import check_output_file
+    from .text_input import read_texts
 
     output = Path(args.output)
-    if output.suffix not in (".npy", ".safetensors"):
-        raise SystemExit(f"--output must end in .npy or .safetensors, got {output}")
-    texts = _read_texts(args.input, args.field)
-    model = load_encoder(args.model, device=args.device, max_seq_length=args.max_seq_length)
-    embeddings = encode(model, texts, prompt_name=args.prompt_name, batch_size=args.batch_size,
-                        show_progress_bar=None if args.progress is None else args.progress)
-    partial = output.with_name(f".{output.name}.partial")
-    if output.suffix == ".npy":
-        with open(partial, "wb") as handle:
-            np.save(handle, embeddings)
-    else:
-        from safetensors.numpy import save_file
+    check_output_file(output, overwrite=args.overwrite, suffixes=(".npy", ".safetensors"))
+    check_model_source(args.model)
+    texts = read_texts(args.input, args.field)
+    check_device(args.device)
 
-        save_file({"embeddings": np.ascontiguousarray(embeddings)}, str(partial))
-    os.replace(partial, output)  # a reader never sees a half-written file
+    from .encoding import encode, load_encoder, max_positions, save_embeddings
+
+    model = load_encoder(args.model, device=args.device)
+    if args.max_seq_length is not None:
+        limit = max_positions(model)
+        if limit and args.max_seq_length > limit:
+            raise UsageError(f"--max-seq-length {args.max_seq_length} exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        model.max_seq_length = args.max_seq_length
+    if args.prompt_name is not None and args.prompt_name not in model.prompts:
+        raise UsageError(f"--prompt-name {args.prompt_name!r} is not one of the model's prompts: "
+                         f"{', '.join(sorted(model.prompts)) or '(none)'}")
+    embeddings = encode(model, texts, prompt_name=args.prompt_name, batch_size=args.batch_size,
+                        show_progress_bar=args.progress)
+    save_embeddings(embeddings, output)
     print(f"{len(texts)} embeddings of dimension {embeddings.shape[1]} -> {output}", file=sys.stderr)
     return 0
 
@@ -96,90 +215,104 @@ def _encode(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import signal
 
-    from .convert import ConversionError, convert_checkpoint
+    from .convert import convert_checkpoint
 
     # SIGTERM (kill, a job scheduler) becomes SystemExit, so the half-built temporary folder is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        output = convert_checkpoint(
-            args.source, args.output, family=args.family, overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size, max_seq_length=args.max_seq_length, allow_pickle=args.allow_pickle,
-            ignore_sliding_window=args.ignore_sliding_window, trust_remote_code=args.trust_remote_code,
-            revision=args.revision,
-        )
-    except ConversionError as err:
-        print(f"diffembed convert: error: {err}", file=sys.stderr)
-        return 2
+    output = convert_checkpoint(
+        args.source, args.output, family=args.family, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size, max_seq_length=args.max_seq_length, allow_pickle=args.allow_pickle,
+        ignore_sliding_window=args.ignore_sliding_window, trust_remote_code=args.trust_remote_code,
+        revision=args.revision,
+    )
     print(f"DiffEmbed folder: {output}")
     return 0
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .publish import PublishError, push
+    from .publish import push
 
-    try:
-        result = push(
-            args.folder, args.repo_id, token=args.token, private=True if args.private else None,
-            revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
-            dry_run=args.dry_run, merge_adapter=args.merge, base_model=args.base_model, license=args.license,
-            language=args.language, card=args.card, write_card=args.write_card, validate=not args.skip_validation,
-        )
-    except PublishError as err:
-        print(f"diffembed push: error: {err}", file=sys.stderr)
-        return 2
+    result = push(
+        args.folder, args.repo_id, token=args.token, private=True if args.private else None,
+        revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
+        dry_run=args.dry_run, merge_adapter=args.merge, base_model=args.base_model, license=args.license,
+        language=args.language, card=args.card, write_card=args.write_card, overwrite_card=args.overwrite_card,
+        validate=not args.skip_validation,
+    )
     if args.dry_run:
         checked = "NOT validated" if args.skip_validation else "validated (AutoModel + SentenceTransformer, offline)"
         print(f"Dry run: nothing was sent. {len(result)} files would be pushed to {args.repo_id}, {checked}:")
-        print("\n".join(f"  {path}" + ("  (generated model card)" if path == "README.md" else "") for path in result))
+        print("\n".join(f"  {path}" + ("  (generated model card)" if path == "README.md" and result.card_generated
+                                       else "") for path in result))
+        if args.write_card:
+            print(f"Dry run: {Path(args.folder) / 'README.md'} was not written.")
     else:
         print(f"Pushed {args.folder} to {result.pr_url or result.commit_url}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffembed", description="Diffusion language models as text embedders.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    commands = parser.add_subparsers(dest="command", required=True)
+# ----------------------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="diffembed", description="Diffusion language models as text embedders.")
+    parser.add_argument("--version", action="version", version=f"diffembed-hf {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     demo = commands.add_parser("demo", help="fine-tune and evaluate the default model on a standard-library task")
-    demo.add_argument("--output", help="folder for the task, the models and the Hub-ready checkpoint (default: temp)")
-    demo.add_argument("--max-steps", type=int, help="training steps (default: 400)")
-    demo.add_argument("--max-heldout", type=int, default=300, help="held-out rows to evaluate on (default: 300)")
+    demo.add_argument("--output", help="a new (or empty) folder for the task, the models and the Hub-ready "
+                      "checkpoint (default: a new temporary folder)")
+    demo.add_argument("--overwrite", action="store_true", help="allow a non-empty --output; the demo's data/, "
+                      "untrained/ and model/ in it are replaced")
+    demo.add_argument("--max-steps", type=positive_int, default=400, help="training steps")
+    demo.add_argument("--max-heldout", type=positive_int, default=300, help="held-out rows to evaluate on")
     demo.set_defaults(func=_demo)
 
+    from_config = "(default: the recipe's {}, or --config's)"
     tr = commands.add_parser("train", help="contrastive fine-tuning with the DiffEmbed recipe (LoRA, InfoNCE x 50)")
     tr.add_argument("model", help="a DiffEmbed folder or Hub id")
     tr.add_argument("data", help="training rows: .jsonl / .csv / .parquet, or a Hub dataset id")
-    tr.add_argument("output", help="folder to write the fine-tuned, Hub-ready model to")
-    tr.add_argument("--config", help="JSON file of TrainingConfig fields; flags below override it")
-    tr.add_argument("--max-steps", type=int)
-    tr.add_argument("--batch-size", type=int, help="per device")
-    tr.add_argument("--learning-rate", type=float)
-    tr.add_argument("--max-seq-length", type=int)
-    tr.add_argument("--gradcache", type=int, metavar="MINI_BATCH", help="GradCache with this mini-batch size")
+    tr.add_argument("output", help="folder to write the fine-tuned, Hub-ready model to (new or empty)")
+    tr.add_argument("--config", help="JSON file of TrainingConfig fields; flags below override it (default: none)")
+    tr.add_argument("--max-steps", type=positive_int, help="optimizer steps " + from_config.format(1000))
+    tr.add_argument("--batch-size", type=positive_int, help="per device " + from_config.format(4))
+    tr.add_argument("--learning-rate", type=positive_float, help=from_config.format("1e-4"))
+    tr.add_argument("--max-seq-length", type=positive_int, help="tokens " + from_config.format(4096))
+    tr.add_argument("--gradcache", type=positive_int, metavar="MINI_BATCH",
+                    help="GradCache with this mini-batch size (default: off)")
     tr.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
     tr.add_argument("--adapter-only", action="store_true", help="save only the LoRA adapter (not merged)")
     tr.add_argument("--group-by-instruction", action="store_true", help="one instruction per batch")
     tr.add_argument("--eval-data", help="held-out rows (default: --eval-fraction of the training rows)")
-    tr.add_argument("--eval-fraction", type=float)
-    tr.add_argument("--query-column")
-    tr.add_argument("--positive-column")
-    tr.add_argument("--negative-column", action="append", help="repeat for several negative columns")
-    tr.add_argument("--instruction-column")
-    tr.add_argument("--overwrite", action="store_true")
-    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint of an interrupted run")
-    tr.add_argument("--device")
+    tr.add_argument("--eval-fraction", type=fraction, help="share of the rows held out, 0 for none "
+                    + from_config.format(0.1))
+    tr.add_argument("--query-column", help="(default: user_query, query, anchor or question)")
+    tr.add_argument("--positive-column", help="(default: positive_document, positive, pos or document)")
+    tr.add_argument("--negative-column", action="append", help="repeat for several negative columns "
+                    "(default: hard_negative_document, negative(s), neg, hard_negative(s), negative_N)")
+    tr.add_argument("--instruction-column", help="(default: task, instruction or prompt, if present)")
+    tr.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT once the new model is whole")
+    tr.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint of an "
+                    "interrupted run (from the start if there is none)")
+    tr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     tr.set_defaults(func=_train)
 
     enc = commands.add_parser("encode", help="embed texts from a file or stdin into a .npy or .safetensors file")
     enc.add_argument("model", help="a DiffEmbed folder or Hub id")
-    enc.add_argument("--input", "-i", default="-", help="text file (one text per line), .jsonl, or - for stdin")
-    enc.add_argument("--field", default="text", help="the text field of .jsonl records (default: text)")
+    enc.add_argument("--input", "-i", default="-", help="text file (one text per line), JSON lines "
+                     "(.jsonl / .ndjson / .jsonlines, or any input with --field), or - for stdin")
+    enc.add_argument("--field", help="the text field of JSON-lines records (default: text)")
     enc.add_argument("--output", "-o", required=True, help="embeddings file: .npy or .safetensors")
+    enc.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     enc.add_argument("--prompt-name", help="a prompt stored with the model, e.g. query (default: none)")
-    enc.add_argument("--batch-size", type=int, default=32)
-    enc.add_argument("--max-seq-length", type=int, help="override the model's maximum length in tokens")
+    enc.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
+    enc.add_argument("--max-seq-length", type=positive_int,
+                     help="override the model's maximum length in tokens (default: the model's)")
     enc.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    enc.add_argument("--progress", action=argparse.BooleanOptionalAction, help="force the progress bar on/off")
+    enc.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                     help="force the progress bar on/off (default: on from 256 texts)")
     enc.set_defaults(func=_encode)
 
     conv = commands.add_parser("convert", help="convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint "
@@ -189,24 +322,26 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--family", choices=["dream", "llada", "qwen2", "llama", "mistral"],
                       help="force the source family (default: from config.json's model_type)")
     conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT once the new folder is complete")
-    conv.add_argument("--max-shard-size", default="5GB", help="output shard size cap, e.g. 5GB or 500MiB")
-    conv.add_argument("--max-seq-length", type=int,
+    conv.add_argument("--max-shard-size", type=byte_size, default="5GB", help="output shard size cap, e.g. 5GB or "
+                      "500MiB")
+    conv.add_argument("--max-seq-length", type=positive_int,
                       help="sentence-transformers truncation length (default: min(max positions, 4096))")
     conv.add_argument("--allow-pickle", action="store_true",
                       help="accept .bin weights, loaded with torch.load(weights_only=True)")
     conv.add_argument("--ignore-sliding-window", action="store_true",
                       help="convert a sliding-window source (e.g. Mistral v0.1) to full attention")
     conv.add_argument("--trust-remote-code", action="store_true", help="let a remote-code tokenizer run its code")
-    conv.add_argument("--revision", help="Hub revision (branch, tag or commit) for a Hub id")
+    conv.add_argument("--revision", help="Hub revision (branch, tag or commit) for a Hub id (default: main)")
     conv.set_defaults(func=_convert)
 
     pub = commands.add_parser("push", help="validate a DiffEmbed folder (or LoRA adapter) and push it to the Hub "
                               "with a model card, in one commit (HF_ENDPOINT, HF_TOKEN or the login cache)")
     pub.add_argument("folder", help="a DiffEmbed folder (diffembed convert / train) or a LoRA adapter folder")
     pub.add_argument("repo_id", help="the Hub repo, e.g. my-org/diffembed-dream")
-    pub.add_argument("--dry-run", action="store_true", help="check, validate and list the files; send nothing")
+    pub.add_argument("--dry-run", action="store_true", help="check, validate and list the files; send and write "
+                     "nothing")
     pub.add_argument("--private", action="store_true", help="create the repo private (ignored if it exists)")
-    pub.add_argument("--revision", help="branch to push to (created if missing) or refs/pr/N")
+    pub.add_argument("--revision", help="branch to push to (created if missing) or refs/pr/N (default: main)")
     pub.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     pub.add_argument("--commit-message", help="default: 'Upload DiffEmbed model with diffembed-hf VERSION'")
     pub.add_argument("--token", help="a write token (default: HF_TOKEN, then the `hf auth login` cache)")
@@ -216,20 +351,75 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--license", help="licence of the weights for the card (default: the folder's card, else "
                      "apache-2.0)")
     pub.add_argument("--language", nargs="+", help="card languages (default: the folder's card, else en)")
-    pub.add_argument("--card", help="push this file as README.md instead of the generated card")
-    pub.add_argument("--write-card", action="store_true", help="also save the generated card as FOLDER/README.md")
+    pub.add_argument("--card", help="push this file as README.md (default: the folder's hand-written README.md, "
+                     "else a generated card)")
+    pub.add_argument("--write-card", action="store_true", help="also save the generated card as FOLDER/README.md "
+                     "(never over a hand-written one without --overwrite-card)")
+    pub.add_argument("--overwrite-card", action="store_true", help="generate the card even where the folder has a "
+                     "hand-written README.md")
     pub.add_argument("--skip-validation", action="store_true", help="push without loading the folder first")
     pub.set_defaults(func=_push)
+
+    for sub in commands.choices.values():  # every subcommand, including ones added above later, gets these
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log progress of the libraries too (INFO)")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="print the traceback of an error")
+    parser.set_defaults(verbose=False, debug=False)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the libraries too (INFO)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return parser
+
+
+class _LogFilter(logging.Filter):
+    """This package's INFO messages (what a job is doing) and every library's warnings; libraries' INFO only
+    with --verbose."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or record.levelno >= logging.WARNING or record.name.startswith("diffembed_hf")
+
+
+def _configure_output(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    handler.addFilter(_LogFilter(verbose))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if not verbose:
+        # transformers 5 renamed gradient checkpointing to activation checkpointing; sentence-transformers and
+        # PEFT still call the old names, which we cannot change. The rest of our code uses the new names.
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*only defines `gradient_checkpointing_enable`",
+                                category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
-    for handler in logging.getLogger().handlers:  # libraries that set their own loggers to DEBUG stay quiet too
-        handler.setLevel(level)
-    return args.func(args)
+    _configure_output(args.verbose)
+    command = f"diffembed {args.command}"
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except DiffembedError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{command}: error: {err}", file=sys.stderr)
+        return err.exit_status
+    except Exception as err:  # noqa: BLE001 - a failure we did not foresee: still one line, traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"{command}: error: {type(err).__name__}: {err}" + ("" if args.debug else
+              " (run again with --debug for the traceback)"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
+from .errors import DiffembedError, UsageError
+from .files import looks_like_hub_id
 from .sentence_transformer import DEFAULT_QUERY_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -27,8 +29,32 @@ NEGATIVE_COLUMNS = ("hard_negative_document", "negative", "negatives", "neg", "h
 INSTRUCTION_COLUMNS = ("task", "instruction", "prompt")
 
 
-class DataError(ValueError):
+class DataError(DiffembedError, ValueError):
     """A training file that cannot be used as it is; the message names the file and row."""
+
+
+def check_data_source(source: str) -> None:
+    """Before any work: a local data file exists with a known type; anything else must be able to be a Hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{source} is a folder; give a .jsonl / .json / .csv / .parquet file or a Hub dataset id")
+    if path.exists():
+        if path.suffix not in _FILE_FORMATS:
+            raise UsageError(f"{source}: unsupported file type {path.suffix or '(none)'}; use .jsonl, .json, .csv or "
+                             ".parquet")
+        return
+    if path.suffix in _FILE_FORMATS or not looks_like_hub_id(source):
+        raise UsageError(f"{source}: no such file" + ("" if path.suffix in _FILE_FORMATS else
+                                                      " (and not a Hub dataset id of the form namespace/name)"))
+
+
+def _describe(value) -> str:
+    """What a cell holds, for an error message: "empty" only for an empty or blank text."""
+    if value is None:
+        return "empty (null)"
+    if isinstance(value, str):
+        return "empty"
+    return f"not text but a {type(value).__name__} ({value!r:.40})"
 
 
 @dataclass
@@ -52,12 +78,17 @@ def format_query(query: str, instruction: str | None, default_prompt: str = DEFA
 def load_rows(source: str) -> Dataset:
     """Read a local file by its extension, or a Hub dataset id (its train split)."""
     path = Path(source)
+    check_data_source(source)
     if path.suffix in _FILE_FORMATS:
         if not path.is_file():
             raise DataError(f"{source}: no such file")
         if path.stat().st_size == 0:
             raise DataError(f"{source}: the file is empty")
-        dataset = load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+        try:
+            dataset = load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as err:  # noqa: BLE001 - datasets raises its own types for a malformed file
+            cause = err.__cause__ or err
+            raise DataError(f"{source}: cannot be read as {path.suffix} ({type(cause).__name__}: {cause})") from err
     elif path.exists():
         raise DataError(f"{source}: unsupported file type; use .jsonl, .json, .csv or .parquet")
     else:
@@ -109,15 +140,17 @@ def to_training_rows(
     for number, record in enumerate(dataset, 1):
         query, positive = record[mapping.query], record[mapping.positive]
         if not isinstance(query, str) or not query.strip():
-            raise DataError(f"{source} row {number}: empty query in column {mapping.query!r}")
+            raise DataError(f"{source} row {number}: the query in column {mapping.query!r} is {_describe(query)}")
         if not isinstance(positive, str) or not positive.strip():
-            raise DataError(f"{source} row {number}: empty positive in column {mapping.positive!r}")
+            raise DataError(f"{source} row {number}: the positive in column {mapping.positive!r} is "
+                            f"{_describe(positive)}")
         negatives = []
         for column in mapping.negatives:
             value = record[column]
             negatives.extend(value if isinstance(value, list) else [] if value is None else [value])
-        if any(not isinstance(n, str) or not n.strip() for n in negatives):
-            raise DataError(f"{source} row {number}: an empty or non-text negative in {mapping.negatives}")
+        for negative in negatives:
+            if not isinstance(negative, str) or not negative.strip():
+                raise DataError(f"{source} row {number}: a negative in {mapping.negatives} is {_describe(negative)}")
         if expected_negatives is None:
             expected_negatives = len(negatives)
             for k in range(1, expected_negatives + 1):

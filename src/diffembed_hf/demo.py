@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from . import register_auto_classes
 from .builtin_task import write_task
 from .data import load_training_data
 from .evaluate import evaluate_bm25
@@ -34,6 +36,7 @@ from .tokenization import load_dream_tokenizer
 from .train import TrainingConfig, train
 
 logger = logging.getLogger(__name__)
+register_auto_classes()
 
 # Dream's vocabulary, RoPE base and attention geometry (GQA, head_dim 32) at a size that runs on a laptop CPU.
 DEFAULT_CONFIG = dict(
@@ -45,6 +48,11 @@ DEFAULT_CONFIG = dict(
     num_key_value_heads=2,
     max_position_embeddings=32768,
     rope_theta=1_000_000.0,
+    # the offline Dream tokenizer's ids (bos <|beginoftext|>, eos = pad <|endoftext|>), so that the model's
+    # config and its tokenizer agree and no library has to "align" them
+    bos_token_id=151665,
+    eos_token_id=151643,
+    pad_token_id=151643,
 )
 
 # A randomly initialised model has nothing to preserve, so the demo trains all weights (the recipe's LoRA is
@@ -111,13 +119,23 @@ class DemoResult:
     heldout_rows: int
     train_seconds: float
     losses: list[float]
+    steps: int
 
 
-def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: int = 300) -> DemoResult:
-    """Build, fine-tune and evaluate the default model on the standard-library task; save and reload it."""
+def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: int = 300,
+             overwrite: bool = False) -> DemoResult:
+    """Build, fine-tune and evaluate the default model on the standard-library task; save and reload it.
+
+    `output_dir` must be new or empty unless `overwrite`, which replaces the demo's own data/, untrained/ and
+    model/ in it (nothing else there is touched)."""
+    from .files import apply_umask, check_output_folder
+
     output_dir = Path(output_dir)
+    check_output_folder(output_dir, overwrite=overwrite)
     train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout)
     untrained = output_dir / "untrained"
+    if untrained.exists():  # only with overwrite (checked above): the demo's own earlier folder
+        shutil.rmtree(untrained)
     save_sentence_transformer(build_default_model(), load_dream_tokenizer(), untrained, max_seq_length=128)
     steps = max_steps or DEMO_TRAINING["max_steps"]
     config = TrainingConfig(**{**DEMO_TRAINING, "max_steps": steps, "logging_steps": max(1, min(50, steps // 4))})
@@ -125,7 +143,7 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
     bm25 = evaluate_bm25(heldout)
     start = time.perf_counter()
     result = train(str(untrained), str(train_file), output_dir / "model", config, eval_data=str(heldout_file),
-                   overwrite=True, device="cpu")
+                   overwrite=overwrite, device="cpu")
     seconds = time.perf_counter() - start
 
     texts = heldout["anchor"][:2] + heldout["positive"][:2]
@@ -139,5 +157,7 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
     if not torch.allclose(st_embeddings, embeddings, atol=1e-5):
         raise RuntimeError("SentenceTransformer and AutoModel embed the saved folder differently.")
     metrics = {"untrained": result.metrics_before, "fine-tuned": result.metrics_after, "BM25": bm25}
+    for part in (train_file.parent, untrained):  # the model/ folder already has them (renamed into place)
+        apply_umask(part)
     return DemoResult(result.output_dir, metrics, len(load_training_data(str(train_file)).train), len(heldout),
-                      seconds, result.losses)
+                      seconds, result.losses, result.steps)

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
+from . import register_auto_classes
+from .errors import UsageError
+
 logger = logging.getLogger(__name__)
+
+
+class PromptNameError(UsageError, ValueError):
+    """A prompt name the model does not store."""
+
+register_auto_classes()
 
 PROGRESS_BAR_MIN_TEXTS = 256  # below this a progress bar is noise
 
@@ -44,6 +54,34 @@ def load_encoder(
     return model
 
 
+def max_positions(model: SentenceTransformer) -> int | None:
+    """The longest input the model's positions allow (`max_position_embeddings`), if its config says."""
+    config = getattr(model[0].auto_model, "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def save_embeddings(embeddings: np.ndarray, output: str | Path) -> Path:
+    """Write `.npy` or `.safetensors` (key "embeddings") through a hidden temporary file renamed into place, so a
+    reader never sees a half-written file; the file gets the user's umask like any other."""
+    from .files import move_into_place, temporary_sibling
+
+    output = Path(output)
+    partial = temporary_sibling(output, "partial")
+    try:
+        if output.suffix == ".npy":
+            with open(partial, "wb") as handle:
+                np.save(handle, embeddings)
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({"embeddings": np.ascontiguousarray(embeddings)}, str(partial))
+        move_into_place(partial, output)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return output
+
+
 def check_texts(texts: str | Sequence[str]) -> list[str]:
     """Return `texts` as a list of strings, or raise a TypeError that names the first bad item's position."""
     if isinstance(texts, str):
@@ -58,7 +96,9 @@ def check_texts(texts: str | Sequence[str]) -> list[str]:
 
 def count_truncated(model: SentenceTransformer, texts: list[str], prompt: str = "") -> tuple[int, int, int]:
     """How many texts (with their prompt) exceed `model.max_seq_length` tokens: (count, first index, longest)."""
-    lengths = [len(ids) for ids in model.tokenizer([prompt + text for text in texts], truncation=False)["input_ids"]]
+    # verbose=False: no "indexing errors" warning for the texts that are about to be truncated on purpose
+    encoded = model.tokenizer([prompt + text for text in texts], truncation=False, verbose=False)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
     over = [i for i, n in enumerate(lengths) if n > model.max_seq_length]
     return len(over), (over[0] if over else -1), max(lengths, default=0)
 
@@ -87,7 +127,7 @@ def encode(
         return empty if convert_to_tensor else empty.numpy()
     if prompt is None and prompt_name is not None:
         if prompt_name not in model.prompts:
-            raise ValueError(f"prompt_name={prompt_name!r} is not one of the model's prompts {sorted(model.prompts)}")
+            raise PromptNameError(f"prompt_name={prompt_name!r} is not one of the model's prompts {sorted(model.prompts)}")
         prompt = model.prompts[prompt_name]
     truncated, first, longest = count_truncated(model, texts, prompt or "")
     if truncated:

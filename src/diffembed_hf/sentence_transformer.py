@@ -14,7 +14,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import register_auto_classes
+
 logger = logging.getLogger(__name__)
+register_auto_classes()  # save_pretrained then copies the remote-code files into every folder it writes
 
 # The study's query format: an instruction, then the query (LLM2Vec style); documents carry no instruction.
 # Prompts end in ":\n", where Qwen's pre-tokenizer always cuts, so the prompt's tokens are exactly the prefix of

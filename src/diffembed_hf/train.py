@@ -4,6 +4,8 @@ Defaults are the study's (RECIPE.md): LoRA r=16, alpha 32, dropout 0.05 on q/k/v
 cosine x 50 with in-batch and hard negatives, gathered across ranks under torchrun / accelerate; lr 1e-4 with
 100 warm-up steps; gradient checkpointing; bf16 on CUDA; 4096 tokens. The output folder only ever holds a
 finished model: checkpoints live beside it (`.<name>.checkpoints`, for `resume=True`) and are removed on success.
+A checkpoint counts as complete only once the trainer has finished writing it (a marker file is written last), so
+a run killed in the middle of a save resumes from the checkpoint before.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ from pathlib import Path
 
 import torch
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from transformers import TrainerCallback
 
+from . import register_auto_classes
 from .data import ColumnMapping, load_training_data
+from .errors import DiffembedError, OutputExistsError, UsageError
 from .evaluate import evaluate_model
+from .files import check_output_folder, move_into_place
+from .model_card import write_model_card
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, default_prompts, write_sentence_transformer_files
 
 try:  # sentence-transformers >= 6 moved these; 5.x has them only here
@@ -37,9 +44,19 @@ except ImportError:
     from sentence_transformers.training_args import BatchSamplers, MultiDatasetBatchSamplers
 
 logger = logging.getLogger(__name__)
+register_auto_classes()
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINING_METADATA = "diffembed_training.json"
+CHECKPOINT_COMPLETE = "diffembed_checkpoint_complete"  # written into a checkpoint folder once it is whole
+
+
+class ConfigError(UsageError, ValueError):
+    """A training setting out of its range, or a settings file that cannot be used."""
+
+
+class TrainingError(DiffembedError, RuntimeError):
+    """Training could not run as asked (no batch to train on, ...); nothing was written."""
 
 
 @dataclass
@@ -68,14 +85,44 @@ class TrainingConfig:
     adapter_only: bool = False  # save only the LoRA adapter instead of the merged model
     query_prompt: str = DEFAULT_QUERY_PROMPT
 
+    def __post_init__(self):
+        """Every number in its range, named as the CLI option (or field) that sets it: nothing is reinterpreted."""
+        at_least_one = {"max_steps": "--max-steps", "batch_size": "--batch-size", "max_seq_length": "--max-seq-length",
+                        "save_steps": "save_steps", "save_total_limit": "save_total_limit",
+                        "logging_steps": "logging_steps", "lora_r": "lora_r"}
+        for name, option in at_least_one.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{option} must be an integer >= 1, got {value!r}")
+        gradcache = self.gradcache_mini_batch_size
+        if gradcache is not None and (isinstance(gradcache, bool) or not isinstance(gradcache, int) or gradcache < 1):
+            raise ConfigError(f"--gradcache must be an integer >= 1, got {gradcache!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        for name, option in {"learning_rate": "--learning-rate", "scale": "scale", "lora_alpha": "lora_alpha"}.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{option} must be a number > 0, got {value!r}")
+        if not isinstance(self.eval_fraction, (int, float)) or not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction must be a number in [0, 1), got {self.eval_fraction!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainingConfig:
         """Read a JSON file of field values; unknown keys are an error, not silently ignored."""
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path}: no such file") from None
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--config {path}: not a JSON file ({err})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: expected a JSON object of settings")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown training settings {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"{path}: unknown training settings {unknown}; known: {sorted(known)}")
         return cls(**{**values, **overrides})
 
 
@@ -86,6 +133,8 @@ class TrainingResult:
     metrics_after: dict[str, float] | None
     losses: list[float]
     seconds: float
+    steps: int = 0  # optimizer steps that ran (with a resumed run's earlier ones)
+    resumed_from: str | None = None  # the checkpoint a resumed run started from
 
 
 def _load_model(model_name_or_path: str, config: TrainingConfig, device: str | None) -> SentenceTransformer:
@@ -149,9 +198,33 @@ def _stop_on_non_finite_loss(loss: torch.nn.Module, trainer: SentenceTransformer
     loss.register_forward_hook(check)
 
 
-def _last_checkpoint(folder: Path) -> str | None:
-    steps = [(int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return str(max(steps)[1]) if steps else None
+class _MarkCompleteCheckpoints(TrainerCallback):
+    """Writes the completion marker into a checkpoint folder after the trainer has finished saving it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / CHECKPOINT_COMPLETE).write_text(f"{state.global_step}\n", encoding="utf-8")
+        return control
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    found = [(int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found)
+
+
+def _last_complete_checkpoint(folder: Path, remove_incomplete: bool = False) -> Path | None:
+    """The checkpoint with the highest step that was completely written; incomplete ones (a save that was killed)
+    are never used, and removed when `remove_incomplete` (so that the trainer cannot count or rotate them)."""
+    last = None
+    for step, path in _checkpoints(folder):
+        if (path / CHECKPOINT_COMPLETE).is_file():
+            last = path
+        elif remove_incomplete:
+            logger.warning("Removing %s: its save did not finish (the run was interrupted while saving).", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return last
 
 
 def _merge_adapter(model: SentenceTransformer, base: str, config: TrainingConfig, device: str | None):
@@ -166,7 +239,8 @@ def _merge_adapter(model: SentenceTransformer, base: str, config: TrainingConfig
 
 
 def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict) -> None:
-    """Write the finished model next to `output_dir`, then move it into place in one rename."""
+    """Write the finished model (with its model card) next to `output_dir`, then move it into place in one rename;
+    an existing `output_dir` (overwrite=True) is replaced only then."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
@@ -176,9 +250,8 @@ def _write_output(model: SentenceTransformer, output_dir: Path, config: Training
             prompts = {**default_prompts(), "query": config.query_prompt}
             write_sentence_transformer_files(staging, max_seq_length=config.max_seq_length, prompts=prompts)
         (staging / TRAINING_METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
+        write_model_card(staging, base_model=metadata["base_model"])
+        move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -205,22 +278,43 @@ def train(
     """
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not (overwrite or resume):
-        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
+    # --resume never licenses replacing a folder: the output is only ever written at the end of a run.
+    check_output_folder(output_dir, overwrite=overwrite)
     data_split = load_training_data(
         data, mapping=mapping, eval_source=eval_data, eval_fraction=0.0 if eval_data else config.eval_fraction,
         group_by_instruction=config.group_by_instruction, default_prompt=config.query_prompt, seed=config.seed,
     )
+    rows = sum(map(len, data_split.train.values())) if isinstance(data_split.train, dict) else len(data_split.train)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if rows < config.batch_size * world:
+        raise TrainingError(f"{data}: {rows} training rows, fewer than one batch of {config.batch_size * world} "
+                            "(--batch-size per device x devices); lower --batch-size or add rows")
     checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints"
+    resume_from = None
+    if resume:
+        resume_from = _last_complete_checkpoint(checkpoints, remove_incomplete=int(os.environ.get("RANK", "0")) == 0)
+        if resume_from is None:
+            logger.warning("--resume: no complete checkpoint in %s; training from the start.", checkpoints)
+        else:
+            logger.warning("Resuming from %s (the last complete checkpoint).", resume_from)
+    elif _checkpoints(checkpoints):
+        if not overwrite:  # an interrupted run's work: never thrown away unasked
+            raise OutputExistsError(f"{checkpoints} holds the checkpoints of an interrupted run: pass --resume to "
+                                    "continue it, or --overwrite to start again (they are then deleted)")
+        shutil.rmtree(checkpoints)
     start = time.perf_counter()
     model = _load_model(model_name_or_path, config, device)
+    limit = getattr(backbone(model).config, "max_position_embeddings", None)
+    if limit and config.max_seq_length > limit:
+        raise ConfigError(f"--max-seq-length {config.max_seq_length} exceeds the model's max_position_embeddings "
+                          f"({limit}); pass --max-seq-length {limit} or less")
     before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     if config.lora:
         torch.manual_seed(config.seed)  # LoRA's A matrices start random: seeded, a rerun or resume is the same run
         _add_lora(model, config)
     loss = _make_loss(model, config)
     on_cuda = model.device.type == "cuda"
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = world > 1
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
         max_steps=config.max_steps,
@@ -228,8 +322,7 @@ def train(
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps,
         lr_scheduler_type="linear",
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing_arguments(config.gradient_checkpointing),
         bf16=on_cuda,
         use_cpu=not on_cuda,
         ddp_backend="gloo" if distributed and not on_cuda else None,  # torchrun on CPUs
@@ -247,18 +340,31 @@ def train(
     if not hasattr(args, "save_safetensors"):  # transformers 5 removed it; sentence-transformers 5.2 saves with it
         args.save_safetensors = True
     trainer = _Trainer(model=model, args=args, train_dataset=data_split.train, loss=loss,
-                                         callbacks=callbacks)
+                       callbacks=[_MarkCompleteCheckpoints(), *(callbacks or [])])
     _stop_on_non_finite_loss(loss, trainer)
     try:
-        trainer.train(resume_from_checkpoint=_last_checkpoint(checkpoints) if resume else None)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except FloatingPointError as err:  # from the loss check above, or the model's own non-finite check
-        raise FloatingPointError(
+        _remove_if_no_complete_checkpoint(checkpoints)
+        raise NonFiniteLossError(
             f"Training stopped at step {trainer.state.global_step + 1}: {err} No model was written; lower the "
             "learning rate, or train in bf16/fp32 rather than fp16."
         ) from err
+    except BaseException:
+        _remove_if_no_complete_checkpoint(checkpoints)
+        raise
+    steps = trainer.state.global_step
+    if steps == 0:
+        _remove_if_no_complete_checkpoint(checkpoints)
+        raise TrainingError(
+            f"Training ran no step: the batch sampler, which never puts the same text twice in a batch (a duplicate "
+            f"would be a false negative), formed no batch of {config.batch_size} from the {rows} rows of {data}; "
+            "are most rows duplicates? No model was written.")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if losses and not math.isfinite(losses[-1]):
-        raise FloatingPointError(f"The training loss ended as {losses[-1]}; no model was written.")
+        raise NonFiniteLossError(f"The training loss ended as {losses[-1]}; no model was written.")
+    if steps < config.max_steps:
+        logger.warning("Training ended after %d of %d steps: the data gave no further batch.", steps, config.max_steps)
 
     if config.lora and not config.adapter_only:
         model = _merge_adapter(model, model_name_or_path, config, device)
@@ -269,6 +375,13 @@ def train(
             "base_model": model_name_or_path,
             "datasets": [data] + ([eval_data] if eval_data else []),
             "hyperparameters": dataclasses.asdict(config),
+            # what ran, not what was asked for: steps, epochs over the rows, samples seen, first and last logged loss
+            "training": {
+                "steps": steps, "epochs": round(trainer.state.epoch or 0.0, 4),
+                "samples": steps * config.batch_size * world, "devices": world,
+                "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+                "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
+            },
             "evaluation": None if after is None else {
                 "split": eval_data or f"held-out {config.eval_fraction:.0%} of {data}",
                 "metrics": after, "metrics_before_training": before,
@@ -278,4 +391,22 @@ def train(
         _write_output(model, output_dir, config, metadata)
         shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
-    return TrainingResult(output_dir, before, after, losses, seconds)
+    return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None)
+
+
+class NonFiniteLossError(DiffembedError, FloatingPointError):
+    """The loss or an embedding became NaN/inf; no model was written."""
+
+
+def _remove_if_no_complete_checkpoint(checkpoints: Path) -> None:
+    """A failed run keeps its checkpoints only if one of them can be resumed from (no empty folders left)."""
+    if checkpoints.is_dir() and _last_complete_checkpoint(checkpoints) is None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """transformers 5.x renamed gradient checkpointing to activation checkpointing: the new names where the
+    installed version has them (no FutureWarning), the old ones on versions that know only those."""
+    names = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}

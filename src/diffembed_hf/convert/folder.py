@@ -1,0 +1,294 @@
+"""Convert upstream checkpoints (Dream, LLaDA, Qwen2/Llama/Mistral) into Hub-ready DiffEmbed folders.
+
+The output folder holds a DiffEmbed `config.json` (with `auto_map`), the two remote-code files, the weights
+renamed to `DiffEmbedForEmbedding`'s names (language-model head dropped), the source tokenizer (with a pad
+token), the sentence-transformers files and a short model card.
+
+How it stays safe on a 7B checkpoint:
+  * **bounded memory** - tensor bytes are copied from the source safetensors files to the output shards in
+    16 MiB chunks; no tensor, shard or model is ever materialised, so peak memory is the imports plus one
+    chunk whatever the checkpoint size (measured: +37 MiB over the imports on a 1.3 GiB checkpoint). Every
+    tensor keeps its dtype: its bytes are copied, not converted. Pickle sources, when allowed, are
+    memory-mapped one shard at a time.
+  * **validated before writing** - every source header is read first: each expected tensor must be present
+    exactly once with the shape the config implies, and no unknown tensor may remain.
+  * **nothing half-written** - the folder is built in a hidden temporary folder beside OUT and renamed into
+    place only when complete; an error removes it. A killed process (SIGKILL) leaves only that hidden
+    `.OUT.tmp-PID-*` folder, which the next conversion to the same OUT removes.
+  * **never unpickles** - only safetensors are read, unless `allow_pickle=True`, which loads `.bin` files
+    with `torch.load(weights_only=True)`, one shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, Qwen2Tokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .. import __version__, register_auto_classes
+from ..errors import ConversionError
+from ..errors import UsageError
+from ..files import check_parent_writable, move_into_place, temporary_sibling
+from ..model_card import CONVERSION_METADATA, write_model_card
+from ..modeling import configuration_diffembed, modeling_diffembed
+from ..modeling.configuration_diffembed import DiffEmbedConfig
+from ..sentence_transformer import write_sentence_transformer_files
+from .families import FAMILIES, Family, _build_config, _sliding_window_cap, detect_family
+from .weights import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_tensors, read_source_tensors, write_weights
+
+logger = logging.getLogger(__name__)
+register_auto_classes()
+
+# Embedders rarely see longer inputs, and attention cost grows with the square of the length.
+DEFAULT_MAX_SEQ_LENGTH = 4096
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
+)  # fmt: skip
+_LICENSE_PATTERNS = ("LICENSE*", "NOTICE*", "USE_POLICY*")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+# Remote-code tokenizer classes with a transformers equivalent: Dream's tokenization_dream.DreamTokenizer is
+# Qwen2's byte-level BPE over the same vocab.json / merges.txt, so no source code has to run.
+_TOKENIZER_SUBSTITUTES = {"DreamTokenizer": Qwen2Tokenizer}
+
+
+def _load_tokenizer(folder: Path, source_config: dict, trust_remote_code: bool) -> Optional[PreTrainedTokenizerBase]:
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        logger.warning("%s has no tokenizer files; the converted folder will have no tokenizer.", folder)
+        return None
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    auto_map = tokenizer_config.get("auto_map") or {}
+    remote = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map  # a list: legacy format
+    if remote and not trust_remote_code:
+        substitute = _TOKENIZER_SUBSTITUTES.get(tokenizer_config.get("tokenizer_class"))
+        if substitute is None:
+            raise ConversionError(
+                f"{config_path}: the tokenizer needs remote code ({remote}). Pass trust_remote_code=True "
+                "(--trust-remote-code) to run it, after reading it."
+            )
+        logger.info("Loading %s as transformers' %s (same algorithm, no remote code).",
+                    tokenizer_config["tokenizer_class"], substitute.__name__)
+        tokenizer = substitute.from_pretrained(folder)
+        tokenizer.init_kwargs.pop("auto_map", None)  # else the saved tokenizer would still ask for the remote code
+        return tokenizer
+    # AutoTokenizer would otherwise load config.json itself, running the source model's remote configuration
+    # code (LLaDA, Dream) when trust_remote_code is given for the tokenizer. Only model_type matters to it.
+    model_type = source_config.get("model_type")
+    model_config = AutoConfig.for_model(model_type) if model_type in CONFIG_MAPPING else PretrainedConfig()
+    try:
+        return AutoTokenizer.from_pretrained(folder, config=model_config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConversionError(f"{folder}: cannot load the tokenizer ({err})") from err
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, config: DiffEmbedConfig):
+    """Set a pad token (batches need one) and the diffusion mask token; keep the config's ids in agreement."""
+    if tokenizer.pad_token is None:
+        if config.pad_token_id is not None and config.pad_token_id < len(tokenizer):
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
+        elif tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+            logger.info("The tokenizer has no pad token; padding with its eos token %r.", tokenizer.eos_token)
+        else:
+            logger.warning("The tokenizer has neither a pad nor an eos token; batches cannot be padded.")
+    mask_id = getattr(config, "mask_token_id", None)
+    if mask_id is not None and tokenizer.mask_token is None and mask_id < len(tokenizer):
+        tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)
+    for name in ("bos_token_id", "eos_token_id"):  # the tokenizer's ids are the ones text is encoded with
+        token_id = getattr(tokenizer, name)
+        if token_id is not None and getattr(config, name) != token_id:
+            logger.info("config.json %s %s -> %s, the tokenizer's.", name, getattr(config, name), token_id)
+            setattr(config, name, token_id)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    elif tokenizer.pad_token_id != config.pad_token_id:
+        logger.warning("config.json pad_token_id %s differs from the tokenizer's pad token id %s.",
+                       config.pad_token_id, tokenizer.pad_token_id)
+    if tokenizer.model_max_length > config.max_position_embeddings:
+        tokenizer.model_max_length = config.max_position_embeddings
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Source resolution and the atomic output folder
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _resolve_source(src: str | os.PathLike, revision: Optional[str], allow_pickle: bool) -> tuple[Path, Optional[str]]:
+    """A local folder, or a Hub id downloaded (safetensors, config, tokenizer; never .bin unless allowed)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"{path} is a file; the source must be a checkpoint folder or a Hub id")
+        return path, None
+    repo_id = str(src)
+    if not _HUB_ID.fullmatch(repo_id):
+        raise ConversionError(f"source folder {path} does not exist (and {repo_id!r} is not a Hub id)")
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    patterns = ["config.json", "*.safetensors.index.json", *_TOKENIZER_FILES, "*.tiktoken", "tokenization_*.py",
+                *_LICENSE_PATTERNS, "model*.safetensors"]
+    pickles = ["pytorch_model*.bin", "pytorch_model.bin.index.json"] if allow_pickle else []
+    try:
+        try:  # .bin files only where the repository has no safetensors weights
+            if any(name.endswith(".safetensors") for name in HfApi().list_repo_files(repo_id, revision=revision)):
+                pickles = []
+        except OfflineModeIsEnabled:
+            pass  # HF_HUB_OFFLINE: snapshot_download serves the local cache, if it holds the repository
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns + pickles)
+    except (OSError, ValueError) as err:  # offline, not found, gated, network: huggingface_hub raises OSErrors
+        raise ConversionError(
+            f"{repo_id!r} is not a local folder, and downloading it from the Hugging Face Hub failed "
+            f"({type(err).__name__}: {err}). Check the id, the network (HF_HUB_OFFLINE), and HF_TOKEN for gated models."
+        ) from err
+    return Path(folder), repo_id
+
+
+def _remove_stale_temp_folders(out: Path):
+    """Remove temporary folders that a killed conversion to `out` left behind (their process is gone)."""
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        match = re.match(rf"\.{re.escape(out.name)}\.tmp-(\d+)-", path.name)
+        if match and not _process_alive(int(match.group(1))):
+            logger.info("Removing %s, left by an interrupted conversion.", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    return True
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    family: Optional[str] = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    max_seq_length: Optional[int] = None,
+    allow_pickle: bool = False,
+    ignore_sliding_window: bool = False,
+    trust_remote_code: bool = False,
+    revision: Optional[str] = None,
+) -> Path:
+    """Convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint into a DiffEmbed folder at `out`.
+
+    Args:
+        src: a local checkpoint folder (config.json, safetensors weights, tokenizer files) or a Hub id.
+        out: the folder to create. It must not exist unless `overwrite`, which replaces it only once the new
+            folder is complete.
+        family: force the source family (one of `FAMILIES`) instead of reading config.json's model_type.
+        max_shard_size: output shard cap in bytes or as "5GB" / "500MiB".
+        max_seq_length: sentence-transformers' truncation length; defaults to min(source max positions, 4096).
+        allow_pickle: accept `.bin` weights, loaded with `torch.load(weights_only=True)`.
+        ignore_sliding_window: convert a sliding-window source (Mistral v0.1) to full attention.
+        trust_remote_code: let a tokenizer with remote code run it (Dream's needs none: Qwen2's is used).
+        revision: Hub revision, for a Hub id.
+
+    Returns the output folder. Raises `ConversionError` (naming the file, key or tensor) and leaves no `out`.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it", exit_status=2)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} exists and is not a folder", exit_status=2)
+    if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                                       or max_seq_length < 1):
+        raise ConversionError(f"max_seq_length (--max-seq-length) must be an integer >= 1, got {max_seq_length!r}",
+                              exit_status=2)
+    try:
+        check_parent_writable(out)
+    except UsageError as err:
+        raise ConversionError(str(err), exit_status=2) from None
+    shard_bytes = parse_size(max_shard_size)
+    folder, hub_id = _resolve_source(src, revision, allow_pickle)
+    if folder.resolve() == out.resolve() or out.resolve() in folder.resolve().parents:
+        raise ConversionError(f"the output {out} must not contain the source {folder}")
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        source_config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ConversionError(f"{config_path}: not valid JSON ({err})") from err
+    if family is None:
+        fam = detect_family(source_config, config_path)
+    elif family in FAMILIES:
+        fam = FAMILIES[family]
+    else:
+        raise ConversionError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    logger.info("Converting %s as %s.", src, fam.title)
+    window = _sliding_window_cap(source_config, fam, config_path, ignore_sliding_window)
+
+    tensors = read_source_tensors(folder, allow_pickle)
+    dtype = next((t.dtype for t in tensors if t.name == fam.source_name("model.embed_tokens.weight")), torch.float32)
+    config = _build_config(source_config, fam, config_path, dtype)
+    plan = plan_tensors(tensors, fam, config)
+    requested_length = max_seq_length
+    if max_seq_length is None:
+        max_seq_length = min(config.max_position_embeddings, window or math.inf, DEFAULT_MAX_SEQ_LENGTH)
+    elif not 0 < max_seq_length <= config.max_position_embeddings:
+        raise ConversionError(f"max_seq_length must be in [1, {config.max_position_embeddings}], got {max_seq_length}")
+    tokenizer = _load_tokenizer(folder, source_config, trust_remote_code)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_folders(out)
+    tmp = temporary_sibling(out, "tmp")
+    tmp.mkdir()
+    try:
+        if tokenizer is not None:
+            _prepare_tokenizer(tokenizer, config)
+            tokenizer.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        for module in (configuration_diffembed, modeling_diffembed):
+            shutil.copyfile(module.__file__, tmp / Path(module.__file__).name)
+        for pattern in _LICENSE_PATTERNS:
+            for path in folder.glob(pattern):
+                shutil.copyfile(path, tmp / path.name)
+        write_weights(tmp, plan, shard_bytes)
+        write_sentence_transformer_files(tmp, max_seq_length=max_seq_length)
+        options = {"--family": family, "--revision": revision, "--max-seq-length": requested_length,
+                   "--ignore-sliding-window": window is not None, "--allow-pickle": tensors[0].offset is None,
+                   "--trust-remote-code": trust_remote_code}  # fmt: skip
+        command = " ".join(["diffembed convert", str(src), out.name] + [
+            flag if value is True else f"{flag} {value}" for flag, value in options.items() if value
+        ])
+        record = {"source": hub_id or str(src), "hub_id": hub_id, "family": fam.name, "family_title": fam.title,
+                  "diffusion": fam.diffusion, "dtype": str(dtype).removeprefix("torch."), "command": command,
+                  "sliding_window": window, "version": __version__}
+        (tmp / CONVERSION_METADATA).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_model_card(tmp, base_model=hub_id)
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Wrote %s", out)
+    return out
+
+
+__all__ = ["ConversionError", "FAMILIES", "Family", "convert_checkpoint", "detect_family", "parse_size"]

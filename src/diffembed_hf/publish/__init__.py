@@ -1,0 +1,28 @@
+"""Publish a DiffEmbed folder (or a LoRA adapter) to the Hugging Face Hub, with a model card, in one commit.
+
+  * `files` - what a push sends (the file selection, checked before anything else),
+  * `validate` - the staged folder loaded as a Hub user would, in a fresh offline process,
+  * `upload` - staging, card and validation (`prepare_push`), then one commit (`upload`, `push`);
+  * the card itself comes from `diffembed_hf.model_card`, the one builder every job uses.
+"""
+
+from .files import REMOTE_CODE_FILES, TRAINING_METADATA, PublishError, PublishUsageError, files_to_push, folder_kind
+from .upload import PlannedFiles, PushPlan, prepare_push, push, upload
+from .validate import validate_folder
+
+_CARD_NAMES = ("build_model_card", "EXAMPLE_QUERY", "EXAMPLE_DOCUMENT", "CITATION")
+
+
+def __getattr__(name: str):
+    # the card builder lives in diffembed_hf.model_card (which imports .files from here): re-exported lazily
+    if name in _CARD_NAMES:
+        from .. import model_card
+
+        return getattr(model_card, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "PlannedFiles", "PublishError", "PublishUsageError", "PushPlan", "REMOTE_CODE_FILES", "TRAINING_METADATA",
+    "build_model_card", "files_to_push", "folder_kind", "prepare_push", "push", "upload", "validate_folder",
+]
