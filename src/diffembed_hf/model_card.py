@@ -312,7 +312,7 @@ def build_model_card(
             source_kind = ("a diffusion language model" if conversion.get("diffusion")
                            else "an autoregressive LLM, now run with bidirectional attention")
             intro += [
-                f"Converted from `{conversion.get('source')}`: {conversion.get('family_title')}, "
+                f"Its weights were converted from `{conversion.get('source')}`: {conversion.get('family_title')}, "
                 f"{conversion.get('dtype')} weights.", "",
                 f"**Not trained as an embedder.** The weights are those of {source_kind}, unchanged (the "
                 "language-model head is dropped). Fine-tune it contrastively, as in the DiffEmbed study, before "
