@@ -6,8 +6,9 @@ in it: `diffembed_conversion.json` (written by `diffembed convert`) and `diffemb
 evaluation, any `extra_sections`, citation), and `eval_results` (huggingface_hub `EvalResult`s) go into the
 `model-index` metadata, so an evaluation section is added by passing both.
 
-A generated card ends in a marker holding a hash of its text. `is_generated_card` tells such a card, unedited,
-from a hand-written (or hand-edited) one; jobs regenerate only the former unless told to overwrite.
+A generated card ends in a marker holding a hash of its text. `is_replaceable_card` tells such a card, unedited
+(or the placeholder template PEFT saves), from a hand-written or hand-edited one; jobs regenerate only the
+former unless told to overwrite.
 """
 
 from __future__ import annotations
@@ -367,11 +368,17 @@ def is_generated_card(text: str) -> bool:
     return bool(match) and _digest(text[: match.start()]) == match.group(1)
 
 
+def is_replaceable_card(text: str) -> bool:
+    """A card no person wrote: this builder's (unedited), or the untouched template that PEFT's and
+    huggingface_hub's `save_pretrained` leave ("[More Information Needed]" placeholders)."""
+    return is_generated_card(text) or "[More Information Needed]" in text
+
+
 def write_model_card(folder: str | Path, *, overwrite: bool = False, **kwargs) -> Path | None:
     """Write `folder/README.md` from `build_model_card(folder, **kwargs)`; a hand-written README.md is kept
     (returns None) unless `overwrite`."""
     readme = Path(folder) / "README.md"
-    if readme.is_file() and not overwrite and not is_generated_card(readme.read_text(encoding="utf-8")):
+    if readme.is_file() and not overwrite and not is_replaceable_card(readme.read_text(encoding="utf-8")):
         return None
     readme.write_text(str(build_model_card(folder, **kwargs)), encoding="utf-8")
     return readme

@@ -231,7 +231,7 @@ def prepare_push(
         if card is not None:
             model_card = ModelCard.load(Path(card))
             notes.append(f"README.md: {card} as given")
-        elif own_card.is_file() and not overwrite_card and not cards.is_generated_card(own_card.read_text("utf-8")):
+        elif own_card.is_file() and not overwrite_card and not cards.is_replaceable_card(own_card.read_text("utf-8")):
             model_card = ModelCard.load(own_card)
             notes.append(f"README.md: the folder's own hand-written card (--overwrite-card generates one instead)")
         else:
@@ -356,7 +356,7 @@ card as `folder/README.md`, never over a hand-written one unless `overwrite_card
     _check_repo_id(repo_id)
     readme = Path(folder).expanduser() / "README.md"
     if (write_card and not overwrite_card and readme.is_file()
-            and not cards.is_generated_card(readme.read_text(encoding="utf-8"))):
+            and not cards.is_replaceable_card(readme.read_text(encoding="utf-8"))):
         raise PublishUsageError(f"{readme} is a hand-written card; pass overwrite_card=True (--overwrite-card) to "
                                 "replace it with the generated one")
     if write_card and card is not None:
