@@ -347,7 +347,7 @@ def build_parser() -> ArgumentParser:
     pub.add_argument("--token", help="a write token (default: HF_TOKEN, then the `hf auth login` cache)")
     pub.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its local base and push "
                      "the standalone model")
-    pub.add_argument("--base-model", help="Hub id of the base model (needed for an adapter whose base is local)")
+    pub.add_argument("--base-model", help="Hub id of the base model, needed for an adapter whose base is local (default: the adapter's base)")
     pub.add_argument("--license", help="licence of the weights for the card (default: the folder's card, else "
                      "apache-2.0)")
     pub.add_argument("--language", nargs="+", help="card languages (default: the folder's card, else en)")

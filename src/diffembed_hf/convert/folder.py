@@ -135,7 +135,7 @@ def _resolve_source(src: str | os.PathLike, revision: Optional[str], allow_pickl
         return path, None
     repo_id = str(src)
     if not _HUB_ID.fullmatch(repo_id):
-        raise ConversionError(f"source folder {path} does not exist (and {repo_id!r} is not a Hub id)")
+        raise ConversionError(f"source folder {path} does not exist (and {repo_id!r} is not a Hub id)", exit_status=2)
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import OfflineModeIsEnabled
 
