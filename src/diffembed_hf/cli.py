@@ -134,11 +134,12 @@ def _demo(args: argparse.Namespace) -> int:
     require_extra("train")
     import tempfile
 
-    from .demo import DEMO_TRAINING, run_demo
     from .files import check_output_folder
 
     if args.output:
         check_output_folder(Path(args.output), overwrite=args.overwrite)
+    from .demo import DEMO_TRAINING, run_demo
+
     output = args.output or tempfile.mkdtemp(prefix="diffembed-demo-")
     result = run_demo(output, max_steps=args.max_steps or DEMO_TRAINING["max_steps"], max_heldout=args.max_heldout,
                       overwrite=args.overwrite)
@@ -156,14 +157,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     require_extra("train")
-    from .data import ColumnMapping, check_data_source
-    from .train import TrainingConfig, train
+    from .files import check_data_source, check_output_folder
 
+    # the checks that need no heavy import first: a mistake is reported at once
+    check_output_folder(Path(args.output), overwrite=args.overwrite)
     check_model_source(args.model)
     check_data_source(args.data)
     if args.eval_data:
         check_data_source(args.eval_data)
     check_device(args.device)
+    from .data import ColumnMapping
+    from .train import TrainingConfig, train
+
     overrides = {key: value for key, value in {
         "max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
         "max_seq_length": args.max_seq_length, "gradcache_mini_batch_size": args.gradcache,
@@ -215,6 +220,8 @@ def _encode(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import signal
 
+    if Path(args.output).exists() and not args.overwrite:  # at once, before the heavy imports
+        raise UsageError(f"{Path(args.output).absolute()} already exists; pass --overwrite to replace it")
     from .convert import convert_checkpoint
 
     # SIGTERM (kill, a job scheduler) becomes SystemExit, so the half-built temporary folder is removed.

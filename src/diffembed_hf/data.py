@@ -15,7 +15,6 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset
 
 from .errors import DiffembedError, UsageError
-from .files import looks_like_hub_id
 from .sentence_transformer import DEFAULT_QUERY_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -35,17 +34,12 @@ class DataError(DiffembedError, ValueError):
 
 def check_data_source(source: str) -> None:
     """Before any work: a local data file exists with a known type; anything else must be able to be a Hub id."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        raise UsageError(f"{source} is a folder; give a .jsonl / .json / .csv / .parquet file or a Hub dataset id")
-    if path.exists():
-        if path.suffix not in _FILE_FORMATS:
-            raise UsageError(f"{source}: unsupported file type {path.suffix or '(none)'}; use .jsonl, .json, .csv or "
-                             ".parquet")
-        return
-    if path.suffix in _FILE_FORMATS or not looks_like_hub_id(source):
-        raise UsageError(f"{source}: no such file" + ("" if path.suffix in _FILE_FORMATS else
-                                                      " (and not a Hub dataset id of the form namespace/name)"))
+    from .files import check_data_source as check
+
+    try:
+        check(source)
+    except UsageError as err:
+        raise DataError(str(err), exit_status=2) from None
 
 
 def _describe(value) -> str:

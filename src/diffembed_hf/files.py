@@ -1,4 +1,5 @@
-"""Writing what the user keeps: whole or not at all, never over their files, with their umask.
+"""Input and output locations checked before any work, and output written whole, never over the user's files,
+with their umask.
 
 Every job builds its output in a hidden temporary folder or file beside the destination and renames it into
 place when complete. Temporary folders are created private (0700, files 0600 by some writers), so before the
@@ -131,3 +132,19 @@ def looks_like_hub_id(name: str) -> bool:
     """"namespace/name" with Hub characters: what could be a Hub repo rather than a (missing) local path."""
     return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not name.endswith((".jsonl", ".json", ".csv",
                                                                                         ".parquet", ".txt"))
+
+
+def check_data_source(source: str) -> None:
+    """A local training-data file exists with a known type; anything else must be able to be a Hub dataset id."""
+    formats = (".jsonl", ".json", ".csv", ".parquet")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{source} is a folder; give a .jsonl / .json / .csv / .parquet file or a Hub dataset id")
+    if path.exists():
+        if path.suffix not in formats:
+            raise UsageError(f"{source}: unsupported file type {path.suffix or '(none)'}; use "
+                             f"{', '.join(formats)}")
+        return
+    if path.suffix in formats or not looks_like_hub_id(source):
+        raise UsageError(f"{source}: no such file" + ("" if path.suffix in formats else
+                                                      " (and not a Hub dataset id of the form namespace/name)"))
