@@ -64,6 +64,7 @@ from transformers import (
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
 from diffembed_hf.cli import main as cli_main
 from diffembed_hf.convert import ConversionError, convert_checkpoint, parse_size
+from diffembed_hf.model_card import is_generated_card
 
 DREAM_VOCAB = 152064
 AUTO_MAP = {
@@ -400,6 +401,8 @@ def test_output_folder_is_complete(family, sources, converted):
     assert "- custom_code" in card and "- diffembed" in card and "base_model" not in card  # local source
     assert str(sources[family].folder) in card and "Not trained as an embedder" in card
     assert "trust_remote_code=True" in card and "diffembed convert" in card
+    assert f'AutoModel.from_pretrained("{folder.name}", trust_remote_code=True)' in card  # the folder's own name
+    assert is_generated_card(card) and "## Conversion" in card  # the one card builder
     st_config = json.loads((folder / "sentence_bert_config.json").read_text())
     assert st_config["max_seq_length"] == min(positions, 4096)
     assert json.loads((folder / "modules.json").read_text())[-1]["type"].endswith("Normalize")

@@ -210,3 +210,99 @@ def test_gradcache_gives_the_same_first_step_as_the_plain_loss(base, task, tmp_p
                                   **dict(FAST, logging_steps=1)))
     assert cached.losses[0] == pytest.approx(plain.losses[0], rel=1e-4)
     assert (cached.output_dir / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# No result for work that did not happen; kill-safe checkpoints; the model card (issue 10)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_run_that_cannot_form_a_batch_fails_and_writes_nothing(base, tmp_path):
+    """All rows identical: the no-duplicates sampler yields no batch, so no step can run."""
+    from diffembed_hf.train import TrainingError
+
+    data = write_jsonl(tmp_path / "same.jsonl", [{"query": "the same question", "positive": "the same answer"}] * 40)
+    with pytest.raises(TrainingError, match="ran no step.*duplicates"):
+        train(base, data, tmp_path / "out", TrainingConfig(max_steps=3, lora=False, eval_fraction=0.0, **FAST))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.jsonl"]  # no model, no checkpoints folder
+
+
+def test_recorded_numbers_are_what_ran(trained):
+    metadata = json.loads((trained.output_dir / TRAINING_METADATA).read_text())
+    ran = metadata["training"]
+    assert ran["steps"] == trained.steps == 40 and ran["samples"] == 40 * FAST["batch_size"]
+    assert ran["epochs"] == pytest.approx(40 / (640 // FAST["batch_size"]))  # 640 rows (held-out rows from a file)
+    assert ran["final_loss"] == trained.losses[-1] and ran["first_loss"] == trained.losses[0]
+
+
+class _StopAt:
+    """A trainer callback that interrupts the run (as Ctrl-C would) once `step` has run."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    raise KeyboardInterrupt
+
+        return Stop()
+
+
+def test_resume_uses_only_a_complete_checkpoint_and_says_which(base, task, tmp_path, caplog):
+    import shutil
+
+    from diffembed_hf.train import CHECKPOINT_COMPLETE
+
+    config = TrainingConfig(max_steps=4, lora=False, eval_fraction=0.0, **dict(FAST, save_steps=2))
+    out, checkpoints = tmp_path / "out", tmp_path / ".out.checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        train(base, task[0], out, config, callbacks=[_StopAt(3)])
+    assert (checkpoints / "checkpoint-2" / CHECKPOINT_COMPLETE).is_file() and not out.exists()
+    # A save of step 4 killed half-way: the folder is there, its weights cut short, no completion marker.
+    half = checkpoints / "checkpoint-4"
+    shutil.copytree(checkpoints / "checkpoint-2", half)
+    (half / CHECKPOINT_COMPLETE).unlink()
+    weights = half / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="diffembed_hf.train"):
+        result = train(base, task[0], out, config, resume=True)
+    assert result.resumed_from == str(checkpoints / "checkpoint-2") and result.steps == 4
+    assert "Removing" in caplog.text and "checkpoint-4" in caplog.text
+    assert f"Resuming from {checkpoints / 'checkpoint-2'}" in caplog.text
+    assert json.loads((out / TRAINING_METADATA).read_text())["training"]["resumed_from_step"] == 2
+    assert not checkpoints.exists()  # removed on success
+
+
+def test_an_interrupted_run_leaves_no_empty_checkpoint_folder(base, task, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(base, task[0], tmp_path / "out", TrainingConfig(max_steps=4, lora=False, eval_fraction=0.0, **FAST),
+              callbacks=[_StopAt(1)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_of_an_interrupted_run_are_kept_without_resume(base, task, tmp_path):
+    from diffembed_hf.errors import OutputExistsError
+
+    config = TrainingConfig(max_steps=4, lora=False, eval_fraction=0.0, **dict(FAST, save_steps=2))
+    with pytest.raises(KeyboardInterrupt):
+        train(base, task[0], tmp_path / "out", config, callbacks=[_StopAt(3)])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train(base, task[0], tmp_path / "out", config)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_train_writes_the_model_card(trained):
+    import yaml
+
+    from diffembed_hf.model_card import is_generated_card
+
+    card = (trained.output_dir / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["library_name"] == "sentence-transformers" and "diffembed" in metadata["tags"]
+    assert "| max_steps | 40 |" in card and "| scale | 50 |" in card  # hyper-parameters
+    assert "Ran 40 optimizer steps (640 training pairs seen" in card  # what ran
+    assert "## Evaluation" in card and f"| ndcg@10 | {trained.metrics_before['ndcg@10']:.6g} |" in card
+    assert "SentenceTransformer(\"model\", trust_remote_code=True)" in card and "zhang-etal-2025-diffusion" in card
+    assert is_generated_card(card) and not is_generated_card(card.replace("| max_steps | 40 |", "| max_steps | 41 |"))

@@ -250,7 +250,7 @@ def _write_output(model: SentenceTransformer, output_dir: Path, config: Training
             prompts = {**default_prompts(), "query": config.query_prompt}
             write_sentence_transformer_files(staging, max_seq_length=config.max_seq_length, prompts=prompts)
         (staging / TRAINING_METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        write_model_card(staging, base_model=metadata["base_model"])
+        write_model_card(staging, repo_id=output_dir.name)  # the folder's final name, not the staging one
         move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

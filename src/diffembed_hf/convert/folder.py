@@ -282,7 +282,7 @@ def convert_checkpoint(
                   "diffusion": fam.diffusion, "dtype": str(dtype).removeprefix("torch."), "command": command,
                   "sliding_window": window, "version": __version__}
         (tmp / CONVERSION_METADATA).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        write_model_card(tmp, base_model=hub_id)
+        write_model_card(tmp, repo_id=out.name, base_model=hub_id)
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
