@@ -457,3 +457,66 @@ def test_card_of_an_untrained_folder_and_write_card(folder, hub, tmp_path):
     paths = push(untrained, "user/untrained", dry_run=True, write_card=True, validate=False)
     assert paths == MODEL_FILES and not (untrained / "README.md").exists()  # a dry run writes nothing, anywhere
     assert hub.requests == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The folder's own card (issue 10): never replaced unasked, a dry run writes nothing, the umask
+# ----------------------------------------------------------------------------------------------------------
+
+HAND_WRITTEN = "---\nlicense: mit\n---\n\n# My model\n\nWritten by hand over three evenings.\n"
+
+
+def test_a_hand_written_card_is_pushed_as_it_is_and_never_replaced_unasked(folder, hub, tmp_path, capsys):
+    mine = clone(folder, tmp_path / "mine")
+    (mine / "README.md").write_text(HAND_WRITTEN, encoding="utf-8")
+    before = hashes(mine)
+    # --write-card over it: refused before any work or request, even in a dry run
+    assert cli_main(["push", str(mine), "user/mine", "--write-card", "--dry-run", "--skip-validation"]) == 2
+    error = capsys.readouterr().err
+    assert "diffembed push: error:" in error and "hand-written card" in error and "--overwrite-card" in error
+    with pytest.raises(PublishError, match="overwrite_card=True"):
+        push(mine, "user/mine", write_card=True, validate=False)
+    assert hashes(mine) == before and hub.requests == []
+    # a plain push sends it unchanged
+    push(mine, "user/mine", validate=False)
+    assert hub.commits[-1].files["README.md"].decode() == HAND_WRITTEN
+    # --overwrite-card with a dry run: lists a generated card, writes nothing
+    paths = push(mine, "user/mine", dry_run=True, write_card=True, overwrite_card=True, validate=False)
+    assert paths.card_generated and hashes(mine) == before
+    # asked for, for real: the generated card replaces it, in the folder and on the Hub
+    old = os.umask(0o027)
+    try:
+        push(mine, "user/mine", write_card=True, overwrite_card=True, validate=False)
+    finally:
+        os.umask(old)
+    card = (mine / "README.md").read_text(encoding="utf-8")
+    assert card != HAND_WRITTEN and "zhang-etal-2025-diffusion" in card and "license: mit" in card  # its licence kept
+    assert hub.commits[-1].files["README.md"].decode() == card
+    assert (mine / "README.md").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_generated_card_is_regenerated_for_the_repo(folder, hub, tmp_path):
+    from diffembed_hf.model_card import build_model_card as build, is_generated_card
+
+    mine = clone(folder, tmp_path / "mine")
+    (mine / "README.md").write_text(str(build(mine, "user/old-name")), encoding="utf-8")
+    push(mine, "user/new-name", validate=False)
+    pushed = hub.commits[-1].files["README.md"].decode()
+    assert is_generated_card(pushed) and 'SentenceTransformer("user/new-name"' in pushed
+    assert 'SentenceTransformer("user/old-name"' in (mine / "README.md").read_text()  # the folder is untouched
+
+
+def test_the_card_builder_takes_evaluation_results(folder):
+    """How another job adds an 'Evaluation results' section and model-index results: one call."""
+    from huggingface_hub import EvalResult
+
+    result = EvalResult(task_type="retrieval", dataset_type="mteb/scifact", dataset_name="SciFact",
+                        metric_type="ndcg_at_10", metric_value=0.6789)
+    card = str(build_model_card(folder, "user/evaluated", eval_results=[result],
+                                extra_sections=["## Evaluation results\n\n| task | nDCG@10 |\n|---|---:|\n| SciFact | 0.6789 |"]))
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    [entry] = metadata["model-index"]
+    assert entry["name"] == "evaluated" and entry["results"][0]["metrics"][0]["value"] == 0.6789
+    assert card.index("## Evaluation results") < card.index("## Citation")
+    plain = str(build_model_card(folder, "user/evaluated"))
+    assert "model-index" not in plain and "## Evaluation results" not in plain  # the control

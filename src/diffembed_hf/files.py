@@ -148,3 +148,15 @@ def check_data_source(source: str) -> None:
     if path.suffix in formats or not looks_like_hub_id(source):
         raise UsageError(f"{source}: no such file" + ("" if path.suffix in formats else
                                                       " (and not a Hub dataset id of the form namespace/name)"))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file whole (temporary file + rename), as a new file with the user's umask."""
+    path = Path(path)
+    tmp = temporary_sibling(path, "partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        move_into_place(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -24,6 +24,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 
 from . import __version__
+from .files import write_text
 from .publish.files import (
     ADAPTER_CONFIG,
     TRAINING_METADATA,
@@ -380,5 +381,5 @@ def write_model_card(folder: str | Path, *, overwrite: bool = False, **kwargs) -
     readme = Path(folder) / "README.md"
     if readme.is_file() and not overwrite and not is_replaceable_card(readme.read_text(encoding="utf-8")):
         return None
-    readme.write_text(str(build_model_card(folder, **kwargs)), encoding="utf-8")
+    write_text(readme, str(build_model_card(folder, **kwargs)))
     return readme

@@ -51,6 +51,7 @@ from .files import (
     files_to_push,
     folder_kind,
 )
+from ..files import write_text
 from .validate import validate_folder
 
 logger = logging.getLogger(__name__)
@@ -377,7 +378,7 @@ card as `folder/README.md`, never over a hand-written one unless `overwrite_card
         if dry_run:  # a dry run changes nothing, anywhere
             return PlannedFiles(plan.paths, card_generated="README.md" in plan.generated)
         if write_card:
-            (plan.folder / "README.md").write_text(str(plan.card), encoding="utf-8")
+            write_text(plan.folder / "README.md", str(plan.card))  # whole, with the user's umask
             logger.info("Wrote the model card to %s", plan.folder / "README.md")
         return upload(plan, token=token, private=private, revision=revision, create_pr=create_pr,
                       commit_message=commit_message, endpoint=endpoint)
