@@ -1,6 +1,8 @@
 """The README's main command: the default model fine-tuned and evaluated on the standard-library task."""
 
 import json
+import os
+import stat
 
 from diffembed_hf.cli import main
 from diffembed_hf.demo import DEFAULT_CONFIG, build_default_model
@@ -8,7 +10,13 @@ from diffembed_hf.demo import DEFAULT_CONFIG, build_default_model
 
 def test_demo_command_trains_evaluates_and_writes_a_hub_ready_folder(tmp_path, capsys):
     folder = tmp_path / "demo"
-    assert main(["demo", "--output", str(folder), "--max-steps", "6", "--max-heldout", "40"]) == 0
+    old = os.umask(0o027)
+    try:
+        assert main(["demo", "--output", str(folder), "--max-steps", "6", "--max-heldout", "40"]) == 0
+    finally:
+        os.umask(old)
+    for path in [folder, *folder.rglob("*")]:  # what the demo wrote follows the umask (issue 10)
+        assert stat.S_IMODE(path.stat().st_mode) == (0o750 if path.is_dir() else 0o640), path
     model = folder / "model"
     names = {p.name for p in model.iterdir()}
     assert {"config.json", "configuration_diffembed.py", "modeling_diffembed.py", "model.safetensors",
@@ -23,7 +31,7 @@ def test_demo_command_trains_evaluates_and_writes_a_hub_ready_folder(tmp_path, c
     for values in rows.values():
         assert all(0.0 <= float(v) <= 1.0 for v in values)
     assert float(rows["BM25"][0]) > 0.2  # a real task: BM25 finds many functions from their summary
-    assert "40 docstring summaries" in out and "trust_remote_code" in out
+    assert "40 docstring summaries" in out and "trust_remote_code" in out and "fine-tuning: 6 steps" in out
 
 
 def test_default_model_is_reproducible():
