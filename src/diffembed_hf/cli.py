@@ -394,8 +394,11 @@ def _configure_output(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
     handler.addFilter(_LogFilter(verbose))
+    handler._diffembed_cli = True
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in [h for h in root.handlers if getattr(h, "_diffembed_cli", False)]:  # main() called again
+        root.removeHandler(old)
+    root.addHandler(handler)
     root.setLevel(logging.INFO)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if not verbose:
