@@ -370,7 +370,8 @@ class DiffEmbedPreTrainedModel(PreTrainedModel):
                 )
             return attn_implementation
         if attn_implementation == "vllm":  # vLLM's transformers backend; its native Qwen2/Llama code runs this model
-            arch = "Qwen2Model" if self.config.attention_bias and not self.config.attention_output_bias else "LlamaModel"
+            config = self.config
+            arch = "Qwen2Model" if config.attention_bias and not config.attention_output_bias else "LlamaModel"
             raise ValueError(
                 "DiffEmbed does not run on vLLM's transformers backend (attn_implementation='vllm'). Serve this folder "
                 f"""with vLLM's own {arch}: --trust-remote-code --hf-overrides '{{"architectures": ["{arch}"]}}', """

@@ -75,7 +75,8 @@ def _diffembed_config(folder: Path) -> DiffEmbedConfig:
         raise ExportError(f"{folder} is not a folder; pass a DiffEmbed model folder (diffembed convert / train)")
     path = folder / "config.json"
     if not path.is_file():
-        hint = " (a LoRA adapter: merge it into its base model first)" if (folder / "adapter_config.json").is_file() else ""
+        adapter = (folder / "adapter_config.json").is_file()
+        hint = " (a LoRA adapter: merge it into its base model first)" if adapter else ""
         raise ExportError(f"{folder} has no config.json{hint}; pass a DiffEmbed model folder")
     raw = _read_json(path)
     if raw.get("model_type") != "diffembed":
@@ -142,10 +143,11 @@ def _pooling(folder: Path) -> tuple[bool, dict]:
     if not path.is_file():
         raise ExportError(f"{folder} has no modules.json; write the sentence-transformers files first "
                           "(diffembed_hf.sentence_transformer.write_sentence_transformer_files)")
-    kinds = [module["type"].rsplit(".", 1)[-1] for module in _read_json(path)]
+    modules = _read_json(path)
+    kinds = [module["type"].rsplit(".", 1)[-1] for module in modules]
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         raise ExportError(f"{path}: modules {kinds}; vLLM reproduces Transformer, Pooling (mean) and Normalize only")
-    pooling_dir = next(m["path"] for m in _read_json(path) if m["type"].endswith("Pooling"))
+    pooling_dir = modules[1]["path"]
     pooling = _read_json(folder / pooling_dir / "config.json")
     if "pooling_mode" in pooling:
         modes = [pooling["pooling_mode"]] if isinstance(pooling["pooling_mode"], str) else pooling["pooling_mode"]
@@ -164,7 +166,7 @@ def _pooling(folder: Path) -> tuple[bool, dict]:
 
 def _query_prompt(folder: Path) -> str:
     path = folder / "config_sentence_transformers.json"
-    prompts = _read_json(path).get("prompts") or {} if path.is_file() else {}
+    prompts = (_read_json(path).get("prompts") or {}) if path.is_file() else {}
     return prompts.get("query", DEFAULT_QUERY_PROMPT)
 
 
@@ -248,23 +250,26 @@ def serve_commands(name: str, dtype: str, trust_remote_code: bool = False) -> tu
     return f"vllm serve {name} {flags}", f"vllm serve {name} {flags} --tensor-parallel-size 2"
 
 
-def _readme(out: Path, source: Path, architecture: str, dtype: str, query_prompt: str, max_seq_length,
-            trust_remote_code: bool) -> str:
+def _readme(out: Path, source: Path, architecture: str, dtype: str, query_prompt: str, max_seq_length: int,
+            heads: int, trust_remote_code: bool) -> str:
     single, parallel = serve_commands(out.name, dtype, trust_remote_code)
     prompt = json.dumps(query_prompt)
     return "\n".join([
         f"# {out.name}: DiffEmbed model for inference engines (vLLM)", "",
         f"Exported by `diffembed export vllm` from the DiffEmbed folder `{source.name}`: the same weights "
-        f"(hard-linked where possible) with a stock `{architecture}` config and **`is_causal: false`**, so that vLLM "
-        "serves it with its own code: bidirectional attention, mean pooling, L2 normalisation.", "",
+        f"(hard-linked where possible: replace those files, never edit them in place) with a stock `{architecture}` "
+        "config and **`is_causal: false`**, so that vLLM serves it with its own code: bidirectional attention, "
+        "mean pooling, L2 normalisation.", "",
         "**Not for `transformers.AutoModel`.** transformers may run a plain qwen2 / llama config causally, which gives "
         f"different embeddings. Load the DiffEmbed folder `{source.name}` with `trust_remote_code=True` instead.", "",
-        "## Serve", "", "```bash", f"{single}", "# tensor parallel across 2 GPUs", f"{parallel}", "```", "",
+        "## Serve", "", "```bash", single,
+        f"# tensor parallel across 2 GPUs (the {heads} attention heads must split evenly)", parallel, "```", "",
         "Keep `--dtype` explicit: with `auto`, vLLM serves float32 weights of an embedding model in float16. "
         "Without a `vllm` console script: `python -m vllm.entrypoints.openai.api_server --model "
         f"{out.name} ...` takes the same flags.", "",
         "## Queries", "",
-        "vLLM does not apply sentence-transformers prompts. Prepend the query instruction yourself; documents get none:",
+        "vLLM's `/v1/embeddings` applies no sentence-transformers prompt. Prepend the query instruction yourself; "
+        "documents get none:",
         "", "```python", "from openai import OpenAI", "",
         'client = OpenAI(base_url="http://localhost:8000/v1", api_key="none")',
         f"QUERY_PROMPT = {prompt}",
@@ -314,7 +319,8 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
             shutil.copyfile(path, tmp / path.name)
         _write_sentence_transformer_files(tmp, config.hidden_size, normalize, folder)
         readme = _readme(out, folder, architecture, stock["dtype"], _query_prompt(folder),
-                         st_config.get("max_seq_length", config.max_position_embeddings), remote_tokenizer)
+                         st_config.get("max_seq_length", config.max_position_embeddings),
+                         config.num_attention_heads, remote_tokenizer)
         (tmp / "README.md").write_text(readme)
         _move_into_place(tmp, out)
     except BaseException:

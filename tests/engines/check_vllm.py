@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -193,10 +194,10 @@ def folders(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def vllm_llm(model: Path, **kwargs):
+def vllm_llm(model: Path, dtype: str = "float32", **kwargs):
     from vllm import LLM
 
-    llm = LLM(model=str(model), runner="pooling", dtype="float32", enforce_eager=True, seed=0, **kwargs)
+    llm = LLM(model=str(model), runner="pooling", dtype=dtype, enforce_eager=True, seed=0, **kwargs)
     try:
         yield llm
     finally:
@@ -316,6 +317,10 @@ def test_export_through_the_openai_server(folders, tmp_path):
         actual = np.array([item["embedding"] for item in sorted(body["data"], key=lambda d: d["index"])],
                           dtype=np.float32)
         query = post(f"http://127.0.0.1:{port}/v1/embeddings", {"model": export.name, "input": texts[3]})
+        too_long = texts[-1] * 2  # over max_model_len (sentence_bert_config.json's max_seq_length): refused
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            post(f"http://127.0.0.1:{port}/v1/embeddings", {"model": export.name, "input": too_long})
+        assert refused.value.code == 400
     finally:
         os.killpg(server.pid, 15)  # the server and the engine process it spawned
         try:
