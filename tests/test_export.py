@@ -213,6 +213,8 @@ REFUSALS = {
     "gelu": ({"hidden_act": "gelu"}, None, r"hidden_act='gelu'; vLLM's Qwen2 and Llama MLPs support only silu"),
     "output bias only": ({"attention_bias": False, "attention_output_bias": True}, None,
                          r"output-projection bias without q/k/v biases"),
+    "q/k/v and MLP biases": ({"attention_bias": True, "mlp_bias": True}, None, r"Qwen2Model, which has no MLP bias"),
+    "q/k/v biases, head_dim apart": ({"head_dim": 64}, None, r"head_dim 64 != hidden_size / heads"),
     "no tokenizer": ({}, lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
                      r"has no tokenizer files"),
     "weights of another shape": ({}, lambda f: edit_json(f / "config.json", intermediate_size=80),

@@ -103,15 +103,16 @@ def _vllm_architecture(config: DiffEmbedConfig, path: Path) -> str:
                           f"(supported: {', '.join(map(str, VLLM_HEAD_SIZES))})")
     if config.hidden_act != "silu":
         raise ExportError(f"{path}: hidden_act={config.hidden_act!r}; vLLM's Qwen2 and Llama MLPs support only silu")
-    biases = (config.attention_bias, config.attention_output_bias, config.mlp_bias)
-    if biases == (True, False, False):
-        if config.head_dim * config.num_attention_heads != config.hidden_size:
-            raise ExportError(f"{path}: q/k/v biases with head_dim {config.head_dim} != hidden_size / heads; vLLM's "
-                              "Qwen2 derives the head size from hidden_size and would run it wrong")
-        return "Qwen2Model"
     if config.attention_bias == config.attention_output_bias:
-        return "LlamaModel"
-    raise ExportError(f"{path}: an output-projection bias without q/k/v biases has no stock vLLM architecture")
+        return "LlamaModel"  # Llama's attention_bias covers q/k/v and the output projection; mlp_bias too
+    if config.attention_output_bias:
+        raise ExportError(f"{path}: an output-projection bias without q/k/v biases has no stock vLLM architecture")
+    if config.mlp_bias:
+        raise ExportError(f"{path}: q/k/v biases without an output bias need vLLM's Qwen2Model, which has no MLP bias")
+    if config.head_dim * config.num_attention_heads != config.hidden_size:
+        raise ExportError(f"{path}: q/k/v biases with head_dim {config.head_dim} != hidden_size / heads; vLLM's "
+                          "Qwen2Model derives the head size from hidden_size and would run it wrong")
+    return "Qwen2Model"
 
 
 def _check_weights(folder: Path, config: DiffEmbedConfig) -> list[Path]:
