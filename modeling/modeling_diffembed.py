@@ -369,6 +369,14 @@ class DiffEmbedPreTrainedModel(PreTrainedModel):
                     "Leave attn_implementation unset to use torch's own varlen kernel on CUDA."
                 )
             return attn_implementation
+        if attn_implementation == "vllm":  # vLLM's transformers backend; its native Qwen2/Llama code runs this model
+            config = self.config
+            arch = "Qwen2Model" if config.attention_bias and not config.attention_output_bias else "LlamaModel"
+            raise ValueError(
+                "DiffEmbed does not run on vLLM's transformers backend (attn_implementation='vllm'). Serve this folder "
+                f"""with vLLM's own {arch}: --trust-remote-code --hf-overrides '{{"architectures": ["{arch}"]}}', """
+                "or export it for vLLM with `diffembed export vllm MODEL OUT` (no remote code)."
+            )
         raise ValueError(
             f"DiffEmbed does not support attn_implementation={attn_implementation!r}; "
             f"use one of {ATTN_IMPLEMENTATIONS} or leave it unset (automatic choice)."

@@ -236,6 +236,22 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import signal
+
+    from .export import ExportError, export_vllm
+
+    # SIGTERM becomes SystemExit, so the half-built temporary folder is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        output = export_vllm(args.model, args.output, overwrite=args.overwrite)
+    except ExportError as err:
+        print(f"diffembed export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"vLLM folder: {output} (its README.md gives the serve command and the query prompt)")
+    return 0
+
+
 def _push(args: argparse.Namespace) -> int:
     from .publish import push
 
@@ -340,6 +356,15 @@ def build_parser() -> ArgumentParser:
     conv.add_argument("--trust-remote-code", action="store_true", help="let a remote-code tokenizer run its code")
     conv.add_argument("--revision", help="Hub revision (branch, tag or commit) for a Hub id (default: main)")
     conv.set_defaults(func=_convert)
+
+    export = commands.add_parser("export", help="write a DiffEmbed folder in the form an inference engine serves")
+    engines = export.add_subparsers(dest="engine", required=True)
+    vllm = engines.add_parser("vllm", help="a folder vLLM serves as an embedding model with no remote code "
+                              "(stock Qwen2/Llama config, is_causal false, weights hard-linked)")
+    vllm.add_argument("model", help="a DiffEmbed folder (diffembed convert / train)")
+    vllm.add_argument("output", help="the folder to create")
+    vllm.add_argument("--overwrite", action="store_true", help="replace OUTPUT once the new folder is complete")
+    vllm.set_defaults(func=_export)
 
     pub = commands.add_parser("push", help="validate a DiffEmbed folder (or LoRA adapter) and push it to the Hub "
                               "with a model card, in one commit (HF_ENDPOINT, HF_TOKEN or the login cache)")

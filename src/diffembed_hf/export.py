@@ -1,0 +1,334 @@
+"""Export a DiffEmbed folder for inference engines: `export_vllm` writes a folder that vLLM serves as an embedding
+model with its own Qwen2 / Llama code, no remote code.
+
+What vLLM needs, as its source (0.32) reads it:
+  * a stock `qwen2` / `llama` config whose `architectures` is `Qwen2Model` / `LlamaModel` (embedding models in its
+    registry) and **`is_causal: false`**; without it vLLM runs causal attention, silently. Qwen2 carries q/k/v biases
+    and derives head_dim from hidden_size / heads; Llama reads `head_dim`, `attention_bias` (q/k/v and output
+    projections) and `mlp_bias`. Both support only SiLU and rotate q/k in the model dtype.
+  * weights under Qwen2ForCausalLM / LlamaForCausalLM names: DiffEmbed's own names (`model.embed_tokens`,
+    `model.layers.N...`, `model.norm`) are exactly those, and vLLM's pooling adapter accepts them with or without
+    the `model.` prefix, so the weight files are hard-linked (or copied), never rewritten;
+  * the sentence-transformers `modules.json` + `1_Pooling/config.json` (mean pooling) + `2_Normalize`, from which
+    it takes mean pooling and normalisation, and `sentence_bert_config.json`'s `max_seq_length` as max_model_len.
+
+The folder is built in a hidden temporary folder beside OUT and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, LlamaConfig, Qwen2Config
+
+from .convert import ConversionError, _move_into_place, _remove_stale_temp_folders, read_source_tensors
+from .modeling.configuration_diffembed import DiffEmbedConfig
+from .modeling.modeling_diffembed import DiffEmbedForEmbedding
+from .sentence_transformer import DEFAULT_QUERY_PROMPT
+
+logger = logging.getLogger(__name__)
+
+# vLLM 0.32's CPU attention backend (cpu_attn.py, get_supported_head_sizes). On CUDA, FlashAttention takes any
+# multiple of 8 up to 256 (512 with FA4) and Triton any size >= 32, so every size here also runs there; 512 on CUDA
+# runs on the Triton / FlexAttention backends.
+VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
+)  # fmt: skip
+_TOKENIZER_PATTERNS = ("*.tiktoken", "tokenization_*.py")
+_LICENSE_PATTERNS = ("LICENSE*", "NOTICE*", "USE_POLICY*")
+_ST_PREFIX = "sentence_transformers."
+# Legacy boolean keys (sentence-transformers < 6, vLLM, TEI) next to the single `pooling_mode` key (6.x).
+_LEGACY_POOLING_KEYS = {
+    "cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
+    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens", "weightedmean": "pooling_mode_weightedmean_tokens",
+    "lasttoken": "pooling_mode_lasttoken",
+}  # fmt: skip
+
+
+class ExportError(ValueError):
+    """A folder cannot be exported as asked; the message names the file or setting at fault."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading and checking the DiffEmbed folder
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{path}: not readable JSON ({err})") from err
+
+
+def _diffembed_config(folder: Path) -> DiffEmbedConfig:
+    if not folder.is_dir():
+        raise ExportError(f"{folder} is not a folder; pass a DiffEmbed model folder (diffembed convert / train)")
+    path = folder / "config.json"
+    if not path.is_file():
+        adapter = (folder / "adapter_config.json").is_file()
+        hint = " (a LoRA adapter: merge it into its base model first)" if adapter else ""
+        raise ExportError(f"{folder} has no config.json{hint}; pass a DiffEmbed model folder")
+    raw = _read_json(path)
+    if raw.get("model_type") != "diffembed":
+        raise ExportError(f"{path}: model_type {raw.get('model_type')!r} is not 'diffembed'; convert the checkpoint "
+                          "first (diffembed convert), then export the DiffEmbed folder")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ExportError(f"{path}: scaled RoPE (rope_type={rope_type!r}) is not supported; the export writes the "
+                          "default RoPE, which would rotate every position differently")
+    try:
+        return DiffEmbedConfig.from_dict(raw)
+    except (NotImplementedError, ValueError, TypeError) as err:
+        raise ExportError(f"{path}: {err}") from err
+
+
+def _vllm_architecture(config: DiffEmbedConfig, path: Path) -> str:
+    """`Qwen2Model` or `LlamaModel`: the vLLM model whose biases, head size and activation match the config."""
+    if config.is_causal:
+        raise ExportError(f"{path}: is_causal=true (the causal-attention ablation); the export serves the "
+                          "bidirectional model only")
+    if config.head_dim not in VLLM_HEAD_SIZES:
+        raise ExportError(f"{path}: head size {config.head_dim} is not supported by vLLM's attention kernels "
+                          f"(supported: {', '.join(map(str, VLLM_HEAD_SIZES))})")
+    if config.hidden_act != "silu":
+        raise ExportError(f"{path}: hidden_act={config.hidden_act!r}; vLLM's Qwen2 and Llama MLPs support only silu")
+    if config.attention_bias == config.attention_output_bias:
+        return "LlamaModel"  # Llama's attention_bias covers q/k/v and the output projection; mlp_bias too
+    if config.attention_output_bias:
+        raise ExportError(f"{path}: an output-projection bias without q/k/v biases has no stock vLLM architecture")
+    if config.mlp_bias:
+        raise ExportError(f"{path}: q/k/v biases without an output bias need vLLM's Qwen2Model, which has no MLP bias")
+    if config.head_dim * config.num_attention_heads != config.hidden_size:
+        raise ExportError(f"{path}: q/k/v biases with head_dim {config.head_dim} != hidden_size / heads; vLLM's "
+                          "Qwen2Model derives the head size from hidden_size and would run it wrong")
+    return "Qwen2Model"
+
+
+def _check_weights(folder: Path, config: DiffEmbedConfig) -> list[Path]:
+    """The weight files (and index), after checking that they hold exactly DiffEmbed's tensors and shapes."""
+    try:
+        tensors = read_source_tensors(folder, allow_pickle=False)
+    except ConversionError as err:
+        raise ExportError(str(err)) from err
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in DiffEmbedForEmbedding(config).state_dict().items()}
+    found = {t.name: t for t in tensors}
+    if found.keys() != expected.keys():
+        extra, missing = sorted(found.keys() - expected.keys()), sorted(expected.keys() - found.keys())
+        raise ExportError(f"{folder}: the weights do not match config.json (unexpected: {extra[:3]}, "
+                          f"missing: {missing[:3]})")
+    for name, shape in expected.items():
+        if found[name].shape != shape:
+            raise ExportError(f"{folder}: tensor {name} has shape {list(found[name].shape)}, config.json implies "
+                              f"{list(shape)}")
+    files = sorted({t.file for t in tensors})
+    index = folder / "model.safetensors.index.json"
+    return files + [index] if index.is_file() else files
+
+
+def _pooling(folder: Path) -> tuple[bool, dict]:
+    """(normalize, sentence_bert_config) from the folder's sentence-transformers files, which must describe mean
+    pooling over every token: that is all vLLM's pooler reproduces."""
+    path = folder / "modules.json"
+    if not path.is_file():
+        raise ExportError(f"{folder} has no modules.json; write the sentence-transformers files first "
+                          "(diffembed_hf.sentence_transformer.write_sentence_transformer_files)")
+    modules = _read_json(path)
+    kinds = [module["type"].rsplit(".", 1)[-1] for module in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        raise ExportError(f"{path}: modules {kinds}; vLLM reproduces Transformer, Pooling (mean) and Normalize only")
+    pooling_dir = modules[1]["path"]
+    pooling = _read_json(folder / pooling_dir / "config.json")
+    if "pooling_mode" in pooling:
+        modes = [pooling["pooling_mode"]] if isinstance(pooling["pooling_mode"], str) else pooling["pooling_mode"]
+    else:
+        modes = [mode for mode, key in _LEGACY_POOLING_KEYS.items() if pooling.get(key)]
+    if modes != ["mean"]:
+        raise ExportError(f"{folder / pooling_dir / 'config.json'}: pooling {modes}; the export supports mean pooling "
+                          "only (the DiffEmbed recipe)")
+    if not pooling.get("include_prompt", True):
+        raise ExportError(f"{folder / pooling_dir / 'config.json'}: include_prompt=false leaves the prompt out of the "
+                          "mean, which vLLM (pooling every token) cannot reproduce")
+    st_path = folder / "sentence_bert_config.json"
+    st_config = _read_json(st_path) if st_path.is_file() else {}
+    return kinds[-1] == "Normalize", st_config
+
+
+def _query_prompt(folder: Path) -> str:
+    path = folder / "config_sentence_transformers.json"
+    prompts = (_read_json(path).get("prompts") or {}) if path.is_file() else {}
+    return prompts.get("query", DEFAULT_QUERY_PROMPT)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing the engine folder
+# ----------------------------------------------------------------------------------------------------------
+
+
+def stock_config(config: DiffEmbedConfig, architecture: str) -> dict:
+    """config.json for vLLM's `Qwen2Model` / `LlamaModel`: the keys of transformers' Qwen2Config / LlamaConfig
+    (both `rope_parameters` and the older top-level `rope_theta`) plus `is_causal: false`."""
+    fields = dict(
+        architectures=[architecture], vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, hidden_act=config.hidden_act, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, initializer_range=config.initializer_range,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, tie_word_embeddings=False,
+        use_cache=False, attention_dropout=0.0, pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id, is_causal=False,
+    )  # fmt: skip
+    if architecture == "Qwen2Model":
+        model_type = "qwen2"
+        fields.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers)
+    else:
+        model_type = "llama"
+        fields.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
+    dtype = str(config.dtype or torch.float32).removeprefix("torch.")
+    return {"model_type": model_type, **fields, "rope_theta": config.rope_theta, "dtype": dtype, "torch_dtype": dtype}
+
+
+def _check_written_config(folder: Path, architecture: str, config: DiffEmbedConfig) -> None:
+    """Read config.json back with transformers: the stock class, bidirectional, the same shape."""
+    written = AutoConfig.from_pretrained(folder)
+    expected_class = Qwen2Config if architecture == "Qwen2Model" else LlamaConfig
+    head_dim = getattr(written, "head_dim", None) or written.hidden_size // written.num_attention_heads
+    checks = {
+        "class": (type(written), expected_class), "is_causal": (getattr(written, "is_causal", True), False),
+        "architectures": (written.architectures, [architecture]), "head_dim": (head_dim, config.head_dim),
+        "rope_theta": (written.rope_parameters["rope_theta"], config.rope_theta),
+        "num_key_value_heads": (written.num_key_value_heads, config.num_key_value_heads),
+    }  # fmt: skip
+    wrong = {key: got for key, (got, want) in checks.items() if got != want}
+    if wrong:
+        raise ExportError(f"{folder / 'config.json'} reads back wrong: {wrong}")
+
+
+def _link_or_copy(source: Path, target: Path) -> bool:
+    """Hard-link `source` (the weights stay one copy on disk); copy it where a link is impossible. True if linked."""
+    try:
+        os.link(source.resolve(), target)
+        return True
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copyfile(source, target)
+        return False
+
+
+def _write_sentence_transformer_files(folder: Path, hidden_size: int, normalize: bool, source: Path) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": _ST_PREFIX + "models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_PREFIX + "models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_PREFIX + "models.Normalize"})
+        (folder / "2_Normalize").mkdir()
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    pooling = {"word_embedding_dimension": hidden_size, "pooling_mode": "mean"}
+    pooling.update({key: mode == "mean" for mode, key in _LEGACY_POOLING_KEYS.items()})
+    pooling["include_prompt"] = True
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+    for name in ("sentence_bert_config.json", "config_sentence_transformers.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+
+
+def serve_commands(name: str, dtype: str, trust_remote_code: bool = False) -> tuple[str, str]:
+    """(one GPU, tensor parallel over 2 GPUs): `vllm serve` with the dtype explicit (vLLM's `auto` turns float32
+    weights of a pooling model into float16, which overflows Qwen-family activations)."""
+    flags = f"--runner pooling --dtype {dtype}" + (" --trust-remote-code" if trust_remote_code else "")
+    return f"vllm serve {name} {flags}", f"vllm serve {name} {flags} --tensor-parallel-size 2"
+
+
+def _readme(out: Path, source: Path, architecture: str, dtype: str, query_prompt: str, max_seq_length: int,
+            heads: int, trust_remote_code: bool) -> str:
+    single, parallel = serve_commands(out.name, dtype, trust_remote_code)
+    prompt = json.dumps(query_prompt)
+    return "\n".join([
+        f"# {out.name}: DiffEmbed model for inference engines (vLLM)", "",
+        f"Exported by `diffembed export vllm` from the DiffEmbed folder `{source.name}`: the same weights "
+        f"(hard-linked where possible: replace those files, never edit them in place) with a stock `{architecture}` "
+        "config and **`is_causal: false`**, so that vLLM serves it with its own code: bidirectional attention, "
+        "mean pooling, L2 normalisation.", "",
+        "**Not for `transformers.AutoModel`.** transformers may run a plain qwen2 / llama config causally, which gives "
+        f"different embeddings. Load the DiffEmbed folder `{source.name}` with `trust_remote_code=True` instead.", "",
+        "## Serve", "", "```bash", single,
+        f"# tensor parallel across 2 GPUs (the {heads} attention heads must split evenly)", parallel, "```", "",
+        "Keep `--dtype` explicit: with `auto`, vLLM serves float32 weights of an embedding model in float16. "
+        "Without a `vllm` console script: `python -m vllm.entrypoints.openai.api_server --model "
+        f"{out.name} ...` takes the same flags.", "",
+        "## Queries", "",
+        "vLLM's `/v1/embeddings` applies no sentence-transformers prompt. Prepend the query instruction yourself; "
+        "documents get none:",
+        "", "```python", "from openai import OpenAI", "",
+        'client = OpenAI(base_url="http://localhost:8000/v1", api_key="none")',
+        f"QUERY_PROMPT = {prompt}",
+        f'queries = client.embeddings.create(model="{out.name}", input=[QUERY_PROMPT + "how do plants make energy?"])',
+        f'documents = client.embeddings.create(model="{out.name}", input=["Photosynthesis turns light into energy."])',
+        "```", "",
+        f"Texts longer than {max_seq_length} tokens (sentence_bert_config.json, vLLM's max_model_len) are refused "
+        "unless the request sets `truncate_prompt_tokens`.", "",
+    ])
+
+
+def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a folder that vLLM serves as an embedding model with no remote code, from a DiffEmbed folder.
+
+    Refused with an `ExportError`, leaving no `out`: a folder that is not a DiffEmbed model, a causal-ablation
+    config (`is_causal: true`), a scaled RoPE, a head size vLLM's kernels lack, pooling other than mean over every
+    token, and an existing `out` unless `overwrite` (then replaced only once the new folder is complete).
+    """
+    folder, out = Path(model_folder).expanduser().absolute(), Path(out).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    config = _diffembed_config(folder)
+    if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
+        raise ExportError(f"the output {out} must not contain the model folder {folder}")
+    architecture = _vllm_architecture(config, folder / "config.json")
+    weights = _check_weights(folder, config)
+    normalize, st_config = _pooling(folder)
+    tokenizer_files = [folder / name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+    tokenizer_files += [path for pattern in _TOKENIZER_PATTERNS for path in folder.glob(pattern)]
+    if not tokenizer_files:
+        raise ExportError(f"{folder} has no tokenizer files; vLLM needs the tokenizer to embed text")
+    tokenizer_config = folder / "tokenizer_config.json"
+    remote_tokenizer = tokenizer_config.is_file() and bool(_read_json(tokenizer_config).get("auto_map"))
+    stock = stock_config(config, architecture)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_folders(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        (tmp / "config.json").write_text(json.dumps(stock, indent=2) + "\n")
+        _check_written_config(tmp, architecture, config)
+        linked = [_link_or_copy(path, tmp / path.name) for path in weights]
+        for path in tokenizer_files + [p for pattern in _LICENSE_PATTERNS for p in folder.glob(pattern)]:
+            shutil.copyfile(path, tmp / path.name)
+        _write_sentence_transformer_files(tmp, config.hidden_size, normalize, folder)
+        readme = _readme(out, folder, architecture, stock["dtype"], _query_prompt(folder),
+                         st_config.get("max_seq_length", config.max_position_embeddings),
+                         config.num_attention_heads, remote_tokenizer)
+        (tmp / "README.md").write_text(readme)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Wrote %s (%s; %d of %d weight files hard-linked)", out, architecture, sum(linked), len(linked))
+    return out
+
+
+__all__ = ["ExportError", "VLLM_HEAD_SIZES", "export_vllm", "serve_commands", "stock_config"]
