@@ -70,7 +70,47 @@ def _read_texts(source: str, field: str) -> list[str]:
     return texts
 
 
+def _is_folder_output(output: str) -> bool:
+    """An output folder (corpus mode) ends in `/`, already exists as a folder, or has no file suffix."""
+    return output.endswith(("/", os.sep)) or Path(output).is_dir() or not Path(output).suffix
+
+
+def _encode_corpus(args: argparse.Namespace) -> int:
+    """Corpus mode: shards + manifest in a folder, resumable; under torchrun every rank runs this."""
+    from .corpus import CorpusError, encode_corpus
+
+    rank = int(os.environ.get("RANK", "0"))
+    options = dict(field=args.field, id_field=args.id_field, title_field=args.title_field, split=args.split,
+                   subset=args.subset, prompt_name=args.prompt_name, shard_size=args.shard_size, dtype=args.dtype,
+                   max_tokens_per_batch=args.max_tokens_per_batch, max_seq_length=args.max_seq_length,
+                   skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, show_progress_bar=args.progress)
+    try:
+        for name in ("shard_size", "max_tokens_per_batch"):  # numbers first, before any model or file is touched
+            if options[name] < 1:
+                raise CorpusError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}")
+        if args.input == "-":
+            raise CorpusError("corpus mode (an output folder) reads a file, a folder or a Hub dataset: pass --input")
+        if args.ray:
+            from .corpus.ray_data import encode_corpus_with_ray
+
+            result = encode_corpus_with_ray(args.model, args.input, args.output, address=args.ray, **options)
+        else:
+            result = encode_corpus(args.model, args.input, args.output, device=args.device, **options)
+    except CorpusError as err:
+        if rank == 0:
+            print(f"diffembed encode: error: {err}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        kept = result.shards - len(result.computed)
+        print(f"{result.rows} embeddings in {result.shards} shards ({len(result.computed)} computed now, {kept} kept "
+              f"from before; {result.skipped_rows} bad rows skipped) -> {result.output_dir}/manifest.json",
+              file=sys.stderr)
+    return 0
+
+
 def _encode(args: argparse.Namespace) -> int:
+    if _is_folder_output(args.output):
+        return _encode_corpus(args)
     from .encoding import encode, load_encoder
 
     output = Path(args.output)
@@ -180,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--max-seq-length", type=int, help="override the model's maximum length in tokens")
     enc.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     enc.add_argument("--progress", action=argparse.BooleanOptionalAction, help="force the progress bar on/off")
+    # Corpus mode: --output is a folder (ends in /, exists as a folder, or has no suffix) and --input a .jsonl /
+    # .parquet / .csv file, a folder of them or a Hub dataset ORG/NAME: parquet shards + manifest.json, resumable.
+    enc.add_argument("--id-field", help="corpus mode: the id column (default: _id, else id, else the row number)")
+    enc.add_argument("--title-field", help="corpus mode: a title column, joined to the text as mteb does")
+    enc.add_argument("--split", help="corpus mode, Hub dataset: the split (default: its only split)")
+    enc.add_argument("--subset", help="corpus mode, Hub dataset: the configuration name")
+    enc.add_argument("--shard-size", type=int, default=10_000, help="corpus mode: input rows per shard (default 10000)")
+    enc.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                     help="corpus mode: stored embedding type (default float32)")
+    enc.add_argument("--max-tokens-per-batch", type=int, default=16384,
+                     help="corpus mode: real tokens per batch (default 16384)")
+    enc.add_argument("--skip-bad-rows", action="store_true",
+                     help="corpus mode: leave out rows without a string text (counted in the manifest)")
+    enc.add_argument("--overwrite", action="store_true",
+                     help="corpus mode: replace output made with other settings (the same settings resume)")
+    enc.add_argument("--ray", metavar="ADDRESS", help="corpus mode: run on a Ray cluster (e.g. auto, or host:port)")
     enc.set_defaults(func=_encode)
 
     conv = commands.add_parser("convert", help="convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint "

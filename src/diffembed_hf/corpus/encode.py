@@ -74,8 +74,9 @@ class CorpusJob:
             raise CorpusError(f"the input changed while being embedded (shard {shard} now has {len(ids)} rows, "
                               f"{self.plan.shard_rows[shard]} when it was read first)")
         embeddings, truncated = encoder.embed(texts, progress)
-        warn_truncated(truncated, len(texts), encoder.max_length)
-        return write_shard(self.output_dir, shard, ids, embeddings, self.dtype, self.stamp(shard))
+        info = write_shard(self.output_dir, shard, ids, embeddings, self.dtype, self.stamp(shard))
+        info.truncated = truncated
+        return info
 
 
 def check_options(shard_size: int, dtype: str, max_tokens_per_batch: int) -> None:
@@ -188,6 +189,8 @@ def encode_corpus(
         everyone = [info for part in distributed.gather(list(infos.values()), ranks) for info in part]
         manifest = None
         if ranks.is_main:
+            computed = [i for i in everyone if i.computed]
+            warn_truncated(sum(i.truncated for i in computed), sum(i.rows for i in computed), encoder.max_length)
             manifest = finish_manifest(output_dir, job.settings, everyone, skipped=job.plan.skipped,
                                        extra={"created_by": f"diffembed-hf {__version__}"})
     return CorpusResult(output_dir, sum(i.rows for i in everyone), job.plan.num_shards,

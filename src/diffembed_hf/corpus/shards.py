@@ -68,6 +68,7 @@ class ShardInfo:
     rows: int
     sha256: str
     computed: bool  # False when an earlier run's file was verified and kept
+    truncated: int = 0  # texts cut to max_seq_length (computed shards only)
 
 
 def write_shard(folder: Path, index: int, ids: list[str], embeddings: np.ndarray, dtype: str, stamp: dict) -> ShardInfo:
