@@ -146,6 +146,13 @@ def test_corpus_folder_is_read_by_pyarrow_and_datasets_and_equals_sentence_trans
     np.testing.assert_allclose(half_vectors, vectors, rtol=0, atol=1e-3)  # float16 rounding of unit vectors
     assert np.abs(half_vectors - vectors).max() > 0  # really stored as float16
 
+    # a streamed `datasets` dataset (what a Hub id is read as): the same rows, the same shards
+    streamed = datasets.Dataset.from_list(ROWS).to_iterable_dataset(num_shards=3)
+    result = encode_corpus(str(folder), streamed, tmp_path / "streamed", title_field="title", shard_size=250,
+                           prompt_name="query", device="cpu")
+    assert result.shards == 3 and read_output(tmp_path / "streamed")[0] == ids
+    np.testing.assert_allclose(read_output(tmp_path / "streamed")[1], vectors, rtol=0, atol=1e-6)
+
 
 def test_rerun_resumes_and_other_settings_are_refused_by_name(folder, tmp_path, capsys):
     source = write_jsonl(tmp_path / "corpus.jsonl", ROWS[:200])
@@ -220,6 +227,9 @@ def test_bad_input_is_named_or_skipped_and_counted(folder, tmp_path, capsys):
     assert run_cli(folder, source, tmp_path / "zero", "--shard-size", "0") == 2
     assert "--shard-size must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "zero").exists()  # refused before any work
+    assert run_cli(folder, "no-such-org/no-such-corpus", tmp_path / "hub") == 2  # offline: no Hub dataset
+    assert "no-such-org/no-such-corpus is neither a local file or folder nor a loadable Hub dataset" in \
+        capsys.readouterr().err
     assert run_cli(folder, source, tmp_path / "nofield", "--field", "body") == 2
     assert "text field 'body' is missing" in capsys.readouterr().err
     with pytest.raises(CorpusError, match="no column 'body'"):

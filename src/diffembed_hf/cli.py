@@ -84,10 +84,7 @@ def _encode_corpus(args: argparse.Namespace) -> int:
                    subset=args.subset, prompt_name=args.prompt_name, shard_size=args.shard_size, dtype=args.dtype,
                    max_tokens_per_batch=args.max_tokens_per_batch, max_seq_length=args.max_seq_length,
                    skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, show_progress_bar=args.progress)
-    try:
-        for name in ("shard_size", "max_tokens_per_batch"):  # numbers first, before any model or file is touched
-            if options[name] < 1:
-                raise CorpusError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}")
+    try:  # the library checks the numeric options before it touches a model or a file
         if args.input == "-":
             raise CorpusError("corpus mode (an output folder) reads a file, a folder or a Hub dataset: pass --input")
         if args.ray:

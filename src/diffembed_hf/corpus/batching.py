@@ -46,7 +46,7 @@ class Encoder:
         self.normalize = names[-1] == "Normalize"
         self.include_prompt = getattr(model[1], "include_prompt", True)
         self.tokenizer = self.transformer.tokenizer
-        self.max_length = model.max_seq_length
+        self.max_length = model.max_seq_length or self.auto_model.config.max_position_embeddings
         self.dim = self.auto_model.config.hidden_size
         self.device = next(self.auto_model.parameters()).device
         self.prompt_length = self._prompt_length() if self.prompt and not self.include_prompt else 0

@@ -69,8 +69,11 @@ def embed_texts(
                                  show_progress_bar=show_progress_bar)
     if isinstance(model, str):
         model = load_encoder(model, device=devices[0] if devices else None, max_seq_length=max_seq_length)
-    elif max_seq_length is not None:
-        model.max_seq_length = max_seq_length
+    else:
+        if devices:
+            model.to(devices[0])
+        if max_seq_length is not None:
+            model.max_seq_length = max_seq_length
     encoder = Encoder(model, prompt=resolve_prompt(model, prompt, prompt_name),
                       max_tokens_per_batch=max_tokens_per_batch)
     progress = progress_bar(len(texts), show_progress_bar)

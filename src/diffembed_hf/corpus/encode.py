@@ -45,7 +45,7 @@ class CorpusResult:
 class CorpusJob:
     """Everything a process needs to compute any shard: broadcast by rank 0, sent to Ray actors."""
 
-    source: Any  # CorpusSource (id field resolved) or a `datasets` dataset
+    source: CorpusSource  # with the id field resolved
     output_dir: Path
     plan: ShardPlan
     settings: dict
@@ -79,14 +79,23 @@ class CorpusJob:
         return info
 
 
+def as_source(source, field, id_field, title_field, split, subset) -> CorpusSource:
+    """A path, Hub id or `datasets` dataset, with the fields to read from it."""
+    if isinstance(source, CorpusSource):
+        return source
+    if isinstance(source, (str, Path)):
+        return CorpusSource(str(source), field, id_field, title_field, split, subset)
+    return CorpusSource("dataset", field, id_field, title_field, dataset=source)
+
+
 def check_options(shard_size: int, dtype: str, max_tokens_per_batch: int) -> None:
     """Numeric and choice options, checked before any work."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise CorpusError(f"--shard-size must be a whole number of rows >= 1, got {shard_size}")
+        raise CorpusError(f"--shard-size must be at least 1, got {shard_size}")
     if dtype not in DTYPES:
         raise CorpusError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     if isinstance(max_tokens_per_batch, bool) or not isinstance(max_tokens_per_batch, int) or max_tokens_per_batch < 1:
-        raise CorpusError(f"--max-tokens-per-batch must be a whole number >= 1, got {max_tokens_per_batch}")
+        raise CorpusError(f"--max-tokens-per-batch must be at least 1, got {max_tokens_per_batch}")
 
 
 def model_identity(name: str, model: SentenceTransformer) -> dict:
@@ -111,18 +120,15 @@ def plan_job(model_name: str, model: SentenceTransformer, encoder: Encoder, sour
     if plan.good_rows == 0:
         raise CorpusError(f"the corpus is empty: {plan.rows} rows, none to embed" if plan.rows else
                           "the corpus is empty (no rows)")
-    described = source.describe() if isinstance(source, CorpusSource) else {"input": repr(source)[:200]}
     settings = {
         **model_identity(model_name, model),
         "prompt": encoder.prompt, "max_seq_length": encoder.max_length, "normalized": encoder.normalize,
         "include_prompt": encoder.include_prompt, "weights_dtype": str(encoder.auto_model.dtype).removeprefix("torch."),
-        "dtype": dtype, "dim": encoder.dim, "shard_size": shard_size, **described, "id_field": plan.id_field,
+        "dtype": dtype, "dim": encoder.dim, "shard_size": shard_size, **source.describe(), "id_field": plan.id_field,
         "skip_bad_rows": skip_bad_rows, "rows": plan.rows, "input_digest": plan.corpus_digest(),
     }
     prepare_folder(output_dir, settings, overwrite=overwrite)
-    if isinstance(source, CorpusSource):
-        source = dataclasses.replace(source, id_field=plan.id_field)
-    return CorpusJob(source, output_dir, plan, settings, dtype)
+    return CorpusJob(dataclasses.replace(source, id_field=plan.id_field), output_dir, plan, settings, dtype)
 
 
 def encode_corpus(
@@ -154,8 +160,7 @@ def encode_corpus(
     Raises `CorpusError` for a problem with the input, the options or the output folder.
     """
     check_options(shard_size, dtype, max_tokens_per_batch)
-    if isinstance(source, (str, Path)):
-        source = CorpusSource(str(source), field, id_field, title_field, split, subset)
+    source = as_source(source, field, id_field, title_field, split, subset)
     output_dir = Path(output_dir)
     ranks = distributed.current()
     with distributed.process_group(ranks):

@@ -19,7 +19,7 @@ import torch
 from ..encoding import load_encoder
 from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, warn_truncated
 from .embed import resolve_prompt
-from .encode import DEFAULT_SHARD_SIZE, CorpusJob, CorpusResult, check_options, plan_job
+from .encode import DEFAULT_SHARD_SIZE, CorpusJob, CorpusResult, as_source, check_options, plan_job
 from .read import CorpusError, CorpusSource
 from .shards import ShardInfo, finish_manifest
 
@@ -140,8 +140,7 @@ def encode_corpus_with_ray(
     instance): the same shards, manifest, resume and refusals, with shards spread over Ray's actor pool."""
     check_options(shard_size, dtype, max_tokens_per_batch)
     ray = _ray()
-    if isinstance(source, (str, Path)):
-        source = CorpusSource(str(source), field, id_field, title_field, split, subset)
+    source = as_source(source, field, id_field, title_field, split, subset)
     output_dir = Path(output_dir).absolute()
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, logging_level=logging.WARNING)

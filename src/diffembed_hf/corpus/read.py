@@ -40,9 +40,11 @@ class CorpusSource:
     title_field: str | None = None
     split: str | None = None  # Hub datasets only
     subset: str | None = None  # Hub datasets only
+    dataset: Any = None  # a `datasets.Dataset` / `IterableDataset` given to the library instead of a path
 
     def describe(self) -> dict:
-        return {"input": self.path, "field": self.field, "id_field": self.id_field, "title_field": self.title_field,
+        source = self.path if self.dataset is None else repr(self.dataset)[:300]
+        return {"input": source, "field": self.field, "id_field": self.id_field, "title_field": self.title_field,
                 "split": self.split, "subset": self.subset}
 
 
@@ -154,7 +156,11 @@ def _records_hub(source: CorpusSource, offset: int) -> Iterator[tuple[Any, str, 
     except ImportError as err:
         raise CorpusError("reading a Hub dataset needs the `datasets` package: pip install 'diffembed-hf[train]'") from err
     name = source.path.removeprefix("hf://datasets/")
-    data = datasets.load_dataset(name, source.subset, split=source.split, streaming=True)
+    try:
+        data = datasets.load_dataset(name, source.subset, split=source.split, streaming=True)
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, unknown split: say which and why
+        raise CorpusError(f"{source.path} is neither a local file or folder nor a loadable Hub dataset "
+                          f"({type(err).__name__}: {err})") from err
     if isinstance(data, datasets.IterableDatasetDict):
         if len(data) != 1:
             raise CorpusError(f"{name} has splits {sorted(data)}: choose one with --split")
@@ -167,12 +173,11 @@ def _records_dataset(data, name: str, offset: int) -> Iterator[tuple[Any, str, i
         yield record, f"{name} row {number}", number
 
 
-def iter_rows(source: CorpusSource | Any, start: Position = Position(), start_index: int = 0) -> Iterator[Row]:
+def iter_rows(source: CorpusSource, start: Position = Position(), start_index: int = 0) -> Iterator[Row]:
     """Every row of the corpus from `start` (whose corpus index is `start_index`), checked: a row that cannot be
     embedded comes out with `problem` set (the caller decides whether to stop or skip)."""
-    if not isinstance(source, CorpusSource):  # a `datasets.Dataset` / `IterableDataset` given to the library
-        streams = [lambda offset: _records_dataset(source, "dataset", offset)]
-        source = CorpusSource("dataset")
+    if source.dataset is not None:
+        streams = [lambda offset: _records_dataset(source.dataset, "dataset", offset)]
     elif is_hub_dataset(source.path):
         streams = [lambda offset, s=source: _records_hub(s, offset)]
     else:
@@ -253,7 +258,7 @@ class ShardPlan:
         return hashlib.blake2b("".join(self.digests).encode(), digest_size=16).hexdigest()
 
 
-def scan(source: CorpusSource | Any, shard_size: int, *, skip_bad_rows: bool = False) -> ShardPlan:
+def scan(source: CorpusSource, shard_size: int, *, skip_bad_rows: bool = False) -> ShardPlan:
     """Read the corpus once: validate every row, refuse duplicate ids, and cut it into shards of `shard_size`
     input rows. Holds 8 bytes per row (a hash of its id) for the duplicate check, nothing else per row."""
     plan = ShardPlan(shard_size)
