@@ -3,7 +3,8 @@
 The same `diffembed encode MODEL -i corpus.jsonl -o OUT/` command both ways (the small default demo model with
 the real Dream tokenizer, random weights; generated texts of 5-300 words; shards of 1,000 rows), timed end to
 end (start-up, model load and the corpus scan included), median of `--repeats` runs. The single process gets
-as many threads as the two ranks together, so the ratio is what spreading shards over ranks buys.
+as many threads as the two ranks together, so the ratio is what spreading shards over ranks buys; a second
+single-process line with one thread shows how much of that is OpenMP threads contending for busy cores.
 
     python benchmarks/corpus_throughput.py            # about 3 minutes on 2 idle cores
 """
@@ -63,12 +64,14 @@ def main():
               "--device", "cpu", "--no-progress"]
     modes = {
         "one process": (lambda out: [sys.executable, *encode, "-o", f"{out}/"], dict(OMP_NUM_THREADS=str(cores))),
+        "one process, 1 thread": (lambda out: [sys.executable, *encode, "-o", f"{out}/"], dict(OMP_NUM_THREADS="1")),
         f"torchrun, {args.ranks} ranks": (lambda out: [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_addr",
             "127.0.0.1", "--master_port", str(free_port()), *encode, "-o", f"{out}/"],
             dict(OMP_NUM_THREADS=str(max(1, cores // args.ranks)))),
     }
     times = {name: [] for name in modes}
+    load = os.getloadavg()
     for repeat in range(args.repeats):
         for name, (command, threads) in modes.items():  # interleaved, so that load changes hit both alike
             out = work / f"out-{repeat}-{len(times[name])}-{name[:3]}"
@@ -78,13 +81,14 @@ def main():
 
     print(f"\n{args.texts} texts, default demo model (hidden 128, 4 layers, Dream tokenizer), {cores} CPU cores, "
           f"median of {args.repeats} runs, wall time of the whole command")
-    header = f"{'mode':<22}{'seconds':>9}{'texts/s':>9}{'ratio':>7}"
+    print(f"load average before/after: {load[0]:.1f} / {os.getloadavg()[0]:.1f}")
+    header = f"{'mode':<24}{'seconds':>9}{'texts/s':>9}{'ratio':>7}"
     print(header)
     print("-" * len(header))
     baseline = statistics.median(times["one process"])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<22}{median:>9.1f}{args.texts / median:>9.0f}{baseline / median:>7.2f}")
+        print(f"{name:<24}{median:>9.1f}{args.texts / median:>9.0f}{baseline / median:>7.2f}")
 
 
 if __name__ == "__main__":

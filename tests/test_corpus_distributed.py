@@ -70,7 +70,7 @@ def test_torchrun_two_ranks_write_what_one_process_writes(folder, tmp_path, one_
     assert [s["rows"] for s in manifest["shards"]] == [s["rows"] for s in single_manifest["shards"]]
 
 
-# --- SIGKILL in the middle of a shard, and while a shard is being written ----------------------------------------
+# --- SIGKILL in the middle of a shard (one torchrun rank), and while a shard is being written ------------------------
 
 def _run_with_hook(mode: dict, args: list[str]):
     """The script side: run the CLI with a hook that SIGKILLs this process where `mode` says."""
@@ -82,6 +82,7 @@ def _run_with_hook(mode: dict, args: list[str]):
 
     state = {"shard": None, "batches": 0}
     compute, forward, write_table = CorpusJob.compute, Encoder._forward, parquet.write_table
+    me = int(os.environ.get("RANK", "0")) == mode.get("rank", 0)
 
     def recording_compute(self, shard, encoder, progress=None):
         state.update(shard=shard, batches=0)
@@ -89,15 +90,14 @@ def _run_with_hook(mode: dict, args: list[str]):
 
     def killing_forward(self, rows):
         state["batches"] += 1
-        if state["shard"] == mode.get("kill_in_shard") and state["batches"] == 3:
+        if me and state["shard"] == mode.get("kill_in_shard") and state["batches"] == 3:
             os.kill(os.getpid(), signal.SIGKILL)  # in the middle of the shard: 2 batches embedded, more to go
         return forward(self, rows)
 
     def killing_write_table(table, where, **kwargs):
         write_table(table, where, **kwargs)
-        if state["shard"] == mode.get("kill_writing_shard"):
-            size = os.path.getsize(where)
-            os.truncate(where, size // 2)  # the temporary file is half written when the process dies
+        if me and mode.get("kill_writing"):
+            os.truncate(where, os.path.getsize(where) // 2)  # the temporary file is half written when the process dies
             os.kill(os.getpid(), signal.SIGKILL)
 
     CorpusJob.compute, Encoder._forward, parquet.write_table = recording_compute, killing_forward, killing_write_table
@@ -109,43 +109,54 @@ def _shards(out: Path) -> dict[str, int]:
     return {p.name: pq.read_table(p).num_rows for p in sorted(out.glob("part-*.parquet"))}
 
 
+def _expected_rows(shard: str) -> int:
+    return 200 if shard == "part-00005.parquet" else 400  # 2,200 rows in shards of 400
+
+
 def test_killed_runs_resume_to_the_uninterrupted_output(folder, tmp_path, one_thread):
     rows = corpus_rows(2200, seed=3)
     source = write_jsonl(tmp_path / "corpus.jsonl", rows)
     out = tmp_path / "out"
-    args = ["encode", str(folder), "-i", str(source), "-o", f"{out}/", "--shard-size", "500",
+    args = ["encode", str(folder), "-i", str(source), "-o", f"{out}/", "--shard-size", "400",
             "--max-tokens-per-batch", "1500", "--no-progress"]
 
-    def killed(mode):
+    def killed(mode, torchrun=()):
         (tmp_path / "mode.json").write_text(json.dumps(mode))
-        return launch([__file__, str(tmp_path / "mode.json"), *args])
+        return launch([*torchrun, __file__, str(tmp_path / "mode.json"), *args])
 
-    first = killed({"kill_in_shard": 2})
-    assert first.returncode == -signal.SIGKILL, first.stdout[-3000:]
-    assert _shards(out) == {"part-00000.parquet": 500, "part-00001.parquet": 500}  # shard 2 never became visible
+    # 1. torchrun, 2 ranks: rank 1 (shards 1, 3, 5) is SIGKILLed in the middle of shard 3; torchrun then stops rank 0
+    torchrun = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())]
+    first = killed({"rank": 1, "kill_in_shard": 3}, torchrun)
+    assert first.returncode != 0 and "Signal 9 (SIGKILL)" in first.stdout, first.stdout[-3000:]
+    done = _shards(out)
+    assert "part-00001.parquet" in done and "part-00003.parquet" not in done
+    assert all(rows_ == _expected_rows(name) for name, rows_ in done.items())  # nothing partial under a final name
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     kept = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("part-*")}
 
-    second = killed({"kill_writing_shard": 3})
+    # 2. one process, SIGKILLed while writing the first shard it computes: that shard stays under a temporary name
+    second = killed({"kill_writing": True})
     assert second.returncode == -signal.SIGKILL, second.stdout[-3000:]
-    assert _shards(out) == {f"part-0000{k}.parquet": 500 for k in range(3)}  # the half-written shard 3 is not
-    assert [p.name for p in out.glob(".part-00003.parquet.*.tmp")]  # ... it lies under its temporary name
+    assert _shards(out) == done
+    assert len(list(out.glob(".part-*.parquet.*.tmp"))) == 1
 
+    # 3. the same command again: only the unfinished shards are computed
     from diffembed_hf.corpus import encode_corpus as run
 
-    result = run(str(folder), source, out, shard_size=500, max_tokens_per_batch=1500, device="cpu")
-    assert result.computed == [3, 4]  # only the unfinished shards were computed again
+    result = run(str(folder), source, out, shard_size=400, max_tokens_per_batch=1500, device="cpu")
+    assert result.computed == [k for k in range(6) if f"part-0000{k}.parquet" not in done] and 3 in result.computed
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("part-*") if p.name in kept} == kept
     assert not list(out.glob(".*.tmp"))
-    assert _shards(out) == {**{f"part-0000{k}.parquet": 500 for k in range(4)}, "part-00004.parquet": 200}
+    assert _shards(out) == {f"part-0000{k}.parquet": _expected_rows(f"part-0000{k}.parquet") for k in range(6)}
 
     straight = tmp_path / "straight"
-    run(str(folder), source, straight, shard_size=500, max_tokens_per_batch=1500, device="cpu")
+    run(str(folder), source, straight, shard_size=400, max_tokens_per_batch=1500, device="cpu")
     (ids, vectors), (straight_ids, straight_vectors) = read_output(out), read_output(straight)
     assert ids == straight_ids == [r["_id"] for r in rows]
     np.testing.assert_allclose(vectors, straight_vectors, rtol=0, atol=1e-5)
     manifest, reference = (json.loads((d / "manifest.json").read_text()) for d in (out, straight))
-    assert manifest["complete"] and manifest["shards"] == reference["shards"]  # same bytes: same checksums
+    assert manifest["complete"] and [s["rows"] for s in manifest["shards"]] == [s["rows"] for s in reference["shards"]]
 
 
 # --- memory on a 200,000-row corpus -------------------------------------------------------------------------------
