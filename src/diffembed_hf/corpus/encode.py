@@ -197,6 +197,7 @@ def encode_corpus(
             computed = [i for i in everyone if i.computed]
             warn_truncated(sum(i.truncated for i in computed), sum(i.rows for i in computed), encoder.max_length)
             manifest = finish_manifest(output_dir, job.settings, everyone, skipped=job.plan.skipped,
+                               skipped_examples=job.plan.skipped_examples,
                                        extra={"created_by": f"diffembed-hf {__version__}"})
     return CorpusResult(output_dir, sum(i.rows for i in everyone), job.plan.num_shards,
-                        sorted(i.index for i in everyone if i.computed), len(job.plan.skipped), manifest)
+                        sorted(i.index for i in everyone if i.computed), job.plan.skipped, manifest)

@@ -168,6 +168,7 @@ def encode_corpus_with_ray(
     from .. import __version__
 
     manifest = finish_manifest(output_dir, job.settings, infos, skipped=job.plan.skipped,
+                               skipped_examples=job.plan.skipped_examples,
                                extra={"created_by": f"diffembed-hf {__version__} (Ray)"})
     return CorpusResult(output_dir, sum(i.rows for i in infos), job.plan.num_shards,
-                        sorted(i.index for i in infos if i.computed), len(job.plan.skipped), manifest)
+                        sorted(i.index for i in infos if i.computed), job.plan.skipped, manifest)

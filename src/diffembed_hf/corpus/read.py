@@ -245,7 +245,8 @@ class ShardPlan:
     id_field: str = ROW_NUMBER
     rows: int = 0  # input rows
     good_rows: int = 0
-    skipped: list[str] = field(default_factory=list)  # "where: problem" of every skipped row
+    skipped: int = 0  # bad rows left out (--skip-bad-rows)
+    skipped_examples: list[str] = field(default_factory=list)  # "where: problem" of the first 20
     starts: list[tuple[Position, int]] = field(default_factory=list)  # (position, corpus index) per shard
     shard_rows: list[int] = field(default_factory=list)  # good rows per shard
     digests: list[str] = field(default_factory=list)  # per shard: blake2b of its ids and texts
@@ -277,7 +278,9 @@ def scan(source: CorpusSource, shard_size: int, *, skip_bad_rows: bool = False) 
         if row.problem is not None:
             if not skip_bad_rows:
                 raise CorpusError(f"{row.where}: {row.problem} (pass --skip-bad-rows to leave such rows out)")
-            plan.skipped.append(f"{row.where}: {row.problem}")
+            plan.skipped += 1
+            if len(plan.skipped_examples) < 20:
+                plan.skipped_examples.append(f"{row.where}: {row.problem}")
             digest.update(b"\x02skipped\x00")
             continue
         plan.good_rows += 1
@@ -292,7 +295,7 @@ def scan(source: CorpusSource, shard_size: int, *, skip_bad_rows: bool = False) 
     hashes.append(np.array(chunk, dtype=np.uint64))
     _refuse_duplicates(source, np.concatenate(hashes))
     if plan.skipped:
-        logger.warning("Skipped %d bad rows; first: %s", len(plan.skipped), plan.skipped[0])
+        logger.warning("Skipped %d bad rows; first: %s", plan.skipped, plan.skipped_examples[0])
     return plan
 
 

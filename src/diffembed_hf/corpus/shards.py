@@ -175,15 +175,16 @@ def _show(value) -> str:
         json.dumps(value, ensure_ascii=False)[:200] + "..."
 
 
-def finish_manifest(folder: Path, settings: dict, shards: list[ShardInfo], *, skipped: list[str], extra: dict) -> dict:
+def finish_manifest(folder: Path, settings: dict, shards: list[ShardInfo], *, skipped: int, skipped_examples: list[str],
+                    extra: dict) -> dict:
     shards = sorted(shards, key=lambda s: s.index)
     manifest = {
         "format": FORMAT,
         "complete": True,
         **{k: settings[k] for k in ("model", "revision", "dim", "prompt", "normalized", "max_seq_length", "dtype")},
         "rows": sum(s.rows for s in shards),
-        "skipped_rows": len(skipped),
-        "skipped_examples": skipped[:20],
+        "skipped_rows": skipped,
+        "skipped_examples": skipped_examples,
         "shards": [{"file": shard_name(s.index), "rows": s.rows, "sha256": s.sha256} for s in shards],
         **extra,
         "settings": settings,
