@@ -14,7 +14,8 @@ import numpy as np
 
 WORDS = ("apple bridge candle desert engine forest garden harbor island jungle kettle ladder mirror needle ocean "
          "pepper quartz river saddle tunnel umbrella valley window yellow zipper anchor basket cactus dragon "
-         "feather glacier hammer igloo jacket kitten lemon magnet nickel orchid parrot 短い文 émigré naïve").split()
+         "feather glacier hammer igloo jacket kitten lemon magnet nickel orchid parrot 短い文 émigré naïve"
+         ).split()
 MAX_LEN = 96  # the folder's max_seq_length: the longest generated texts are truncated
 
 

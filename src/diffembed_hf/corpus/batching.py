@@ -39,10 +39,11 @@ class Encoder:
         self.transformer = model[0]
         self.auto_model = self.transformer.auto_model
         if getattr(self.auto_model.config, "model_type", None) != "diffembed":
-            raise ValueError(f"not a DiffEmbed model (model_type={getattr(self.auto_model.config, 'model_type', None)!r})")
+            model_type = getattr(self.auto_model.config, "model_type", None)
+            raise ValueError(f"not a DiffEmbed model (model_type={model_type!r})")
         names = [type(module).__name__ for module in model]
         if names[1:] not in (["Pooling"], ["Pooling", "Normalize"]) or not _is_mean_pooling(model[1]):
-            raise ValueError(f"the corpus encoder runs Transformer -> mean Pooling -> [Normalize]; this model has {names}")
+            raise ValueError(f"the corpus encoder runs Transformer -> mean Pooling -> [Normalize]; this model: {names}")
         self.normalize = names[-1] == "Normalize"
         self.include_prompt = getattr(model[1], "include_prompt", True)
         self.tokenizer = self.transformer.tokenizer
@@ -97,7 +98,8 @@ class Encoder:
             if progress is not None:
                 tokens_done += sum(lengths[i] for i in batch)
                 progress.update(len(batch))
-                progress.set_postfix_str(f"{tokens_done / (time.perf_counter() - started):,.0f} tokens/s", refresh=False)
+                rate = tokens_done / (time.perf_counter() - started)
+                progress.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
         if progress is not None:
             progress.update(lengths.count(0))
         return out
@@ -108,7 +110,8 @@ class Encoder:
         cu[1:] = lengths.cumsum(0)
         input_ids = torch.tensor([token for row in rows for token in row], device=self.device)[None]
         # cu_seq_lens_q stays on the host: the model reads it there (no device sync) and copies it over itself
-        hidden = self.auto_model(input_ids=input_ids, cu_seq_lens_q=cu, max_length_q=int(lengths.max())).last_hidden_state[0]
+        output = self.auto_model(input_ids=input_ids, cu_seq_lens_q=cu, max_length_q=int(lengths.max()))
+        hidden = output.last_hidden_state[0]
         text_index = torch.repeat_interleave(torch.arange(len(rows)), lengths)
         weights = torch.ones(len(text_index))
         if self.prompt_length:  # leave the prompt's tokens out of the mean (Pooling include_prompt=False)

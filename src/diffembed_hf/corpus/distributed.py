@@ -36,7 +36,8 @@ class Ranks:
 
 def current() -> Ranks:
     """This process's place in a torchrun job (one process alone: rank 0 of 1)."""
-    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    env = os.environ
+    return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
 def device_for(ranks: Ranks, requested: str | None) -> str | None:

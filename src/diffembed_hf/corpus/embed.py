@@ -103,8 +103,8 @@ def _embed_on_devices(model: str, texts: list[str], devices: list[str], **option
     results = context.Queue()
     show = options.pop("show_progress_bar")
     parts = [texts[i::len(devices)] for i in range(len(devices))]
-    workers = [context.Process(target=_worker, args=(i, device, model, parts[i], dict(options, num_workers=len(devices)),
-                                                     results), daemon=True)
+    options["num_workers"] = len(devices)
+    workers = [context.Process(target=_worker, args=(i, device, model, parts[i], dict(options), results), daemon=True)
                for i, device in enumerate(devices)]
     for worker in workers:
         worker.start()

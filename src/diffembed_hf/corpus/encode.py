@@ -24,7 +24,8 @@ from . import distributed
 from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, progress_bar, warn_truncated
 from .embed import resolve_prompt
 from .read import CorpusError, CorpusSource, ShardPlan, iter_rows, scan
-from .shards import DTYPES, ShardInfo, file_sha256, finish_manifest, prepare_folder, settings_digest, verify_shard, write_shard
+from .shards import (DTYPES, ShardInfo, file_sha256, finish_manifest, prepare_folder, settings_digest, verify_shard,
+                     write_shard)
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def encode_corpus(
             computed = [i for i in everyone if i.computed]
             warn_truncated(sum(i.truncated for i in computed), sum(i.rows for i in computed), encoder.max_length)
             manifest = finish_manifest(output_dir, job.settings, everyone, skipped=job.plan.skipped,
-                               skipped_examples=job.plan.skipped_examples,
+                                       skipped_examples=job.plan.skipped_examples,
                                        extra={"created_by": f"diffembed-hf {__version__}"})
     return CorpusResult(output_dir, sum(i.rows for i in everyone), job.plan.num_shards,
                         sorted(i.index for i in everyone if i.computed), job.plan.skipped, manifest)

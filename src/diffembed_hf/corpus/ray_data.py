@@ -162,9 +162,11 @@ def encode_corpus_with_ray(
         written = shards.map_batches(ShardWriter, fn_constructor_kwargs=dict(model=model, job=job, **options),
                                      batch_size=1, compute=compute, **resources)
         for row in written.iter_rows():
-            infos.append(ShardInfo(int(row["shard"]), int(row["rows"]), str(row["sha256"]), True, int(row["truncated"])))
+            infos.append(ShardInfo(int(row["shard"]), int(row["rows"]), str(row["sha256"]), computed=True,
+                                   truncated=int(row["truncated"])))
         computed = [i for i in infos if i.computed]
-        warn_truncated(sum(i.truncated for i in computed), sum(i.rows for i in computed), job.settings["max_seq_length"])
+        warn_truncated(sum(i.truncated for i in computed), sum(i.rows for i in computed),
+                       job.settings["max_seq_length"])
     from .. import __version__
 
     manifest = finish_manifest(output_dir, job.settings, infos, skipped=job.plan.skipped,

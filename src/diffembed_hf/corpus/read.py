@@ -154,7 +154,7 @@ def _records_hub(source: CorpusSource, offset: int) -> Iterator[tuple[Any, str, 
     try:
         import datasets
     except ImportError as err:
-        raise CorpusError("reading a Hub dataset needs the `datasets` package: pip install 'diffembed-hf[train]'") from err
+        raise CorpusError("a Hub dataset is read with `datasets`: pip install 'diffembed-hf[train]'") from err
     name = source.path.removeprefix("hf://datasets/")
     try:
         data = datasets.load_dataset(name, source.subset, split=source.split, streaming=True)
@@ -300,7 +300,8 @@ def scan(source: CorpusSource, shard_size: int, *, skip_bad_rows: bool = False) 
 
 
 def _id_hash(identifier: str) -> int:
-    return int.from_bytes(hashlib.blake2b(identifier.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    digest = hashlib.blake2b(identifier.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _refuse_duplicates(source, hashes: np.ndarray) -> None:
