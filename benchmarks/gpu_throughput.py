@@ -6,6 +6,11 @@ spread over 16..512 tokens, in batches that are unsorted (training, naive caller
 (sentence-transformers). One command, no network, no flash-attn needed; prints a table last.
 
     python benchmarks/gpu_throughput.py --layers 28     # about 3-5 minutes on one H100
+
+On a machine with several GPUs it adds a multi-GPU line: one process per GPU (the layout of `diffembed encode`
+under torchrun and of `embed_texts(devices="all")`), each with its own copy of the model and a round-robin share
+of the length-sorted batches, timed from a common barrier; aggregate tokens/s and its ratio to one GPU. (Not run
+yet: the lent machine has one GPU.)
 """
 
 import argparse
@@ -54,6 +59,41 @@ def cuda_time(fn, repeats):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _gpu_share(rank, world, layers, lengths, batch_size, repeats, barrier, results):
+    """One GPU's process for the multi-GPU line: the auto path on every `world`-th sorted batch."""
+    from diffembed_hf import DiffEmbedConfig, DiffEmbedForEmbedding
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    torch.manual_seed(0)
+    with device:
+        model = DiffEmbedForEmbedding._from_config(DiffEmbedConfig(**dream_config(layers), rope_theta=1e6),
+                                                   dtype=torch.bfloat16).eval()
+    batches = make_batches(lengths, batch_size, True, device, torch.Generator().manual_seed(0))[rank::world]
+    with torch.inference_mode():
+        run = lambda: [model(input_ids=ids, attention_mask=mask).embeddings for ids, mask in batches]  # noqa: E731
+        run()  # warm-up
+        barrier.wait()
+        results.put((rank, cuda_time(run, repeats), sum(int(mask.sum()) for _, mask in batches)))
+
+
+def multi_gpu_tokens_per_second(layers, lengths, batch_size, repeats) -> tuple[int, float]:
+    """(GPUs, aggregate tokens/s) with one spawned process per visible GPU."""
+    import torch.multiprocessing as mp
+
+    world = torch.cuda.device_count()
+    context = mp.get_context("spawn")
+    barrier, results = context.Barrier(world), context.Queue()
+    procs = [context.Process(target=_gpu_share, args=(r, world, layers, lengths, batch_size, repeats, barrier, results))
+             for r in range(world)]
+    for proc in procs:
+        proc.start()
+    shares = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return world, sum(tokens for _, _, tokens in shares) / max(seconds for _, seconds, _ in shares)
 
 
 def main():
@@ -167,6 +207,13 @@ def main():
     print("-" * len(header))
     for order, name, tps, mfu, speedup, mem, pad in rows:
         print(f"{order:<10}{name:<36}{tps:>9.0f}{mfu:>7.1%}{speedup:>9.2f}{mem:>10.1f}{pad:>9.0%}")
+    if torch.cuda.device_count() > 1:
+        del ours
+        torch.cuda.empty_cache()
+        single = rows[-1][2]  # sorted batches, DiffEmbed auto, one GPU
+        gpus, aggregate = multi_gpu_tokens_per_second(args.layers, lengths, args.batch_size, args.repeats)
+        print(f"{'sorted':<10}{f'DiffEmbed auto, {gpus} GPUs (1 process each)':<36}{aggregate:>9.0f}"
+              f"{'':>7}{aggregate / single:>9.2f}  <- ratio to one GPU")
 
 
 if __name__ == "__main__":

@@ -188,7 +188,44 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_folder_output(output: str) -> bool:
+    """An output folder (corpus mode) ends in `/`, already exists as a folder, or has no file suffix."""
+    return output.endswith(("/", os.sep)) or Path(output).is_dir() or not Path(output).suffix
+
+
+def _encode_corpus(args: argparse.Namespace) -> int:
+    """Corpus mode: shards + manifest in a folder, resumable; under torchrun every rank runs this."""
+    from .corpus import CorpusError, encode_corpus
+
+    rank = int(os.environ.get("RANK", "0"))
+    options = dict(field=args.field, id_field=args.id_field, title_field=args.title_field, split=args.split,
+                   subset=args.subset, prompt_name=args.prompt_name, shard_size=args.shard_size, dtype=args.dtype,
+                   max_tokens_per_batch=args.max_tokens_per_batch, max_seq_length=args.max_seq_length,
+                   skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, show_progress_bar=args.progress)
+    try:  # the library checks the options before it touches a model or a file
+        if args.input == "-":
+            raise CorpusError("corpus mode (an output folder) reads a file, a folder or a Hub dataset: pass --input")
+        if args.ray:
+            from .corpus.ray_data import encode_corpus_with_ray
+
+            result = encode_corpus_with_ray(args.model, args.input, args.output, address=args.ray, **options)
+        else:
+            result = encode_corpus(args.model, args.input, args.output, device=args.device, **options)
+    except CorpusError:
+        if rank == 0:  # under torchrun every rank meets the same error: one of them says it
+            raise
+        return 2
+    if rank == 0:
+        kept = result.shards - len(result.computed)
+        print(f"{result.rows} embeddings in {result.shards} shards ({len(result.computed)} computed now, {kept} kept "
+              f"from before; {result.skipped_rows} bad rows skipped) -> {result.output_dir}/manifest.json",
+              file=sys.stderr)
+    return 0
+
+
 def _encode(args: argparse.Namespace) -> int:
+    if _is_folder_output(args.output):
+        return _encode_corpus(args)
     from .files import check_output_file
     from .text_input import read_texts
 
@@ -239,15 +276,11 @@ def _convert(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import signal
 
-    from .export import ExportError, export_vllm
+    from .export import export_vllm
 
     # SIGTERM becomes SystemExit, so the half-built temporary folder is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        output = export_vllm(args.model, args.output, overwrite=args.overwrite)
-    except ExportError as err:
-        print(f"diffembed export: error: {err}", file=sys.stderr)
-        return 2
+    output = export_vllm(args.model, args.output, overwrite=args.overwrite)
     print(f"vLLM folder: {output} (its README.md gives the serve command and the query prompt)")
     return 0
 
@@ -322,13 +355,16 @@ def build_parser() -> ArgumentParser:
     tr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     tr.set_defaults(func=_train)
 
-    enc = commands.add_parser("encode", help="embed texts from a file or stdin into a .npy or .safetensors file")
+    enc = commands.add_parser("encode", help="embed texts from a file or stdin into a .npy or .safetensors file, or a "
+                          "corpus into a folder of parquet shards (resumable; torchrun and Ray)")
     enc.add_argument("model", help="a DiffEmbed folder or Hub id")
     enc.add_argument("--input", "-i", default="-", help="text file (one text per line), JSON lines "
                      "(.jsonl / .ndjson / .jsonlines, or any input with --field), or - for stdin")
     enc.add_argument("--field", help="the text field of JSON-lines records (default: text)")
-    enc.add_argument("--output", "-o", required=True, help="embeddings file: .npy or .safetensors")
-    enc.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    enc.add_argument("--output", "-o", required=True, help="embeddings file (.npy or .safetensors), or a folder "
+                     "(corpus mode: ends in /, is a folder, or has no suffix)")
+    enc.add_argument("--overwrite", action="store_true", help="replace an existing --output file; in corpus mode, "
+                     "replace output made with other settings (the same settings resume)")
     enc.add_argument("--prompt-name", help="a prompt stored with the model, e.g. query (default: none)")
     enc.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
     enc.add_argument("--max-seq-length", type=positive_int,
@@ -336,6 +372,21 @@ def build_parser() -> ArgumentParser:
     enc.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     enc.add_argument("--progress", action=argparse.BooleanOptionalAction,
                      help="force the progress bar on/off (default: on from 256 texts)")
+    # Corpus mode: --output is a folder (ends in /, exists as a folder, or has no suffix) and --input a .jsonl /
+    # .parquet / .csv file, a folder of them or a Hub dataset ORG/NAME: parquet shards + manifest.json, resumable.
+    enc.add_argument("--id-field", help="corpus mode: the id column (default: _id, else id, else the row number)")
+    enc.add_argument("--title-field", help="corpus mode: a title column, joined to the text as mteb does")
+    enc.add_argument("--split", help="corpus mode, Hub dataset: the split (default: its only split)")
+    enc.add_argument("--subset", help="corpus mode, Hub dataset: the configuration name")
+    enc.add_argument("--shard-size", type=positive_int, default=10_000,
+                     help="corpus mode: input rows per shard")
+    enc.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                     help="corpus mode: stored embedding type")
+    enc.add_argument("--max-tokens-per-batch", type=positive_int, default=16384,
+                     help="corpus mode: real tokens per batch")
+    enc.add_argument("--skip-bad-rows", action="store_true",
+                     help="corpus mode: leave out rows without a string text (counted in the manifest)")
+    enc.add_argument("--ray", metavar="ADDRESS", help="corpus mode: run on a Ray cluster (e.g. auto, or host:port)")
     enc.set_defaults(func=_encode)
 
     conv = commands.add_parser("convert", help="convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint "

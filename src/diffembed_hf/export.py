@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,9 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
-from .convert import ConversionError, _move_into_place, _remove_stale_temp_folders, read_source_tensors
+from .convert.weights import read_source_tensors
+from .errors import ConversionError, UsageError
+from .files import move_into_place, remove_stale_temp_folders, temporary_sibling
 from .modeling.configuration_diffembed import DiffEmbedConfig
 from .modeling.modeling_diffembed import DiffEmbedForEmbedding
 from .sentence_transformer import DEFAULT_QUERY_PROMPT
@@ -54,7 +55,7 @@ _LEGACY_POOLING_KEYS = {
 }  # fmt: skip
 
 
-class ExportError(ValueError):
+class ExportError(UsageError, ValueError):
     """A folder cannot be exported as asked; the message names the file or setting at fault."""
 
 
@@ -309,8 +310,8 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
     stock = stock_config(config, architecture)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_folders(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    remove_stale_temp_folders(out)
+    tmp = temporary_sibling(out)
     tmp.mkdir()
     try:
         (tmp / "config.json").write_text(json.dumps(stock, indent=2) + "\n")
@@ -323,7 +324,7 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
                          st_config.get("max_seq_length", config.max_position_embeddings),
                          config.num_attention_heads, remote_tokenizer)
         (tmp / "README.md").write_text(readme)
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ rename the modes are set to what any other file the user writes would get (0777 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -16,6 +17,8 @@ import stat
 from pathlib import Path
 
 from .errors import OutputExistsError, UsageError
+
+logger = logging.getLogger(__name__)
 
 
 def current_umask() -> int:
@@ -91,6 +94,26 @@ def move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         old.unlink()
+
+
+def remove_stale_temp_folders(out: Path) -> None:
+    """Remove the temporary siblings (`temporary_sibling(out)`) that a killed job left beside `out`: only those
+    whose process is gone, so a job still running in another process keeps its folder."""
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        match = re.match(rf"\.{re.escape(out.name)}\.tmp-(\d+)-", path.name)
+        if match and not _process_alive(int(match.group(1))):
+            logger.info("Removing %s, left by an interrupted run.", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    return True
 
 
 def check_output_file(out: Path, *, overwrite: bool, suffixes: tuple[str, ...] | None = None) -> None:

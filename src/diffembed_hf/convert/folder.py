@@ -37,7 +37,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from .. import __version__, register_auto_classes
 from ..errors import ConversionError
 from ..errors import UsageError
-from ..files import check_parent_writable, move_into_place, temporary_sibling
+from ..files import check_parent_writable, move_into_place, remove_stale_temp_folders, temporary_sibling
 from ..model_card import CONVERSION_METADATA, write_model_card
 from ..modeling import configuration_diffembed, modeling_diffembed
 from ..modeling.configuration_diffembed import DiffEmbedConfig
@@ -157,26 +157,6 @@ def _resolve_source(src: str | os.PathLike, revision: Optional[str], allow_pickl
     return Path(folder), repo_id
 
 
-def _remove_stale_temp_folders(out: Path):
-    """Remove temporary folders that a killed conversion to `out` left behind (their process is gone)."""
-    for path in out.parent.glob(f".{out.name}.tmp-*"):
-        match = re.match(rf"\.{re.escape(out.name)}\.tmp-(\d+)-", path.name)
-        if match and not _process_alive(int(match.group(1))):
-            logger.info("Removing %s, left by an interrupted conversion.", path)
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by another user
-    return True
-
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------------------
@@ -257,7 +237,7 @@ def convert_checkpoint(
     tokenizer = _load_tokenizer(folder, source_config, trust_remote_code)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_folders(out)
+    remove_stale_temp_folders(out)
     tmp = temporary_sibling(out, "tmp")
     tmp.mkdir()
     try:

@@ -1,0 +1,33 @@
+"""Embedding corpora: in memory (`embed_texts`), or of any size into parquet shards (`encode_corpus`), on one
+process, every rank of a torchrun job, or a Ray cluster (`ray_data`, extra `[ray]`)."""
+
+from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder
+from .embed import embed_texts, visible_devices
+from .encode import DEFAULT_SHARD_SIZE, CorpusResult, encode_corpus
+from .read import CorpusError, CorpusSource, iter_rows, join_title
+
+
+def __getattr__(name: str):
+    # Ray is an optional extra: imported only when asked for
+    if name in ("embed_dataset", "encode_corpus_with_ray"):
+        from . import ray_data
+
+        return getattr(ray_data, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS_PER_BATCH",
+    "DEFAULT_SHARD_SIZE",
+    "CorpusError",
+    "CorpusResult",
+    "CorpusSource",
+    "Encoder",
+    "embed_dataset",
+    "embed_texts",
+    "encode_corpus",
+    "encode_corpus_with_ray",
+    "iter_rows",
+    "join_title",
+    "visible_devices",
+]

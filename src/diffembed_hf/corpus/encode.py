@@ -1,0 +1,204 @@
+"""`encode_corpus`: a corpus of any size -> a folder of parquet shards and a manifest, resumable, on one
+process or on every rank of a torchrun job.
+
+Rank 0 reads the corpus once (validation, duplicate ids, shard boundaries, input digests) and checks the
+output folder; every rank then computes the shards it owns (k % WORLD_SIZE), skipping those already complete,
+and rank 0 writes the manifest once all ranks are done. Shard k is input rows [k * shard_size, (k+1) *
+shard_size) whoever computes it, so the output never depends on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sentence_transformers import SentenceTransformer
+
+from .. import __version__
+from ..encoding import load_encoder
+from . import distributed
+from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, progress_bar, warn_truncated
+from .embed import resolve_prompt
+from .read import CorpusError, CorpusSource, ShardPlan, iter_rows, scan
+from .shards import (DTYPES, ShardInfo, file_sha256, finish_manifest, prepare_folder, settings_digest, verify_shard,
+                     write_shard)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 10_000
+
+
+@dataclass
+class CorpusResult:
+    output_dir: Path
+    rows: int  # rows embedded (all shards)
+    shards: int
+    computed: list[int]  # shards computed by this run (all ranks); the others were complete already
+    skipped_rows: int
+    manifest: dict | None  # rank 0 only
+
+
+@dataclass
+class CorpusJob:
+    """Everything a process needs to compute any shard: broadcast by rank 0, sent to Ray actors."""
+
+    source: CorpusSource  # with the id field resolved
+    output_dir: Path
+    plan: ShardPlan
+    settings: dict
+    dtype: str
+
+    def stamp(self, shard: int) -> dict:
+        return {"settings": settings_digest(self.settings), "input": self.plan.digests[shard]}
+
+    def input_rows(self, shard: int) -> int:
+        return min(self.plan.shard_size, self.plan.rows - self.plan.starts[shard][1])
+
+    def verified(self, shard: int) -> ShardInfo | None:
+        return verify_shard(self.output_dir, shard, self.stamp(shard), self.plan.shard_rows[shard])
+
+    def compute(self, shard: int, encoder: Encoder, progress=None) -> ShardInfo:
+        """Read shard `shard`'s rows (from its start position), embed the good ones, write the shard."""
+        position, index = self.plan.starts[shard]
+        ids, texts = [], []
+        for row in iter_rows(self.source, position, index):
+            if row.problem is None:
+                ids.append(row.id)
+                texts.append(row.text)
+            if row.index + 1 >= index + self.input_rows(shard):
+                break
+        if len(ids) != self.plan.shard_rows[shard]:
+            raise CorpusError(f"the input changed while being embedded (shard {shard} now has {len(ids)} rows, "
+                              f"{self.plan.shard_rows[shard]} when it was read first)")
+        embeddings, truncated = encoder.embed(texts, progress)
+        info = write_shard(self.output_dir, shard, ids, embeddings, self.dtype, self.stamp(shard))
+        info.truncated = truncated
+        return info
+
+
+def as_source(source, field, id_field, title_field, split, subset) -> CorpusSource:
+    """A path, Hub id or `datasets` dataset, with the fields to read from it."""
+    if isinstance(source, CorpusSource):
+        return source
+    if isinstance(source, (str, Path)):
+        return CorpusSource(str(source), field, id_field, title_field, split, subset)
+    return CorpusSource("dataset", field, id_field, title_field, dataset=source)
+
+
+def check_options(shard_size: int, dtype: str, max_tokens_per_batch: int) -> None:
+    """Numeric and choice options, checked before any work."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise CorpusError(f"--shard-size must be at least 1, got {shard_size}")
+    if dtype not in DTYPES:
+        raise CorpusError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if isinstance(max_tokens_per_batch, bool) or not isinstance(max_tokens_per_batch, int) or max_tokens_per_batch < 1:
+        raise CorpusError(f"--max-tokens-per-batch must be at least 1, got {max_tokens_per_batch}")
+
+
+def model_identity(name: str, model: SentenceTransformer) -> dict:
+    """What identifies the weights: a Hub id's commit, or a local folder's sha256 over all its files (read once
+    per run; about 10 s for 15 GB), so retrained weights in the same folder are never mixed with old shards."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return {"model": name, "revision": getattr(model[0].auto_model.config, "_commit_hash", None),
+                "model_sha256": None}
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
+        digest.update(str(path.relative_to(folder)).encode() + b"\x00")
+        digest.update(file_sha256(path).encode())
+    return {"model": str(folder.resolve()), "revision": None, "model_sha256": digest.hexdigest()}
+
+
+def plan_job(model_name: str, model: SentenceTransformer, encoder: Encoder, source, output_dir: Path, *,
+             shard_size: int, dtype: str, skip_bad_rows: bool, overwrite: bool) -> CorpusJob:
+    """Rank 0's part: read the corpus, fix the settings, check and open the output folder."""
+    plan = scan(source, shard_size, skip_bad_rows=skip_bad_rows)
+    if plan.good_rows == 0:
+        raise CorpusError(f"the corpus is empty: {plan.rows} rows, none to embed" if plan.rows else
+                          "the corpus is empty (no rows)")
+    settings = {
+        **model_identity(model_name, model),
+        "prompt": encoder.prompt, "max_seq_length": encoder.max_length, "normalized": encoder.normalize,
+        "include_prompt": encoder.include_prompt, "weights_dtype": str(encoder.auto_model.dtype).removeprefix("torch."),
+        "dtype": dtype, "dim": encoder.dim, "shard_size": shard_size, **source.describe(), "id_field": plan.id_field,
+        "skip_bad_rows": skip_bad_rows, "rows": plan.rows, "input_digest": plan.corpus_digest(),
+    }
+    prepare_folder(output_dir, settings, overwrite=overwrite)
+    return CorpusJob(dataclasses.replace(source, id_field=plan.id_field), output_dir, plan, settings, dtype)
+
+
+def encode_corpus(
+    model: str,
+    source: str | CorpusSource | Any,
+    output_dir: str | Path,
+    *,
+    field: str = "text",
+    id_field: str | None = None,
+    title_field: str | None = None,
+    split: str | None = None,
+    subset: str | None = None,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    dtype: str = "float32",
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+    max_seq_length: int | None = None,
+    skip_bad_rows: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    show_progress_bar: bool | None = None,
+) -> CorpusResult:
+    """Embed a corpus (a .jsonl/.parquet/.csv file, a folder of them, a Hub dataset id, or a `datasets` dataset)
+    into `output_dir`: `part-NNNNN.parquet` shards of `shard_size` input rows plus `manifest.json`.
+
+    Rerunning resumes (complete shards are verified and kept); other settings are refused unless `overwrite`.
+    Under torchrun every rank calls this: rank r computes shards r, r + WORLD_SIZE, ... on its LOCAL_RANK GPU.
+    Raises `CorpusError` for a problem with the input, the options or the output folder.
+    """
+    check_options(shard_size, dtype, max_tokens_per_batch)
+    source = as_source(source, field, id_field, title_field, split, subset)
+    output_dir = Path(output_dir)
+    ranks = distributed.current()
+    with distributed.process_group(ranks):
+        st_model = load_encoder(model, device=distributed.device_for(ranks, device), max_seq_length=max_seq_length)
+        encoder = Encoder(st_model, prompt=resolve_prompt(st_model, prompt, prompt_name),
+                          max_tokens_per_batch=max_tokens_per_batch)
+        job = error = None
+        if ranks.is_main:
+            try:
+                job = plan_job(model, st_model, encoder, source, output_dir, shard_size=shard_size, dtype=dtype,
+                               skip_bad_rows=skip_bad_rows, overwrite=overwrite)
+            except CorpusError as err:
+                error = str(err)
+        job, error = distributed.broadcast((job, error), ranks)
+        if error is not None:
+            raise CorpusError(error)
+
+        mine = [k for k in range(job.plan.num_shards) if ranks.owns(k)]
+        infos = {k: job.verified(k) for k in mine}
+        pending = [k for k in mine if infos[k] is None]
+        logger.info("rank %d: %d of its %d shards to compute", ranks.rank, len(pending), len(mine))
+        total = sum(job.plan.shard_rows[k] for k in pending)
+        description = "embedding" if ranks.world_size == 1 else f"rank 0/{ranks.world_size} embedding"
+        progress = progress_bar(total, show_progress_bar if ranks.is_main else False, description)
+        try:
+            for k in pending:
+                infos[k] = job.compute(k, encoder, progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        everyone = [info for part in distributed.gather(list(infos.values()), ranks) for info in part]
+        manifest = None
+        if ranks.is_main:
+            computed = [i for i in everyone if i.computed]
+            warn_truncated(sum(i.truncated for i in computed), sum(i.rows for i in computed), encoder.max_length)
+            manifest = finish_manifest(output_dir, job.settings, everyone, skipped=job.plan.skipped,
+                                       skipped_examples=job.plan.skipped_examples,
+                                       extra={"created_by": f"diffembed-hf {__version__}"})
+    return CorpusResult(output_dir, sum(i.rows for i in everyone), job.plan.num_shards,
+                        sorted(i.index for i in everyone if i.computed), job.plan.skipped, manifest)
