@@ -136,6 +136,31 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import EvaluationError
+
+    def fail(message: str) -> int:
+        print(f"diffembed evaluate: error: {message}", file=sys.stderr)
+        return 2
+
+    if sum(x is not None for x in (args.suite, args.tasks, args.data)) != 1:
+        return fail("give exactly one of --suite NAME, --tasks T1,T2 or --data FOLDER")
+    from .evaluation.run import evaluate
+
+    try:
+        result = evaluate(
+            args.model, suite=args.suite, tasks=args.tasks.split(",") if args.tasks else None, data=args.data,
+            output=args.output, instructions=args.instructions, query_prompt=args.query_prompt,
+            max_seq_length=args.max_seq_length, batch_size=args.batch_size, overwrite=args.overwrite,
+            device=args.device,
+        )
+    except EvaluationError as err:
+        return fail(str(err))
+    print(result.table)
+    print(f"results (mteb's files, summary.json, run.json): {result.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffembed", description="Diffusion language models as text embedders.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -220,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--write-card", action="store_true", help="also save the generated card as FOLDER/README.md")
     pub.add_argument("--skip-validation", action="store_true", help="push without loading the folder first")
     pub.set_defaults(func=_push)
+
+    ev = commands.add_parser("evaluate", help="the study's benchmarks (mteb), named mteb tasks, or a local BEIR "
+                             "folder; results beside the study's published numbers")
+    ev.add_argument("model", help="a DiffEmbed folder or Hub id")
+    ev.add_argument("--suite", help="bright, bright-all, longembed, followir, mteb15, or stdlib (offline)")
+    ev.add_argument("--tasks", help="comma-separated mteb task names")
+    ev.add_argument("--data", action="append", help="a BEIR-layout folder (corpus.jsonl, queries.jsonl, "
+                    "qrels/test.tsv); repeat for several")
+    ev.add_argument("--output", required=True, help="results folder (e.g. MODEL/eval, which push puts on the card)")
+    ev.add_argument("--instructions", help="JSON file of task name -> instruction, over the study's")
+    ev.add_argument("--query-prompt", help="text before each query of --data tasks (default: the model's query "
+                    "prompt)")
+    ev.add_argument("--max-seq-length", type=int, help="default: the suite's protocol, else the model's own")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    ev.add_argument("--overwrite", action="store_true", help="recompute this model's results already in --output")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 

@@ -23,7 +23,7 @@ import torch
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
 from .data import ColumnMapping, load_training_data
-from .evaluate import evaluate_model
+from .evaluation.heldout import evaluate_model
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, default_prompts, write_sentence_transformer_files
 
 try:  # sentence-transformers >= 6 moved these; 5.x has them only here
