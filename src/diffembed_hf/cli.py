@@ -123,6 +123,7 @@ def _push(args: argparse.Namespace) -> int:
             revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
             dry_run=args.dry_run, merge_adapter=args.merge, base_model=args.base_model, license=args.license,
             language=args.language, card=args.card, write_card=args.write_card, validate=not args.skip_validation,
+            eval_results=args.eval_results,
         )
     except PublishError as err:
         print(f"diffembed push: error: {err}", file=sys.stderr)
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--card", help="push this file as README.md instead of the generated card")
     pub.add_argument("--write-card", action="store_true", help="also save the generated card as FOLDER/README.md")
     pub.add_argument("--skip-validation", action="store_true", help="push without loading the folder first")
+    pub.add_argument("--eval-results", help="a `diffembed evaluate --output` folder for the card (default: FOLDER/eval)")
     pub.set_defaults(func=_push)
 
     ev = commands.add_parser("evaluate", help="the study's benchmarks (mteb), named mteb tasks, or a local BEIR "

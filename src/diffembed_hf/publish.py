@@ -435,6 +435,19 @@ def _usage_adapter(repo_id: str, base: str) -> list[str]:
     ]
 
 
+def _evaluation(folder: str | Path | None):
+    """Results stored by `diffembed evaluate` (evaluation.card), or None."""
+    if folder is None:
+        return None
+    from .evaluation import EvaluationError
+    from .evaluation.card import card_results
+
+    try:
+        return card_results(folder)
+    except EvaluationError as err:
+        raise PublishError(str(err)) from None
+
+
 def build_model_card(
     folder: str | Path,
     repo_id: str,
@@ -442,15 +455,18 @@ def build_model_card(
     base_model: str | None = None,
     license: str | None = None,
     language: list[str] | None = None,
+    eval_results: str | Path | None = None,
 ) -> ModelCard:
     """The model card for pushing `folder` to `repo_id`: Hub metadata, pasteable usage, model details, training
     hyper-parameters and evaluation (from `diffembed_training.json`) and the DiffEmbed citation.
 
     `base_model` (a Hub id) defaults to the folder's lineage: its training record, adapter config or own card.
-    `license` and `language` default to the folder's own card, then to apache-2.0 and English.
+    `license` and `language` default to the folder's own card, then to apache-2.0 and English. `eval_results` (a
+    `diffembed evaluate --output` folder, default FOLDER/eval when present) adds a results table and model-index.
     """
     folder = Path(folder)
     kind = folder_kind(folder)
+    evaluation = _evaluation(eval_results or (folder / "eval" if (folder / "eval").is_dir() else None))
     own = _card_metadata(folder)
     base_model = base_model or _lineage_base_model(folder)
     record = _training_record(folder)
@@ -464,6 +480,8 @@ def build_model_card(
         datasets=hub_datasets or None,
         license=license or own.get("license") or DEFAULT_LICENSE,
         language=list(language or own.get("language") or DEFAULT_LANGUAGE),
+        eval_results=evaluation.eval_results if evaluation else None,
+        model_name=repo_id.split("/")[-1] if evaluation else None,
     )
     base_label = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local checkpoint"
     name = repo_id.split("/")[-1]
@@ -506,6 +524,7 @@ def build_model_card(
         if prompts.get("query"):
             lines += ["Query prompt:", "", "```text", prompts["query"].rstrip("\n"), "```", ""]
     lines += _training_sections(record, base_label)
+    lines += evaluation.lines if evaluation else []
     lines += [
         "## Citation", "",
         "The DiffEmbed study:", "",
@@ -697,6 +716,7 @@ def prepare_push(
     language: list[str] | None = None,
     card: str | Path | None = None,
     validate: bool = True,
+    eval_results: str | Path | None = None,
 ) -> PushPlan:
     """Check `folder`, build its card and stage the upload, then validate the staged tree (see module doc).
 
@@ -762,7 +782,8 @@ def prepare_push(
         else:
             # the lineage is read from the user's folder: a merged copy has lost its adapter config
             model_card = build_model_card(source, repo_id, base_model=base_model or _lineage_base_model(folder),
-                                          license=license, language=language)
+                                          license=license, language=language, eval_results=eval_results
+                                          or (folder / "eval" if (folder / "eval").is_dir() else None))
         (staging / "README.md").write_text(str(model_card), encoding="utf-8")
         generated.append("README.md")
 
@@ -858,6 +879,7 @@ def push(
     card: str | Path | None = None,
     write_card: bool = False,
     validate: bool = True,
+    eval_results: str | Path | None = None,
 ) -> CommitInfo | list[str]:
     """Push a DiffEmbed folder (or LoRA adapter) to the Hub in one commit, after checking and validating it.
 
@@ -879,7 +901,7 @@ def push(
             raise PublishError("No Hugging Face token: set HF_TOKEN, log in with `hf auth login`, or pass token= "
                                "(--token). Pushing needs a token with write access.")
     with prepare_push(folder, repo_id, merge_adapter=merge_adapter, base_model=base_model, license=license,
-                      language=language, card=card, validate=validate) as plan:
+                      language=language, card=card, validate=validate, eval_results=eval_results) as plan:
         logger.info("%s", plan.describe())
         if write_card:
             (plan.folder / "README.md").write_text(str(plan.card), encoding="utf-8")
