@@ -146,8 +146,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if sum(x is not None for x in (args.suite, args.tasks, args.data)) != 1:
         return fail("give exactly one of --suite NAME, --tasks T1,T2 or --data FOLDER")
+    from datasets.utils.logging import disable_progress_bar
+
     from .evaluation.run import evaluate
 
+    disable_progress_bar()  # mteb's per-split data reshaping; the encoder shows the bar that matters
     try:
         result = evaluate(
             args.model, suite=args.suite, tasks=args.tasks.split(",") if args.tasks else None, data=args.data,

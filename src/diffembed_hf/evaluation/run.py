@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -141,7 +142,8 @@ def _flatten(scores: dict[str, Any], prefix: str = "") -> dict[str, float]:
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{prefix}{key}"] = float(value)
+            # undefined metrics (mteb's nAUC on tiny sets is NaN) are stored as null, never as a number
+            flat[f"{prefix}{key}"] = float(value) if math.isfinite(value) else None
     return flat
 
 
@@ -159,7 +161,12 @@ def summarize(task, task_result) -> dict[str, Any]:
     if not entries:
         raise RuntimeError(f"mteb returned no scores for {task.metadata.name}")
     keys = set.intersection(*(set(e) for e in entries.values()))
-    mean = {k: sum(e[k] for e in entries.values()) / len(entries) for k in sorted(keys)}
+    mean = {}
+    for key in sorted(keys):
+        values = [e[key] for e in entries.values() if e[key] is not None]
+        mean[key] = sum(values) / len(values) if values else None
+    if mean.get("main_score") is None:
+        raise FloatingPointError(f"{task.metadata.name}: mteb's main score is not a finite number")
     summary = {"main_score": mean.pop("main_score"), "metric": task.metadata.main_score, **mean}
     if len(entries) > 1:
         summary["splits"] = entries
@@ -258,7 +265,27 @@ def evaluate(
     encoder = DiffEmbedEncoder(st_model, meta, instructions=overrides, query_prompts=query_prompts,
                                batch_size=batch_size)
 
+    fresh = not (output.parent / f".{output.name}.partial").exists()
     work = _staging(output, overwrite)
+    seeded = set(work.rglob("*.json"))
+    try:
+        summary, record = _run(mteb, encoder, task_list, work, meta, overwrite=overwrite, batch_size=batch_size)
+    except EvaluationError:
+        if fresh and set(work.rglob("*.json")) == seeded:  # nothing of this run to resume: leave no trace
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    record = {"model": model, "mteb_model_name": name, "mteb_revision": revision, "settings": settings,
+              "suite": suite, "max_seq_length": st_model.max_seq_length, "mteb_version": mteb.__version__, **record}
+    (work / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (work / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    _publish(work, output)
+    table = format_table(summary)
+    logger.info("Evaluation results in %s\n%s", output, table)
+    return EvaluationResult(output, summary, table, record)
+
+
+def _run(mteb, encoder, task_list: list, work: Path, meta, *, overwrite: bool, batch_size: int) -> tuple[dict, dict]:
+    """mteb.evaluate task by task into the staging folder's result cache; (summary, the run record's tasks)."""
     cache = mteb.ResultCache(work)
     summary, record_tasks = {}, {}
     for task in task_list:
@@ -266,7 +293,8 @@ def evaluate(
         _drop_stale(cache, task, meta)
         try:
             result = mteb.evaluate(encoder, task, cache=cache, overwrite_strategy="always" if overwrite else
-                                   "only-missing", encode_kwargs={"batch_size": batch_size}, co2_tracker=False,
+                                   "only-missing", co2_tracker=False,
+                                   encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
                                    public_only=False, show_progress_bar=False)
         except Exception as err:
             if _is_network_error(err):
@@ -276,25 +304,18 @@ def evaluate(
                     f"cannot be reached{offline}; run once with network access to cache it, or evaluate offline "
                     "with --data FOLDER or --suite stdlib") from None
             raise
-        summary[task_name] = summarize(task, result.task_results[0])
+        # read back from mteb's result file, so a fresh and a cached result give the same summary
+        stored = cache.load_task_result(task_name, meta) or result.task_results[0]
+        summary[task_name] = summarize(task, stored)
         record_tasks[task_name] = {
             "type": task.metadata.type, "dataset": task.metadata.dataset["path"],
             "dataset_revision": task.metadata.dataset.get("revision"), "splits": list(task.eval_splits),
             "subsets": list(task.hf_subsets), "main_score": task.metadata.main_score,
             "routing": encoder.routing(task.metadata),
+            **({"prompts_sent": encoder.used[task_name]} if task_name in encoder.used else {}),
         }
-    record = {
-        "model": model, "mteb_model_name": name, "mteb_revision": revision, "settings": settings,
-        "suite": suite, "max_seq_length": st_model.max_seq_length, "mteb_version": mteb.__version__,
-        "result_folder": str(cache.get_task_result_path(task_list[0].metadata.name, meta).parent.relative_to(work)),
-        "tasks": record_tasks,
-    }
-    (work / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (work / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    _publish(work, output)
-    table = format_table(summary)
-    logger.info("Evaluation results in %s\n%s", output, table)
-    return EvaluationResult(output, summary, table, record)
+    folder = cache.get_task_result_path(task_list[0].metadata.name, meta).parent.relative_to(work)
+    return summary, {"result_folder": str(folder), "tasks": record_tasks}
 
 
 def _drop_stale(cache, task, meta) -> None:
