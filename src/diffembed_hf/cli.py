@@ -156,7 +156,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             args.model, suite=args.suite, tasks=args.tasks.split(",") if args.tasks else None, data=args.data,
             output=args.output, instructions=args.instructions, query_prompt=args.query_prompt,
             max_seq_length=args.max_seq_length, batch_size=args.batch_size, overwrite=args.overwrite,
-            device=args.device,
+            device=args.device, stdlib_rows=args.max_heldout,
         )
     except EvaluationError as err:
         return fail(str(err))
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-seq-length", type=int, help="default: the suite's protocol, else the model's own")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    ev.add_argument("--max-heldout", type=int, help="--suite stdlib: held-out rows, as `diffembed demo --max-heldout` "
+                    "(default: 300)")
     ev.add_argument("--overwrite", action="store_true", help="recompute this model's results already in --output")
     ev.set_defaults(func=_evaluate)
     return parser
