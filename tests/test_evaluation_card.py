@@ -14,7 +14,7 @@ from diffembed_hf.publish import PublishError, build_model_card
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return run_demo(tmp_path_factory.mktemp("demo"), max_steps=20, max_heldout=100)
+    return run_demo(tmp_path_factory.mktemp("demo"), max_steps=10, max_heldout=100)
 
 
 def stdlib_scores(model_folder, out, capsys):
@@ -96,3 +96,10 @@ def test_model_card_lists_every_task_and_passes_huggingface_hub_validation(demo,
 
     with pytest.raises(PublishError, match="no readable evaluation results"):
         build_model_card(demo.folder, "me/diffembed-demo", eval_results=tmp_path / "nothing-here")
+
+    # `diffembed push --eval-results DIR` (a dry run sends nothing) puts those results on the card it writes
+    assert main(["push", str(demo.folder), "me/diffembed-demo", "--dry-run", "--skip-validation", "--write-card",
+                 "--eval-results", str(other)]) == 0
+    written = ModelCard.load(demo.folder / "README.md")
+    assert {r.dataset_name for r in written.data.eval_results} == {"BrightAopsRetrieval", "LEMBPasskeyRetrieval",
+                                                                  "STS17 (en-en)"}

@@ -150,10 +150,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from .evaluation.run import evaluate
 
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
     disable_progress_bar()  # mteb's per-split data reshaping; the encoder shows the bar that matters
     try:
         result = evaluate(
-            args.model, suite=args.suite, tasks=args.tasks.split(",") if args.tasks else None, data=args.data,
+            args.model, suite=args.suite, tasks=tasks, data=args.data,
             output=args.output, instructions=args.instructions, query_prompt=args.query_prompt,
             max_seq_length=args.max_seq_length, batch_size=args.batch_size, overwrite=args.overwrite,
             device=args.device, stdlib_rows=args.max_heldout,
