@@ -169,7 +169,7 @@ def test_local_beir_metrics_equal_exact_ranking_and_the_training_evaluator(model
 
 
 def test_excluded_ids_are_never_ranked_and_raise_the_score(models, beir, tmp_path, monkeypatch):
-    folder, (queries, corpus, relevant) = beir
+    _, (queries, corpus, relevant) = beir
     titles = {d: f"section {i}" for i, d in enumerate(list(corpus)[:10])}  # BEIR titles: "title text" for mteb
     plain = write_beir(tmp_path / "plain", corpus, queries, relevant, titles=titles)
     recorder = Recorder(monkeypatch)
@@ -201,10 +201,14 @@ def test_excluded_ids_are_never_ranked_and_raise_the_score(models, beir, tmp_pat
 
 # EVALUATION.md: the study's instructions, typo included; STS tasks share one; the rest are mteb's defaults.
 STUDY = {
-    "BrightTheoremQATheoremsRetrieval": "Given a problem, retrieve the relevant theorems that help solve the given problem:",
-    "BrightTheoremQAQuestionsRetrieval": "Given a problem, retrieve the relevant problems that can be solved by the similar theorems:",
-    "BrightAopsRetrieval": "Given a problem, rretrieve the relevant problems that can be solved by the similar math theorems:",
-    "BrightLeetcodeRetrieval": "Given a coding problem, retrieve the relevant problems that can be solved by the similar algorithms or data structures:",
+    "BrightTheoremQATheoremsRetrieval":
+        "Given a problem, retrieve the relevant theorems that help solve the given problem:",
+    "BrightTheoremQAQuestionsRetrieval":
+        "Given a problem, retrieve the relevant problems that can be solved by the similar theorems:",
+    "BrightAopsRetrieval":
+        "Given a problem, rretrieve the relevant problems that can be solved by the similar math theorems:",
+    "BrightLeetcodeRetrieval": "Given a coding problem, retrieve the relevant problems that can be solved by the "
+                               "similar algorithms or data structures:",
     "SICK-R": "Retrieve semantically similar text:", "STS17": "Retrieve semantically similar text:",
     "STSBenchmark": "Retrieve semantically similar text:",
 }

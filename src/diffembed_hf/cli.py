@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--card", help="push this file as README.md instead of the generated card")
     pub.add_argument("--write-card", action="store_true", help="also save the generated card as FOLDER/README.md")
     pub.add_argument("--skip-validation", action="store_true", help="push without loading the folder first")
-    pub.add_argument("--eval-results", help="a `diffembed evaluate --output` folder for the card (default: FOLDER/eval)")
+    pub.add_argument("--eval-results", help="a `diffembed evaluate --output` folder for the card "
+                     "(default: FOLDER/eval)")
     pub.set_defaults(func=_push)
 
     ev = commands.add_parser("evaluate", help="the study's benchmarks (mteb), named mteb tasks, or a local BEIR "

@@ -83,7 +83,8 @@ def model_meta(model: SentenceTransformer, name: str, revision: str, settings: d
     experiment_kwargs, so results with other settings sit in another cache folder."""
     dim = getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)()
     return ModelMeta.create_empty(overwrites=dict(
-        name=name, revision=revision, framework=["Sentence Transformers", "PyTorch"], similarity_fn_name=ScoringFunction.COSINE,
+        name=name, revision=revision, framework=["Sentence Transformers", "PyTorch"],
+        similarity_fn_name=ScoringFunction.COSINE,
         max_tokens=model.max_seq_length, embed_dim=dim, use_instructions=True, modalities=["text"],
         n_parameters=sum(p.numel() for p in model.parameters()), experiment_kwargs=settings or None,
     ))

@@ -40,7 +40,8 @@ def require_mteb():
     try:
         import mteb
     except ImportError:
-        raise EvaluationError("evaluation needs mteb, which is not installed: pip install 'diffembed-hf[eval]'") from None
+        raise EvaluationError("evaluation needs mteb, which is not installed: "
+                              "pip install 'diffembed-hf[eval]'") from None
     return mteb
 
 
@@ -80,7 +81,8 @@ def resolve_tasks(*, suite: str | None, tasks: list[str] | None, data: list[str 
 def _check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise EvaluationError(f"--output {output} is a file")
-    if output.is_dir() and any(output.iterdir()) and not ((output / SUMMARY).is_file() or (output / "results").is_dir()):
+    ours = (output / SUMMARY).is_file() or (output / "results").is_dir()
+    if output.is_dir() and any(output.iterdir()) and not ours:
         raise EvaluationError(f"--output {output} is a non-empty folder that holds no evaluation results; "
                               "give a new or empty folder")
 
@@ -130,7 +132,8 @@ def _is_network_error(err: BaseException) -> bool:
         seen.add(id(err))
         if isinstance(err, (ConnectionError, TimeoutError, OfflineModeIsEnabled, LocalEntryNotFoundError)):
             return True
-        if type(err).__module__.startswith(("requests", "httpx", "urllib3")) and "connect" in type(err).__name__.lower():
+        http_library = type(err).__module__.startswith(("requests", "httpx", "urllib3"))
+        if http_library and "connect" in type(err).__name__.lower():
             return True
         err = err.__cause__ or err.__context__
     return False

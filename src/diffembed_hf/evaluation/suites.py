@@ -22,10 +22,14 @@ SYMMETRIC_TYPES = frozenset({"STS", "Clustering", "Classification", "PairClassif
 # The study's own instructions (as written there, the AoPS typo included). Every other suite task uses mteb's
 # default prompt for the task, which is LLM2Vec's instruction for the 15 MTEB tasks (EVALUATION.md).
 STUDY_INSTRUCTIONS = {
-    "BrightTheoremQATheoremsRetrieval": "Given a problem, retrieve the relevant theorems that help solve the given problem:",
-    "BrightTheoremQAQuestionsRetrieval": "Given a problem, retrieve the relevant problems that can be solved by the similar theorems:",
-    "BrightAopsRetrieval": "Given a problem, rretrieve the relevant problems that can be solved by the similar math theorems:",
-    "BrightLeetcodeRetrieval": "Given a coding problem, retrieve the relevant problems that can be solved by the similar algorithms or data structures:",
+    "BrightTheoremQATheoremsRetrieval":
+        "Given a problem, retrieve the relevant theorems that help solve the given problem:",
+    "BrightTheoremQAQuestionsRetrieval":
+        "Given a problem, retrieve the relevant problems that can be solved by the similar theorems:",
+    "BrightAopsRetrieval":
+        "Given a problem, rretrieve the relevant problems that can be solved by the similar math theorems:",
+    "BrightLeetcodeRetrieval": "Given a coding problem, retrieve the relevant problems that can be solved by the "
+                               "similar algorithms or data structures:",
     "SICK-R": "Retrieve semantically similar text:",
     "STS17": "Retrieve semantically similar text:",
     "STSBenchmark": "Retrieve semantically similar text:",
