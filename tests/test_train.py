@@ -15,7 +15,7 @@ from conftest import tiny_config
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
 from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
 from diffembed_hf.data import DataError, load_training_data
-from diffembed_hf.evaluate import evaluate_bm25
+from diffembed_hf.evaluation.heldout import evaluate_bm25
 from diffembed_hf.sentence_transformer import save_sentence_transformer
 from diffembed_hf.train import TRAINING_METADATA, TrainingConfig, train
 

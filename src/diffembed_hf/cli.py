@@ -293,7 +293,7 @@ def _push(args: argparse.Namespace) -> int:
         revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
         dry_run=args.dry_run, merge_adapter=args.merge, base_model=args.base_model, license=args.license,
         language=args.language, card=args.card, write_card=args.write_card, overwrite_card=args.overwrite_card,
-        validate=not args.skip_validation,
+        validate=not args.skip_validation, eval_results=args.eval_results,
     )
     if args.dry_run:
         checked = "NOT validated" if args.skip_validation else "validated (AutoModel + SentenceTransformer, offline)"
@@ -304,6 +304,29 @@ def _push(args: argparse.Namespace) -> int:
             print(f"Dry run: {Path(args.folder) / 'README.md'} was not written.")
     else:
         print(f"Pushed {args.folder} to {result.pr_url or result.commit_url}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if sum(x is not None for x in (args.suite, args.tasks, args.data)) != 1:
+        raise UsageError("give exactly one of --suite NAME, --tasks T1,T2 or --data FOLDER")
+    check_model_source(args.model)
+    check_device(args.device)
+    require_extra("eval")
+    from datasets.utils.logging import disable_progress_bar
+
+    from .evaluation.run import evaluate
+
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
+    disable_progress_bar()  # mteb's per-split data reshaping; the encoder shows the bar that matters
+    result = evaluate(
+        args.model, suite=args.suite, tasks=tasks, data=args.data,
+        output=args.output, instructions=args.instructions, query_prompt=args.query_prompt,
+        max_seq_length=args.max_seq_length, batch_size=args.batch_size, overwrite=args.overwrite,
+        device=args.device, stdlib_rows=args.max_heldout,
+    )
+    print(result.table)
+    print(f"results (mteb's files, summary.json, run.json): {result.output}")
     return 0
 
 
@@ -441,7 +464,28 @@ def build_parser() -> ArgumentParser:
     pub.add_argument("--overwrite-card", action="store_true", help="generate the card even where the folder has a "
                      "hand-written README.md")
     pub.add_argument("--skip-validation", action="store_true", help="push without loading the folder first")
+    pub.add_argument("--eval-results", help="a `diffembed evaluate --output` folder for the card "
+                     "(default: FOLDER/eval)")
     pub.set_defaults(func=_push)
+
+    ev = commands.add_parser("evaluate", help="the study's benchmarks (mteb), named mteb tasks, or a local BEIR "
+                             "folder; results beside the study's published numbers")
+    ev.add_argument("model", help="a DiffEmbed folder or Hub id")
+    ev.add_argument("--suite", help="bright, bright-all, longembed, followir, mteb15, or stdlib (offline)")
+    ev.add_argument("--tasks", help="comma-separated mteb task names")
+    ev.add_argument("--data", action="append", help="a BEIR-layout folder (corpus.jsonl, queries.jsonl, "
+                    "qrels/test.tsv); repeat for several")
+    ev.add_argument("--output", required=True, help="results folder (e.g. MODEL/eval, which push puts on the card)")
+    ev.add_argument("--instructions", help="JSON file of task name -> instruction, over the study's")
+    ev.add_argument("--query-prompt", help="text before each query of --data tasks (default: the model's query "
+                    "prompt)")
+    ev.add_argument("--max-seq-length", type=positive_int, help="default: the suite's protocol, else the model's own")
+    ev.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
+    ev.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    ev.add_argument("--max-heldout", type=positive_int, help="--suite stdlib: held-out rows, as `diffembed demo --max-heldout` "
+                    "(default: 300)")
+    ev.add_argument("--overwrite", action="store_true", help="recompute this model's results already in --output")
+    ev.set_defaults(func=_evaluate)
 
     for sub in commands.choices.values():  # every subcommand, including ones added above later, gets these
         sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from . import register_auto_classes
 from .builtin_task import write_task
 from .data import load_training_data
-from .evaluate import evaluate_bm25
+from .evaluation.heldout import evaluate_bm25
 from .modeling.configuration_diffembed import DiffEmbedConfig
 from .modeling.modeling_diffembed import DiffEmbedForEmbedding
 from .sentence_transformer import save_sentence_transformer

@@ -36,7 +36,12 @@ class MissingExtraError(DiffembedError, ImportError):
 
 
 # The optional extras of setup.cfg and the modules each one provides.
-EXTRAS = {"train": ("peft", "datasets", "accelerate", "bm25s")}
+EXTRAS = {
+    "train": ("peft", "datasets", "accelerate", "bm25s"),
+    "eval": ("mteb",),
+    "ray": ("ray",),
+    "fp8": ("torchao",),
+}
 
 
 def require_extra(extra: str, modules: tuple[str, ...] | None = None) -> None:

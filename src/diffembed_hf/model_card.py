@@ -38,6 +38,7 @@ from .publish.files import (
 )
 
 CONVERSION_METADATA = "diffembed_conversion.json"  # written by `diffembed convert`; read for the card
+EVAL_FOLDER = "eval"  # `diffembed evaluate MODEL --output MODEL/eval`: every card built for MODEL shows these results
 _MARKER = re.compile(r"\n<!-- diffembed-hf generated card, sha256 ([0-9a-f]{16}); edit it and it is kept as yours -->\n?$")
 
 DEFAULT_LICENSE = "apache-2.0"
@@ -246,6 +247,22 @@ def _conversion_sections(record: dict) -> list[str]:
     return lines
 
 
+def stored_evaluation(folder: str | Path, results: str | Path | None = None):
+    """The results `diffembed evaluate` stored in `results` (default: FOLDER/eval, when it holds any) as a card
+    section and `EvalResult`s (`evaluation.card.CardResults`), or None."""
+    if results is None:
+        results = Path(folder) / EVAL_FOLDER
+        if not (results / "summary.json").is_file():
+            return None
+    from .evaluation import EvaluationError
+    from .evaluation.card import card_results
+
+    try:
+        return card_results(results)
+    except EvaluationError as err:
+        raise PublishError(str(err)) from None
+
+
 def build_model_card(
     folder: str | Path,
     repo_id: str | None = None,
@@ -255,6 +272,7 @@ def build_model_card(
     language: list[str] | None = None,
     eval_results: list[EvalResult] | None = None,
     extra_sections: Sequence[str] = (),
+    evaluation: str | Path | None = None,
 ) -> ModelCard:
     """The model card of `folder` (published as `repo_id`; default: the folder's name): Hub metadata, pasteable
     usage, model details, conversion notes, training hyper-parameters and what ran, the evaluation table and
@@ -263,8 +281,14 @@ def build_model_card(
     `base_model` (a Hub id) defaults to the folder's lineage: its training record, adapter config, conversion
     record or own card. `license` and `language` default to the folder's own card, then apache-2.0 and English.
     `eval_results` go into the `model-index` metadata and `extra_sections` (markdown) before the citation.
+    The results of `diffembed evaluate` in `evaluation` (default: FOLDER/eval) add both: a results table beside the
+    study's numbers, and one model-index entry per task and split.
     """
     folder = Path(folder)
+    stored = stored_evaluation(folder, evaluation)
+    if stored is not None:
+        eval_results = [*(eval_results or []), *stored.eval_results]
+        extra_sections = ["\n".join(stored.lines), *extra_sections]
     repo_id = repo_id or folder.name
     kind = folder_kind(folder)
     own = _card_metadata(folder)

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from . import register_auto_classes
 from .data import ColumnMapping, load_training_data
 from .errors import DiffembedError, OutputExistsError, UsageError
-from .evaluate import evaluate_model
+from .evaluation.heldout import evaluate_model
 from .files import check_output_folder, move_into_place
 from .model_card import write_model_card
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, default_prompts, write_sentence_transformer_files

@@ -1,0 +1,164 @@
+"""A DiffEmbed model as mteb sees it: an `AbsEncoder` that picks each task's instruction itself.
+
+mteb's automatic SentenceTransformer wrapper never applies the task's default prompt, drops prompt keys for tasks
+outside its registry and puts a bare task prompt on documents too (EVALUATION.md); this wrapper routes the
+study's instruction onto queries (and onto every input of symmetric tasks) and never onto documents, records
+what each task used, and gives mteb a model identity unique to the weights so its result cache cannot hand one
+model another's scores. All encoding goes through `_embed`, one function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mteb.abstasks.abstask import get_abstask_prompt
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_meta import ModelMeta, ScoringFunction
+from mteb.types import PromptType
+from sentence_transformers import SentenceTransformer
+
+from ..encoding import encode
+from .suites import STUDY_INSTRUCTIONS, SYMMETRIC_TYPES, render_prompt
+
+logger = logging.getLogger(__name__)
+
+# Files whose content decides what a folder embeds: weights, architecture, tokenizer, pooling, prompts, length.
+_IDENTITY_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.model", "*.py", "*/config.json")
+CACHE_BYTES = 8 * 2**30  # embeddings kept for reuse within a run (a BRIGHT corpus of 10^5 docs x 3584 is 1.4 GiB)
+
+
+def _embed(model: SentenceTransformer, texts: list[str], prompt: str, batch_size: int) -> np.ndarray:
+    """THE encoding seam of the evaluation: float32, L2-normalised rows for `prompt + text`.
+
+    Today `diffembed_hf.encoding.encode` (bf16 on CUDA via `load_encoder`, batches sorted by length by
+    sentence-transformers, a truncation warning, a progress bar from 256 texts). The sharded multi-GPU corpus
+    encoder replaces this one body.
+    """
+    return np.asarray(encode(model, texts, prompt=prompt, batch_size=batch_size), dtype=np.float32)
+
+
+def _texts_digest(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the files that decide what a model folder embeds (names and full contents)."""
+    digest = hashlib.sha256()
+    files = sorted({p for pattern in _IDENTITY_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_identity(model_name_or_path: str) -> tuple[str, str]:
+    """(name, revision) for mteb: a Hub id and its commit, or 'diffembed-local/<folder>' and a content hash, so
+    two different models (or one folder before and after retraining) never share mteb's cached results."""
+    path = Path(model_name_or_path).expanduser()
+    if path.is_dir():
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.resolve().name) or "model"
+        return f"diffembed-local/{name}", folder_digest(path)[:20]
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(snapshot_download(model_name_or_path, local_files_only=True))  # loaded already: in the cache
+    return model_name_or_path, snapshot.name  # snapshots/<commit>
+
+
+def model_meta(model: SentenceTransformer, name: str, revision: str, settings: dict[str, Any]) -> ModelMeta:
+    """mteb's ModelMeta; `settings` that change scores (max length, instruction overrides) become its
+    experiment_kwargs, so results with other settings sit in another cache folder."""
+    dim = getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)()
+    return ModelMeta.create_empty(overwrites=dict(
+        name=name, revision=revision, framework=["Sentence Transformers", "PyTorch"],
+        similarity_fn_name=ScoringFunction.COSINE,
+        max_tokens=model.max_seq_length, embed_dim=dim, use_instructions=True, modalities=["text"],
+        n_parameters=sum(p.numel() for p in model.parameters()), experiment_kwargs=settings or None,
+    ))
+
+
+def default_instruction(task_metadata) -> str:
+    """mteb's own default for a task: its metadata prompt (the query side of a dict), else its task class's."""
+    prompt = task_metadata.prompt
+    if isinstance(prompt, dict):
+        prompt = prompt.get(PromptType.query.value)
+    return prompt or get_abstask_prompt(task_metadata.name)
+
+
+class DiffEmbedEncoder(AbsEncoder):
+    """mteb encoder over a DiffEmbed `SentenceTransformer`.
+
+    `instructions`: task name -> instruction (a user's file), over the study's and mteb's defaults.
+    `query_prompts`: task name -> the exact text put before each query (local tasks: the model's `query` prompt,
+    `--query-prompt`, or '' when queries already carry their instruction); documents then carry nothing.
+    """
+
+    def __init__(self, model: SentenceTransformer, meta: ModelMeta, *, instructions: dict[str, str] | None = None,
+                 query_prompts: dict[str, str] | None = None, batch_size: int = 32, cache_bytes: int = CACHE_BYTES):
+        self.model = model
+        self.mteb_model_meta = meta
+        self.instructions = dict(instructions or {})
+        self.query_prompts = dict(query_prompts or {})
+        self.batch_size = batch_size
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self.used: dict[str, dict[str, str]] = {}  # task -> side -> prompt actually sent, this run
+
+    def routing(self, task_metadata) -> dict[str, Any]:
+        """What a task's inputs get: the instruction, where it came from, and the prompt on each side."""
+        name = task_metadata.name
+        if name in self.query_prompts:
+            return {"instruction": self.query_prompts[name], "source": "local task: query prompt",
+                    "symmetric": False, "query": self.query_prompts[name], "document": ""}
+        if name in self.instructions:
+            instruction, source = self.instructions[name], "instruction file"
+        elif name in STUDY_INSTRUCTIONS:
+            instruction, source = STUDY_INSTRUCTIONS[name], "the study"
+        else:
+            instruction, source = default_instruction(task_metadata), "mteb default prompt (LLM2Vec's instruction)"
+        prompt = render_prompt(instruction)
+        symmetric = task_metadata.type in SYMMETRIC_TYPES
+        return {"instruction": instruction, "source": source, "symmetric": symmetric, "query": prompt,
+                "document": prompt if symmetric else ""}
+
+    def prompt_for(self, task_metadata, prompt_type: PromptType | None) -> str:
+        route = self.routing(task_metadata)
+        if prompt_type == PromptType.document:
+            return route["document"]
+        return route["query"]  # queries; and inputs of symmetric tasks, which mteb sends without a side
+
+    def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str,
+               prompt_type: PromptType | None = None, **kwargs: Any) -> np.ndarray:
+        texts = [text for batch in inputs for text in batch["text"]]
+        prompt = self.prompt_for(task_metadata, prompt_type)
+        side = prompt_type.value if prompt_type is not None else "input"
+        self.used.setdefault(task_metadata.name, {})[side] = prompt
+        key = (_texts_digest(texts), prompt)
+        if key in self._cache:  # a corpus shared by several tasks or splits is embedded once per run
+            self._cache.move_to_end(key)
+            logger.info("%s: reusing the embeddings of %d texts", task_metadata.name, len(texts))
+            return self._cache[key]
+        embeddings = _embed(self.model, texts, prompt, kwargs.get("batch_size") or self.batch_size)
+        if not np.isfinite(embeddings).all():
+            raise FloatingPointError(f"{task_metadata.name}: the model returned non-finite embeddings")
+        self._cache[key] = embeddings
+        while sum(e.nbytes for e in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
+            self._cache.popitem(last=False)
+        return embeddings
+
+
+def settings_digest(values: dict) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
