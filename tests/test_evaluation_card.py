@@ -9,7 +9,7 @@ from huggingface_hub.repocard_data import eval_results_to_model_index, model_ind
 
 from diffembed_hf.cli import main
 from diffembed_hf.demo import run_demo
-from diffembed_hf.publish import PublishError, build_model_card
+from diffembed_hf.publish import PublishError, build_model_card, prepare_push
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_model_card_lists_every_task_and_passes_huggingface_hub_validation(demo,
                   "splits": ["test"], "subsets": ["en-en"]},
     }
     other = write_results(tmp_path / "suite-results", summary, tasks)
-    card = build_model_card(demo.folder, "me/diffembed-demo", eval_results=other)
+    card = build_model_card(demo.folder, "me/diffembed-demo", evaluation=other)
     results = ModelCard(str(card)).data.eval_results
     got = {(r.dataset_name, r.dataset_split, r.dataset_config): (r.task_type, r.dataset_type, r.metric_type,
                                                                   r.metric_value, r.dataset_revision) for r in results}
@@ -95,11 +95,12 @@ def test_model_card_lists_every_task_and_passes_huggingface_hub_validation(demo,
     assert "| STS17 | cosine_spearman | 80.00 | 87.83 |" in card.text
 
     with pytest.raises(PublishError, match="no readable evaluation results"):
-        build_model_card(demo.folder, "me/diffembed-demo", eval_results=tmp_path / "nothing-here")
+        build_model_card(demo.folder, "me/diffembed-demo", evaluation=tmp_path / "nothing-here")
 
-    # `diffembed push --eval-results DIR` (a dry run sends nothing) puts those results on the card it writes
-    assert main(["push", str(demo.folder), "me/diffembed-demo", "--dry-run", "--skip-validation", "--write-card",
+    # push's --eval-results DIR puts those results on the card it stages for upload (and --dry-run lists it)
+    with prepare_push(demo.folder, "me/diffembed-demo", validate=False, eval_results=other) as plan:
+        staged = ModelCard.load(plan.staging / "README.md")
+    assert {r.dataset_name for r in staged.data.eval_results} == {"BrightAopsRetrieval", "LEMBPasskeyRetrieval",
+                                                                 "STS17 (en-en)"}
+    assert main(["push", str(demo.folder), "me/diffembed-demo", "--dry-run", "--skip-validation",
                  "--eval-results", str(other)]) == 0
-    written = ModelCard.load(demo.folder / "README.md")
-    assert {r.dataset_name for r in written.data.eval_results} == {"BrightAopsRetrieval", "LEMBPasskeyRetrieval",
-                                                                  "STS17 (en-en)"}
