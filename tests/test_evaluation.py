@@ -82,10 +82,10 @@ class Recorder:
     def __init__(self, monkeypatch, fail_on=None):
         self.calls, self.fail_on = [], fail_on
 
-        def spy(model, texts, prompt, batch_size):
+        def spy(model, texts, prompt, max_tokens_per_batch, **kwargs):
             if self.fail_on and self.fail_on(texts):
                 raise RuntimeError("killed")
-            embeddings = REAL_EMBED(model, texts, prompt, batch_size)
+            embeddings = REAL_EMBED(model, texts, prompt, max_tokens_per_batch, **kwargs)
             self.calls.append((list(texts), prompt, embeddings))
             return embeddings
 
@@ -217,7 +217,7 @@ SYMMETRIC = {"STS", "Clustering", "Classification", "PairClassification"}
 
 def test_every_suite_task_routes_the_study_instruction_to_queries_only(monkeypatch):
     sent = []
-    monkeypatch.setattr(encoder_module, "_embed", lambda model, texts, prompt, bs: sent.append(
+    monkeypatch.setattr(encoder_module, "_embed", lambda model, texts, prompt, budget, **kwargs: sent.append(
         [prompt + t for t in texts]) or np.ones((len(texts), 4), dtype=np.float32))
     encoder = DiffEmbedEncoder(None, None)
     names = sorted({task.name for tasks in SUITES.values() for task in tasks})

@@ -322,8 +322,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate(
         args.model, suite=args.suite, tasks=tasks, data=args.data,
         output=args.output, instructions=args.instructions, query_prompt=args.query_prompt,
-        max_seq_length=args.max_seq_length, batch_size=args.batch_size, overwrite=args.overwrite,
-        device=args.device, stdlib_rows=args.max_heldout,
+        max_seq_length=args.max_seq_length, max_tokens_per_batch=args.max_tokens_per_batch,
+        overwrite=args.overwrite, device=args.device, stdlib_rows=args.max_heldout,
     )
     print(result.table)
     print(f"results (mteb's files, summary.json, run.json): {result.output}")
@@ -480,7 +480,7 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--query-prompt", help="text before each query of --data tasks (default: the model's query "
                     "prompt)")
     ev.add_argument("--max-seq-length", type=positive_int, help="default: the suite's protocol, else the model's own")
-    ev.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
+    ev.add_argument("--max-tokens-per-batch", type=positive_int, default=16384, help="real tokens per forward pass")
     ev.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     ev.add_argument("--max-heldout", type=positive_int, help="--suite stdlib: held-out rows, as `diffembed demo --max-heldout` "
                     "(default: 300)")

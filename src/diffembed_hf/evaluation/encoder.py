@@ -24,7 +24,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 from sentence_transformers import SentenceTransformer
 
-from ..encoding import encode
+from ..corpus import DEFAULT_MAX_TOKENS_PER_BATCH, embed_texts, visible_devices
 from .suites import STUDY_INSTRUCTIONS, SYMMETRIC_TYPES, render_prompt
 
 logger = logging.getLogger(__name__)
@@ -34,14 +34,24 @@ _IDENTITY_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.model", "*.py", "*/
 CACHE_BYTES = 8 * 2**30  # embeddings kept for reuse within a run (a BRIGHT corpus of 10^5 docs x 3584 is 1.4 GiB)
 
 
-def _embed(model: SentenceTransformer, texts: list[str], prompt: str, batch_size: int) -> np.ndarray:
+# Below this many texts, one process per GPU (each loading the model) costs more than it saves.
+MULTI_DEVICE_MIN_TEXTS = 20_000
+
+
+def _embed(model: SentenceTransformer, texts: list[str], prompt: str, max_tokens_per_batch: int, *,
+           source: str | None = None) -> np.ndarray:
     """THE encoding seam of the evaluation: float32, L2-normalised rows for `prompt + text`.
 
-    Today `diffembed_hf.encoding.encode` (bf16 on CUDA via `load_encoder`, batches sorted by length by
-    sentence-transformers, a truncation warning, a progress bar from 256 texts). The sharded multi-GPU corpus
-    encoder replaces this one body.
+    The project's corpus encoder (`corpus.embed_texts`): length-sorted batches under a token budget, the packed
+    attention path, bf16 weights on CUDA, pooling in float32, a truncation warning and a progress bar. A large
+    corpus on a machine with several GPUs is spread over all of them, one process each loading `source` (the
+    model folder or Hub id).
     """
-    return np.asarray(encode(model, texts, prompt=prompt, batch_size=batch_size), dtype=np.float32)
+    devices = visible_devices()
+    if source is not None and len(devices) > 1 and len(texts) >= MULTI_DEVICE_MIN_TEXTS:
+        return embed_texts(source, texts, prompt=prompt, max_tokens_per_batch=max_tokens_per_batch,
+                           max_seq_length=model.max_seq_length, devices=devices)
+    return embed_texts(model, texts, prompt=prompt, max_tokens_per_batch=max_tokens_per_batch)
 
 
 def _texts_digest(texts: list[str]) -> str:
@@ -107,12 +117,15 @@ class DiffEmbedEncoder(AbsEncoder):
     """
 
     def __init__(self, model: SentenceTransformer, meta: ModelMeta, *, instructions: dict[str, str] | None = None,
-                 query_prompts: dict[str, str] | None = None, batch_size: int = 32, cache_bytes: int = CACHE_BYTES):
+                 query_prompts: dict[str, str] | None = None,
+                 max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH, source: str | None = None,
+                 cache_bytes: int = CACHE_BYTES):
         self.model = model
+        self.source = source
         self.mteb_model_meta = meta
         self.instructions = dict(instructions or {})
         self.query_prompts = dict(query_prompts or {})
-        self.batch_size = batch_size
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self.used: dict[str, dict[str, str]] = {}  # task -> side -> prompt actually sent, this run
@@ -151,7 +164,7 @@ class DiffEmbedEncoder(AbsEncoder):
             self._cache.move_to_end(key)
             logger.info("%s: reusing the embeddings of %d texts", task_metadata.name, len(texts))
             return self._cache[key]
-        embeddings = _embed(self.model, texts, prompt, kwargs.get("batch_size") or self.batch_size)
+        embeddings = _embed(self.model, texts, prompt, self.max_tokens_per_batch, source=self.source)
         if not np.isfinite(embeddings).all():
             raise FloatingPointError(f"{task_metadata.name}: the model returned non-finite embeddings")
         self._cache[key] = embeddings

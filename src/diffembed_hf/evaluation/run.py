@@ -221,7 +221,7 @@ def evaluate(
     instructions: str | Path | dict[str, str] | None = None,
     query_prompt: str | None = None,
     max_seq_length: int | None = None,
-    batch_size: int = 32,
+    max_tokens_per_batch: int | None = None,
     overwrite: bool = False,
     device: str | None = None,
     stdlib_rows: int | None = None,
@@ -265,14 +265,14 @@ def evaluate(
     if overrides or query_prompts:
         settings["prompts"] = settings_digest({"instructions": overrides, "query_prompts": query_prompts})
     meta = model_meta(st_model, name, revision, settings)
-    encoder = DiffEmbedEncoder(st_model, meta, instructions=overrides, query_prompts=query_prompts,
-                               batch_size=batch_size)
+    encoder = DiffEmbedEncoder(st_model, meta, instructions=overrides, query_prompts=query_prompts, source=model,
+                               **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
 
     fresh = not (output.parent / f".{output.name}.partial").exists()
     work = _staging(output, overwrite)
     seeded = set(work.rglob("*.json"))
     try:
-        summary, record = _run(mteb, encoder, task_list, work, meta, overwrite=overwrite, batch_size=batch_size)
+        summary, record = _run(mteb, encoder, task_list, work, meta, overwrite=overwrite)
     except EvaluationError:
         if fresh and set(work.rglob("*.json")) == seeded:  # nothing of this run to resume: leave no trace
             shutil.rmtree(work, ignore_errors=True)
@@ -287,7 +287,7 @@ def evaluate(
     return EvaluationResult(output, summary, table, record)
 
 
-def _run(mteb, encoder, task_list: list, work: Path, meta, *, overwrite: bool, batch_size: int) -> tuple[dict, dict]:
+def _run(mteb, encoder, task_list: list, work: Path, meta, *, overwrite: bool) -> tuple[dict, dict]:
     """mteb.evaluate task by task into the staging folder's result cache; (summary, the run record's tasks)."""
     cache = mteb.ResultCache(work)
     summary, record_tasks = {}, {}
@@ -297,7 +297,7 @@ def _run(mteb, encoder, task_list: list, work: Path, meta, *, overwrite: bool, b
         try:
             result = mteb.evaluate(encoder, task, cache=cache, overwrite_strategy="always" if overwrite else
                                    "only-missing", co2_tracker=False,
-                                   encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
+                                   encode_kwargs={"show_progress_bar": False},
                                    public_only=False, show_progress_bar=False)
         except Exception as err:
             if _is_network_error(err):
