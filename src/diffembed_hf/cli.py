@@ -77,7 +77,7 @@ def _encode(args: argparse.Namespace) -> int:
     if output.suffix not in (".npy", ".safetensors"):
         raise SystemExit(f"--output must end in .npy or .safetensors, got {output}")
     texts = _read_texts(args.input, args.field)
-    model = load_encoder(args.model, device=args.device, max_seq_length=args.max_seq_length)
+    model = load_encoder(args.model, device=args.device, max_seq_length=args.max_seq_length, quantize=args.quantize)
     embeddings = encode(model, texts, prompt_name=args.prompt_name, batch_size=args.batch_size,
                         show_progress_bar=None if args.progress is None else args.progress)
     partial = output.with_name(f".{output.name}.partial")
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--max-seq-length", type=int, help="override the model's maximum length in tokens")
     enc.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     enc.add_argument("--progress", action=argparse.BooleanOptionalAction, help="force the progress bar on/off")
+    enc.add_argument("--quantize", choices=["fp8"], help="FP8 linear layers (CUDA, compute capability >= 8.9; "
+                     "pip install 'diffembed-hf[fp8]')")
     enc.set_defaults(func=_encode)
 
     conv = commands.add_parser("convert", help="convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint "
