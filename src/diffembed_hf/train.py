@@ -184,37 +184,10 @@ def _write_output(model: SentenceTransformer, output_dir: Path, config: Training
         raise
 
 
-def train(
-    model_name_or_path: str,
-    data: str,
-    output_dir: str | Path,
-    config: TrainingConfig | None = None,
-    *,
-    mapping: ColumnMapping | None = None,
-    eval_data: str | None = None,
-    overwrite: bool = False,
-    resume: bool = False,
-    device: str | None = None,
-    callbacks: list | None = None,
-) -> TrainingResult:
-    """Fine-tune `model_name_or_path` (a DiffEmbed folder or Hub id) on `data` and write a Hub-ready folder.
-
-    Data problems are reported before anything is written. Evaluation on the held-out rows (`eval_data`, or an
-    `eval_fraction` of `data`) runs before and after training; its table goes into `diffembed_training.json`,
-    which the model card reads.
-    """
-    config = config or TrainingConfig()
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not (overwrite or resume):
-        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
-    data_split = load_training_data(
-        data, mapping=mapping, eval_source=eval_data, eval_fraction=0.0 if eval_data else config.eval_fraction,
-        group_by_instruction=config.group_by_instruction, default_prompt=config.query_prompt, seed=config.seed,
-    )
-    checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints"
-    start = time.perf_counter()
-    model = _load_model(model_name_or_path, config, device)
-    before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
+def build_trainer(model: SentenceTransformer, train_dataset, config: TrainingConfig, checkpoints: str | Path,
+                  callbacks: list | None = None) -> SentenceTransformerTrainer:
+    """The recipe's trainer around `model` (LoRA added when configured, the InfoNCE loss, bf16 and gradient
+    checkpointing on CUDA). `train` runs it; benchmarks/train_throughput.py times it."""
     if config.lora:
         torch.manual_seed(config.seed)  # LoRA's A matrices start random: seeded, a rerun or resume is the same run
         _add_lora(model, config)
@@ -246,9 +219,43 @@ def train(
     )
     if not hasattr(args, "save_safetensors"):  # transformers 5 removed it; sentence-transformers 5.2 saves with it
         args.save_safetensors = True
-    trainer = _Trainer(model=model, args=args, train_dataset=data_split.train, loss=loss,
-                                         callbacks=callbacks)
+    trainer = _Trainer(model=model, args=args, train_dataset=train_dataset, loss=loss, callbacks=callbacks)
     _stop_on_non_finite_loss(loss, trainer)
+    return trainer
+
+
+def train(
+    model_name_or_path: str,
+    data: str,
+    output_dir: str | Path,
+    config: TrainingConfig | None = None,
+    *,
+    mapping: ColumnMapping | None = None,
+    eval_data: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str | None = None,
+    callbacks: list | None = None,
+) -> TrainingResult:
+    """Fine-tune `model_name_or_path` (a DiffEmbed folder or Hub id) on `data` and write a Hub-ready folder.
+
+    Data problems are reported before anything is written. Evaluation on the held-out rows (`eval_data`, or an
+    `eval_fraction` of `data`) runs before and after training; its table goes into `diffembed_training.json`,
+    which the model card reads.
+    """
+    config = config or TrainingConfig()
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not (overwrite or resume):
+        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
+    data_split = load_training_data(
+        data, mapping=mapping, eval_source=eval_data, eval_fraction=0.0 if eval_data else config.eval_fraction,
+        group_by_instruction=config.group_by_instruction, default_prompt=config.query_prompt, seed=config.seed,
+    )
+    checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints"
+    start = time.perf_counter()
+    model = _load_model(model_name_or_path, config, device)
+    before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
+    trainer = build_trainer(model, data_split.train, config, checkpoints, callbacks=callbacks)
     try:
         trainer.train(resume_from_checkpoint=_last_checkpoint(checkpoints) if resume else None)
     except FloatingPointError as err:  # from the loss check above, or the model's own non-finite check
