@@ -470,8 +470,9 @@ def _select_backend(config: DiffEmbedConfig, device: torch.device, dtype: torch.
 
     Automatic order: FlashAttention-4, flash-attn 2, torch's varlen_attn, each only if its probe call agrees
     with SDPA. FlashAttention-4 comes first because it is the only one written for Hopper and Blackwell
-    (warp-group MMA, TMA; tcgen05 on Blackwell): flash-attn 2 and torch's kernels are Ampere code there, which
-    its authors report as 1.5-2x slower on H100 and further behind on B200 (not measured by this project)."""
+    (warp-group MMA, TMA; tcgen05 on Blackwell): flash-attn 2 and torch's kernels run Ampere code there, and the
+    FlashAttention-3 paper reports Hopper kernels 1.5-2x faster than flash-attn 2 on an H100 (not measured by
+    this project). It is only tried from compute capability 9.0 on, the GPUs it was written for."""
     requested = config._attn_implementation
     if requested in ("eager", "sdpa"):
         return requested
