@@ -11,7 +11,7 @@
 5. FP8 against bf16: tokens/s of the Dream-7B shape on unsorted batches, per-text cosine, and, on the demo's
    held-out retrieval task with the demo's default model fine-tuned on it here, the top-10 overlap and nDCG@10.
 
-    python benchmarks/gpu_checks.py          # one CUDA GPU (H100/H200): about 6-8 minutes
+    python benchmarks/gpu_checks.py          # one CUDA GPU (H100/H200): estimated 6-8 minutes, not yet run
     python benchmarks/gpu_checks.py --tiny   # CPU smoke test of the script itself: small shapes, no figures
 
 --tiny runs every part on the CPU with small shapes so that the script is known to work before GPU time is
