@@ -198,6 +198,8 @@ def _encode_corpus(args: argparse.Namespace) -> int:
     from .corpus import CorpusError, encode_corpus
 
     rank = int(os.environ.get("RANK", "0"))
+    if args.quantize:
+        raise UsageError("--quantize applies to file output (.npy / .safetensors); corpus mode runs bf16 on CUDA")
     options = dict(field=args.field, id_field=args.id_field, title_field=args.title_field, split=args.split,
                    subset=args.subset, prompt_name=args.prompt_name, shard_size=args.shard_size, dtype=args.dtype,
                    max_tokens_per_batch=args.max_tokens_per_batch, max_seq_length=args.max_seq_length,
@@ -237,7 +239,7 @@ def _encode(args: argparse.Namespace) -> int:
 
     from .encoding import encode, load_encoder, max_positions, save_embeddings
 
-    model = load_encoder(args.model, device=args.device)
+    model = load_encoder(args.model, device=args.device, quantize=args.quantize)
     if args.max_seq_length is not None:
         limit = max_positions(model)
         if limit and args.max_seq_length > limit:
@@ -410,6 +412,8 @@ def build_parser() -> ArgumentParser:
     enc.add_argument("--skip-bad-rows", action="store_true",
                      help="corpus mode: leave out rows without a string text (counted in the manifest)")
     enc.add_argument("--ray", metavar="ADDRESS", help="corpus mode: run on a Ray cluster (e.g. auto, or host:port)")
+    enc.add_argument("--quantize", choices=["fp8"], help="FP8 linear layers (CUDA, compute capability >= 8.9; "
+                     "pip install 'diffembed-hf[fp8]'; default: none)")
     enc.set_defaults(func=_encode)
 
     conv = commands.add_parser("convert", help="convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint "

@@ -2,11 +2,13 @@
 
 `SentenceTransformer.encode` already sorts by length, batches, and releases each batch; on top of it this adds
 what it lacks for long-document embedders: a clear error for a bad item, a warning when texts are truncated
-(sentence-transformers cuts them silently), bf16 weights on CUDA by default, and a progress bar on long inputs.
+(sentence-transformers cuts them silently), bf16 weights on CUDA by default, a progress bar on long inputs, and
+FP8 linear layers (torchao) on GPUs that have FP8 tensor cores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,17 +18,28 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from . import register_auto_classes
-from .errors import UsageError
+from .errors import DiffembedError, UsageError
 
 logger = logging.getLogger(__name__)
+
+
+register_auto_classes()
 
 
 class PromptNameError(UsageError, ValueError):
     """A prompt name the model does not store."""
 
-register_auto_classes()
 
 PROGRESS_BAR_MIN_TEXTS = 256  # below this a progress bar is noise
+QUANTIZATIONS = ("fp8",)
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper / Blackwell: the first GPUs with FP8 tensor cores
+FP8_MIN_TORCH = (2, 5)  # torch._scaled_mm with per-row scales
+FP8_MIN_TORCHAO = (0, 13)
+FP8_EXTRA = "pip install 'diffembed-hf[fp8]'"
+
+
+class QuantizationUnavailable(DiffembedError, RuntimeError):
+    """The requested quantization cannot run on this machine or with these packages; the message says why."""
 
 
 def load_encoder(
@@ -35,22 +48,31 @@ def load_encoder(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     max_seq_length: int | None = None,
+    quantize: str | None = None,
     **kwargs,
 ) -> SentenceTransformer:
     """Load a DiffEmbed folder or Hub id as a `SentenceTransformer` (remote code trusted).
 
     Weights default to bfloat16 on CUDA (float16 overflows in Qwen-family models) and float32 elsewhere;
-    the model pools and normalises in float32 whatever the weights' dtype.
+    the model pools and normalises in float32 whatever the weights' dtype. `quantize="fp8"` runs every linear
+    layer with dynamic per-row FP8 activations and weights (torchao) and keeps the rest in bfloat16; where
+    that cannot run, `QuantizationUnavailable` says why before anything is loaded.
     """
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r} is not supported; use one of {QUANTIZATIONS} or None")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if quantize == "fp8":
+        check_fp8_support(device, dtype)
     if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" or quantize else torch.float32
     model_kwargs = {"dtype": dtype, **kwargs.pop("model_kwargs", {})}
     model = SentenceTransformer(
         model_name_or_path, device=device, trust_remote_code=True, model_kwargs=model_kwargs, **kwargs
     )
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
+    if quantize == "fp8":
+        quantize_fp8(model[0].auto_model)
     return model
 
 
@@ -80,6 +102,76 @@ def save_embeddings(embeddings: np.ndarray, output: str | Path) -> Path:
         partial.unlink(missing_ok=True)
         raise
     return output
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+def check_fp8_support(device: str | torch.device, dtype: torch.dtype | None = None) -> None:
+    """Raise `QuantizationUnavailable` listing every reason FP8 inference cannot run here, or return."""
+    problems = []
+    if dtype not in (None, torch.bfloat16):
+        problems.append(f"FP8 keeps the rest of the model in bfloat16, but dtype={dtype} was requested; leave "
+                        "dtype unset")
+    device = torch.device(device)
+    if device.type != "cuda":
+        problems.append(f"it needs a CUDA GPU of compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} "
+                        f"or newer (Ada, Hopper, Blackwell), and the device is {str(device)!r}")
+    elif not torch.cuda.is_available():
+        problems.append(f"no CUDA GPU is available (torch {torch.__version__}, CUDA build {torch.version.cuda})")
+    else:
+        capability = torch.cuda.get_device_capability(device)
+        if tuple(capability) < FP8_MIN_CAPABILITY:
+            problems.append(
+                f"it needs compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or newer (FP8 tensor "
+                f"cores: Ada, Hopper, Blackwell), and {torch.cuda.get_device_name(device)} has "
+                f"{capability[0]}.{capability[1]}"
+            )
+    if _version(torch.__version__) < FP8_MIN_TORCH:
+        problems.append(f"torch {torch.__version__} is too old; FP8 needs torch >= "
+                        f"{'.'.join(map(str, FP8_MIN_TORCH))}")
+    try:
+        with _quiet_loggers("torchao", "torch.utils._pytree"):  # import-time notes about unrelated extensions
+            import torchao
+    except ImportError:
+        problems.append(f"it needs torchao, which is not installed: {FP8_EXTRA}")
+    else:
+        if _version(torchao.__version__) < FP8_MIN_TORCHAO:
+            problems.append(f"torchao {torchao.__version__} is too old; FP8 needs torchao >= "
+                            f"{'.'.join(map(str, FP8_MIN_TORCHAO))}: pip install -U 'diffembed-hf[fp8]'")
+    if problems:
+        raise QuantizationUnavailable("quantize='fp8' cannot run here: " + "; ".join(problems) + ".")
+
+
+def quantize_fp8(module: torch.nn.Module) -> int:
+    """Replace the weights of `module`'s linear layers with torchao's dynamic per-row FP8 (e4m3) quantization of
+    activations and weights, in place; return how many layers were quantized. Call `check_fp8_support` first."""
+    with _quiet_loggers("torchao", "torch.utils._pytree"):  # import-time notes about unrelated extensions
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    before = {m: type(m.weight) for m in module.modules() if isinstance(m, torch.nn.Linear)}
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    quantized = sum(type(m.weight) is not kind for m, kind in before.items())  # a Float8Tensor now
+    linears = list(before)
+    skipped = len(linears) - quantized
+    if skipped:  # torchao leaves layers whose sizes are not multiples of 16 in bf16
+        logger.warning("FP8: %d of %d linear layers stay in bfloat16 (sizes not multiples of 16)", skipped,
+                       len(linears))
+    logger.info("FP8: %d linear layers quantized (dynamic per-row activations and weights)", quantized)
+    return quantized
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def check_texts(texts: str | Sequence[str]) -> list[str]:

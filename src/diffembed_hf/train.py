@@ -257,6 +257,47 @@ def _write_output(model: SentenceTransformer, output_dir: Path, config: Training
         raise
 
 
+def build_trainer(model: SentenceTransformer, train_dataset, config: TrainingConfig, checkpoints: str | Path,
+                  callbacks: list | None = None) -> SentenceTransformerTrainer:
+    """The recipe's trainer around `model` (LoRA added when configured, the InfoNCE loss, bf16 and gradient
+    checkpointing on CUDA, checkpoints marked complete only once written). `train` runs it;
+    benchmarks/train_throughput.py times it."""
+    if config.lora:
+        torch.manual_seed(config.seed)  # LoRA's A matrices start random: seeded, a rerun or resume is the same run
+        _add_lora(model, config)
+    loss = _make_loss(model, config)
+    on_cuda = model.device.type == "cuda"
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type="linear",
+        **_checkpointing_arguments(config.gradient_checkpointing),
+        bf16=on_cuda,
+        use_cpu=not on_cuda,
+        ddp_backend="gloo" if distributed and not on_cuda else None,  # torchrun on CPUs
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch would be a false negative
+        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,  # one instruction per batch
+        dataloader_drop_last=True,
+    )
+    if not hasattr(args, "save_safetensors"):  # transformers 5 removed it; sentence-transformers 5.2 saves with it
+        args.save_safetensors = True
+    trainer = _Trainer(model=model, args=args, train_dataset=train_dataset, loss=loss,
+                       callbacks=[_MarkCompleteCheckpoints(), *(callbacks or [])])
+    _stop_on_non_finite_loss(loss, trainer)
+    return trainer
+
+
 def train(
     model_name_or_path: str,
     data: str,
@@ -309,39 +350,7 @@ def train(
         raise ConfigError(f"--max-seq-length {config.max_seq_length} exceeds the model's max_position_embeddings "
                           f"({limit}); pass --max-seq-length {limit} or less")
     before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
-    if config.lora:
-        torch.manual_seed(config.seed)  # LoRA's A matrices start random: seeded, a rerun or resume is the same run
-        _add_lora(model, config)
-    loss = _make_loss(model, config)
-    on_cuda = model.device.type == "cuda"
-    distributed = world > 1
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(checkpoints),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type="linear",
-        **_checkpointing_arguments(config.gradient_checkpointing),
-        bf16=on_cuda,
-        use_cpu=not on_cuda,
-        ddp_backend="gloo" if distributed and not on_cuda else None,  # torchrun on CPUs
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        logging_steps=config.logging_steps,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to="none",
-        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch would be a false negative
-        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,  # one instruction per batch
-        dataloader_drop_last=True,
-    )
-    if not hasattr(args, "save_safetensors"):  # transformers 5 removed it; sentence-transformers 5.2 saves with it
-        args.save_safetensors = True
-    trainer = _Trainer(model=model, args=args, train_dataset=data_split.train, loss=loss,
-                       callbacks=[_MarkCompleteCheckpoints(), *(callbacks or [])])
-    _stop_on_non_finite_loss(loss, trainer)
+    trainer = build_trainer(model, data_split.train, config, checkpoints, callbacks=callbacks)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except FloatingPointError as err:  # from the loss check above, or the model's own non-finite check
