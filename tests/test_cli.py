@@ -110,12 +110,17 @@ BAD_NUMBERS = {  # option -> (bad values, the accepted range as the message stat
     "--learning-rate": (["0", "-1e-4", "nan", "inf", "fast"], "number > 0"),
     "--eval-fraction": (["1", "1.5", "-0.1", "half"], "[0, 1)"),
     "--max-shard-size": (["0", "-5GB", "5 parsecs"], "'5GB'"),
+    "--shard-size": (["0", "-1", "ten"], "integer >= 1"),
+    "--max-tokens-per-batch": (["0", "-8"], "integer >= 1"),
 }
 COMMANDS = {  # each subcommand's numeric options, and a command line that would otherwise write OUT
     "demo": (["--max-steps", "--max-heldout"], lambda m, d, o: ["demo", "--output", str(o)]),
     "train": (["--max-steps", "--batch-size", "--max-seq-length", "--gradcache", "--learning-rate", "--eval-fraction"],
               lambda m, d, o: ["train", str(m), str(d), str(o)]),
-    "encode": (["--batch-size", "--max-seq-length"], lambda m, d, o: ["encode", str(m), "-i", str(d), "-o", str(o)]),
+    "encode": (["--batch-size", "--max-seq-length", "--shard-size", "--max-tokens-per-batch"],
+               lambda m, d, o: ["encode", str(m), "-i", str(d), "-o", str(o)]),
+    "evaluate": (["--max-seq-length", "--max-tokens-per-batch", "--max-heldout"],
+                 lambda m, d, o: ["evaluate", str(m), "--data", str(d), "--output", str(o)]),
     "convert": (["--max-shard-size", "--max-seq-length"], lambda m, d, o: ["convert", str(m), str(o)]),
 }
 TABLE = [(command, option, value, BAD_NUMBERS[option][1])
