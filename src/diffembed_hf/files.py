@@ -147,7 +147,7 @@ def parse_size(size: int | str) -> int:
             raise UsageError(f"cannot read the size {size!r}; use e.g. '5GB' or '500MiB'")
         value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
     if value <= 0:
-        raise UsageError(f"max_shard_size must be positive, got {size!r}")
+        raise UsageError(f"max_shard_size must be positive, e.g. '5GB' or '500MiB'; got {size!r}")
     return value
 
 
