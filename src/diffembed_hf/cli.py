@@ -400,9 +400,11 @@ def build_parser() -> ArgumentParser:
     # Corpus mode: --output is a folder (ends in /, exists as a folder, or has no suffix) and --input a .jsonl /
     # .parquet / .csv file, a folder of them or a Hub dataset ORG/NAME: parquet shards + manifest.json, resumable.
     enc.add_argument("--id-field", help="corpus mode: the id column (default: _id, else id, else the row number)")
-    enc.add_argument("--title-field", help="corpus mode: a title column, joined to the text as mteb does")
+    enc.add_argument("--title-field", help="corpus mode: a title column, joined to the text as mteb does "
+                     "(default: none)")
     enc.add_argument("--split", help="corpus mode, Hub dataset: the split (default: its only split)")
-    enc.add_argument("--subset", help="corpus mode, Hub dataset: the configuration name")
+    enc.add_argument("--subset", help="corpus mode, Hub dataset: the configuration name (default: the dataset's "
+                     "default)")
     enc.add_argument("--shard-size", type=positive_int, default=10_000,
                      help="corpus mode: input rows per shard")
     enc.add_argument("--dtype", choices=["float32", "float16"], default="float32",
@@ -411,7 +413,8 @@ def build_parser() -> ArgumentParser:
                      help="corpus mode: real tokens per batch")
     enc.add_argument("--skip-bad-rows", action="store_true",
                      help="corpus mode: leave out rows without a string text (counted in the manifest)")
-    enc.add_argument("--ray", metavar="ADDRESS", help="corpus mode: run on a Ray cluster (e.g. auto, or host:port)")
+    enc.add_argument("--ray", metavar="ADDRESS", help="corpus mode: run on a Ray cluster (e.g. auto, or host:port; default: "
+                     "no Ray, this process or torchrun)")
     enc.add_argument("--quantize", choices=["fp8"], help="FP8 linear layers (CUDA, compute capability >= 8.9; "
                      "pip install 'diffembed-hf[fp8]'; default: none)")
     enc.set_defaults(func=_encode)
@@ -475,12 +478,14 @@ def build_parser() -> ArgumentParser:
     ev = commands.add_parser("evaluate", help="the study's benchmarks (mteb), named mteb tasks, or a local BEIR "
                              "folder; results beside the study's published numbers")
     ev.add_argument("model", help="a DiffEmbed folder or Hub id")
-    ev.add_argument("--suite", help="bright, bright-all, longembed, followir, mteb15, or stdlib (offline)")
-    ev.add_argument("--tasks", help="comma-separated mteb task names")
+    ev.add_argument("--suite", help="bright, bright-all, longembed, followir, mteb15, or stdlib (offline) "
+                    "(default: none; give one of --suite, --tasks, --data)")
+    ev.add_argument("--tasks", help="comma-separated mteb task names (default: none)")
     ev.add_argument("--data", action="append", help="a BEIR-layout folder (corpus.jsonl, queries.jsonl, "
-                    "qrels/test.tsv); repeat for several")
+                    "qrels/test.tsv); repeat for several (default: none)")
     ev.add_argument("--output", required=True, help="results folder (e.g. MODEL/eval, which push puts on the card)")
-    ev.add_argument("--instructions", help="JSON file of task name -> instruction, over the study's")
+    ev.add_argument("--instructions", help="JSON file of task name -> instruction, over the study's "
+                    "(default: the study's instructions)")
     ev.add_argument("--query-prompt", help="text before each query of --data tasks (default: the model's query "
                     "prompt)")
     ev.add_argument("--max-seq-length", type=positive_int, help="default: the suite's protocol, else the model's own")
@@ -526,6 +531,11 @@ def _configure_output(verbose: bool) -> None:
     root.setLevel(logging.INFO)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if not verbose:
+        # torchao (the [fp8] extra), which PEFT and transformers import whenever it is installed, logs at import
+        # that kernels its CPU build lacks failed to load and that torch deprecated a registration it makes:
+        # nothing a user can act on.
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         # transformers 5 renamed gradient checkpointing to activation checkpointing; sentence-transformers and
         # PEFT still call the old names, which we cannot change. The rest of our code uses the new names.
         warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
