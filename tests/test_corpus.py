@@ -96,8 +96,12 @@ def test_embed_texts_on_two_worker_processes_equals_one(encoder, folder):
 # --- the shard folder ------------------------------------------------------------------------------------------
 
 def run_cli(folder, source, out, *extra):
-    return cli_main(["encode", str(folder), "-i", str(source), "-o", f"{out}/", "--device", "cpu", "--no-progress",
-                     *extra])
+    """The exit status of `diffembed encode ...`; argparse's own refusals (bad numbers) arrive as SystemExit."""
+    try:
+        return cli_main(["encode", str(folder), "-i", str(source), "-o", f"{out}/", "--device", "cpu",
+                         "--no-progress", *extra])
+    except SystemExit as exit_:
+        return exit_.code
 
 
 def test_corpus_folder_is_read_by_pyarrow_and_datasets_and_equals_sentence_transformers(folder, peer, tmp_path):
@@ -225,7 +229,7 @@ def test_bad_input_is_named_or_skipped_and_counted(folder, tmp_path, capsys):
     assert "the corpus is empty: 1 rows, none to embed" in capsys.readouterr().err
 
     assert run_cli(folder, source, tmp_path / "zero", "--shard-size", "0") == 2
-    assert "--shard-size must be at least 1, got 0" in capsys.readouterr().err
+    assert "argument --shard-size: must be an integer >= 1, got '0'" in capsys.readouterr().err
     assert not (tmp_path / "zero").exists()  # refused before any work
     assert run_cli(folder, "no-such-org/no-such-corpus", tmp_path / "hub") == 2  # offline: no Hub dataset
     assert "no-such-org/no-such-corpus is neither a local file or folder nor a loadable Hub dataset" in \

@@ -200,7 +200,7 @@ def _encode_corpus(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if args.quantize:
         raise UsageError("--quantize applies to file output (.npy / .safetensors); corpus mode runs bf16 on CUDA")
-    options = dict(field=args.field, id_field=args.id_field, title_field=args.title_field, split=args.split,
+    options = dict(field=args.field or "text", id_field=args.id_field, title_field=args.title_field, split=args.split,
                    subset=args.subset, prompt_name=args.prompt_name, shard_size=args.shard_size, dtype=args.dtype,
                    max_tokens_per_batch=args.max_tokens_per_batch, max_seq_length=args.max_seq_length,
                    skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, show_progress_bar=args.progress)
