@@ -141,6 +141,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_TRAINING, run_demo
 
     output = args.output or tempfile.mkdtemp(prefix="diffembed-demo-")
+    if not args.output:  # mkdtemp makes it private; the user's umask decides, as for a folder they name
+        from .files import current_umask
+
+        os.chmod(output, 0o777 & ~current_umask())
     result = run_demo(output, max_steps=args.max_steps or DEMO_TRAINING["max_steps"], max_heldout=args.max_heldout,
                       overwrite=args.overwrite)
     print(f"Held-out retrieval: {result.heldout_rows} docstring summaries -> their functions' source, from standard "

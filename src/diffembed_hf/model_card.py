@@ -313,14 +313,13 @@ def build_model_card(
     sections: list[list[str]] = [[f"# {name}", ""]]
     if kind == "adapter":
         adapter = _read_json(folder / ADAPTER_CONFIG)
-        if not base_model:
-            raise PublishError("an adapter's card must name the Hub id of its base model (base_model=...)")
         sections.append([
             f"A LoRA adapter (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
             f"{_fmt(sorted(adapter.get('target_modules') or []))}) for the [DiffEmbed](https://arxiv.org/abs/"
             f"2505.15045) text-embedding model {base_label}.", "",
         ])
-        sections.append(_usage_adapter(repo_id, base_model))
+        # a local base (an adapter just trained from a local folder) is named as the folder; push requires a Hub id
+        sections.append(_usage_adapter(repo_id, base_model or Path(adapter["base_model_name_or_path"]).name))
     else:
         config = _read_json(folder / "config.json")
         st_config = _read_json_or_empty(folder / "sentence_bert_config.json")

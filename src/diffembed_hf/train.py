@@ -181,11 +181,13 @@ class _Trainer(SentenceTransformerTrainer):
 
 
 def _make_loss(model: SentenceTransformer, config: TrainingConfig) -> torch.nn.Module:
-    # gather_across_devices: under torchrun every rank scores its queries against every rank's documents.
+    # gather_across_devices: under torchrun every rank scores its queries against every rank's documents (in one
+    # process there is nothing to gather, and sentence-transformers would warn that it cannot).
+    gather = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if config.gradcache_mini_batch_size:
-        return CachedMultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=True,
+        return CachedMultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=gather,
                                                   mini_batch_size=config.gradcache_mini_batch_size)
-    return MultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=True)
+    return MultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=gather)
 
 
 def _stop_on_non_finite_loss(loss: torch.nn.Module, trainer: SentenceTransformerTrainer) -> None:
