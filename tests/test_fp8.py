@@ -66,6 +66,19 @@ def test_refused_with_other_weight_dtypes(monkeypatch, dtype):
     assert check_fp8_support("cuda", torch.bfloat16) is None  # control
 
 
+def test_refused_with_sentence_transformers_5(monkeypatch):
+    """sentence-transformers 5.x moves the model at every encode call, which torchao's FP8 weights do not survive
+    (seen with 5.2: "_apply(): Couldn't swap Linear.weight")."""
+    import sentence_transformers
+
+    fake_gpu(monkeypatch, (9, 0))
+    monkeypatch.setattr(sentence_transformers, "__version__", "5.2.0")
+    with pytest.raises(QuantizationUnavailable, match=r"sentence-transformers 5\.2\.0 .*needs sentence-transformers >= 6"):
+        check_fp8_support("cuda")
+    monkeypatch.setattr(sentence_transformers, "__version__", "6.0.1")
+    assert check_fp8_support("cuda") is None  # control
+
+
 def test_refused_without_torchao_and_names_the_extra(monkeypatch):
     fake_gpu(monkeypatch, (9, 0))
     monkeypatch.setitem(sys.modules, "torchao", None)  # import fails as if not installed

@@ -35,6 +35,7 @@ QUANTIZATIONS = ("fp8",)
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper / Blackwell: the first GPUs with FP8 tensor cores
 FP8_MIN_TORCH = (2, 5)  # torch._scaled_mm with per-row scales
 FP8_MIN_TORCHAO = (0, 13)
+FP8_MIN_SENTENCE_TRANSFORMERS = (6, 0)
 FP8_EXTRA = "pip install 'diffembed-hf[fp8]'"
 
 
@@ -128,6 +129,13 @@ def check_fp8_support(device: str | torch.device, dtype: torch.dtype | None = No
                 f"cores: Ada, Hopper, Blackwell), and {torch.cuda.get_device_name(device)} has "
                 f"{capability[0]}.{capability[1]}"
             )
+    import sentence_transformers
+
+    if _version(sentence_transformers.__version__) < FP8_MIN_SENTENCE_TRANSFORMERS:
+        # 5.x moves the model to its device at every encode call; torchao's FP8 weights cannot be swapped there
+        problems.append(f"sentence-transformers {sentence_transformers.__version__} moves the model at every "
+                        "encode call, which FP8 weights do not survive; FP8 needs sentence-transformers >= 6: "
+                        f"{FP8_EXTRA}")
     if _version(torch.__version__) < FP8_MIN_TORCH:
         problems.append(f"torch {torch.__version__} is too old; FP8 needs torch >= "
                         f"{'.'.join(map(str, FP8_MIN_TORCH))}")
