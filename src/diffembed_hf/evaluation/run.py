@@ -283,7 +283,7 @@ def evaluate(
     (work / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     _publish(work, output)
     table = format_table(summary)
-    logger.info("Evaluation results in %s\n%s", output, table)
+    logger.debug("Evaluation results in %s\n%s", output, table)  # the CLI prints the table once
     return EvaluationResult(output, summary, table, record)
 
 
