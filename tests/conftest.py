@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from diffembed_hf import DiffEmbedConfig, DiffEmbedForEmbedding  # noqa: E402
@@ -75,3 +76,15 @@ def make_batch(lengths, side="right", vocab=128, seed=0, pad_id=0):
 @pytest.fixture
 def tiny():
     return tiny_model()
+
+
+def reference_varlen(q, k, v, cu, scale, causal):
+    """Per-text SDPA with explicit GQA repetition: what a correct varlen kernel returns."""
+    out = []
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qi, ki, vi = (x[start:end].transpose(0, 1) for x in (q, k, v))
+        groups = qi.shape[0] // ki.shape[0]
+        ki, vi = ki.repeat_interleave(groups, 0), vi.repeat_interleave(groups, 0)
+        out.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale).transpose(0, 1))
+    return torch.cat(out)

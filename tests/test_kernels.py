@@ -11,25 +11,13 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import make_batch, tiny_model
+from conftest import reference_varlen as per_segment_sdpa  # a correct varlen kernel: SDPA per text
 
 from diffembed_hf.modeling import modeling_diffembed as mdl
 
 CPU = torch.device("cpu")
 HEADS = (4, 2, 16)  # q heads, kv heads, head_dim
-
-
-def per_segment_sdpa(q, k, v, cu, scale, causal):
-    """A correct varlen kernel: SDPA per text, grouped kv heads repeated (written here, not the model's helper)."""
-    bounds = cu.tolist()
-    out = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qi, ki, vi = (x[start:end].transpose(0, 1) for x in (q, k, v))
-        groups = qi.shape[0] // ki.shape[0]
-        ki, vi = ki.repeat_interleave(groups, 0), vi.repeat_interleave(groups, 0)
-        out.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale).transpose(0, 1))
-    return torch.cat(out)
 
 
 def flash_style(attend):

@@ -5,7 +5,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch, tiny_model
+from conftest import make_batch, reference_varlen, tiny_model
 
 from diffembed_hf.modeling import modeling_diffembed as mdl
 
@@ -101,18 +101,6 @@ def test_model_flags_let_sentence_transformers_flatten():
 
 
 # ---- the kernel contracts, checked without a GPU ------------------------------------------------------------
-
-
-def reference_varlen(q, k, v, cu, scale, causal):
-    """Per-text SDPA with explicit GQA repetition: what a correct varlen kernel returns."""
-    out = []
-    bounds = cu.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qi, ki, vi = (x[start:end].transpose(0, 1) for x in (q, k, v))
-        groups = qi.shape[0] // ki.shape[0]
-        ki, vi = ki.repeat_interleave(groups, 0), vi.repeat_interleave(groups, 0)
-        out.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale).transpose(0, 1))
-    return torch.cat(out)
 
 
 class FakeFlashAttn:
