@@ -119,18 +119,20 @@ def _working_gqa_mode(name, num_heads, num_kv_heads, head_dim, device, dtype, ca
     wrong numbers. Modes: "native" (kernel accepts fewer kv heads), "enable_gqa" (pass that flag, torch's
     varlen_attn) or "repeat" (repeat kv heads first). Every rejection is logged.
     """
-    gen = torch.Generator().manual_seed(0)
     lengths = list(_PROBE_LENGTHS)
     total = sum(lengths)
-    q = torch.randn(total, num_heads, head_dim, generator=gen)
-    k = torch.randn(total, num_kv_heads, head_dim, generator=gen)
-    v = torch.randn(total, num_kv_heads, head_dim, generator=gen)
-    weight = torch.randn(total, num_heads, head_dim, generator=gen)
-    q, k, v = (x.to(device, dtype) for x in (q, k, v))
-    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
     scale = head_dim**-0.5
-    out_tol, grad_tol = _PROBE_TOLERANCE.get(dtype, _PROBE_TOLERANCE[torch.bfloat16])
+    out_tol, grad_tol = _PROBE_TOLERANCE[dtype]
+    # Every probe tensor is made here: under a caller's inference_mode they would be inference tensors, which
+    # kernels cannot save for backward, and every kernel would be rejected (and the rejection cached).
     with torch.inference_mode(False), torch.enable_grad():
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(total, num_heads, head_dim, generator=gen)
+        k = torch.randn(total, num_kv_heads, head_dim, generator=gen)
+        v = torch.randn(total, num_kv_heads, head_dim, generator=gen)
+        weight = torch.randn(total, num_heads, head_dim, generator=gen)
+        q, k, v = (x.to(device, dtype) for x in (q, k, v))
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
         exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
         expected = _segment_sdpa(*exact, lengths, scale, causal)
         expected_grads = torch.autograd.grad((expected * weight.to(device)).sum(), exact)

@@ -360,3 +360,21 @@ def test_without_mteb_the_command_names_the_extra(models, beir, tmp_path, capsys
     # a missing extra is a failure of the installation (1), as for train, not a usage error (2)
     err = error_of(capsys, ["evaluate", models[0], "--data", beir[0], "--output", str(tmp_path / "o")], status=1)
     assert "pip install 'diffembed-hf[eval]'" in err
+
+
+def test_a_second_run_into_the_same_output_keeps_the_first_runs_tasks(models, beir, tmp_path):
+    """MODEL/eval after a second suite still lists the first one (push puts summary.json on the card); another
+    model's run into the same folder does not inherit them (control)."""
+    _, (queries, corpus, relevant) = beir
+    qids = list(queries)
+    half = {q: queries[q] for q in qids[:40]}, {q: queries[q] for q in qids[40:]}
+    a = write_beir(tmp_path / "a", corpus, half[0], {q: relevant[q] for q in half[0]})
+    b = write_beir(tmp_path / "b", corpus, half[1], {q: relevant[q] for q in half[1]})
+    out = tmp_path / "eval"
+    evaluate(models[0], data=[a], output=out)
+    evaluate(models[0], data=[b], output=out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"Locala", "Localb"}
+    assert set(json.loads((out / "run.json").read_text())["tasks"]) == {"Locala", "Localb"}
+    evaluate(models[1], data=[b], output=out)
+    assert set(json.loads((out / "summary.json").read_text())) == {"Localb"}

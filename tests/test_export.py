@@ -3,6 +3,8 @@ LlamaModel made bidirectional), hard links, refusals and atomicity. vLLM itself 
 tests/engines/check_vllm.py, run in its own environment; nothing here imports vllm."""
 
 import json
+import shutil
+import stat
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaModel, PreTrainedTokenize
 
 from diffembed_hf import DiffEmbedForEmbedding
 from diffembed_hf.cli import main as cli_main
+from diffembed_hf.files import current_umask
 from diffembed_hf.export import VLLM_HEAD_SIZES, ExportError, export_vllm
 from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT, save_sentence_transformer
 
@@ -110,6 +113,17 @@ def test_control_causal_reference_differs(exported):
         expected = ours(input_ids=ids).last_hidden_state
         actual = reference(input_ids=ids, attention_mask=causal).last_hidden_state
     assert (actual - expected).abs().max() > 0.1
+
+
+def test_export_leaves_the_mode_of_linked_source_weights_alone(exported, tmp_path):
+    """The export's files get the user's umask, but a hard-linked weights file is the source's own file too."""
+    source = tmp_path / "source"
+    shutil.copytree(exported["qwen2"][0], source)
+    (source / "model.safetensors").chmod(0o444)  # a user's deliberately read-only weights
+    out = export_vllm(source, tmp_path / "vllm")
+    assert (out / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino
+    assert stat.S_IMODE((source / "model.safetensors").stat().st_mode) == 0o444
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o666 & ~current_umask()  # control: ours
 
 
 def test_files_weights_linked_and_pooling_in_both_key_styles(exported):

@@ -86,6 +86,32 @@ def test_probe_accepts_a_correct_kernel_and_rejects_wrong_or_failing_ones(monkey
     assert verdicts == {"correct": "native", "boundaries": None, "scale": None, "raises": None, "gradient": None}
 
 
+class _SavesForBackward(torch.autograd.Function):
+    """A correct kernel that, like flash-attn, saves its inputs (cu_seqlens included) for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, scale, causal):
+        ctx.save_for_backward(q, k, v, cu)
+        ctx.scale, ctx.causal = scale, causal
+        return per_segment_sdpa(q, k, v, cu, scale, causal)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, cu = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = per_segment_sdpa(*inputs, cu, ctx.scale, ctx.causal)
+        return (*torch.autograd.grad(out, inputs, grad), None, None, None)
+
+
+def test_probe_accepts_a_correct_kernel_when_first_called_under_inference_mode(monkeypatch):
+    """Encoding runs under torch.inference_mode(); the probe's own tensors must still be savable for backward,
+    or every kernel is rejected (and the verdict cached for the process)."""
+    monkeypatch.setattr(mdl, "flash_attn_varlen_func", flash_style(_SavesForBackward.apply))
+    with torch.inference_mode():
+        assert mdl._working_gqa_mode("flash_attn_varlen", *HEADS, CPU, torch.float32) == "native"
+
+
 def test_probe_falls_back_to_repeated_kv_heads_when_native_grouping_is_wrong(monkeypatch):
     monkeypatch.setattr(mdl, "flash_attn_varlen_func", flash_style(modulo_heads))
     assert mdl._working_gqa_mode("flash_attn_varlen", *HEADS, CPU, torch.float32) == "repeat"

@@ -204,6 +204,10 @@ def _encode_corpus(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if args.quantize:
         raise UsageError("--quantize applies to file output (.npy / .safetensors); corpus mode runs bf16 on CUDA")
+    if args.ray and args.device:
+        raise UsageError("--device does not apply with --ray: Ray places one actor per GPU (CPU where none)")
+    check_model_source(args.model)
+    check_device(args.device)
     options = dict(field=args.field or "text", id_field=args.id_field, title_field=args.title_field, split=args.split,
                    subset=args.subset, prompt_name=args.prompt_name, shard_size=args.shard_size, dtype=args.dtype,
                    max_tokens_per_batch=args.max_tokens_per_batch, max_seq_length=args.max_seq_length,
@@ -217,10 +221,10 @@ def _encode_corpus(args: argparse.Namespace) -> int:
             result = encode_corpus_with_ray(args.model, args.input, args.output, address=args.ray, **options)
         else:
             result = encode_corpus(args.model, args.input, args.output, device=args.device, **options)
-    except CorpusError:
+    except DiffembedError as err:
         if rank == 0:  # under torchrun every rank meets the same error: one of them says it
             raise
-        return 2
+        return err.exit_status
     if rank == 0:
         kept = result.shards - len(result.computed)
         print(f"{result.rows} embeddings in {result.shards} shards ({len(result.computed)} computed now, {kept} kept "
@@ -232,6 +236,11 @@ def _encode_corpus(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     if _is_folder_output(args.output):
         return _encode_corpus(args)
+    corpus_only = [option for option, value in (("--id-field", args.id_field), ("--title-field", args.title_field),
+                                                ("--split", args.split), ("--subset", args.subset),
+                                                ("--ray", args.ray), ("--skip-bad-rows", args.skip_bad_rows)) if value]
+    if corpus_only:
+        raise UsageError(f"{', '.join(corpus_only)} apply to corpus mode only: give --output a folder (ending in /)")
     from .files import check_output_file
     from .text_input import read_texts
 

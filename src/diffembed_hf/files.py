@@ -37,14 +37,16 @@ def current_umask() -> int:
 
 def apply_umask(path: str | os.PathLike) -> None:
     """Give `path` and everything below it the modes a new file or folder gets from the umask (executable
-    files keep their execute bits, masked the same way); symbolic links are left alone."""
+    files keep their execute bits, masked the same way); symbolic links and hard links (a file with another name
+    elsewhere, e.g. a source model's weights linked into an export) are left alone: their mode is not ours."""
     mask = current_umask()
     path = Path(path)
     entries = [path, *path.rglob("*")] if path.is_dir() else [path]
     for entry in entries:
-        if entry.is_symlink():
+        info = entry.lstat()
+        if stat.S_ISLNK(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_nlink > 1):
             continue
-        mode = entry.stat().st_mode
+        mode = info.st_mode
         if stat.S_ISDIR(mode) or mode & 0o111:
             os.chmod(entry, 0o777 & ~mask)
         else:

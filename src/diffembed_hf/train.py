@@ -29,7 +29,7 @@ from . import register_auto_classes
 from .data import ColumnMapping, load_training_data
 from .errors import DiffembedError, OutputExistsError, UsageError
 from .evaluation.heldout import evaluate_model
-from .files import check_output_folder, move_into_place
+from .files import check_output_folder, move_into_place, remove_stale_temp_folders, temporary_sibling
 from .model_card import write_model_card
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, default_prompts, write_sentence_transformer_files
 
@@ -244,7 +244,9 @@ def _write_output(model: SentenceTransformer, output_dir: Path, config: Training
     """Write the finished model (with its model card) next to `output_dir`, then move it into place in one rename;
     an existing `output_dir` (overwrite=True) is replaced only then."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    remove_stale_temp_folders(output_dir)  # what a killed run left
+    staging = temporary_sibling(output_dir)
+    staging.mkdir()
     try:
         backbone(model).save_pretrained(staging)  # the merged model, or the adapter alone
         model.tokenizer.save_pretrained(staging)

@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 from sentence_transformers import SentenceTransformer
 
-from ..encoding import check_texts, load_encoder
+from ..encoding import PromptNameError, check_texts, load_encoder
 from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, progress_bar, warn_truncated
 
 logger = logging.getLogger(__name__)
@@ -32,10 +32,11 @@ def visible_devices() -> list[str]:
 
 def resolve_prompt(model: SentenceTransformer, prompt: str | None, prompt_name: str | None) -> str | None:
     if prompt is not None and prompt_name is not None:
-        raise ValueError("pass prompt or prompt_name, not both")
+        raise PromptNameError("pass prompt or prompt_name, not both")
     if prompt_name is not None:
         if prompt_name not in model.prompts:
-            raise ValueError(f"prompt_name={prompt_name!r} is not one of the model's prompts {sorted(model.prompts)}")
+            raise PromptNameError(f"--prompt-name {prompt_name!r} is not one of the model's prompts: "
+                                  f"{', '.join(sorted(model.prompts)) or '(none)'}")
         return model.prompts[prompt_name]
     return prompt
 

@@ -45,10 +45,10 @@ def _embed(model: SentenceTransformer, texts: list[str], prompt: str, max_tokens
     The project's corpus encoder (`corpus.embed_texts`): length-sorted batches under a token budget, the packed
     attention path, bf16 weights on CUDA, pooling in float32, a truncation warning and a progress bar. A large
     corpus on a machine with several GPUs is spread over all of them, one process each loading `source` (the
-    model folder or Hub id).
+    model folder or Hub id; None when the user named a device, which is then the only one used).
     """
     devices = visible_devices()
-    if source is not None and len(devices) > 1 and len(texts) >= MULTI_DEVICE_MIN_TEXTS:
+    if source is not None and len(devices) > 1 and len(texts) >= MULTI_DEVICE_MIN_TEXTS:  # source: no --device given
         return embed_texts(source, texts, prompt=prompt, max_tokens_per_batch=max_tokens_per_batch,
                            max_seq_length=model.max_seq_length, devices=devices)
     return embed_texts(model, texts, prompt=prompt, max_tokens_per_batch=max_tokens_per_batch)

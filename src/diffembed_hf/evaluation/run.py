@@ -14,11 +14,11 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import move_into_place, remove_stale_temp_folders, temporary_sibling
 from . import EvaluationError
 from .suites import PUBLISHED, STUDY, SUITE_MAX_SEQ_LENGTH, close_matches, suite_task, suite_tasks
 
@@ -94,7 +94,9 @@ def _staging(output: Path, overwrite: bool) -> Path:
         shutil.rmtree(work)
     if not work.exists():
         output.parent.mkdir(parents=True, exist_ok=True)
-        seed = Path(tempfile.mkdtemp(prefix=f".{output.name}.seed-", dir=output.parent))
+        remove_stale_temp_folders(output)
+        seed = temporary_sibling(output)
+        seed.mkdir()
         if (output / "results").is_dir():
             shutil.copytree(output / "results", seed / "results")
         seed.rename(work)
@@ -113,15 +115,20 @@ def _staging(output: Path, overwrite: bool) -> Path:
     return work
 
 
-def _publish(work: Path, output: Path) -> None:
-    """Put the finished staging folder in place of `output` (renames within one parent folder)."""
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.rename(output, old / "previous")
-        os.rename(work, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work, output)
+def _keep_earlier_tasks(output: Path, summary: dict, record: dict) -> tuple[dict, dict]:
+    """Results of the same model and settings already in `output` for other tasks (an earlier suite) stay in
+    summary.json and run.json, so a second suite into MODEL/eval adds to the card instead of replacing it."""
+    try:
+        old_summary = json.loads((output / SUMMARY).read_text(encoding="utf-8"))
+        old_record = json.loads((output / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return summary, record
+    # the model and its length; the prompts are per task (each task's own are in run.json)
+    same = all(old_record.get(key) == record.get(key) for key in ("mteb_model_name", "mteb_revision", "max_seq_length"))
+    if not same:  # another model (or settings) before: its results are not this model's
+        return summary, record
+    tasks = {**old_record.get("tasks", {}), **record.get("tasks", {})}
+    return {**old_summary, **summary}, {**record, "tasks": tasks}
 
 
 def _is_network_error(err: BaseException) -> bool:
@@ -265,7 +272,8 @@ def evaluate(
     if overrides or query_prompts:
         settings["prompts"] = settings_digest({"instructions": overrides, "query_prompts": query_prompts})
     meta = model_meta(st_model, name, revision, settings)
-    encoder = DiffEmbedEncoder(st_model, meta, instructions=overrides, query_prompts=query_prompts, source=model,
+    encoder = DiffEmbedEncoder(st_model, meta, instructions=overrides, query_prompts=query_prompts,
+                               source=None if device else model,
                                **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
 
     fresh = not (output.parent / f".{output.name}.partial").exists()
@@ -279,9 +287,10 @@ def evaluate(
         raise
     record = {"model": model, "mteb_model_name": name, "mteb_revision": revision, "settings": settings,
               "suite": suite, "max_seq_length": st_model.max_seq_length, "mteb_version": mteb.__version__, **record}
+    summary, record = _keep_earlier_tasks(output, summary, record)
     (work / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (work / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    _publish(work, output)
+    move_into_place(work, output)  # whole, with the user's umask; the old output is put back if it fails
     table = format_table(summary)
     logger.debug("Evaluation results in %s\n%s", output, table)  # the CLI prints the table once
     return EvaluationResult(output, summary, table, record)
