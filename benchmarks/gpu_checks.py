@@ -245,15 +245,15 @@ def bypass_cuda_gates():
     """--tiny only: let torchao quantize on the CPU (its CPU fallback), so that the FP8 code of this script runs."""
     import torchao.quantization.quant_api as quant_api
 
-    from diffembed_hf import encoding
+    from diffembed_hf import fp8
 
     quant_api._check_hardware_support = lambda granularity: None
-    encoding.check_fp8_support = lambda device, dtype=None: None
+    fp8.check_fp8_support = lambda device, dtype=None: None
 
 
 def fp8_throughput(device, tiny: bool, repeats: int):
     from diffembed_hf import DiffEmbedConfig, DiffEmbedForEmbedding
-    from diffembed_hf.encoding import quantize_fp8
+    from diffembed_hf.fp8 import quantize_fp8
 
     cfg = dict(train_throughput.TINY if tiny else train_throughput.DREAM)
     gen = torch.Generator().manual_seed(0)

@@ -4,6 +4,7 @@ fast CLI. Each test asserts the file system afterwards."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -117,7 +118,7 @@ COMMANDS = {  # each subcommand's numeric options, and a command line that would
     "demo": (["--max-steps", "--max-heldout"], lambda m, d, o: ["demo", "--output", str(o)]),
     "train": (["--max-steps", "--batch-size", "--max-seq-length", "--gradcache", "--learning-rate", "--eval-fraction"],
               lambda m, d, o: ["train", str(m), str(d), str(o)]),
-    "encode": (["--batch-size", "--max-seq-length", "--shard-size", "--max-tokens-per-batch"],
+    "encode": (["--max-seq-length", "--shard-size", "--max-tokens-per-batch"],
                lambda m, d, o: ["encode", str(m), "-i", str(d), "-o", str(o)]),
     "evaluate": (["--max-seq-length", "--max-tokens-per-batch", "--max-heldout"],
                  lambda m, d, o: ["evaluate", str(m), "--data", str(d), "--output", str(o)]),
@@ -374,8 +375,9 @@ def test_version_and_defaults_in_every_help(capsys):
         formatter = command._get_formatter()
         for action in command._actions:
             if not action.option_strings or action.nargs == 0 and action.default in (False, None) \
-                    or action.required or action.dest in ("help", "verbose", "debug"):
-                continue  # flags (off unless given), -h
+                    or action.required or action.dest in ("help", "verbose", "debug") \
+                    or action.help == argparse.SUPPRESS:
+                continue  # flags (off unless given), -h, retired options (refused with what replaces them)
             assert "default" in formatter._get_help_string(action), (name, action.option_strings)
 
 

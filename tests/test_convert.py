@@ -64,6 +64,7 @@ from transformers import (
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
 from diffembed_hf.cli import main as cli_main
 from diffembed_hf.convert import ConversionError, convert_checkpoint, parse_size
+from diffembed_hf.errors import UsageError
 from diffembed_hf.model_card import is_generated_card
 
 DREAM_VOCAB = 152064
@@ -673,7 +674,7 @@ def test_max_shard_size_is_validated(size, error):
     if error is None:
         assert parse_size(size) == (5 * 10**9 if size == "5 GB" else int(1.5 * 2**30))
     else:
-        with pytest.raises(ConversionError, match=error):
+        with pytest.raises(UsageError, match=error):
             parse_size(size)
 
 

@@ -77,7 +77,7 @@ def _run_with_hook(mode: dict, args: list[str]):
     import pyarrow.parquet as parquet
 
     from diffembed_hf.cli import main
-    from diffembed_hf.corpus.batching import Encoder
+    from diffembed_hf.batching import Encoder
     from diffembed_hf.corpus.encode import CorpusJob
 
     state = {"shard": None, "batches": 0}

@@ -197,7 +197,9 @@ def test_bf16_weights_keep_their_dtype(tmp_path):
 
 
 def edit_json(path: Path, **changes):
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    """Set keys (a value of None removes the key)."""
+    data = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps({key: value for key, value in data.items() if value is not None}))
 
 
 def add_dense(folder: Path):
@@ -218,7 +220,7 @@ REFUSALS = {
                       r"model_type 'qwen2' is not 'diffembed'.*diffembed convert"),
     "no config": ({}, lambda f: (f / "config.json").unlink(), r"has no config\.json; pass a DiffEmbed model folder"),
     "last-token pooling": ({}, lambda f: edit_json(f / "1_Pooling" / "config.json", pooling_mode_mean_tokens=False,
-                                                   pooling_mode_lasttoken=True),
+                                                   pooling_mode_lasttoken=True, pooling_mode=None),  # legacy keys
                            r"pooling \['lasttoken'\]; the export supports mean pooling only"),
     "cls pooling (6.x key)": ({}, lambda f: edit_json(f / "1_Pooling" / "config.json", pooling_mode="cls"),
                               r"pooling \['cls'\]"),
@@ -285,7 +287,7 @@ def test_error_while_writing_leaves_nothing(exported, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     model_dir, _ = exported["llama"]
-    monkeypatch.setattr(export, "_write_sentence_transformer_files", disk_full)
+    monkeypatch.setattr(export, "write_sentence_transformer_files", disk_full)
     with pytest.raises(OSError, match="No space left"):
         export_vllm(model_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -303,7 +305,7 @@ def test_cli_export(exported, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaModel"]
     assert cli_main(["export", "vllm", str(model_dir), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("diffembed export: error: ") and "already exists" in err and len(err.splitlines()) == 1
+    assert err.startswith("diffembed export vllm: error: ") and "already exists" in err and len(err.splitlines()) == 1
     assert cli_main(["export", "vllm", str(model_dir), str(tmp_path / "out"), "--overwrite"]) == 0
     with pytest.raises(SystemExit):
         cli_main(["export", str(model_dir), str(tmp_path / "out")])  # the engine is required

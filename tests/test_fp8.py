@@ -8,9 +8,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from diffembed_hf import encoding, load_dream_tokenizer
+from diffembed_hf import encoding, fp8, load_dream_tokenizer
 from diffembed_hf.cli import main
-from diffembed_hf.encoding import QuantizationUnavailable, check_fp8_support, load_encoder, quantize_fp8
+from diffembed_hf.encoding import load_encoder
+from diffembed_hf.errors import QuantizationUnavailable
+from diffembed_hf.fp8 import check_fp8_support, quantize_fp8
 from diffembed_hf.sentence_transformer import save_sentence_transformer
 
 TEXTS = ["a short text", "photosynthesis turns light into chemical energy in plants " * 3, "x"]
@@ -135,7 +137,7 @@ def torchao_without_cuda_gate(monkeypatch):
     import torchao.quantization.quant_api as quant_api
 
     monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
-    monkeypatch.setattr(encoding, "check_fp8_support", lambda device, dtype=None: None)
+    monkeypatch.setattr(fp8, "check_fp8_support", lambda device, dtype=None: None)
 
 
 def test_fp8_encoder_quantizes_every_linear_layer_and_agrees_with_bf16(folder, torchao_without_cuda_gate):

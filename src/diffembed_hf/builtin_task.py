@@ -16,6 +16,8 @@ import logging
 import random
 from pathlib import Path
 
+from .files import write_text
+
 logger = logging.getLogger(__name__)
 
 INSTRUCTION = "Given a description of a Python function, retrieve the function's code"
@@ -88,7 +90,7 @@ def write_task(folder: str | Path, *, max_train: int | None = None, max_eval: in
         if not rows:
             raise RuntimeError(f"No documented functions found in the standard library modules {modules}")
         path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
         logger.info("%s: %d rows from %d modules", path, len(rows), len(modules))
         paths.append(path)
     return paths[0], paths[1]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-from .errors import DiffembedError, UsageError
+from .checkpoint import is_hub_id
+from .errors import DataError
 from .sentence_transformer import DEFAULT_QUERY_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -28,18 +29,21 @@ NEGATIVE_COLUMNS = ("hard_negative_document", "negative", "negatives", "neg", "h
 INSTRUCTION_COLUMNS = ("task", "instruction", "prompt")
 
 
-class DataError(DiffembedError, ValueError):
-    """A training file that cannot be used as it is; the message names the file and row."""
-
-
 def check_data_source(source: str) -> None:
-    """Before any work: a local data file exists with a known type; anything else must be able to be a Hub id."""
-    from .files import check_data_source as check
-
-    try:
-        check(source)
-    except UsageError as err:
-        raise DataError(str(err), exit_status=2) from None
+    """Before any work: a local data file exists with a known type; anything else must be able to be a Hub id
+    (a missing local file is named as missing, never as an unreachable Hub dataset)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise DataError(f"{source} is a folder; give a {' / '.join(_FILE_FORMATS)} file or a Hub dataset id",
+                        exit_status=2)
+    if path.exists():
+        if path.suffix.lower() not in _FILE_FORMATS:
+            raise DataError(f"{source}: unsupported file type {path.suffix or '(none)'}; use "
+                            f"{', '.join(_FILE_FORMATS)}", exit_status=2)
+        return
+    if not is_hub_id(source):
+        raise DataError(f"{source}: no such file" + ("" if path.suffix else
+                        " (and not a Hub dataset id of the form namespace/name)"), exit_status=2)
 
 
 def _describe(value) -> str:
@@ -71,20 +75,17 @@ def format_query(query: str, instruction: str | None, default_prompt: str = DEFA
 
 def load_rows(source: str) -> Dataset:
     """Read a local file by its extension, or a Hub dataset id (its train split)."""
-    path = Path(source)
+    path = Path(source).expanduser()
     check_data_source(source)
-    if path.suffix in _FILE_FORMATS:
-        if not path.is_file():
-            raise DataError(f"{source}: no such file")
+    if path.is_file():
         if path.stat().st_size == 0:
             raise DataError(f"{source}: the file is empty")
+        suffix = path.suffix.lower()
         try:
-            dataset = load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+            dataset = load_dataset(_FILE_FORMATS[suffix], data_files=str(path), split="train")
         except Exception as err:  # noqa: BLE001 - datasets raises its own types for a malformed file
             cause = err.__cause__ or err
-            raise DataError(f"{source}: cannot be read as {path.suffix} ({type(cause).__name__}: {cause})") from err
-    elif path.exists():
-        raise DataError(f"{source}: unsupported file type; use .jsonl, .json, .csv or .parquet")
+            raise DataError(f"{source}: cannot be read as {suffix} ({type(cause).__name__}: {cause})") from err
     else:
         dataset = load_dataset(source, split="train")
     if len(dataset) == 0:

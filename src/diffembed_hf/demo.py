@@ -11,13 +11,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +23,7 @@ from . import register_auto_classes
 from .builtin_task import write_task
 from .data import load_training_data
 from .evaluation.heldout import evaluate_bm25
+from .hub_user import embed_as_hub_user
 from .modeling.configuration_diffembed import DiffEmbedConfig
 from .modeling.modeling_diffembed import DiffEmbedForEmbedding
 from .sentence_transformer import save_sentence_transformer
@@ -74,43 +69,6 @@ def encode(model, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_leng
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).embeddings
 
 
-# Runs in a fresh interpreter that cannot import diffembed_hf: exactly what a Hub user without the package has.
-_HUB_USER_SCRIPT = """
-import json, sys
-sys.modules["diffembed_hf"] = None
-import torch
-from sentence_transformers import SentenceTransformer
-from transformers import AutoModel, AutoTokenizer
-folder, texts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-with torch.inference_mode():
-    embeddings = model(**batch).embeddings
-st_embeddings = SentenceTransformer(folder, trust_remote_code=True).encode(texts, convert_to_tensor=True)
-with open(out, "w") as f:
-    json.dump({"module": type(model).__module__, "embeddings": embeddings.tolist(),
-               "st_embeddings": st_embeddings.tolist()}, f)
-"""
-
-
-def embed_as_hub_user(folder: str | Path, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Embed `texts` with `AutoModel.from_pretrained(folder, trust_remote_code=True)` and with
-    `SentenceTransformer(folder, trust_remote_code=True)` in a fresh process that cannot import diffembed_hf;
-    returns both embeddings and the module the model class came from."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "embeddings.json"
-        result = subprocess.run(
-            [sys.executable, "-c", _HUB_USER_SCRIPT, str(folder), json.dumps(texts), str(out)],
-            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
-        )
-        if result.returncode:
-            raise RuntimeError(f"Loading {folder} with trust_remote_code failed:\n{result.stderr[-3000:]}")
-        payload = json.loads(out.read_text())
-    return torch.tensor(payload["embeddings"]), torch.tensor(payload["st_embeddings"]), payload["module"]
-
-
 @dataclass
 class DemoResult:
     folder: Path
@@ -128,15 +86,14 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
 
     `output_dir` must be new or empty unless `overwrite`, which replaces the demo's own data/, untrained/ and
     model/ in it (nothing else there is touched)."""
-    from .files import apply_umask, check_output_folder
+    from .files import apply_umask, check_output_folder, staged_folder
 
     output_dir = Path(output_dir)
     check_output_folder(output_dir, overwrite=overwrite)
     train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout)
     untrained = output_dir / "untrained"
-    if untrained.exists():  # only with overwrite (checked above): the demo's own earlier folder
-        shutil.rmtree(untrained)
-    save_sentence_transformer(build_default_model(), load_dream_tokenizer(), untrained, max_seq_length=128)
+    with staged_folder(untrained) as staging:  # replaces the demo's own earlier folder (overwrite, checked above)
+        save_sentence_transformer(build_default_model(), load_dream_tokenizer(), staging, max_seq_length=128)
     steps = max_steps or DEMO_TRAINING["max_steps"]
     config = TrainingConfig(**{**DEMO_TRAINING, "max_steps": steps, "logging_steps": max(1, min(50, steps // 4))})
     heldout = load_training_data(str(heldout_file), default_prompt=config.query_prompt).train
@@ -147,9 +104,10 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
     seconds = time.perf_counter() - start
 
     texts = heldout["anchor"][:2] + heldout["positive"][:2]
-    embeddings, st_embeddings, module = embed_as_hub_user(result.output_dir, texts)
+    loaded = embed_as_hub_user(result.output_dir, texts, max_length=128)
+    embeddings, st_embeddings = loaded.auto_model, loaded.sentence_transformer
     logger.info("Reloaded with AutoModel and SentenceTransformer (trust_remote_code) in a fresh process; "
-                "class from %s", module)
+                "class from %s", loaded.module)
     model = DiffEmbedForEmbedding.from_pretrained(result.output_dir).eval()
     tokenizer = load_dream_tokenizer()
     if not torch.allclose(embeddings, encode(model, tokenizer, texts, max_length=128), atol=1e-5):
@@ -157,7 +115,6 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
     if not torch.allclose(st_embeddings, embeddings, atol=1e-5):
         raise RuntimeError("SentenceTransformer and AutoModel embed the saved folder differently.")
     metrics = {"untrained": result.metrics_before, "fine-tuned": result.metrics_after, "BM25": bm25}
-    for part in (train_file.parent, untrained):  # the model/ folder already has them (renamed into place)
-        apply_umask(part)
+    apply_umask(train_file.parent)  # untrained/ and model/ already have them (published by staged_folder)
     return DemoResult(result.output_dir, metrics, len(load_training_data(str(train_file)).train), len(heldout),
                       seconds, result.losses, result.steps)

@@ -1,14 +1,16 @@
-"""Encoding texts with a DiffEmbed model through sentence-transformers, with the checks users expect.
+"""Encoding texts with a DiffEmbed model: `load_encoder` loads a folder or Hub id as a `SentenceTransformer`
+(checked first, never running code the user did not opt into), `encode` embeds through the packed encoder
+(`batching.Encoder`), `save_embeddings` writes a file whole, and `encode_file` is `diffembed encode`'s file mode.
 
-`SentenceTransformer.encode` already sorts by length, batches, and releases each batch; on top of it this adds
-what it lacks for long-document embedders: a clear error for a bad item, a warning when texts are truncated
-(sentence-transformers cuts them silently), bf16 weights on CUDA by default, a progress bar on long inputs, and
-FP8 linear layers (torchao) on GPUs that have FP8 tensor cores.
+What this adds to `SentenceTransformer.encode`: no padded token is ever computed (length-sorted packed batches
+under a token budget), a clear error for a bad item, one warning saying how many texts were truncated
+(sentence-transformers cuts them silently), bf16 weights on CUDA by default, the max length checked against
+the model's positions before any work, a LoRA adapter folder embedding exactly as its merged model, and FP8
+linear layers (torchao) on GPUs that have FP8 tensor cores.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,29 +20,65 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from . import register_auto_classes
-from .errors import DiffembedError, UsageError
+from .batching import (
+    DEFAULT_MAX_TOKENS_PER_BATCH,
+    Encoder,
+    check_texts,
+    progress_bar,
+    resolve_prompt,
+    unknown_prompt,
+    warn_truncated,
+)
+from .checkpoint import ADAPTER_CONFIG, CONFIG, check_model_folder, folder_kind, local_folder, read_json
+from .errors import DiffembedError, UsageError, require_extra
+from .files import staged_file
 
 logger = logging.getLogger(__name__)
 
 
 register_auto_classes()
 
-
-class PromptNameError(UsageError, ValueError):
-    """A prompt name the model does not store."""
-
-
-PROGRESS_BAR_MIN_TEXTS = 256  # below this a progress bar is noise
 QUANTIZATIONS = ("fp8",)
-FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper / Blackwell: the first GPUs with FP8 tensor cores
-FP8_MIN_TORCH = (2, 5)  # torch._scaled_mm with per-row scales
-FP8_MIN_TORCHAO = (0, 13)
-FP8_MIN_SENTENCE_TRANSFORMERS = (6, 0)
-FP8_EXTRA = "pip install 'diffembed-hf[fp8]'"
+OUTPUT_SUFFIXES = (".npy", ".safetensors")
 
 
-class QuantizationUnavailable(DiffembedError, RuntimeError):
-    """The requested quantization cannot run on this machine or with these packages; the message says why."""
+def backbone(model: SentenceTransformer) -> torch.nn.Module:
+    """The transformers model inside a SentenceTransformer (`auto_model` in 5.x, `model` in 6.x)."""
+    return model[0].auto_model
+
+
+def set_backbone(model: SentenceTransformer, module: torch.nn.Module) -> None:
+    # sentence-transformers 6 made `auto_model` a read-only view of `model`; 5.x stores `auto_model` itself.
+    read_only = isinstance(getattr(type(model[0]), "auto_model", None), property)
+    setattr(model[0], "model" if read_only else "auto_model", module)
+
+
+def check_max_seq_length(max_seq_length: int | None, limit: int | None) -> None:
+    """The one check of a requested length against the model's positions, for every entry point."""
+    if max_seq_length is None:
+        return
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1:
+        raise UsageError(f"--max-seq-length must be an integer >= 1, got {max_seq_length!r}")
+    if limit and max_seq_length > limit:
+        raise UsageError(f"--max-seq-length {max_seq_length} exceeds the model's max_position_embeddings ({limit}); "
+                         f"pass {limit} or less")
+
+
+def stored_prompts(model_name_or_path: str) -> dict[str, str] | None:
+    """The prompts a local folder stores (config_sentence_transformers.json), read without loading the model;
+    None for a Hub id."""
+    folder = local_folder(model_name_or_path)
+    if folder is None:
+        return None
+    path = folder / "config_sentence_transformers.json"
+    return dict(read_json(path, UsageError).get("prompts") or {}) if path.is_file() else {}
+
+
+def check_prompt_name(model_name_or_path: str, prompt_name: str | None) -> None:
+    """Before loading: a prompt name a local folder does not store is refused (Hub ids are checked on load)."""
+    prompts = stored_prompts(model_name_or_path) if prompt_name is not None else None
+    if prompts is not None and prompt_name not in prompts:
+        raise unknown_prompt(prompt_name, prompts)
 
 
 def load_encoder(
@@ -50,157 +88,83 @@ def load_encoder(
     dtype: torch.dtype | None = None,
     max_seq_length: int | None = None,
     quantize: str | None = None,
+    trust_remote_code: bool = False,
     **kwargs,
 ) -> SentenceTransformer:
-    """Load a DiffEmbed folder or Hub id as a `SentenceTransformer` (remote code trusted).
+    """Load a DiffEmbed folder or Hub id as a `SentenceTransformer`.
 
-    Weights default to bfloat16 on CUDA (float16 overflows in Qwen-family models) and float32 elsewhere;
-    the model pools and normalises in float32 whatever the weights' dtype. `quantize="fp8"` runs every linear
+    A local folder is checked before anything loads: a DiffEmbed model (another architecture is refused, even
+    with its own code), no path or link leading out of it, no Python code of its own unless
+    `trust_remote_code=True`, and `max_seq_length` within its positions. DiffEmbed's classes come from this
+    package, never from the folder. A LoRA adapter folder (`diffembed train --adapter-only`) loads its base and
+    merges the adapter, so it embeds exactly as the merged model would.
+
+    Weights default to bfloat16 on CUDA (float16 overflows in Qwen-family models) and float32 elsewhere; the
+    model pools and normalises in float32 whatever the weights' dtype. `quantize="fp8"` runs every linear
     layer with dynamic per-row FP8 activations and weights (torchao) and keeps the rest in bfloat16; where
     that cannot run, `QuantizationUnavailable` says why before anything is loaded.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r} is not supported; use one of {QUANTIZATIONS} or None")
+    folder = local_folder(model_name_or_path)
+    if folder is not None and folder_kind(folder, UsageError) == "adapter":
+        return _load_adapter(folder, device=device, dtype=dtype, max_seq_length=max_seq_length, quantize=quantize,
+                             trust_remote_code=trust_remote_code, **kwargs)
+    if folder is not None:
+        config = check_model_folder(folder, trust_remote_code=trust_remote_code)
+        check_max_seq_length(max_seq_length, config.get("max_position_embeddings"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quantize == "fp8":
+        from .fp8 import check_fp8_support
+
         check_fp8_support(device, dtype)
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" or quantize else torch.float32
     model_kwargs = {"dtype": dtype, **kwargs.pop("model_kwargs", {})}
-    model = SentenceTransformer(
-        model_name_or_path, device=device, trust_remote_code=True, model_kwargs=model_kwargs, **kwargs
-    )
+    try:
+        model = SentenceTransformer(model_name_or_path, device=device, trust_remote_code=trust_remote_code,
+                                    model_kwargs=model_kwargs, **kwargs)
+    except OSError as err:  # a Hub id out of reach, a folder without a tokenizer...: one line, not a traceback
+        raise DiffembedError(f"cannot load the model {model_name_or_path!r}: {err}") from None
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise UsageError(f"{model_name_or_path} needs its own code to load; read it, then pass "
+                             "--trust-remote-code (trust_remote_code=True)") from None
+        raise DiffembedError(f"cannot load the model {model_name_or_path!r}: {err}") from None
+    model_type = getattr(backbone(model).config, "model_type", None)
+    if model_type != "diffembed":  # a Hub id: checked once downloaded, before any text is embedded
+        raise UsageError(f"{model_name_or_path} is not a DiffEmbed model (model_type {model_type!r}); convert it "
+                         "first (diffembed convert)")
     if max_seq_length is not None:
+        check_max_seq_length(max_seq_length, getattr(backbone(model).config, "max_position_embeddings", None))
         model.max_seq_length = max_seq_length
     if quantize == "fp8":
-        quantize_fp8(model[0].auto_model)
+        from .fp8 import quantize_fp8
+
+        quantize_fp8(backbone(model))
     return model
 
 
-def max_positions(model: SentenceTransformer) -> int | None:
-    """The longest input the model's positions allow (`max_position_embeddings`), if its config says."""
-    config = getattr(model[0].auto_model, "config", None)
-    return getattr(config, "max_position_embeddings", None)
+def _load_adapter(folder: Path, **options) -> SentenceTransformer:
+    """A LoRA adapter folder as the merged model: its base (a DiffEmbed folder or Hub id), the adapter applied
+    and merged with PEFT, so its vectors are the merged model's (pooling and normalisation included)."""
+    if options.get("quantize"):
+        raise UsageError("quantize= applies to a full model: merge the adapter first")
+    require_extra("train", ("peft",), what=f"embedding with the LoRA adapter folder {folder}")
+    from peft import PeftModel
 
-
-def save_embeddings(embeddings: np.ndarray, output: str | Path) -> Path:
-    """Write `.npy` or `.safetensors` (key "embeddings") through a hidden temporary file renamed into place, so a
-    reader never sees a half-written file; the file gets the user's umask like any other."""
-    from .files import move_into_place, temporary_sibling
-
-    output = Path(output)
-    partial = temporary_sibling(output, "partial")
+    base = read_json(folder / ADAPTER_CONFIG, UsageError).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"{folder / ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    if (folder / CONFIG).is_file():
+        raise UsageError(f"{folder} holds both a model and an adapter")
     try:
-        if output.suffix == ".npy":
-            with open(partial, "wb") as handle:
-                np.save(handle, embeddings)
-        else:
-            from safetensors.numpy import save_file
-
-            save_file({"embeddings": np.ascontiguousarray(embeddings)}, str(partial))
-        move_into_place(partial, output)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return output
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
-
-
-def check_fp8_support(device: str | torch.device, dtype: torch.dtype | None = None) -> None:
-    """Raise `QuantizationUnavailable` listing every reason FP8 inference cannot run here, or return."""
-    problems = []
-    if dtype not in (None, torch.bfloat16):
-        problems.append(f"FP8 keeps the rest of the model in bfloat16, but dtype={dtype} was requested; leave "
-                        "dtype unset")
-    device = torch.device(device)
-    if device.type != "cuda":
-        problems.append(f"it needs a CUDA GPU of compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} "
-                        f"or newer (Ada, Hopper, Blackwell), and the device is {str(device)!r}")
-    elif not torch.cuda.is_available():
-        problems.append(f"no CUDA GPU is available (torch {torch.__version__}, CUDA build {torch.version.cuda})")
-    else:
-        capability = torch.cuda.get_device_capability(device)
-        if tuple(capability) < FP8_MIN_CAPABILITY:
-            problems.append(
-                f"it needs compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or newer (FP8 tensor "
-                f"cores: Ada, Hopper, Blackwell), and {torch.cuda.get_device_name(device)} has "
-                f"{capability[0]}.{capability[1]}"
-            )
-    import sentence_transformers
-
-    if _version(sentence_transformers.__version__) < FP8_MIN_SENTENCE_TRANSFORMERS:
-        # 5.x moves the model to its device at every encode call; torchao's FP8 weights cannot be swapped there
-        problems.append(f"sentence-transformers {sentence_transformers.__version__} moves the model at every "
-                        "encode call, which FP8 weights do not survive; FP8 needs sentence-transformers >= 6: "
-                        f"{FP8_EXTRA}")
-    if _version(torch.__version__) < FP8_MIN_TORCH:
-        problems.append(f"torch {torch.__version__} is too old; FP8 needs torch >= "
-                        f"{'.'.join(map(str, FP8_MIN_TORCH))}")
-    try:
-        with _quiet_loggers("torchao", "torch.utils._pytree"):  # import-time notes about unrelated extensions
-            import torchao
-    except ImportError:
-        problems.append(f"it needs torchao, which is not installed: {FP8_EXTRA}")
-    else:
-        if _version(torchao.__version__) < FP8_MIN_TORCHAO:
-            problems.append(f"torchao {torchao.__version__} is too old; FP8 needs torchao >= "
-                            f"{'.'.join(map(str, FP8_MIN_TORCHAO))}: pip install -U 'diffembed-hf[fp8]'")
-    if problems:
-        raise QuantizationUnavailable("quantize='fp8' cannot run here: " + "; ".join(problems) + ".")
-
-
-def quantize_fp8(module: torch.nn.Module) -> int:
-    """Replace the weights of `module`'s linear layers with torchao's dynamic per-row FP8 (e4m3) quantization of
-    activations and weights, in place; return how many layers were quantized. Call `check_fp8_support` first."""
-    with _quiet_loggers("torchao", "torch.utils._pytree"):  # import-time notes about unrelated extensions
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-    before = {m: type(m.weight) for m in module.modules() if isinstance(m, torch.nn.Linear)}
-    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    quantized = sum(type(m.weight) is not kind for m, kind in before.items())  # a Float8Tensor now
-    linears = list(before)
-    skipped = len(linears) - quantized
-    if skipped:  # torchao leaves layers whose sizes are not multiples of 16 in bf16
-        logger.warning("FP8: %d of %d linear layers stay in bfloat16 (sizes not multiples of 16)", skipped,
-                       len(linears))
-    logger.info("FP8: %d linear layers quantized (dynamic per-row activations and weights)", quantized)
-    return quantized
-
-
-@contextlib.contextmanager
-def _quiet_loggers(*names: str):
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def check_texts(texts: str | Sequence[str]) -> list[str]:
-    """Return `texts` as a list of strings, or raise a TypeError that names the first bad item's position."""
-    if isinstance(texts, str):
-        return [texts]
-    if not isinstance(texts, Sequence):
-        raise TypeError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
-    for position, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{position}] is {type(text).__name__} ({text!r:.60}), expected str")
-    return list(texts)
-
-
-def count_truncated(model: SentenceTransformer, texts: list[str], prompt: str = "") -> tuple[int, int, int]:
-    """How many texts (with their prompt) exceed `model.max_seq_length` tokens: (count, first index, longest)."""
-    # verbose=False: no "indexing errors" warning for the texts that are about to be truncated on purpose
-    encoded = model.tokenizer([prompt + text for text in texts], truncation=False, verbose=False)
-    lengths = [len(ids) for ids in encoded["input_ids"]]
-    over = [i for i, n in enumerate(lengths) if n > model.max_seq_length]
-    return len(over), (over[0] if over else -1), max(lengths, default=0)
+        model = load_encoder(base, **options)
+    except UsageError as err:
+        raise UsageError(f"{folder} is a LoRA adapter whose base {base!r} cannot be loaded: {err}") from None
+    set_backbone(model, PeftModel.from_pretrained(backbone(model), str(folder)).merge_and_unload())
+    logger.info("Loaded the LoRA adapter %s merged into its base %s", folder, base)
+    return model
 
 
 def encode(
@@ -209,43 +173,111 @@ def encode(
     *,
     prompt_name: str | None = None,
     prompt: str | None = None,
-    batch_size: int = 32,
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+    batch_size: int | None = None,
     convert_to_tensor: bool = False,
     show_progress_bar: bool | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Embed `texts` (float32, L2-normalised by the model's Normalize module); one row per text.
 
-    An empty list gives a `(0, dim)` result. Texts longer than `model.max_seq_length` tokens (prompt included)
-    are truncated, with one warning per call that says how many.
+    Batches hold up to `max_tokens_per_batch` real tokens (and at most `batch_size` texts, if given). An empty
+    list gives a `(0, dim)` result. Texts longer than `model.max_seq_length` tokens (prompt included) are
+    truncated, with one warning per call that says how many.
     """
     single = isinstance(texts, str)
     texts = check_texts(texts)
-    # sentence-transformers 6 renamed get_sentence_embedding_dimension; 5.x has only the old name
-    dim = getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)()
-    if not texts:
-        empty = torch.zeros(0, dim)
-        return empty if convert_to_tensor else empty.numpy()
-    if prompt is None and prompt_name is not None:
-        if prompt_name not in model.prompts:
-            raise PromptNameError(f"prompt_name={prompt_name!r} is not one of the model's prompts {sorted(model.prompts)}")
-        prompt = model.prompts[prompt_name]
-    truncated, first, longest = count_truncated(model, texts, prompt or "")
-    if truncated:
-        logger.warning(
-            "%d of %d texts are longer than max_seq_length=%d tokens and were truncated (first: texts[%d]; "
-            "longest: %d tokens). Raise model.max_seq_length to embed them whole.",
-            truncated, len(texts), model.max_seq_length, first, longest,
-        )
-    if show_progress_bar is None:
-        show_progress_bar = len(texts) >= PROGRESS_BAR_MIN_TEXTS
-    embeddings = model.encode(
-        texts,
-        prompt=prompt,
-        batch_size=batch_size,
-        convert_to_tensor=convert_to_tensor,
-        convert_to_numpy=not convert_to_tensor,
-        show_progress_bar=show_progress_bar,
-    )
-    if convert_to_tensor:
-        embeddings = embeddings.float().cpu()
-    return embeddings[0] if single else embeddings
+    encoder = Encoder(model, prompt=resolve_prompt(model, prompt, prompt_name),
+                      max_tokens_per_batch=max_tokens_per_batch, max_texts_per_batch=batch_size)
+    progress = progress_bar(len(texts), show_progress_bar)
+    try:
+        embeddings, truncated = encoder.embed(texts, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    warn_truncated(truncated, len(texts), encoder.max_length)
+    result = torch.from_numpy(embeddings) if convert_to_tensor else embeddings
+    return result[0] if single else result
+
+
+def save_embeddings(embeddings: np.ndarray, output: str | Path) -> Path:
+    """Write `.npy` or `.safetensors` (key "embeddings") whole, so a reader never sees a half-written file; the
+    file gets the user's umask like any other."""
+    output = Path(output)
+    with staged_file(output) as partial:
+        if output.suffix == ".npy":
+            with open(partial, "wb") as handle:
+                np.save(handle, embeddings)
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({"embeddings": np.ascontiguousarray(embeddings)}, str(partial))
+    return output
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `diffembed encode`: a file of texts -> one embeddings file (file mode), or a corpus -> a folder (corpus mode)
+# ----------------------------------------------------------------------------------------------------------
+
+# Options that only corpus mode (an output folder) reads: given with a file output they are refused, not ignored.
+CORPUS_OPTIONS = {"id_field": "--id-field", "title_field": "--title-field", "split": "--split", "subset": "--subset",
+                  "shard_size": "--shard-size", "skip_bad_rows": "--skip-bad-rows", "ray": "--ray"}
+OUTPUT_DTYPES = ("float32", "float16")
+
+
+def is_folder_output(output: str | Path) -> bool:
+    """Corpus mode: the output ends in `/`, already exists as a folder, or has no file suffix."""
+    text = str(output)
+    return text.endswith(("/", "\\")) or Path(text).is_dir() or not Path(text).suffix
+
+
+def check_mode_options(output: str | Path, given: dict) -> None:
+    """Refuse, before any work, options that the mode `output` selects would not use (they would be ignored)."""
+    if is_folder_output(output):
+        if given.get("input") == "-":
+            raise UsageError("corpus mode (an output folder) reads a file, a folder or a Hub dataset: pass --input")
+        return
+    unused = [option for name, option in CORPUS_OPTIONS.items() if given.get(name) not in (None, False)]
+    if unused:
+        raise UsageError(f"{', '.join(unused)} apply to corpus mode only: give --output a folder (ending in /)")
+
+
+def encode_file(
+    model: str,
+    source: str,
+    output: str | Path,
+    *,
+    field: str | None = None,
+    prompt_name: str | None = None,
+    max_seq_length: int | None = None,
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+    dtype: str = "float32",
+    device: str | None = None,
+    quantize: str | None = None,
+    overwrite: bool = False,
+    show_progress_bar: bool | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Path, tuple[int, int]]:
+    """Embed the texts of `source` (one per line, or JSON lines; "-" for stdin) into one `.npy` / `.safetensors`
+    file, one row per line, in `dtype`; returns the file and the array's shape. Everything that can be checked
+    without the model (output, options, prompt name of a local folder, the input itself) is checked first."""
+    from .files import check_output_file
+    from .text_input import read_texts
+
+    output = Path(output)
+    check_output_file(output, overwrite=overwrite, suffixes=OUTPUT_SUFFIXES)
+    if dtype not in OUTPUT_DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    check_max_seq_length(max_seq_length, None)
+    check_prompt_name(model, prompt_name)
+    texts = read_texts(source, field)
+    st_model = load_encoder(model, device=device, max_seq_length=max_seq_length, quantize=quantize,
+                            trust_remote_code=trust_remote_code)
+    embeddings = encode(st_model, texts, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
+                        show_progress_bar=show_progress_bar)
+    if not overwrite and (output.exists() or output.is_symlink()):  # made by someone else while we embedded
+        from .errors import OutputExistsError
+
+        raise OutputExistsError(f"{output} appeared while the texts were embedded; pass --overwrite to replace it "
+                                "(nothing was written)")
+    save_embeddings(embeddings.astype(dtype, copy=False), output)
+    return output, embeddings.shape

@@ -1,8 +1,10 @@
-"""The errors a user can cause, one hierarchy, so that the CLI turns every one into a one-line message.
+"""Every error a user can cause, in one hierarchy, so that the CLI turns each into a one-line message.
 
 `DiffembedError` is a job that cannot be done as asked (exit status 1); `UsageError` is a command line or
-argument that is wrong before any work starts (exit status 2, as argparse uses). Library functions raise them
-(or subclasses that also derive from the built-in type a Python caller expects, e.g. `ValueError`).
+argument that is wrong before any work starts (exit status 2, as argparse uses). Each job has its own subclass,
+which also derives from the built-in type a Python caller expects (`ValueError`, `FileExistsError`, ...), so
+library users can catch either. Missing optional dependencies go through `require_extra`, which names the
+pip command.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ class DiffembedError(Exception):
 
     def __init__(self, *args, exit_status: int | None = None):
         super().__init__(*args)
-        if exit_status is not None:  # e.g. a library error class whose one case is a usage error
+        if exit_status is not None:  # e.g. a job error class whose one case is a usage error
             self.exit_status = exit_status
 
 
@@ -31,8 +33,65 @@ class OutputExistsError(UsageError, FileExistsError):
     """The output would replace something the user has; they must pass --overwrite (overwrite=True)."""
 
 
+class OutputLockedError(UsageError):
+    """Another run is writing the same output right now; the message names it (pid and host)."""
+
+
 class MissingExtraError(DiffembedError, ImportError):
     """An optional dependency group is not installed; the message names the pip command."""
+
+
+class UntrustedFolderError(UsageError, ValueError):
+    """A model folder whose contents would make a command read or write outside it, or run its own code
+    without the user's opt-in (--trust-remote-code)."""
+
+
+class PromptNameError(UsageError, ValueError):
+    """A prompt name the model does not store."""
+
+
+class QuantizationUnavailable(DiffembedError, RuntimeError):
+    """The requested quantization cannot run on this machine or with these packages; the message says why."""
+
+
+class ConversionError(DiffembedError, ValueError):
+    """A checkpoint that cannot be converted; the message names the file, key or tensor at fault."""
+
+
+class CorpusError(UsageError, ValueError):
+    """A problem with the user's corpus or output folder, described in words (no traceback needed)."""
+
+
+class EvaluationError(UsageError, ValueError):
+    """A user-fixable evaluation problem (a bad name, a bad data folder, a dataset out of reach)."""
+
+
+class ExportError(UsageError, ValueError):
+    """A folder cannot be exported as asked; the message names the file or setting at fault."""
+
+
+class PublishError(DiffembedError):
+    """A folder that cannot be pushed, a failed validation, or a failed upload (exit status 1)."""
+
+
+class PublishUsageError(PublishError, UsageError):
+    """A wrong repo id, token, option or path, found before any work (exit status 2)."""
+
+
+class DataError(DiffembedError, ValueError):
+    """A training file that cannot be used as it is; the message names the file and row."""
+
+
+class ConfigError(UsageError, ValueError):
+    """A training setting out of its range, or a settings file that cannot be used."""
+
+
+class TrainingError(DiffembedError, RuntimeError):
+    """Training could not run as asked (no batch to train on, ...); nothing was written."""
+
+
+class NonFiniteLossError(DiffembedError, FloatingPointError):
+    """The loss or an embedding became NaN/inf; no model was written."""
 
 
 # The optional extras of setup.cfg and the modules each one provides.
@@ -44,15 +103,11 @@ EXTRAS = {
 }
 
 
-def require_extra(extra: str, modules: tuple[str, ...] | None = None) -> None:
+def require_extra(extra: str, modules: tuple[str, ...] | None = None, *, what: str = "this") -> None:
     """Raise MissingExtraError naming `pip install 'diffembed-hf[extra]'` unless every module is importable."""
     missing = [name for name in (modules or EXTRAS[extra]) if importlib.util.find_spec(name) is None]
     if missing:
         raise MissingExtraError(
-            f"this needs the optional dependencies of diffembed-hf[{extra}] ({', '.join(missing)} missing): "
+            f"{what} needs the optional dependencies of diffembed-hf[{extra}] ({', '.join(missing)} missing): "
             f"pip install 'diffembed-hf[{extra}]'"
         )
-
-
-class ConversionError(DiffembedError, ValueError):
-    """A checkpoint that cannot be converted; the message names the file, key or tensor at fault."""

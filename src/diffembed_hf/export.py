@@ -22,17 +22,26 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
+from .checkpoint import (
+    CONFIG,
+    LICENSE_PATTERNS,
+    TOKENIZER_FILES,
+    TOKENIZER_PATTERNS,
+    check_folder,
+    inside,
+    read_json,
+    read_json_or_empty,
+)
 from .convert.weights import read_source_tensors
-from .errors import ConversionError, UsageError
-from .files import move_into_place, remove_stale_temp_folders, temporary_sibling
+from .errors import ConversionError, ExportError
+from .files import final_path, output_lock, staged_folder, write_json
 from .modeling.configuration_diffembed import DiffEmbedConfig
 from .modeling.modeling_diffembed import DiffEmbedForEmbedding
-from .sentence_transformer import DEFAULT_QUERY_PROMPT
+from .sentence_transformer import DEFAULT_QUERY_PROMPT, pooling_modes, write_sentence_transformer_files
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +49,6 @@ logger = logging.getLogger(__name__)
 # multiple of 8 up to 256 (512 with FA4) and Triton any size >= 32, so every size here also runs there; 512 on CUDA
 # runs on the Triton / FlexAttention backends.
 VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
-)  # fmt: skip
-_TOKENIZER_PATTERNS = ("*.tiktoken", "tokenization_*.py")
-_LICENSE_PATTERNS = ("LICENSE*", "NOTICE*", "USE_POLICY*")
-_ST_PREFIX = "sentence_transformers."
-# Legacy boolean keys (sentence-transformers < 6, vLLM, TEI) next to the single `pooling_mode` key (6.x).
-_LEGACY_POOLING_KEYS = {
-    "cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
-    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens", "weightedmean": "pooling_mode_weightedmean_tokens",
-    "lasttoken": "pooling_mode_lasttoken",
-}  # fmt: skip
-
-
-class ExportError(UsageError, ValueError):
-    """A folder cannot be exported as asked; the message names the file or setting at fault."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,16 +57,13 @@ class ExportError(UsageError, ValueError):
 
 
 def _read_json(path: Path) -> dict | list:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{path}: not readable JSON ({err})") from err
+    return read_json(path, ExportError)
 
 
 def _diffembed_config(folder: Path) -> DiffEmbedConfig:
     if not folder.is_dir():
         raise ExportError(f"{folder} is not a folder; pass a DiffEmbed model folder (diffembed convert / train)")
-    path = folder / "config.json"
+    path = folder / CONFIG
     if not path.is_file():
         adapter = (folder / "adapter_config.json").is_file()
         hint = " (a LoRA adapter: merge it into its base model first)" if adapter else ""
@@ -149,27 +138,24 @@ def _pooling(folder: Path) -> tuple[bool, dict]:
     kinds = [module["type"].rsplit(".", 1)[-1] for module in modules]
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         raise ExportError(f"{path}: modules {kinds}; vLLM reproduces Transformer, Pooling (mean) and Normalize only")
-    pooling_dir = modules[1]["path"]
-    pooling = _read_json(folder / pooling_dir / "config.json")
-    if "pooling_mode" in pooling:
-        modes = [pooling["pooling_mode"]] if isinstance(pooling["pooling_mode"], str) else pooling["pooling_mode"]
-    else:
-        modes = [mode for mode, key in _LEGACY_POOLING_KEYS.items() if pooling.get(key)]
+    pooling_dir = inside(folder, modules[1]["path"], what=f"{path} (pooling module)")
+    pooling = _read_json(pooling_dir / "config.json")
+    modes = pooling_modes(pooling)
     if modes != ["mean"]:
-        raise ExportError(f"{folder / pooling_dir / 'config.json'}: pooling {modes}; the export supports mean pooling "
+        raise ExportError(f"{pooling_dir / 'config.json'}: pooling {modes}; the export supports mean pooling "
                           "only (the DiffEmbed recipe)")
     if not pooling.get("include_prompt", True):
-        raise ExportError(f"{folder / pooling_dir / 'config.json'}: include_prompt=false leaves the prompt out of the "
+        raise ExportError(f"{pooling_dir / 'config.json'}: include_prompt=false leaves the prompt out of the "
                           "mean, which vLLM (pooling every token) cannot reproduce")
     st_path = folder / "sentence_bert_config.json"
     st_config = _read_json(st_path) if st_path.is_file() else {}
     return kinds[-1] == "Normalize", st_config
 
 
-def _query_prompt(folder: Path) -> str:
-    path = folder / "config_sentence_transformers.json"
-    prompts = (_read_json(path).get("prompts") or {}) if path.is_file() else {}
-    return prompts.get("query", DEFAULT_QUERY_PROMPT)
+def _prompts(folder: Path) -> tuple[dict[str, str], str | None]:
+    """The folder's stored prompts and default prompt name."""
+    stored = read_json_or_empty(folder / "config_sentence_transformers.json", ExportError)
+    return dict(stored.get("prompts") or {}), stored.get("default_prompt_name")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,25 +212,6 @@ def _link_or_copy(source: Path, target: Path) -> bool:
         return False
 
 
-def _write_sentence_transformer_files(folder: Path, hidden_size: int, normalize: bool, source: Path) -> None:
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": _ST_PREFIX + "models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_PREFIX + "models.Pooling"},
-    ]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_PREFIX + "models.Normalize"})
-        (folder / "2_Normalize").mkdir()
-    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
-    pooling = {"word_embedding_dimension": hidden_size, "pooling_mode": "mean"}
-    pooling.update({key: mode == "mean" for mode, key in _LEGACY_POOLING_KEYS.items()})
-    pooling["include_prompt"] = True
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
-    for name in ("sentence_bert_config.json", "config_sentence_transformers.json"):
-        if (source / name).is_file():
-            shutil.copyfile(source / name, folder / name)
-
-
 def serve_commands(name: str, dtype: str, trust_remote_code: bool = False) -> tuple[str, str]:
     """(one GPU, tensor parallel over 2 GPUs): `vllm serve` with the dtype explicit (vLLM's `auto` turns float32
     weights of a pooling model into float16, which overflows Qwen-family activations)."""
@@ -290,44 +257,40 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
     config (`is_causal: true`), a scaled RoPE, a head size vLLM's kernels lack, pooling other than mean over every
     token, and an existing `out` unless `overwrite` (then replaced only once the new folder is complete).
     """
-    folder, out = Path(model_folder).expanduser().absolute(), Path(out).expanduser().absolute()
+    folder, out = Path(model_folder).expanduser().absolute(), final_path(Path(out))
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
     config = _diffembed_config(folder)
+    check_folder(folder)  # untrusted: no index, module path or link may lead the export outside it
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise ExportError(f"the output {out} must not contain the model folder {folder}")
     architecture = _vllm_architecture(config, folder / "config.json")
     weights = _check_weights(folder, config)
     normalize, st_config = _pooling(folder)
-    tokenizer_files = [folder / name for name in _TOKENIZER_FILES if (folder / name).is_file()]
-    tokenizer_files += [path for pattern in _TOKENIZER_PATTERNS for path in folder.glob(pattern)]
+    tokenizer_files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    tokenizer_files += [path for pattern in TOKENIZER_PATTERNS for path in folder.glob(pattern)]
     if not tokenizer_files:
         raise ExportError(f"{folder} has no tokenizer files; vLLM needs the tokenizer to embed text")
     tokenizer_config = folder / "tokenizer_config.json"
     remote_tokenizer = tokenizer_config.is_file() and bool(_read_json(tokenizer_config).get("auto_map"))
     stock = stock_config(config, architecture)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_folders(out)
-    tmp = temporary_sibling(out)
-    tmp.mkdir()
-    try:
-        (tmp / "config.json").write_text(json.dumps(stock, indent=2) + "\n")
+    prompts, default_prompt_name = _prompts(folder)
+    max_seq_length = st_config.get("max_seq_length", config.max_position_embeddings)
+    with output_lock(out), staged_folder(out) as tmp:
+        write_json(tmp / CONFIG, stock)
         _check_written_config(tmp, architecture, config)
         linked = [_link_or_copy(path, tmp / path.name) for path in weights]
-        for path in tokenizer_files + [p for pattern in _LICENSE_PATTERNS for p in folder.glob(pattern)]:
+        for path in tokenizer_files + [p for pattern in LICENSE_PATTERNS for p in folder.glob(pattern)]:
             shutil.copyfile(path, tmp / path.name)
-        _write_sentence_transformer_files(tmp, config.hidden_size, normalize, folder)
-        readme = _readme(out, folder, architecture, stock["dtype"], _query_prompt(folder),
-                         st_config.get("max_seq_length", config.max_position_embeddings),
-                         config.num_attention_heads, remote_tokenizer)
-        (tmp / "README.md").write_text(readme)
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_sentence_transformer_files(tmp, max_seq_length=max_seq_length, prompts=prompts,
+                                         default_prompt_name=default_prompt_name, normalize=normalize,
+                                         dimension=config.hidden_size)
+        readme = _readme(out, folder, architecture, stock["dtype"], prompts.get("query", DEFAULT_QUERY_PROMPT),
+                         max_seq_length, config.num_attention_heads, remote_tokenizer)
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
     logger.info("Wrote %s (%s; %d of %d weight files hard-linked)", out, architecture, sum(linked), len(linked))
     return out
 

@@ -1,22 +1,31 @@
-"""Input and output locations checked before any work, and output written whole, never over the user's files,
-with their umask.
+"""Output locations checked before any work, output written whole (never over the user's files, with their
+umask), and one writer at a time per output.
 
-Every job builds its output in a hidden temporary folder or file beside the destination and renames it into
-place when complete. Temporary folders are created private (0700, files 0600 by some writers), so before the
-rename the modes are set to what any other file the user writes would get (0777 / 0666 minus the umask).
+Every job publishes its output through `staged_folder` / `staged_file`: the output is built in a hidden
+temporary sibling (same filesystem) and renamed into place when complete, so a reader never sees half an
+output under its final name and a killed job leaves only a hidden sibling, which the next run removes.
+Temporary folders are created private (0700, files 0600 by some writers), so before the rename the modes are
+set to what any other file the user writes would get (0777 / 0666 minus the umask). `output_lock` makes a
+second run into the same output refuse at once, naming the run that holds it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
 import secrets
 import shutil
+import socket
 import stat
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError, UsageError
+from .errors import OutputExistsError, OutputLockedError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +91,7 @@ def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished `tmp` to `out`, with the user's umask; an existing `out` is replaced only now, once
     the new one is whole (it is moved aside first and put back if the rename fails)."""
     apply_umask(tmp)
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         os.rename(tmp, out)
         return
     old = temporary_sibling(out, "old")
@@ -92,10 +101,63 @@ def move_into_place(tmp: Path, out: Path) -> None:
     except OSError:
         os.rename(old, out)
         raise
-    if old.is_dir():
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old)
     else:
         old.unlink()
+
+
+def final_path(out: Path) -> Path:
+    """Where an output really goes: a symbolic link the user made for OUT (to another disk, say) is followed, so
+    the new output replaces the link's target and the link keeps working."""
+    out = Path(out).expanduser().absolute()
+    return out.resolve() if out.is_symlink() else out
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, *, resumable: bool = False) -> Iterator[Path]:
+    """Build a folder for `out` and publish it whole: yields an empty hidden sibling folder to fill, renamed to
+    `out` (replacing the old one only then) when the block ends without error, removed when it raises.
+
+    `resumable=True` uses a stable name (`.OUT.partial`) that a failed or killed run leaves in place for the
+    next run to continue from (the caller decides what in it can be kept)."""
+    out = final_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_folders(out)
+    if resumable:
+        work = partial_folder(out)
+        work.mkdir(exist_ok=True)
+    else:
+        work = temporary_sibling(out)
+        work.mkdir()
+    try:
+        yield work
+        move_into_place(work, out)
+    except BaseException:
+        if not resumable:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def partial_folder(out: Path) -> Path:
+    """The stable staging folder a resumable job (`staged_folder(..., resumable=True)`) keeps beside `out`."""
+    return out.parent / f".{out.name}.partial"
+
+
+@contextlib.contextmanager
+def staged_file(out: Path) -> Iterator[Path]:
+    """Write a file for `out` and publish it whole: yields a hidden sibling path to write, renamed to `out` when
+    the block ends without error (with the user's umask), removed when it raises."""
+    out = final_path(out)
+    tmp = temporary_sibling(out, "partial")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:  # on disk before it gets its final name
+            os.fsync(handle.fileno())
+        move_into_place(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_stale_temp_folders(out: Path) -> None:
@@ -136,7 +198,6 @@ def check_output_file(out: Path, *, overwrite: bool, suffixes: tuple[str, ...] |
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def parse_size(size: int | str) -> int:
@@ -153,35 +214,85 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def looks_like_hub_id(name: str) -> bool:
-    """"namespace/name" with Hub characters: what could be a Hub repo rather than a (missing) local path."""
-    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not name.endswith((".jsonl", ".json", ".csv",
-                                                                                        ".parquet", ".txt"))
-
-
-def check_data_source(source: str) -> None:
-    """A local training-data file exists with a known type; anything else must be able to be a Hub dataset id."""
-    formats = (".jsonl", ".json", ".csv", ".parquet")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        raise UsageError(f"{source} is a folder; give a .jsonl / .json / .csv / .parquet file or a Hub dataset id")
-    if path.exists():
-        if path.suffix not in formats:
-            raise UsageError(f"{source}: unsupported file type {path.suffix or '(none)'}; use "
-                             f"{', '.join(formats)}")
-        return
-    if path.suffix in formats or not looks_like_hub_id(source):
-        raise UsageError(f"{source}: no such file" + ("" if path.suffix in formats else
-                                                      " (and not a Hub dataset id of the form namespace/name)"))
-
-
 def write_text(path: Path, text: str) -> None:
     """Write a text file whole (temporary file + rename), as a new file with the user's umask."""
-    path = Path(path)
-    tmp = temporary_sibling(path, "partial")
-    try:
+    with staged_file(Path(path)) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        move_into_place(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def write_json(path: Path, data) -> None:
+    """`write_text` of indented JSON (UTF-8 kept as it is)."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One writer per output
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (Linux), which tells a live holder from a new process that got
+    its pid; None where /proc is not available."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine: its process cannot be checked from here
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not _process_alive(pid):
+        return False
+    started = holder.get("started_ticks")
+    return started is None or _start_time(pid) in (None, started)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold `.OUT.lock` (beside OUT) while a job writes OUT: a second run into the same output is refused at
+    once, naming the holder (pid, host, command). A lock whose process is gone (same host) is stale: it is
+    removed with a warning and taken over."""
+    out = final_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_path(out)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started_ticks": _start_time(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = lock.read_text(encoding="utf-8")
+                holder = json.loads(text)
+            except FileNotFoundError:
+                continue  # released in between: try again
+            except (OSError, ValueError):
+                holder, text = {}, None
+            if isinstance(holder, dict) and _holder_alive(holder) and text is not None:
+                raise OutputLockedError(
+                    f"{out} is being written by another run (pid {holder.get('pid')} on {holder.get('host')}, since "
+                    f"{holder.get('since')}: {holder.get('command')!r}); wait for it to end, or remove {lock} if "
+                    "that run is gone") from None
+            logger.warning("Removing the stale lock %s (its run is gone).", lock)
+            with contextlib.suppress(FileNotFoundError):
+                if text is None or lock.read_text(encoding="utf-8") == text:  # not taken over in between
+                    lock.unlink()
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+        break
+    else:
+        raise OutputLockedError(f"could not take the lock {lock}; another run keeps taking it")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(lock.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                lock.unlink()

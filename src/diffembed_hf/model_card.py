@@ -24,21 +24,14 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 
 from . import __version__
+from .checkpoint import ADAPTER_CONFIG, CONFIG, CONVERSION_RECORD, EVAL_FOLDER, EVAL_SUMMARY, TRAINING_RECORD
+from .checkpoint import folder_kind as _folder_kind
+from .checkpoint import is_hub_id, read_json, read_json_or_empty, weight_files
+from .errors import PublishError
 from .files import write_text
-from .publish.files import (
-    ADAPTER_CONFIG,
-    TRAINING_METADATA,
-    PublishError,
-    _is_hub_id,
-    _read_json,
-    _read_json_or_empty,
-    _training_record,
-    _weight_files,
-    folder_kind,
-)
 
-CONVERSION_METADATA = "diffembed_conversion.json"  # written by `diffembed convert`; read for the card
-EVAL_FOLDER = "eval"  # `diffembed evaluate MODEL --output MODEL/eval`: every card built for MODEL shows these results
+CONVERSION_METADATA = CONVERSION_RECORD  # the names earlier releases exported from here
+TRAINING_METADATA = TRAINING_RECORD
 _MARKER = re.compile(r"\n<!-- diffembed-hf generated card, sha256 ([0-9a-f]{16}); edit it and it is kept as yours -->\n?$")
 
 DEFAULT_LICENSE = "apache-2.0"
@@ -59,6 +52,14 @@ CITATION = """@inproceedings{zhang-etal-2025-diffusion,
 
 
 
+def _json(path: Path):
+    return read_json(path, PublishError)
+
+
+def _json_or_empty(path: Path) -> dict:
+    return read_json_or_empty(path, PublishError)
+
+
 def _card_metadata(folder: Path) -> dict:
     readme = folder / "README.md"
     return (metadata_load(readme) or {}) if readme.is_file() else {}
@@ -67,12 +68,12 @@ def _card_metadata(folder: Path) -> dict:
 def _lineage_base_model(folder: Path, depth: int = 3) -> str | None:
     """The Hub id this folder descends from: its training record's base, its adapter's base, or the `base_model`
     of its own card (a converted folder names its source); a local base folder is followed up to `depth` levels."""
-    record = _training_record(folder) or {}
-    adapter = _read_json_or_empty(folder / ADAPTER_CONFIG)
-    conversion = _read_json_or_empty(folder / CONVERSION_METADATA)
+    record = (_json_or_empty(folder / TRAINING_RECORD) or None) or {}
+    adapter = _json_or_empty(folder / ADAPTER_CONFIG)
+    conversion = _json_or_empty(folder / CONVERSION_RECORD)
     for candidate in (record.get("base_model"), adapter.get("base_model_name_or_path"), conversion.get("hub_id"),
                       _card_metadata(folder).get("base_model")):
-        if _is_hub_id(candidate):
+        if is_hub_id(candidate):
             return candidate
     for candidate in (record.get("base_model"), adapter.get("base_model_name_or_path")):
         if depth > 0 and isinstance(candidate, str) and Path(candidate).expanduser().is_dir():
@@ -101,7 +102,7 @@ def _duration(seconds: float) -> str:
 
 def _dataset_label(name: str) -> str:
     """A Hub dataset links to its page; a local file shows its name only (never the user's directories)."""
-    return f"[{name}](https://huggingface.co/datasets/{name})" if _is_hub_id(name) else f"`{Path(name).name}` (local)"
+    return f"[{name}](https://huggingface.co/datasets/{name})" if is_hub_id(name) else f"`{Path(name).name}` (local)"
 
 
 def _parameters(folder: Path, weights: list[str]) -> tuple[int, str]:
@@ -126,7 +127,7 @@ def _training_sections(record: dict | None, base_label: str) -> list[str]:
     if record is None:
         return [
             "## Training", "",
-            f"No training record (`{TRAINING_METADATA}`) came with this checkpoint: it has **not been fine-tuned "
+            f"No training record (`{TRAINING_RECORD}`) came with this checkpoint: it has **not been fine-tuned "
             "with `diffembed train`**. Unless it was trained elsewhere, its weights are those of "
             f"{base_label}, not trained as an embedder; fine-tune it contrastively before relying on its "
             "embeddings.", "",
@@ -252,9 +253,9 @@ def stored_evaluation(folder: str | Path, results: str | Path | None = None):
     section and `EvalResult`s (`evaluation.card.CardResults`), or None."""
     if results is None:
         results = Path(folder) / EVAL_FOLDER
-        if not (results / "summary.json").is_file():
+        if not (results / EVAL_SUMMARY).is_file():
             return None
-    from .evaluation import EvaluationError
+    from .errors import EvaluationError
     from .evaluation.card import card_results
 
     try:
@@ -290,12 +291,12 @@ def build_model_card(
         eval_results = [*(eval_results or []), *stored.eval_results]
         extra_sections = ["\n".join(stored.lines), *extra_sections]
     repo_id = repo_id or folder.name
-    kind = folder_kind(folder)
+    kind = _folder_kind(folder, PublishError)
     own = _card_metadata(folder)
-    conversion = _read_json_or_empty(folder / CONVERSION_METADATA) or None
+    conversion = _json_or_empty(folder / CONVERSION_RECORD) or None
     base_model = base_model or _lineage_base_model(folder) or (conversion or {}).get("hub_id")
-    record = _training_record(folder)
-    hub_datasets = [d for d in (record or {}).get("datasets") or [] if _is_hub_id(d)]
+    record = (_json_or_empty(folder / TRAINING_RECORD) or None)
+    hub_datasets = [d for d in (record or {}).get("datasets") or [] if is_hub_id(d)]
     tags = list(CARD_TAGS) + (["peft", "lora"] if kind == "adapter" else [])
     name = repo_id.split("/")[-1]
     data = ModelCardData(
@@ -312,7 +313,7 @@ def build_model_card(
     base_label = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local checkpoint"
     sections: list[list[str]] = [[f"# {name}", ""]]
     if kind == "adapter":
-        adapter = _read_json(folder / ADAPTER_CONFIG)
+        adapter = _json(folder / ADAPTER_CONFIG)
         sections.append([
             f"A LoRA adapter (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
             f"{_fmt(sorted(adapter.get('target_modules') or []))}) for the [DiffEmbed](https://arxiv.org/abs/"
@@ -321,11 +322,11 @@ def build_model_card(
         # a local base (an adapter just trained from a local folder) is named as the folder; push requires a Hub id
         sections.append(_usage_adapter(repo_id, base_model or Path(adapter["base_model_name_or_path"]).name))
     else:
-        config = _read_json(folder / "config.json")
-        st_config = _read_json_or_empty(folder / "sentence_bert_config.json")
-        prompts = _read_json_or_empty(folder / "config_sentence_transformers.json").get("prompts") or {}
+        config = _json(folder / CONFIG)
+        st_config = _json_or_empty(folder / "sentence_bert_config.json")
+        prompts = _json_or_empty(folder / "config_sentence_transformers.json").get("prompts") or {}
         max_length = st_config.get("max_seq_length") or config.get("max_position_embeddings")
-        count, dtype = _parameters(folder, _weight_files(folder))
+        count, dtype = _parameters(folder, weight_files(folder, PublishError))
         attention = "causal (the study's ablation)" if config.get("is_causal") else "bidirectional"
         intro = [
             f"A [DiffEmbed](https://arxiv.org/abs/2505.15045) text-embedding model: a language-model backbone "

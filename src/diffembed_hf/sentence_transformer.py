@@ -1,8 +1,10 @@
-"""Make a DiffEmbed checkpoint folder a complete sentence-transformers model as well.
+"""The one writer of sentence-transformers files: every folder this package writes (convert, train, demo, the
+vLLM export) gets them from `write_sentence_transformer_files`.
 
 The files are written in sentence-transformers' legacy format (module types under `sentence_transformers.models`,
-`max_seq_length` in `sentence_bert_config.json`, `pooling_mode_mean_tokens` in the pooling config): 5.x reads it
-natively and 6.x maps it, whereas a folder saved by 6.x does not load in 5.x. Without `modules.json`,
+`max_seq_length` in `sentence_bert_config.json`), which 5.x reads natively and 6.x maps, whereas a folder saved by
+6.x does not load in 5.x. The pooling config carries both key styles (`pooling_mode: "mean"` and the legacy
+`pooling_mode_mean_tokens`), which sentence-transformers 5 and 6, vLLM and TEI all read. Without `modules.json`,
 sentence-transformers would build Transformer + mean Pooling and silently drop the Normalize step.
 """
 
@@ -43,9 +45,25 @@ def default_prompts() -> dict[str, str]:
     return {"query": DEFAULT_QUERY_PROMPT, "document": "", **TASK_PROMPTS}
 
 
+# Legacy boolean keys (sentence-transformers < 6, vLLM, TEI) next to the single `pooling_mode` key (6.x).
+_LEGACY_POOLING_KEYS = {
+    "cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
+    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens", "weightedmean": "pooling_mode_weightedmean_tokens",
+    "lasttoken": "pooling_mode_lasttoken",
+}  # fmt: skip
+
+
 def _write_json(path: Path, data: dict | list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def pooling_modes(pooling: dict) -> list[str]:
+    """The pooling modes a `1_Pooling/config.json` asks for, in either key style."""
+    if "pooling_mode" in pooling:
+        mode = pooling["pooling_mode"]
+        return [mode] if isinstance(mode, str) else list(mode)
+    return [mode for mode, key in _LEGACY_POOLING_KEYS.items() if pooling.get(key)]
 
 
 def write_sentence_transformer_files(
@@ -55,18 +73,21 @@ def write_sentence_transformer_files(
     prompts: dict[str, str] | None = None,
     default_prompt_name: str | None = None,
     include_prompt: bool = True,
+    normalize: bool = True,
+    dimension: int | None = None,
 ) -> None:
     """Write modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/ and
-    2_Normalize/ into a DiffEmbed model folder that already holds config.json.
+    2_Normalize/ (unless `normalize=False`) into a model folder that already holds config.json.
 
-    `include_prompt=True` keeps the instruction tokens in the mean, as the study does.
+    `include_prompt=True` keeps the instruction tokens in the mean, as the study does. `dimension` is the
+    embedding width; by default the folder's DiffEmbed config gives it (an engine export passes its own).
     """
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: write the model (save_pretrained) first")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.get("model_type") != "diffembed":
+    if dimension is None and config.get("model_type") != "diffembed":
         raise ValueError(f"{config_path} is not a DiffEmbed config (model_type={config.get('model_type')!r})")
     max_positions = config.get("max_position_embeddings")
     if max_positions and max_seq_length > max_positions:
@@ -75,14 +96,13 @@ def write_sentence_transformer_files(
     if default_prompt_name is not None and default_prompt_name not in prompts:
         raise ValueError(f"default_prompt_name={default_prompt_name!r} is not one of the prompts {sorted(prompts)}")
 
-    _write_json(
-        folder / "modules.json",
-        [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-        ],
-    )
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    _write_json(folder / "modules.json", modules)
     _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
     _write_json(
         folder / "config_sentence_transformers.json",
@@ -91,17 +111,14 @@ def write_sentence_transformer_files(
     _write_json(
         folder / "1_Pooling" / "config.json",
         {
-            "word_embedding_dimension": config["hidden_size"],
-            "pooling_mode_cls_token": False,
-            "pooling_mode_mean_tokens": True,
-            "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-            "pooling_mode_weightedmean_tokens": False,
-            "pooling_mode_lasttoken": False,
+            "word_embedding_dimension": dimension or config["hidden_size"],
+            "pooling_mode": "mean",
+            **{key: mode == "mean" for mode, key in _LEGACY_POOLING_KEYS.items()},
             "include_prompt": include_prompt,
         },
     )
-    (folder / "2_Normalize").mkdir(exist_ok=True)
+    if normalize:
+        (folder / "2_Normalize").mkdir(exist_ok=True)
     logger.info("Wrote sentence-transformers files to %s (max_seq_length=%d)", folder, max_seq_length)
 
 

@@ -10,6 +10,7 @@ a run killed in the middle of a save resumes from the checkpoint before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,10 +27,12 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from transformers import TrainerCallback
 
 from . import register_auto_classes
+from .checkpoint import TRAINING_RECORD
 from .data import ColumnMapping, load_training_data
-from .errors import DiffembedError, OutputExistsError, UsageError
+from .encoding import backbone, load_encoder, set_backbone
+from .errors import ConfigError, NonFiniteLossError, OutputExistsError, TrainingError
 from .evaluation.heldout import evaluate_model
-from .files import check_output_folder, move_into_place, remove_stale_temp_folders, temporary_sibling
+from .files import check_output_folder, output_lock, staged_folder, write_json
 from .model_card import write_model_card
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, default_prompts, write_sentence_transformer_files
 
@@ -47,16 +50,8 @@ logger = logging.getLogger(__name__)
 register_auto_classes()
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TRAINING_METADATA = "diffembed_training.json"
+TRAINING_METADATA = TRAINING_RECORD  # the name earlier releases exported from here
 CHECKPOINT_COMPLETE = "diffembed_checkpoint_complete"  # written into a checkpoint folder once it is whole
-
-
-class ConfigError(UsageError, ValueError):
-    """A training setting out of its range, or a settings file that cannot be used."""
-
-
-class TrainingError(DiffembedError, RuntimeError):
-    """Training could not run as asked (no batch to train on, ...); nothing was written."""
 
 
 @dataclass
@@ -137,26 +132,6 @@ class TrainingResult:
     resumed_from: str | None = None  # the checkpoint a resumed run started from
 
 
-def _load_model(model_name_or_path: str, config: TrainingConfig, device: str | None) -> SentenceTransformer:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    model = SentenceTransformer(model_name_or_path, device=device, trust_remote_code=True,
-                                model_kwargs={"dtype": dtype})
-    model.max_seq_length = config.max_seq_length
-    return model
-
-
-def backbone(model: SentenceTransformer) -> torch.nn.Module:
-    """The transformers model inside a SentenceTransformer (`auto_model` in 5.x, `model` in 6.x)."""
-    return model[0].auto_model
-
-
-def set_backbone(model: SentenceTransformer, module: torch.nn.Module) -> None:
-    # sentence-transformers 6 made `auto_model` a read-only view of `model`; 5.x stores `auto_model` itself.
-    read_only = isinstance(getattr(type(model[0]), "auto_model", None), property)
-    setattr(model[0], "model" if read_only else "auto_model", module)
-
-
 def _add_lora(model: SentenceTransformer, config: TrainingConfig) -> None:
     """Wrap the backbone with PEFT's LoRA (PEFT's own API: transformers' add_adapter demands peft >= 0.22)."""
     from peft import LoraConfig, get_peft_model
@@ -229,36 +204,30 @@ def _last_complete_checkpoint(folder: Path, remove_incomplete: bool = False) -> 
     return last
 
 
-def _merge_adapter(model: SentenceTransformer, base: str, config: TrainingConfig, device: str | None):
+def _merge_adapter(model: SentenceTransformer, base: str, config: TrainingConfig, device: str | None,
+                   trust_remote_code: bool):
     """Merge the trained LoRA weights into a fresh copy of the base model (PEFT's merge_and_unload)."""
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as adapter_dir:
         backbone(model).save_pretrained(adapter_dir)  # the adapter alone
-        merged = _load_model(base, config, device)
+        merged = load_encoder(base, device=device, max_seq_length=config.max_seq_length,
+                              trust_remote_code=trust_remote_code)
         set_backbone(merged, PeftModel.from_pretrained(backbone(merged), adapter_dir).merge_and_unload())
     return merged
 
 
 def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict) -> None:
-    """Write the finished model (with its model card) next to `output_dir`, then move it into place in one rename;
-    an existing `output_dir` (overwrite=True) is replaced only then."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_folders(output_dir)  # what a killed run left
-    staging = temporary_sibling(output_dir)
-    staging.mkdir()
-    try:
+    """Write the finished model (with its model card) and publish it whole; an existing `output_dir`
+    (overwrite=True) is replaced only then."""
+    with staged_folder(output_dir) as staging:
         backbone(model).save_pretrained(staging)  # the merged model, or the adapter alone
         model.tokenizer.save_pretrained(staging)
         if not config.adapter_only:
             prompts = {**default_prompts(), "query": config.query_prompt}
             write_sentence_transformer_files(staging, max_seq_length=config.max_seq_length, prompts=prompts)
-        (staging / TRAINING_METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        write_json(staging / TRAINING_RECORD, metadata)
         write_model_card(staging, repo_id=output_dir.name)  # the folder's final name, not the staging one
-        move_into_place(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def build_trainer(model: SentenceTransformer, train_dataset, config: TrainingConfig, checkpoints: str | Path,
@@ -314,17 +283,30 @@ def train(
     resume: bool = False,
     device: str | None = None,
     callbacks: list | None = None,
+    trust_remote_code: bool = False,
 ) -> TrainingResult:
     """Fine-tune `model_name_or_path` (a DiffEmbed folder or Hub id) on `data` and write a Hub-ready folder.
 
     Data problems are reported before anything is written. Evaluation on the held-out rows (`eval_data`, or an
     `eval_fraction` of `data`) runs before and after training; its table goes into `diffembed_training.json`,
-    which the model card reads.
+    which the model card reads. `trust_remote_code` lets a base folder's own Python code (a custom tokenizer)
+    run; DiffEmbed's classes always come from this package.
     """
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
     # --resume never licenses replacing a folder: the output is only ever written at the end of a run.
     check_output_folder(output_dir, overwrite=overwrite)
+    # one run per output: a second `train` into the same OUT (or its checkpoints) is refused, naming this one
+    lock = output_lock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock:
+        return _run(model_name_or_path, data, output_dir, config, mapping=mapping, eval_data=eval_data,
+                    overwrite=overwrite, resume=resume, device=device, callbacks=callbacks,
+                    trust_remote_code=trust_remote_code)
+
+
+def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingConfig, *, mapping, eval_data,
+         overwrite: bool, resume: bool, device: str | None, callbacks: list | None,
+         trust_remote_code: bool) -> TrainingResult:
     data_split = load_training_data(
         data, mapping=mapping, eval_source=eval_data, eval_fraction=0.0 if eval_data else config.eval_fraction,
         group_by_instruction=config.group_by_instruction, default_prompt=config.query_prompt, seed=config.seed,
@@ -348,11 +330,8 @@ def train(
                                     "continue it, or --overwrite to start again (they are then deleted)")
         shutil.rmtree(checkpoints)
     start = time.perf_counter()
-    model = _load_model(model_name_or_path, config, device)
-    limit = getattr(backbone(model).config, "max_position_embeddings", None)
-    if limit and config.max_seq_length > limit:
-        raise ConfigError(f"--max-seq-length {config.max_seq_length} exceeds the model's max_position_embeddings "
-                          f"({limit}); pass --max-seq-length {limit} or less")
+    model = load_encoder(model_name_or_path, device=device, max_seq_length=config.max_seq_length,
+                         trust_remote_code=trust_remote_code)
     before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     trainer = build_trainer(model, data_split.train, config, checkpoints, callbacks=callbacks)
     try:
@@ -380,7 +359,7 @@ def train(
         logger.warning("Training ended after %d of %d steps: the data gave no further batch.", steps, config.max_steps)
 
     if config.lora and not config.adapter_only:
-        model = _merge_adapter(model, model_name_or_path, config, device)
+        model = _merge_adapter(model, model_name_or_path, config, device, trust_remote_code)
     after = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     seconds = time.perf_counter() - start
     if trainer.is_world_process_zero():
@@ -405,10 +384,6 @@ def train(
         shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
     return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None)
-
-
-class NonFiniteLossError(DiffembedError, FloatingPointError):
-    """The loss or an embedding became NaN/inf; no model was written."""
 
 
 def _remove_if_no_complete_checkpoint(checkpoints: Path) -> None:

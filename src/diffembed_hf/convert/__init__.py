@@ -8,6 +8,6 @@
 from ..errors import ConversionError
 from .families import FAMILIES, Family, detect_family
 from .folder import convert_checkpoint
-from .weights import parse_size
+from ..files import parse_size
 
 __all__ = ["ConversionError", "FAMILIES", "Family", "convert_checkpoint", "detect_family", "parse_size"]

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -35,27 +34,21 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .. import __version__, register_auto_classes
-from ..errors import ConversionError
-from ..errors import UsageError
-from ..files import check_parent_writable, move_into_place, remove_stale_temp_folders, temporary_sibling
-from ..model_card import CONVERSION_METADATA, write_model_card
+from ..checkpoint import CONFIG, CONVERSION_RECORD, LICENSE_PATTERNS, TOKENIZER_FILES, check_folder, is_hub_id
+from ..errors import ConversionError, UsageError
+from ..files import check_parent_writable, output_lock, parse_size, staged_folder, write_json
+from ..model_card import write_model_card
 from ..modeling import configuration_diffembed, modeling_diffembed
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..sentence_transformer import write_sentence_transformer_files
 from .families import FAMILIES, Family, _build_config, _sliding_window_cap, detect_family
-from .weights import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_tensors, read_source_tensors, write_weights
+from .weights import DEFAULT_MAX_SHARD_SIZE, plan_tensors, read_source_tensors, write_weights
 
 logger = logging.getLogger(__name__)
 register_auto_classes()
 
 # Embedders rarely see longer inputs, and attention cost grows with the square of the length.
 DEFAULT_MAX_SEQ_LENGTH = 4096
-_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
-)  # fmt: skip
-_LICENSE_PATTERNS = ("LICENSE*", "NOTICE*", "USE_POLICY*")
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 # Remote-code tokenizer classes with a transformers equivalent: Dream's tokenization_dream.DreamTokenizer is
@@ -64,7 +57,7 @@ _TOKENIZER_SUBSTITUTES = {"DreamTokenizer": Qwen2Tokenizer}
 
 
 def _load_tokenizer(folder: Path, source_config: dict, trust_remote_code: bool) -> Optional[PreTrainedTokenizerBase]:
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         logger.warning("%s has no tokenizer files; the converted folder will have no tokenizer.", folder)
         return None
     config_path = folder / "tokenizer_config.json"
@@ -132,15 +125,16 @@ def _resolve_source(src: str | os.PathLike, revision: Optional[str], allow_pickl
     if path.exists():
         if not path.is_dir():
             raise ConversionError(f"{path} is a file; the source must be a checkpoint folder or a Hub id")
+        check_folder(path)  # untrusted: no shard or link may lead the conversion outside it
         return path, None
     repo_id = str(src)
-    if not _HUB_ID.fullmatch(repo_id):
+    if not is_hub_id(repo_id):
         raise ConversionError(f"source folder {path} does not exist (and {repo_id!r} is not a Hub id)", exit_status=2)
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    patterns = ["config.json", "*.safetensors.index.json", *_TOKENIZER_FILES, "*.tiktoken", "tokenization_*.py",
-                *_LICENSE_PATTERNS, "model*.safetensors"]
+    patterns = ["config.json", "*.safetensors.index.json", *TOKENIZER_FILES, "*.tiktoken", "tokenization_*.py",
+                *LICENSE_PATTERNS, "model*.safetensors"]
     pickles = ["pytorch_model*.bin", "pytorch_model.bin.index.json"] if allow_pickle else []
     try:
         try:  # .bin files only where the repository has no safetensors weights
@@ -204,12 +198,15 @@ def convert_checkpoint(
         check_parent_writable(out)
     except UsageError as err:
         raise ConversionError(str(err), exit_status=2) from None
-    shard_bytes = parse_size(max_shard_size)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except UsageError as err:
+        raise ConversionError(str(err), exit_status=2) from None
     folder, hub_id = _resolve_source(src, revision, allow_pickle)
     if folder.resolve() == out.resolve() or out.resolve() in folder.resolve().parents:
         raise ConversionError(f"the output {out} must not contain the source {folder}")
 
-    config_path = folder / "config.json"
+    config_path = folder / CONFIG
     if not config_path.is_file():
         raise ConversionError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
     try:
@@ -236,18 +233,14 @@ def convert_checkpoint(
         raise ConversionError(f"max_seq_length must be in [1, {config.max_position_embeddings}], got {max_seq_length}")
     tokenizer = _load_tokenizer(folder, source_config, trust_remote_code)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_folders(out)
-    tmp = temporary_sibling(out, "tmp")
-    tmp.mkdir()
-    try:
+    with output_lock(out), staged_folder(out) as tmp:
         if tokenizer is not None:
             _prepare_tokenizer(tokenizer, config)
             tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)
         for module in (configuration_diffembed, modeling_diffembed):
             shutil.copyfile(module.__file__, tmp / Path(module.__file__).name)
-        for pattern in _LICENSE_PATTERNS:
+        for pattern in LICENSE_PATTERNS:
             for path in folder.glob(pattern):
                 shutil.copyfile(path, tmp / path.name)
         write_weights(tmp, plan, shard_bytes)
@@ -261,14 +254,10 @@ def convert_checkpoint(
         record = {"source": hub_id or str(src), "hub_id": hub_id, "family": fam.name, "family_title": fam.title,
                   "diffusion": fam.diffusion, "dtype": str(dtype).removeprefix("torch."), "command": command,
                   "sliding_window": window, "version": __version__}
-        (tmp / CONVERSION_METADATA).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json(tmp / CONVERSION_RECORD, record)
         write_model_card(tmp, repo_id=out.name, base_model=hub_id)
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("Wrote %s", out)
     return out
 
 
-__all__ = ["ConversionError", "FAMILIES", "Family", "convert_checkpoint", "detect_family", "parse_size"]
+__all__ = ["ConversionError", "FAMILIES", "Family", "convert_checkpoint", "detect_family"]

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from .. import files
-from ..errors import ConversionError, DiffembedError
+from ..checkpoint import inside
+from ..errors import ConversionError
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..modeling.modeling_diffembed import DiffEmbedForEmbedding
 from .families import Family
@@ -91,6 +91,7 @@ def _indexed_files(folder: Path, index_name: str) -> tuple[list[Path], dict[str,
         raise ConversionError(f"{index_path}: not a readable index with a weight_map ({err})") from err
     files = list(dict.fromkeys(weight_map.values()))
     for name in files:
+        inside(folder, name, what=str(index_path))  # a shard named outside the folder is never read
         if not (folder / name).is_file():
             raise ConversionError(f"{index_path} names shard {name}, which is missing from {folder}")
     return [folder / name for name in files], weight_map
@@ -168,14 +169,6 @@ def plan_tensors(
         raise ConversionError(f"missing tensor(s) in the source weights: {shown}")
     return plan
 
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in `size`: an int, or a string like "5GB" (10^9) or "500MiB" (2^20)."""
-    try:
-        return files.parse_size(size)
-    except DiffembedError as err:
-        raise ConversionError(str(err), exit_status=2) from None
 
 
 def _group_shards(plan: list[tuple[str, SourceTensor]], max_bytes: int) -> list[list[tuple[str, SourceTensor]]]:

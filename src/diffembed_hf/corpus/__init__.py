@@ -1,10 +1,11 @@
 """Embedding corpora: in memory (`embed_texts`), or of any size into parquet shards (`encode_corpus`), on one
 process, every rank of a torchrun job, or a Ray cluster (`ray_data`, extra `[ray]`)."""
 
-from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder
+from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder
+from ..errors import CorpusError
 from .embed import embed_texts, visible_devices
 from .encode import DEFAULT_SHARD_SIZE, CorpusResult, encode_corpus
-from .read import CorpusError, CorpusSource, iter_rows, join_title
+from .read import CorpusSource, iter_rows, join_title
 
 
 def __getattr__(name: str):

@@ -1,8 +1,8 @@
 """`embed_texts`: a list of texts in, one float32 vector per text out, in one process or one per device.
 
 This is the entry point for callers that hold their corpus in memory (evaluation corpora): it runs the
-packed, length-sorted encoder of `batching`, and with `devices=[...]` (or `"all"`) it spreads the texts over
-one worker process per device (torch.multiprocessing, spawned), each holding its own copy of the model.
+packed, length-sorted encoder (`encoding.encode`), and with `devices=[...]` (or `"all"`) it spreads the texts
+over one worker process per device (torch.multiprocessing, spawned), each holding its own copy of the model.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 import torch.multiprocessing as mp
 from sentence_transformers import SentenceTransformer
 
-from ..encoding import PromptNameError, check_texts, load_encoder
-from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, progress_bar, warn_truncated
+from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, check_texts, progress_bar
+from ..encoding import encode, load_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +28,6 @@ def visible_devices() -> list[str]:
     """Every visible CUDA device, or `["cpu"]`."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
-
-
-def resolve_prompt(model: SentenceTransformer, prompt: str | None, prompt_name: str | None) -> str | None:
-    if prompt is not None and prompt_name is not None:
-        raise PromptNameError("pass prompt or prompt_name, not both")
-    if prompt_name is not None:
-        if prompt_name not in model.prompts:
-            raise PromptNameError(f"--prompt-name {prompt_name!r} is not one of the model's prompts: "
-                                  f"{', '.join(sorted(model.prompts)) or '(none)'}")
-        return model.prompts[prompt_name]
-    return prompt
 
 
 def embed_texts(
@@ -75,16 +64,8 @@ def embed_texts(
             model.to(devices[0])
         if max_seq_length is not None:
             model.max_seq_length = max_seq_length
-    encoder = Encoder(model, prompt=resolve_prompt(model, prompt, prompt_name),
-                      max_tokens_per_batch=max_tokens_per_batch)
-    progress = progress_bar(len(texts), show_progress_bar)
-    try:
-        embeddings, truncated = encoder.embed(texts, progress)
-    finally:
-        if progress is not None:
-            progress.close()
-    warn_truncated(truncated, len(texts), encoder.max_length)
-    return embeddings
+    return encode(model, texts, prompt=prompt, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
+                  show_progress_bar=show_progress_bar)
 
 
 def _worker(rank: int, device: str, model: str, texts: list[str], options: dict, results) -> None:

@@ -9,8 +9,8 @@ shard_size) whoever computes it, so the output never depends on the number of ra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +19,14 @@ from typing import Any
 from sentence_transformers import SentenceTransformer
 
 from .. import __version__
-from ..encoding import load_encoder
+from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, progress_bar, resolve_prompt, warn_truncated
+from ..checkpoint import model_identity, settings_digest
+from ..encoding import check_max_seq_length, check_prompt_name, load_encoder
+from ..errors import DiffembedError
+from ..files import output_lock
 from . import distributed
-from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, progress_bar, warn_truncated
-from .embed import resolve_prompt
 from .read import CorpusError, CorpusSource, ShardPlan, iter_rows, scan
-from .shards import (DTYPES, ShardInfo, file_sha256, finish_manifest, prepare_folder, settings_digest, verify_shard,
-                     write_shard)
+from .shards import DTYPES, ShardInfo, finish_manifest, prepare_folder, verify_shard, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class CorpusJob:
     plan: ShardPlan
     settings: dict
     dtype: str
+    known_digests: dict[int, str] = dataclasses.field(default_factory=dict)  # an earlier run's manifest, per shard
 
     def stamp(self, shard: int) -> dict:
         return {"settings": settings_digest(self.settings), "input": self.plan.digests[shard]}
@@ -59,7 +61,8 @@ class CorpusJob:
         return min(self.plan.shard_size, self.plan.rows - self.plan.starts[shard][1])
 
     def verified(self, shard: int) -> ShardInfo | None:
-        return verify_shard(self.output_dir, shard, self.stamp(shard), self.plan.shard_rows[shard])
+        return verify_shard(self.output_dir, shard, self.stamp(shard), self.plan.shard_rows[shard],
+                            self.known_digests.get(shard))
 
     def compute(self, shard: int, encoder: Encoder, progress=None) -> ShardInfo:
         """Read shard `shard`'s rows (from its start position), embed the good ones, write the shard."""
@@ -81,11 +84,14 @@ class CorpusJob:
 
 
 def as_source(source, field, id_field, title_field, split, subset) -> CorpusSource:
-    """A path, Hub id or `datasets` dataset, with the fields to read from it."""
+    """A path, Hub id or `datasets` dataset, with the fields to read from it. A local path is made absolute, so
+    `x.jsonl`, `./x.jsonl` and `/abs/x.jsonl` are the same input to a resumed run."""
     if isinstance(source, CorpusSource):
         return source
     if isinstance(source, (str, Path)):
-        return CorpusSource(str(source), field, id_field, title_field, split, subset)
+        path = Path(source).expanduser()
+        name = str(path.resolve()) if path.exists() else str(source)
+        return CorpusSource(name, field, id_field, title_field, split, subset)
     return CorpusSource("dataset", field, id_field, title_field, dataset=source)
 
 
@@ -99,37 +105,34 @@ def check_options(shard_size: int, dtype: str, max_tokens_per_batch: int) -> Non
         raise CorpusError(f"--max-tokens-per-batch must be at least 1, got {max_tokens_per_batch}")
 
 
-def model_identity(name: str, model: SentenceTransformer) -> dict:
-    """What identifies the weights: a Hub id's commit, or a local folder's sha256 over all its files (read once
-    per run; about 10 s for 15 GB), so retrained weights in the same folder are never mixed with old shards."""
-    folder = Path(name)
-    if not folder.is_dir():
-        return {"model": name, "revision": getattr(model[0].auto_model.config, "_commit_hash", None),
-                "model_sha256": None}
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
-        digest.update(str(path.relative_to(folder)).encode() + b"\x00")
-        digest.update(file_sha256(path).encode())
-    return {"model": str(folder.resolve()), "revision": None, "model_sha256": digest.hexdigest()}
+def check_locations(source: CorpusSource, output_dir: Path) -> None:
+    """The output folder must not lie inside the input folder (a rerun would read its own shards as input)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CorpusError(f"{output_dir} exists and is not a folder")
+    if source.dataset is None and Path(source.path).is_dir():
+        root, out = Path(source.path).resolve(), output_dir.resolve()
+        if out == root or root in out.parents:
+            raise CorpusError(f"the output folder {output_dir} lies inside the input folder {source.path}; choose "
+                              "an output outside it")
 
 
 def plan_job(model_name: str, model: SentenceTransformer, encoder: Encoder, source, output_dir: Path, *,
-             shard_size: int, dtype: str, skip_bad_rows: bool, overwrite: bool) -> CorpusJob:
+             shard_size: int, dtype: str, skip_bad_rows: bool, overwrite: bool, quantize: str | None = None) -> CorpusJob:
     """Rank 0's part: read the corpus, fix the settings, check and open the output folder."""
     plan = scan(source, shard_size, skip_bad_rows=skip_bad_rows)
     if plan.good_rows == 0:
         raise CorpusError(f"the corpus is empty: {plan.rows} rows, none to embed" if plan.rows else
                           "the corpus is empty (no rows)")
     settings = {
-        **model_identity(model_name, model),
+        **model_identity(model_name, getattr(model[0].auto_model.config, "_commit_hash", None)).as_dict(),
         "prompt": encoder.prompt, "max_seq_length": encoder.max_length, "normalized": encoder.normalize,
         "include_prompt": encoder.include_prompt, "weights_dtype": str(encoder.auto_model.dtype).removeprefix("torch."),
+        **({"quantize": quantize} if quantize else {}),
         "dtype": dtype, "dim": encoder.dim, "shard_size": shard_size, **source.describe(), "id_field": plan.id_field,
         "skip_bad_rows": skip_bad_rows, "rows": plan.rows, "input_digest": plan.corpus_digest(),
     }
-    prepare_folder(output_dir, settings, overwrite=overwrite)
-    return CorpusJob(dataclasses.replace(source, id_field=plan.id_field), output_dir, plan, settings, dtype)
+    known = prepare_folder(output_dir, settings, overwrite=overwrite)
+    return CorpusJob(dataclasses.replace(source, id_field=plan.id_field), output_dir, plan, settings, dtype, known)
 
 
 def encode_corpus(
@@ -152,6 +155,8 @@ def encode_corpus(
     overwrite: bool = False,
     device: str | None = None,
     show_progress_bar: bool | None = None,
+    quantize: str | None = None,
+    trust_remote_code: bool = False,
 ) -> CorpusResult:
     """Embed a corpus (a .jsonl/.parquet/.csv file, a folder of them, a Hub dataset id, or a `datasets` dataset)
     into `output_dir`: `part-NNNNN.parquet` shards of `shard_size` input rows plus `manifest.json`.
@@ -161,23 +166,35 @@ def encode_corpus(
     Raises `CorpusError` for a problem with the input, the options or the output folder.
     """
     check_options(shard_size, dtype, max_tokens_per_batch)
+    check_max_seq_length(max_seq_length, None)
+    check_prompt_name(model, prompt_name)
     source = as_source(source, field, id_field, title_field, split, subset)
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).expanduser().absolute()
+    check_locations(source, output_dir)
     ranks = distributed.current()
-    with distributed.process_group(ranks):
-        st_model = load_encoder(model, device=distributed.device_for(ranks, device), max_seq_length=max_seq_length)
+    with distributed.process_group(ranks), contextlib.ExitStack() as held:
+        job = error = None
+        if ranks.is_main:  # one job per output folder: a second one is refused, naming this one
+            try:
+                held.enter_context(output_lock(output_dir))
+            except DiffembedError as err:
+                error = err
+        error = distributed.broadcast(error, ranks)
+        if error is not None:
+            raise error
+        st_model = load_encoder(model, device=distributed.device_for(ranks, device), max_seq_length=max_seq_length,
+                                quantize=quantize, trust_remote_code=trust_remote_code)
         encoder = Encoder(st_model, prompt=resolve_prompt(st_model, prompt, prompt_name),
                           max_tokens_per_batch=max_tokens_per_batch)
-        job = error = None
         if ranks.is_main:
             try:
                 job = plan_job(model, st_model, encoder, source, output_dir, shard_size=shard_size, dtype=dtype,
-                               skip_bad_rows=skip_bad_rows, overwrite=overwrite)
-            except CorpusError as err:
-                error = str(err)
+                               skip_bad_rows=skip_bad_rows, overwrite=overwrite, quantize=quantize)
+            except DiffembedError as err:
+                error = err
         job, error = distributed.broadcast((job, error), ranks)
         if error is not None:
-            raise CorpusError(error)
+            raise error
 
         mine = [k for k in range(job.plan.num_shards) if ranks.owns(k)]
         infos = {k: job.verified(k) for k in mine}

@@ -16,22 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..encoding import load_encoder
-from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, warn_truncated
-from .embed import resolve_prompt
-from .encode import DEFAULT_SHARD_SIZE, CorpusJob, CorpusResult, as_source, check_options, plan_job
-from .read import CorpusError, CorpusSource
+from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, resolve_prompt, warn_truncated
+from ..encoding import check_max_seq_length, check_prompt_name, load_encoder
+from ..errors import CorpusError, DiffembedError, require_extra
+from ..files import output_lock
+from .encode import DEFAULT_SHARD_SIZE, CorpusJob, CorpusResult, as_source, check_locations, check_options, plan_job
+from .read import CorpusSource
 from .shards import ShardInfo, finish_manifest
 
 logger = logging.getLogger(__name__)
 
 
 def _ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as err:
-        raise CorpusError("Ray mode needs Ray Data: pip install 'diffembed-hf[ray]'") from err
+    require_extra("ray", what="Ray mode")
+    import ray
+    import ray.data  # noqa: F401
+
     return ray
 
 
@@ -110,8 +110,8 @@ def _plan_remote(model: str, source, output_dir: Path, options: dict, job_option
         job = plan_job(model, st_model, encoder, source, output_dir, **job_options)
         kept = {k: job.verified(k) for k in range(job.plan.num_shards)}
         return job, {k: info for k, info in kept.items() if info is not None}, None
-    except CorpusError as err:
-        return None, None, str(err)
+    except DiffembedError as err:
+        return None, None, err
 
 
 def encode_corpus_with_ray(
@@ -139,9 +139,23 @@ def encode_corpus_with_ray(
     """`encode_corpus` on the Ray cluster at `address` ("auto", "host:port", or "local" for a new local
     instance): the same shards, manifest, resume and refusals, with shards spread over Ray's actor pool."""
     check_options(shard_size, dtype, max_tokens_per_batch)
+    check_max_seq_length(max_seq_length, None)
+    check_prompt_name(model, prompt_name)
     ray = _ray()
     source = as_source(source, field, id_field, title_field, split, subset)
-    output_dir = Path(output_dir).absolute()
+    output_dir = Path(output_dir).expanduser().absolute()
+    check_locations(source, output_dir)
+    with output_lock(output_dir):  # one job per output folder
+        return _encode_with_ray(ray, model, source, output_dir, address=address, prompt=prompt,
+                                prompt_name=prompt_name, shard_size=shard_size, dtype=dtype,
+                                max_tokens_per_batch=max_tokens_per_batch, max_seq_length=max_seq_length,
+                                skip_bad_rows=skip_bad_rows, overwrite=overwrite,
+                                show_progress_bar=show_progress_bar, num_actors=num_actors)
+
+
+def _encode_with_ray(ray, model: str, source: CorpusSource, output_dir: Path, *, address: str, prompt, prompt_name,
+                     shard_size: int, dtype: str, max_tokens_per_batch: int, max_seq_length, skip_bad_rows: bool,
+                     overwrite: bool, show_progress_bar, num_actors) -> CorpusResult:
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
@@ -153,7 +167,7 @@ def encode_corpus_with_ray(
     job, kept, error = ray.get(planner.remote(model, source, output_dir, options, dict(
         shard_size=shard_size, dtype=dtype, skip_bad_rows=skip_bad_rows, overwrite=overwrite)))
     if error is not None:
-        raise CorpusError(error)
+        raise error
     pending = [k for k in range(job.plan.num_shards) if k not in kept]
     infos = list(kept.values())
     if pending:

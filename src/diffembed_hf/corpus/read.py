@@ -19,17 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from ..checkpoint import is_hub_id
+from ..errors import CorpusError, require_extra
 
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".parquet", ".csv")
 ID_FIELDS = ("_id", "id")  # the default id columns, in order (BEIR / mteb corpora use `_id`)
 ROW_NUMBER = "row number"  # id_field value meaning: ids are the rows' positions
-
-
-class CorpusError(UsageError, ValueError):
-    """A problem with the user's corpus or output folder, described in words (no traceback needed)."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +73,9 @@ def join_title(title: Any, text: str) -> str:
 
 
 def is_hub_dataset(path: str) -> bool:
-    return path.startswith("hf://datasets/") or (not Path(path).exists() and path.count("/") == 1
-                                                  and not path.startswith((".", "/")))
+    """`hf://datasets/ORG/NAME`, or `ORG/NAME` where no such local path exists (a missing local file is named
+    as missing, not as an unreachable Hub dataset)."""
+    return path.startswith("hf://datasets/") or is_hub_id(path)
 
 
 def list_files(path: str) -> list[Path]:
@@ -153,10 +151,9 @@ def _columns(path: Path) -> list[str] | None:
 
 
 def _records_hub(source: CorpusSource, offset: int) -> Iterator[tuple[Any, str, int]]:
-    try:
-        import datasets
-    except ImportError as err:
-        raise CorpusError("a Hub dataset is read with `datasets`: pip install 'diffembed-hf[train]'") from err
+    require_extra("train", ("datasets",), what="reading a Hub dataset")
+    import datasets
+
     name = source.path.removeprefix("hf://datasets/")
     try:
         data = datasets.load_dataset(name, source.subset, split=source.split, streaming=True)

@@ -1,29 +1,37 @@
 """The output folder: parquet shards `part-NNNNN.parquet` (`id`: string, `embedding`: fixed-size list of
-float32/float16) and `manifest.json`.
+float32/float16) and the manifest `.diffembed-manifest.json`.
+
+The manifest's name starts with a dot so that the readers users point at the folder (`pyarrow.parquet.
+read_table(DIR)`, `pandas.read_parquet(DIR)`, `datasets.load_dataset("parquet", data_dir=DIR)`) skip it, as
+they skip hidden files; a `manifest.json` left by an earlier release is read and replaced.
 
 A shard is written to a hidden temporary file and renamed into place, so a file under a final name is always
-complete. Each shard carries in its parquet metadata the digest of the run's settings and of its input rows:
-a rerun keeps a shard only if both match (verified from the file's footer) and recomputes the rest.
-`manifest.json` is written when the run starts (`"complete": false`, the settings) and rewritten by the last
-step of the run with every shard's row count and sha256 (`"complete": true`).
+complete, with parquet page checksums. Each shard carries in its parquet metadata the digest of the run's
+settings and of its input rows. A rerun keeps a shard only if its footer carries this run's digests, its row
+count is right, its bytes match the sha256 an earlier manifest recorded for it (when one did), and every page
+passes its checksum; anything else is recomputed. The manifest is written when the run starts (`"complete":
+false`, the settings, and the shard digests an earlier manifest of the same settings recorded) and rewritten by
+the last step of the run with every shard's row count and sha256 (`"complete": true`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .read import CorpusError
+from ..checkpoint import file_sha256
+from ..errors import CorpusError
+from ..files import staged_file, write_json
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = ".diffembed-manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # releases before 0.2 named it so; readers of the folder tripped on it
 FORMAT = "diffembed-corpus-embeddings/1"
 _META_KEY = b"diffembed"
 DTYPES = ("float32", "float16")
@@ -32,7 +40,7 @@ DTYPES = ("float32", "float16")
 SETTING_NAMES = {
     "model": "model", "revision": "model revision", "model_sha256": "model files (weights, config, tokenizer)",
     "prompt": "prompt", "max_seq_length": "max sequence length", "normalized": "normalisation",
-    "include_prompt": "prompt pooling", "weights_dtype": "compute dtype", "dtype": "output dtype",
+    "include_prompt": "prompt pooling", "weights_dtype": "compute dtype", "quantize": "quantization", "dtype": "output dtype",
     "dim": "embedding dimension", "shard_size": "shard size", "input": "input", "field": "text field",
     "id_field": "id field", "title_field": "title field", "split": "split", "subset": "subset",
     "skip_bad_rows": "--skip-bad-rows", "rows": "number of input rows", "input_digest": "input contents",
@@ -41,18 +49,6 @@ SETTING_NAMES = {
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
-
-
-def settings_digest(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def schema(dim: int, dtype: str):
@@ -82,28 +78,22 @@ def write_shard(folder: Path, index: int, ids: list[str], embeddings: np.ndarray
         [pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(values, dim)],
         schema=schema(dim, dtype).with_metadata({_META_KEY: json.dumps(stamp).encode()}),
     )
-    final = folder / shard_name(index)
-    temporary = folder / f".{final.name}.{os.getpid()}.tmp"
-    try:
-        pq.write_table(table, temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
+    with staged_file(folder / shard_name(index)) as temporary:
+        pq.write_table(table, temporary, write_page_checksum=True)
         digest = file_sha256(temporary)
-        os.replace(temporary, final)
-    finally:
-        temporary.unlink(missing_ok=True)
     return ShardInfo(index, len(ids), digest, computed=True)
 
 
-def verify_shard(folder: Path, index: int, stamp: dict, rows: int) -> ShardInfo | None:
-    """The kept shard's info if `part-index` exists, carries `stamp` and holds `rows` rows; None otherwise."""
+def verify_shard(folder: Path, index: int, stamp: dict, rows: int, known_sha256: str | None = None) -> ShardInfo | None:
+    """The kept shard's info if `part-index` exists, carries `stamp`, holds `rows` rows, matches the sha256 an
+    earlier manifest recorded for it (if any) and every page passes its checksum; None (recompute) otherwise."""
     import pyarrow.parquet as pq
 
     path = folder / shard_name(index)
     if not path.is_file():
         return None
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
         found = json.loads(parquet.schema_arrow.metadata[_META_KEY])
         complete = parquet.metadata.num_rows == rows
     except Exception as err:  # noqa: BLE001 - unreadable: recompute it
@@ -112,39 +102,77 @@ def verify_shard(folder: Path, index: int, stamp: dict, rows: int) -> ShardInfo 
     if found != stamp or not complete:
         logger.warning("%s was made from other input rows or settings; recomputing it", path)
         return None
-    return ShardInfo(index, rows, file_sha256(path), computed=False)
+    digest = file_sha256(path)
+    if known_sha256 is not None and digest != known_sha256:
+        logger.warning("%s differs from the sha256 its manifest recorded (damaged since?); recomputing it", path)
+        return None
+    try:
+        parquet.read()  # every page against its checksum (and every compressed page decompressed)
+    except Exception as err:  # noqa: BLE001 - damaged data pages: recompute it
+        logger.warning("%s has damaged data (%s); recomputing it", path, err)
+        return None
+    return ShardInfo(index, rows, digest, computed=False)
 
 
 def read_manifest(folder: Path) -> dict | None:
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CorpusError(f"{path} is not valid JSON ({err}); remove it or pass --overwrite") from err
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        path = folder / name
+        if path.is_file():
+            try:
+                manifest = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CorpusError(f"{path} is not valid JSON ({err}); pass --overwrite to replace the folder's "
+                                  "embeddings") from err
+            if name == LEGACY_MANIFEST and (not isinstance(manifest, dict) or manifest.get("format") != FORMAT):
+                return None  # a user's own manifest.json: not ours, never read as one
+            return manifest if isinstance(manifest, dict) else {}
+    return None
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    temporary = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, folder / MANIFEST)
+    write_json(folder / MANIFEST, manifest)
+    if (folder / LEGACY_MANIFEST).is_file():
+        legacy = read_manifest_file(folder / LEGACY_MANIFEST)
+        if legacy is not None and legacy.get("format") == FORMAT:
+            (folder / LEGACY_MANIFEST).unlink()
+
+
+def read_manifest_file(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _temporary(path: Path) -> bool:
+    """A file a killed run of ours left: a shard or a manifest being written."""
+    name = path.name
+    return name.startswith((".part-", f".{MANIFEST}.", f".{LEGACY_MANIFEST}."))
 
 
 def _ours(path: Path) -> bool:
     name = path.name
-    return name == MANIFEST or (name.startswith("part-") and name.endswith(".parquet")) or (
-        name.startswith((".part-", f".{MANIFEST}")) and name.endswith(".tmp"))
+    legacy = name == LEGACY_MANIFEST and (read_manifest_file(path) or {}).get("format") == FORMAT
+    return (name == MANIFEST or legacy or (name.startswith("part-") and name.endswith(".parquet"))
+            or _temporary(path))
 
 
-def prepare_folder(folder: Path, settings: dict, *, overwrite: bool) -> None:
-    """Check the folder against this run's settings and write the opening manifest.
+def prepare_folder(folder: Path, settings: dict, *, overwrite: bool) -> dict[int, str]:
+    """Check the folder against this run's settings and write the opening manifest; return the shard digests an
+    earlier manifest with the same settings recorded (shard index -> sha256), for `verify_shard`.
 
     Same settings: resume. Other settings: refused, naming the first difference, unless `overwrite`, which
-    removes the earlier run's shards and manifest first. A non-empty folder that is not an output folder is
-    never touched."""
+    removes the earlier run's shards and manifest first. A corrupt manifest is replaced with `overwrite`. A
+    non-empty folder that is not an output folder is never touched."""
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(folder)
+    try:
+        manifest = read_manifest(folder)
+    except CorpusError:
+        if not overwrite:
+            raise
+        logger.warning("--overwrite: replacing the unreadable manifest of %s and its shards", folder)
+        manifest = {"format": FORMAT, "settings": None}
     entries = [p for p in folder.iterdir()]
     if manifest is None and any(not _ours(p) for p in entries):
         raise CorpusError(f"{folder}/ is not empty and holds no {MANIFEST}: choose a new or empty output folder")
@@ -160,14 +188,24 @@ def prepare_folder(folder: Path, settings: dict, *, overwrite: bool) -> None:
                 f"this run asks for {_show(settings.get(key))}; rerun with the same settings to resume, or pass "
                 "--overwrite to replace them")
         logger.warning("--overwrite: removing the earlier run's shards from %s", folder)
+    known = {}
     if manifest is None or previous != settings:
         for path in entries:
             if _ours(path):
                 path.unlink()
+    else:  # the same run resumed: what an earlier manifest recorded of each shard is kept and checked
+        for shard in manifest.get("shards") or []:
+            name = shard.get("file", "") if isinstance(shard, dict) else ""
+            if re.fullmatch(r"part-\d{5,}\.parquet", name) and isinstance(shard.get("sha256"), str):
+                known[int(name[5:-8])] = shard["sha256"]
     for path in entries:  # temporary files of a killed run
-        if path.exists() and path.name.endswith(".tmp") and _ours(path):
+        if path.exists() and _temporary(path):
             path.unlink()
-    write_manifest(folder, {"format": FORMAT, "complete": False, "settings": settings})
+    opening = {"format": FORMAT, "complete": False, "settings": settings}
+    if known:
+        opening["shards"] = [{"file": shard_name(k), "sha256": v} for k, v in sorted(known.items())]
+    write_manifest(folder, opening)
+    return known
 
 
 def _show(value) -> str:

@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-from ..errors import UsageError
+from ..errors import EvaluationError
 
-
-class EvaluationError(UsageError, ValueError):
-    """A user-fixable problem (a bad name, a bad data folder, a dataset out of reach); the message says which."""
+__all__ = ["EvaluationError", "evaluate"]
 
 
 def evaluate(*args, **kwargs):

@@ -8,13 +8,13 @@ card's table gives every task in percent with the study's published DiffEmbed nu
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import EvalResult
 
-from . import EvaluationError
+from ..checkpoint import EVAL_RUN, EVAL_SUMMARY, is_hub_id
+from ..errors import EvaluationError
 from .suites import STUDY, STUDY_URL
 
 # mteb task type -> the Hub's task type (the mapping mteb's own card export uses)
@@ -34,16 +34,12 @@ class CardResults:
 
 def load_results(folder: Path) -> tuple[dict, dict]:
     try:
-        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        summary = json.loads((folder / EVAL_SUMMARY).read_text(encoding="utf-8"))
+        record = json.loads((folder / EVAL_RUN).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise EvaluationError(f"{folder}: no readable evaluation results (summary.json, run.json from "
                               f"`diffembed evaluate --output {folder}`): {err}") from None
     return summary, record
-
-
-def _is_hub_dataset(path: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path or ""))
 
 
 def eval_results(summary: dict, record: dict) -> list[EvalResult]:
@@ -57,7 +53,7 @@ def eval_results(summary: dict, record: dict) -> list[EvalResult]:
             subset = subset or (info.get("subsets") or ["default"])[0]
             results.append(EvalResult(
                 task_type=HF_TASK_TYPES.get(info.get("type"), "feature-extraction"), task_name=info.get("type"),
-                dataset_type=dataset if _is_hub_dataset(dataset) else f"local/{task}",
+                dataset_type=dataset if is_hub_id(dataset) else f"local/{task}",
                 dataset_name=f"{task} ({subset})" if subset != "default" else task, dataset_config=subset,
                 dataset_split=split, dataset_revision=info.get("dataset_revision"),
                 metric_type=scores["metric"], metric_name=scores["metric"], metric_value=values["main_score"],

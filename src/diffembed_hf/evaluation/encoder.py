@@ -10,7 +10,6 @@ model another's scores. All encoding goes through `_embed`, one function.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections import OrderedDict
@@ -24,13 +23,13 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 from sentence_transformers import SentenceTransformer
 
-from ..corpus import DEFAULT_MAX_TOKENS_PER_BATCH, embed_texts, visible_devices
+from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH
+from ..checkpoint import model_identity as identity_of
+from ..corpus import embed_texts, visible_devices
 from .suites import STUDY_INSTRUCTIONS, SYMMETRIC_TYPES, render_prompt
 
 logger = logging.getLogger(__name__)
 
-# Files whose content decides what a folder embeds: weights, architecture, tokenizer, pooling, prompts, length.
-_IDENTITY_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.model", "*.py", "*/config.json")
 CACHE_BYTES = 8 * 2**30  # embeddings kept for reuse within a run (a BRIGHT corpus of 10^5 docs x 3584 is 1.4 GiB)
 
 
@@ -63,29 +62,15 @@ def _texts_digest(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
-def folder_digest(folder: Path) -> str:
-    """sha256 over the files that decide what a model folder embeds (names and full contents)."""
-    digest = hashlib.sha256()
-    files = sorted({p for pattern in _IDENTITY_PATTERNS for p in folder.glob(pattern) if p.is_file()})
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_identity(model_name_or_path: str) -> tuple[str, str]:
-    """(name, revision) for mteb: a Hub id and its commit, or 'diffembed-local/<folder>' and a content hash, so
-    two different models (or one folder before and after retraining) never share mteb's cached results."""
-    path = Path(model_name_or_path).expanduser()
-    if path.is_dir():
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.resolve().name) or "model"
-        return f"diffembed-local/{name}", folder_digest(path)[:20]
-    from huggingface_hub import snapshot_download
-
-    snapshot = Path(snapshot_download(model_name_or_path, local_files_only=True))  # loaded already: in the cache
-    return model_name_or_path, snapshot.name  # snapshots/<commit>
+    """(name, revision) for mteb: a Hub id and its commit, or 'diffembed-local/<folder>' and the folder's content
+    digest (`checkpoint.model_identity`), so two different models (or one folder before and after retraining)
+    never share mteb's cached results."""
+    identity = identity_of(model_name_or_path)
+    if identity.sha256 is not None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(identity.model).name) or "model"
+        return f"diffembed-local/{name}", identity.key
+    return identity.model, identity.revision or "unknown"
 
 
 def model_meta(model: SentenceTransformer, name: str, revision: str, settings: dict[str, Any]) -> ModelMeta:
@@ -172,6 +157,3 @@ class DiffEmbedEncoder(AbsEncoder):
             self._cache.popitem(last=False)
         return embeddings
 
-
-def settings_digest(values: dict) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]

@@ -17,7 +17,7 @@ from datasets import Dataset
 from mteb.abstasks import AbsTaskRetrieval
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from . import EvaluationError
+from ..errors import EvaluationError
 
 BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")
 STDLIB_TASK = "StdlibHeldOutRetrieval"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import move_into_place, remove_stale_temp_folders, temporary_sibling
-from . import EvaluationError
+from ..errors import EvaluationError, require_extra
 from .suites import PUBLISHED, STUDY, SUITE_MAX_SEQ_LENGTH, close_matches, suite_task, suite_tasks
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,9 @@ class EvaluationResult:
 
 
 def require_mteb():
-    try:
-        import mteb
-    except ImportError:
-        raise EvaluationError("evaluation needs mteb, which is not installed: "
-                              "pip install 'diffembed-hf[eval]'") from None
+    require_extra("eval", what="evaluation")
+    import mteb
+
     return mteb
 
 
@@ -232,6 +230,7 @@ def evaluate(
     overwrite: bool = False,
     device: str | None = None,
     stdlib_rows: int | None = None,
+    trust_remote_code: bool = False,
 ) -> EvaluationResult:
     """Evaluate `model` (a DiffEmbed folder or Hub id, loaded as a user would: sentence-transformers with
     `trust_remote_code=True`) and write mteb's result files, `summary.json` and `run.json` under `output`.
@@ -255,13 +254,11 @@ def evaluate(
     _check_output(output)
 
     from ..encoding import load_encoder
-    from .encoder import DiffEmbedEncoder, model_identity, model_meta, settings_digest
+    from ..checkpoint import settings_digest
+    from .encoder import DiffEmbedEncoder, model_identity, model_meta
 
     length = max_seq_length or SUITE_MAX_SEQ_LENGTH.get(suite or "")
-    try:
-        st_model = load_encoder(model, device=device, max_seq_length=length)
-    except OSError as err:
-        raise EvaluationError(f"cannot load the model {model!r}: {err}") from None
+    st_model = load_encoder(model, device=device, max_seq_length=length, trust_remote_code=trust_remote_code)
     query_prompts = {}
     if suite == "stdlib":
         query_prompts[STDLIB_TASK] = ""  # the anchors already carry the task's instruction
@@ -270,7 +267,7 @@ def evaluate(
     name, revision = model_identity(model)
     settings = {"max_seq_length": st_model.max_seq_length}
     if overrides or query_prompts:
-        settings["prompts"] = settings_digest({"instructions": overrides, "query_prompts": query_prompts})
+        settings["prompts"] = settings_digest({"instructions": overrides, "query_prompts": query_prompts})[:12]
     meta = model_meta(st_model, name, revision, settings)
     encoder = DiffEmbedEncoder(st_model, meta, instructions=overrides, query_prompts=query_prompts,
                                source=None if device else model,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from . import EvaluationError
+from ..errors import EvaluationError
 
 STUDY = "DiffEmbed (Dream 7B), arXiv:2505.15045 v1"
 STUDY_URL = "https://arxiv.org/abs/2505.15045"

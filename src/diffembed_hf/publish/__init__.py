@@ -6,7 +6,9 @@
   * the card itself comes from `diffembed_hf.model_card`, the one builder every job uses.
 """
 
-from .files import REMOTE_CODE_FILES, TRAINING_METADATA, PublishError, PublishUsageError, files_to_push, folder_kind
+from ..checkpoint import REMOTE_CODE_FILES
+from ..errors import PublishError, PublishUsageError
+from .files import TRAINING_METADATA, files_to_push, folder_kind
 from .upload import PlannedFiles, PushPlan, prepare_push, push, upload
 from .validate import validate_folder
 
@@ -14,7 +16,7 @@ _CARD_NAMES = ("build_model_card", "EXAMPLE_QUERY", "EXAMPLE_DOCUMENT", "CITATIO
 
 
 def __getattr__(name: str):
-    # the card builder lives in diffembed_hf.model_card (which imports .files from here): re-exported lazily
+    # the card builder lives in diffembed_hf.model_card: re-exported lazily (it needs huggingface_hub's card code)
     if name in _CARD_NAMES:
         from .. import model_card
 

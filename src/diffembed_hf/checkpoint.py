@@ -1,0 +1,332 @@
+"""What a DiffEmbed checkpoint folder is: its files, the records the jobs leave in it, its identity, and the
+checks that make a folder safe to read.
+
+Every job that reads or writes a model folder (convert, train, encode, evaluate, export, push, the model card)
+takes these facts from here, so they cannot drift apart:
+
+  * names: the records (`diffembed_conversion.json`, `diffembed_training.json`, the `eval/` results), the
+    remote-code files, the tokenizer, sentence-transformers and licence files, adapter files;
+  * `is_hub_id`: the one test of "is this a Hub repo id rather than a local path";
+  * `folder_kind`: a full model or a PEFT adapter;
+  * `content_digest` / `model_identity`: what identifies the vectors a folder makes - its weights, config,
+    tokenizer and sentence-transformers files, and nothing else (writing `eval/` or an output inside the
+    folder, or editing its README, leaves the identity unchanged);
+  * `inside` / `check_folder`: a folder is untrusted input. A path its metadata names (modules.json, a weight
+    index, an auto_map) must stay inside it, and a symbolic link in it must not lead out of it (Hugging Face
+    cache snapshots, whose files link to the repository's blobs, excepted); `check_remote_code` refuses to run a
+    folder's own Python code unless the user opted in.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import DiffembedError, UntrustedFolderError, UsageError
+
+CONFIG = "config.json"
+CONVERSION_RECORD = "diffembed_conversion.json"  # written by `diffembed convert`; read for the card
+TRAINING_RECORD = "diffembed_training.json"  # written by `diffembed train`; read for the card
+EVAL_FOLDER = "eval"  # `diffembed evaluate MODEL --output MODEL/eval`: the card of MODEL shows these results
+EVAL_SUMMARY = "summary.json"
+EVAL_RUN = "run.json"
+WEIGHT_INDEX = "model.safetensors.index.json"
+REMOTE_CODE_FILES = ("configuration_diffembed.py", "modeling_diffembed.py")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+TOKENIZER_PATTERNS = ("*.tiktoken", "tokenization_*.py")
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+LICENSE_PATTERNS = ("LICENSE*", "NOTICE*", "USE_POLICY*")
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonlines", ".csv", ".tsv", ".parquet", ".txt", ".gz", ".bz2", ".xz")
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+
+
+def is_hub_id(name: Any) -> bool:
+    """"namespace/name" with the Hub's characters, and not an existing local path, a path spelled as one
+    (`./x`, `~/x`) or a data file name: what can only be meant as a Hub repo id."""
+    if not isinstance(name, str) or not _HUB_ID.fullmatch(name) or ".." in name or name.endswith((".", "-")):
+        return False
+    if Path(name).expanduser().exists() or name.lower().endswith(DATA_SUFFIXES):
+        return False
+    return True
+
+
+def local_folder(name: str | os.PathLike) -> Path | None:
+    """The folder `name` names, or None for a name that can only be a Hub id; a missing local path is an error
+    that says so (never reported as an unreachable Hub repo)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UsageError(f"{name} is a file; give a model folder or a Hub id")
+    if is_hub_id(str(name)):
+        return None
+    raise UsageError(f"{name}: no such folder (and not a Hub id of the form namespace/name)")
+
+
+def read_json(path: Path, error: type[DiffembedError] = DiffembedError) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise error(f"{path} cannot be read as JSON: {err}") from None
+
+
+def read_json_or_empty(path: Path, error: type[DiffembedError] = DiffembedError) -> dict:
+    return read_json(path, error) if Path(path).is_file() else {}
+
+
+def folder_kind(folder: str | Path, error: type[DiffembedError] = DiffembedError) -> str:
+    """"model" for a full DiffEmbed folder, "adapter" for a PEFT adapter folder; `error` otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise error(f"{folder} is not a folder")
+    has_model, has_adapter = (folder / CONFIG).is_file(), (folder / ADAPTER_CONFIG).is_file()
+    if has_model and has_adapter:
+        raise error(f"{folder} holds both a model ({CONFIG}) and an adapter ({ADAPTER_CONFIG}); transformers "
+                    "would load it as the adapter. Remove the one you do not mean to use.")
+    if has_model:
+        return "model"
+    if has_adapter:
+        return "adapter"
+    raise error(f"{folder} is not a DiffEmbed checkpoint: it has no {CONFIG} (nor {ADAPTER_CONFIG})")
+
+
+def weight_files(folder: Path, error: type[DiffembedError] = DiffembedError) -> list[str]:
+    """The safetensors weight files of a model folder (the index first, if sharded); `error` when they are
+    missing, pickled only, or ambiguous (both a single file and an index: which one loads is not obvious)."""
+    single, index = folder / "model.safetensors", folder / WEIGHT_INDEX
+    if single.is_file() and index.is_file():
+        raise error(f"{folder} holds both model.safetensors and {WEIGHT_INDEX}; remove the stale one so that "
+                    "the folder loads the weights you mean")
+    if single.is_file():
+        return [single.name]
+    if index.is_file():
+        weight_map = read_json(index, error).get("weight_map") or {}
+        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        for shard in shards:
+            inside(folder, shard, what=str(index))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if not shards or missing:
+            raise error(f"{index} names shards that are missing: {', '.join(missing) or '(none listed)'}")
+        return [index.name, *shards]
+    if any(folder.glob("pytorch_model*.bin")):
+        raise error(f"{folder} has only pickled weights (pytorch_model*.bin); re-save them with save_pretrained() "
+                    "(safetensors)")
+    raise error(f"{folder} has no weights (model.safetensors or {WEIGHT_INDEX})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A folder is untrusted input
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cache_blobs(folder: Path) -> Path | None:
+    """`<repo>/blobs` when `folder` is a Hugging Face cache snapshot (`<repo>/snapshots/<commit>`)."""
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        return (folder.parent.parent / "blobs").resolve()
+    return None
+
+
+def inside(folder: Path, relative: str, *, what: str) -> Path:
+    """`folder / relative` for a path that the folder's own metadata names (`what` says where, for the message):
+    refused unless it is relative, has no `..`, and (links followed) stays inside the folder."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise UntrustedFolderError(f"{what} names the path {relative!r}, which is not a relative path")
+    parts = PurePosixPath(relative.replace("\\", "/")).parts
+    if relative.startswith(("/", "\\")) or PurePosixPath(relative).is_absolute() or ".." in parts or (
+            parts and re.match(r"^[A-Za-z]:", parts[0])):
+        raise UntrustedFolderError(f"{what} names {relative!r}, a path outside {folder}; refused")
+    path = folder / relative
+    _check_contained(folder, path, what)
+    return path
+
+
+def _check_contained(folder: Path, path: Path, what: str) -> None:
+    root = folder.resolve()
+    target = path.resolve()
+    if target == root or root in target.parents:
+        return
+    blobs = _cache_blobs(root)
+    if blobs is not None and blobs in target.parents:
+        return
+    raise UntrustedFolderError(f"{what}: {path.relative_to(folder) if path.is_relative_to(folder) else path} "
+                               f"leads outside {folder} (to {target}); refused")
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a folder holding a symbolic link that leads outside it, naming the link; also check every path
+    that modules.json and the weight index name. Run before a job reads anything the folder points to."""
+    folder = Path(folder)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        base = Path(dirpath)
+        for name in [*dirnames, *filenames]:
+            path = base / name
+            if path.is_symlink():
+                _check_contained(folder, path, f"the symbolic link {path}")
+        dirnames[:] = [d for d in dirnames if not (base / d).is_symlink()]  # checked above; never walked twice
+    modules = folder / "modules.json"
+    if modules.is_file():
+        entries = read_json(modules, UntrustedFolderError)
+        if not isinstance(entries, list) or not all(isinstance(m, dict) for m in entries):
+            raise UntrustedFolderError(f"{modules}: expected a list of module entries")
+        for module in entries:
+            if module.get("path"):
+                inside(folder, module["path"], what=f"{modules} (module {module.get('name')!r})")
+    index = folder / WEIGHT_INDEX
+    if index.is_file():
+        weight_map = read_json(index, UntrustedFolderError).get("weight_map") or {}
+        for shard in sorted(set(weight_map.values()) if isinstance(weight_map, dict) else []):
+            inside(folder, shard, what=f"{index}")
+
+
+def code_files(folder: Path, auto_map: Any, source: str) -> list[str]:
+    """The `.py` files of `folder` that an `auto_map` ("module.Class", or a list of them for tokenizers) names;
+    a reference to another repository ("repo--module.Class") names none here."""
+    entries = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    names = set()
+    for entry in entries:
+        for ref in entry if isinstance(entry, list) else [entry]:
+            if isinstance(ref, str) and "--" not in ref and "." in ref:
+                names.add(ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    for name in names:
+        inside(folder, name, what=f"{folder / source} auto_map")
+    return sorted(names)
+
+
+def own_code(folder: Path) -> list[str]:
+    """The folder's Python files that loading it would run (config and tokenizer auto_maps) and that are not
+    byte-identical to this package's own remote code."""
+    from .modeling import configuration_diffembed, modeling_diffembed
+
+    ours = {Path(m.__file__).name: Path(m.__file__).read_bytes() for m in (configuration_diffembed, modeling_diffembed)}
+    names = set()
+    for source in (CONFIG, "tokenizer_config.json"):
+        if (folder / source).is_file():
+            names.update(code_files(folder, read_json(folder / source).get("auto_map") or {}, source))
+    return sorted(n for n in names if (folder / n).is_file() and ours.get(n) != (folder / n).read_bytes())
+
+
+def check_remote_code(folder: Path, trust_remote_code: bool, *, action: str = "loading it") -> None:
+    """Refuse a folder whose own Python code `action` would run, unless the user opted in (--trust-remote-code),
+    as `diffembed convert` asks. DiffEmbed's own remote-code files, identical to this package's, need no opt-in."""
+    if trust_remote_code:
+        return
+    foreign = own_code(Path(folder))
+    if foreign:
+        raise UntrustedFolderError(
+            f"{folder} holds its own Python code ({', '.join(foreign)}) that {action} would run; read it, then pass "
+            "--trust-remote-code (trust_remote_code=True) to allow it")
+
+
+def check_model_folder(folder: Path, *, trust_remote_code: bool = False,
+                       error: type[DiffembedError] = UsageError) -> dict:
+    """A local folder that DiffEmbed's loaders may read: a DiffEmbed model (not an adapter, not another
+    architecture), contained (no path or link leading out of it) and running no foreign code without opt-in.
+    Returns its config.json."""
+    kind = folder_kind(folder, error)
+    if kind == "adapter":
+        raise error(f"{folder} is a LoRA adapter, which embeds only on top of its base model: merge it first "
+                    f"(diffembed push {folder} ORG/NAME --merge --dry-run shows the merge, or train without "
+                    "--adapter-only)")
+    check_folder(folder)
+    config = read_json(folder / CONFIG, error)
+    if not isinstance(config, dict) or config.get("model_type") != "diffembed":
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        own = " and its own code (auto_map)" if isinstance(config, dict) and config.get("auto_map") else ""
+        raise error(f"{folder / CONFIG} has model_type {model_type!r}{own}: not a DiffEmbed folder; convert it "
+                    "first (diffembed convert)")
+    check_remote_code(folder, trust_remote_code)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Identity: what decides the vectors a folder makes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def identity_files(folder: Path) -> list[str]:
+    """The files whose content decides what `folder` embeds: config, weights (and index), tokenizer,
+    sentence-transformers files and their module folders, remote code, adapter. Records, the card, `eval/`,
+    hidden files and any other subfolder (an output written inside the model folder) are not among them."""
+    folder = Path(folder)
+    patterns = (CONFIG, WEIGHT_INDEX, "*.safetensors", "pytorch_model*.bin", *TOKENIZER_FILES, *TOKENIZER_PATTERNS,
+                *SENTENCE_TRANSFORMERS_FILES, *REMOTE_CODE_FILES, ADAPTER_CONFIG, "adapter_model.*")
+    names = {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+             and any(fnmatch.fnmatch(p.name, pattern) for pattern in patterns)}
+    for source in (CONFIG, "tokenizer_config.json"):
+        if (folder / source).is_file():
+            names.update(n for n in code_files(folder, read_json(folder / source).get("auto_map") or {}, source)
+                         if (folder / n).is_file())
+    modules = folder / "modules.json"
+    for module in read_json(modules) if modules.is_file() else []:
+        path = module.get("path") if isinstance(module, dict) else None
+        if path and (folder / path).is_dir():
+            module_dir = inside(folder, path, what=f"{modules}")
+            names.update(p.relative_to(folder).as_posix() for p in module_dir.rglob("*")
+                         if p.is_file() and not p.name.startswith("."))
+    return sorted(names)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_digest(folder: Path) -> str:
+    """sha256 over the names and contents of `identity_files(folder)` (about 10 s for 15 GB of weights)."""
+    digest = hashlib.sha256()
+    for name in identity_files(Path(folder)):
+        digest.update(name.encode("utf-8") + b"\x00" + file_sha256(Path(folder) / name).encode() + b"\x00")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Who made a result: a local folder (its resolved path and content digest) or a Hub repo and commit."""
+
+    model: str
+    revision: str | None = None  # Hub commit
+    sha256: str | None = None  # local folder content
+
+    @property
+    def key(self) -> str:
+        """Short and stable: what result records compare (a folder moved elsewhere keeps its key)."""
+        return self.sha256[:20] if self.sha256 else f"{self.model}@{self.revision}"
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "revision": self.revision, "model_sha256": self.sha256}
+
+
+def model_identity(name_or_path: str | os.PathLike, revision: str | None = None) -> ModelIdentity:
+    """The identity of a local folder (content digest) or of a Hub id (the commit of its cached snapshot, which
+    loading it has just put there; `revision` when that is not available)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return ModelIdentity(str(path.resolve()), None, content_digest(path))
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(str(name_or_path), revision=revision, local_files_only=True))
+        revision = snapshot.name  # snapshots/<commit>
+    except Exception:  # noqa: BLE001 - not cached: the caller's revision (or none) is all that is known
+        pass
+    return ModelIdentity(str(name_or_path), revision, None)
+
+
+def settings_digest(values: dict) -> str:
+    """A digest of JSON-able settings (sorted keys): equal settings, equal digest."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()

@@ -1,0 +1,124 @@
+"""What every subcommand shares: argument types that refuse a bad value before any work (naming the option and
+the accepted range, exit status 2), the help formatter that shows defaults, the `-v` / `--debug` options, and
+the checks of a model source or device that need no model loaded."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import DiffembedError, UsageError
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (steps, batch sizes, lengths, counts)."""
+    value = _number(text, int, "an integer >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (warm-up steps, ...)."""
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, scales)."""
+    value = _number(text, float, "a number > 0")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1) (a share of the rows, e.g. held out for evaluation)."""
+    value = _number(text, float, "a number in [0, 1)")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def byte_size(text: str) -> str:
+    """A size in bytes, e.g. 5GB or 500MiB (> 0); kept as text for the library to read."""
+    from ..files import parse_size
+
+    try:
+        parse_size(text)
+    except DiffembedError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default; options whose default depends on something else say so in their help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "default" not in text and action.default not in (None, False)
+                and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the defaults shown; subcommand parsers are built from this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """-v and --debug, on every command that runs (the top-level parser has them too)."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress of the libraries too (INFO)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of an error")
+
+
+def add_trust_option(parser: argparse.ArgumentParser, what: str = "the model folder") -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help=f"allow Python code that {what} brings (tokenizer or model classes) to run; read it "
+                        "first (DiffEmbed's own code needs no opt-in)")
+
+
+def check_model_source(name: str, option: str = "MODEL") -> None:
+    """A local folder, or something that can be a Hub id; a missing local path is named as such."""
+    from ..checkpoint import local_folder
+
+    try:
+        local_folder(name)
+    except UsageError as err:
+        raise UsageError(f"{option} {err}") from None
+
+
+def check_device(name: str | None) -> None:
+    """Refuse a device torch does not know or that this machine does not have."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: unsupported device type {device.type!r}; use cpu, cuda or mps")
+

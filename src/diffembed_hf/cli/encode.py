@@ -1,0 +1,111 @@
+"""`diffembed encode`: texts from a file or stdin into one `.npy` / `.safetensors` file (file mode), or a corpus
+into a folder of parquet shards (corpus mode: resumable, torchrun, Ray). Both run the same packed encoder; the
+library decides the mode from `--output` (`encoding.is_folder_output`) and refuses options the mode would not
+use (`encoding.check_mode_options`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import DiffembedError, UsageError
+from .common import add_trust_option, check_device, check_model_source, positive_int
+
+
+class _Retired(argparse.Action):
+    """An option an earlier release had: refused with what replaces it (never silently ignored)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was replaced by --max-tokens-per-batch: batches are filled up to a token "
+                     "budget (both modes run the same packed encoder)")
+
+
+def add_parser(commands) -> None:
+    enc = commands.add_parser("encode", help="embed texts from a file or stdin into a .npy or .safetensors file, or a "
+                              "corpus into a folder of parquet shards (resumable; torchrun and Ray)")
+    enc.add_argument("model", help="a DiffEmbed folder or Hub id")
+    enc.add_argument("--input", "-i", default="-", help="text file (one text per line), JSON lines "
+                     "(.jsonl / .ndjson / .jsonlines, or any input with --field), or - for stdin; corpus mode: a "
+                     ".jsonl / .parquet / .csv file, a folder of them, or a Hub dataset ORG/NAME")
+    enc.add_argument("--field", help="the text field of JSON-lines records or corpus rows (default: text)")
+    enc.add_argument("--output", "-o", required=True, help="embeddings file (.npy or .safetensors), or a folder "
+                     "(corpus mode: ends in /, is a folder, or has no suffix)")
+    enc.add_argument("--overwrite", action="store_true", help="replace an existing --output file; in corpus mode, "
+                     "replace output made with other settings (the same settings resume)")
+    enc.add_argument("--prompt-name", help="a prompt stored with the model, e.g. query (default: none)")
+    enc.add_argument("--max-tokens-per-batch", type=positive_int, default=16384,
+                     help="real tokens per forward pass (length-sorted, no padding)")
+    enc.add_argument("--batch-size", action=_Retired, help=argparse.SUPPRESS)
+    enc.add_argument("--max-seq-length", type=positive_int,
+                     help="override the model's maximum length in tokens (default: the model's)")
+    enc.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored embedding type")
+    enc.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    enc.add_argument("--quantize", choices=["fp8"], help="FP8 linear layers (CUDA, compute capability >= 8.9; "
+                     "pip install 'diffembed-hf[fp8]'; default: none)")
+    enc.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                     help="force the progress bar on/off (default: on from 256 texts)")
+    add_trust_option(enc)
+    corpus = enc.add_argument_group("corpus mode (--output is a folder)")
+    corpus.add_argument("--id-field", help="the id column (default: _id, else id, else the row number)")
+    corpus.add_argument("--title-field", help="a title column, joined to the text as mteb does (default: none)")
+    corpus.add_argument("--split", help="Hub dataset: the split (default: its only split)")
+    corpus.add_argument("--subset", help="Hub dataset: the configuration name (default: the dataset's default)")
+    corpus.add_argument("--shard-size", type=positive_int, help="input rows per shard (default: 10000)")
+    corpus.add_argument("--skip-bad-rows", action="store_true",
+                        help="leave out rows without a string text (counted in the manifest)")
+    corpus.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster (e.g. auto, or host:port; default: "
+                        "no Ray, this process or torchrun)")
+    enc.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..encoding import check_mode_options, is_folder_output
+
+    check_mode_options(args.output, vars(args))
+    check_model_source(args.model)
+    check_device(args.device)
+    if is_folder_output(args.output):
+        return _corpus(args)
+    from ..encoding import encode_file
+
+    output, shape = encode_file(
+        args.model, args.input, args.output, field=args.field, prompt_name=args.prompt_name,
+        max_seq_length=args.max_seq_length, max_tokens_per_batch=args.max_tokens_per_batch, dtype=args.dtype,
+        device=args.device, quantize=args.quantize, overwrite=args.overwrite, show_progress_bar=args.progress,
+        trust_remote_code=args.trust_remote_code)
+    print(f"{shape[0]} embeddings of dimension {shape[1]} -> {output}", file=sys.stderr)
+    return 0
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    """Corpus mode: shards + manifest in a folder, resumable; under torchrun every rank runs this."""
+    from ..corpus import DEFAULT_SHARD_SIZE, encode_corpus
+
+    rank = int(os.environ.get("RANK", "0"))
+    if args.ray and args.device:
+        raise UsageError("--device does not apply with --ray: Ray places one actor per GPU (CPU where none)")
+    options = dict(field=args.field or "text", id_field=args.id_field, title_field=args.title_field, split=args.split,
+                   subset=args.subset, prompt_name=args.prompt_name, shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
+                   dtype=args.dtype, max_tokens_per_batch=args.max_tokens_per_batch,
+                   max_seq_length=args.max_seq_length, skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite,
+                   show_progress_bar=args.progress)
+    try:  # the library checks the options before it touches a model or a file
+        if args.ray:
+            if args.quantize or args.trust_remote_code:
+                raise UsageError("--quantize and --trust-remote-code are not available with --ray yet")
+            from ..corpus.ray_data import encode_corpus_with_ray
+
+            result = encode_corpus_with_ray(args.model, args.input, args.output, address=args.ray, **options)
+        else:
+            result = encode_corpus(args.model, args.input, args.output, device=args.device, quantize=args.quantize,
+                                   trust_remote_code=args.trust_remote_code, **options)
+    except DiffembedError as err:
+        if rank == 0:  # under torchrun every rank meets the same error: one of them says it
+            raise
+        return err.exit_status
+    if rank == 0:
+        kept = result.shards - len(result.computed)
+        print(f"{result.rows} embeddings in {result.shards} shards ({len(result.computed)} computed now, {kept} kept "
+              f"from before; {result.skipped_rows} bad rows skipped) -> {result.output_dir}", file=sys.stderr)
+    return 0

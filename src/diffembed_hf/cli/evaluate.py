@@ -1,0 +1,55 @@
+"""`diffembed evaluate`: the study's benchmarks (mteb), named mteb tasks or local BEIR folders (see
+`diffembed_hf.evaluation`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import require_extra
+from .common import add_trust_option, check_device, check_model_source, positive_int
+
+
+def add_parser(commands) -> None:
+    ev = commands.add_parser("evaluate", help="the study's benchmarks (mteb), named mteb tasks, or a local BEIR "
+                             "folder; results beside the study's published numbers")
+    ev.add_argument("model", help="a DiffEmbed folder or Hub id")
+    ev.add_argument("--suite", help="bright, bright-all, longembed, followir, mteb15, or stdlib (offline) "
+                    "(default: none; give one of --suite, --tasks, --data)")
+    ev.add_argument("--tasks", help="comma-separated mteb task names (default: none)")
+    ev.add_argument("--data", action="append", help="a BEIR-layout folder (corpus.jsonl, queries.jsonl, "
+                    "qrels/test.tsv); repeat for several (default: none)")
+    ev.add_argument("--output", required=True, help="results folder (e.g. MODEL/eval, which push puts on the card)")
+    ev.add_argument("--instructions", help="JSON file of task name -> instruction, over the study's "
+                    "(default: the study's instructions)")
+    ev.add_argument("--query-prompt", help="text before each query of --data tasks (default: the model's query "
+                    "prompt)")
+    ev.add_argument("--max-seq-length", type=positive_int, help="default: the suite's protocol, else the model's own")
+    ev.add_argument("--max-tokens-per-batch", type=positive_int, default=16384, help="real tokens per forward pass")
+    ev.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    ev.add_argument("--max-heldout", type=positive_int, help="--suite stdlib: held-out rows, as `diffembed demo "
+                    "--max-heldout` (default: 300)")
+    ev.add_argument("--overwrite", action="store_true", help="recompute this model's results already in --output")
+    add_trust_option(ev)
+    ev.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_model_source(args.model)
+    check_device(args.device)
+    require_extra("eval", what="evaluation")
+    from datasets.utils.logging import disable_progress_bar
+
+    from ..evaluation.run import evaluate
+
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
+    disable_progress_bar()  # mteb's per-split data reshaping; the encoder shows the bar that matters
+    result = evaluate(
+        args.model, suite=args.suite, tasks=tasks, data=args.data,
+        output=args.output, instructions=args.instructions, query_prompt=args.query_prompt,
+        max_seq_length=args.max_seq_length, max_tokens_per_batch=args.max_tokens_per_batch,
+        overwrite=args.overwrite, device=args.device, stdlib_rows=args.max_heldout,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(result.table)
+    print(f"results (mteb's files, summary.json, run.json): {result.output}")
+    return 0

@@ -1,0 +1,77 @@
+"""`diffembed train`: contrastive fine-tuning with the DiffEmbed recipe (see `diffembed_hf.train`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import require_extra
+from .common import add_trust_option, check_device, check_model_source, fraction, positive_float, positive_int
+
+FROM_CONFIG = "(default: the recipe's {}, or --config's)"
+
+
+def add_parser(commands) -> None:
+    tr = commands.add_parser("train", help="contrastive fine-tuning with the DiffEmbed recipe (LoRA, InfoNCE x 50)")
+    tr.add_argument("model", help="a DiffEmbed folder or Hub id")
+    tr.add_argument("data", help="training rows: .jsonl / .csv / .parquet, or a Hub dataset id")
+    tr.add_argument("output", help="folder to write the fine-tuned, Hub-ready model to (new or empty)")
+    tr.add_argument("--config", help="JSON file of TrainingConfig fields; flags below override it (default: none)")
+    tr.add_argument("--max-steps", type=positive_int, help="optimizer steps " + FROM_CONFIG.format(1000))
+    tr.add_argument("--batch-size", type=positive_int, help="per device " + FROM_CONFIG.format(4))
+    tr.add_argument("--learning-rate", type=positive_float, help=FROM_CONFIG.format("1e-4"))
+    tr.add_argument("--max-seq-length", type=positive_int, help="tokens " + FROM_CONFIG.format(4096))
+    tr.add_argument("--gradcache", type=positive_int, metavar="MINI_BATCH",
+                    help="GradCache with this mini-batch size (default: off)")
+    tr.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
+    tr.add_argument("--adapter-only", action="store_true", help="save only the LoRA adapter (not merged)")
+    tr.add_argument("--group-by-instruction", action="store_true", help="one instruction per batch")
+    tr.add_argument("--eval-data", help="held-out rows (default: --eval-fraction of the training rows)")
+    tr.add_argument("--eval-fraction", type=fraction, help="share of the rows held out, 0 for none "
+                    + FROM_CONFIG.format(0.1))
+    tr.add_argument("--query-column", help="(default: user_query, query, anchor or question)")
+    tr.add_argument("--positive-column", help="(default: positive_document, positive, pos or document)")
+    tr.add_argument("--negative-column", action="append", help="repeat for several negative columns "
+                    "(default: hard_negative_document, negative(s), neg, hard_negative(s), negative_N)")
+    tr.add_argument("--instruction-column", help="(default: task, instruction or prompt, if present)")
+    tr.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT once the new model is whole")
+    tr.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint of an "
+                    "interrupted run (from the start if there is none)")
+    tr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_trust_option(tr, "the base model folder")
+    tr.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_extra("train")
+    from ..files import check_output_folder
+
+    # the checks that need no heavy import first: a mistake is reported at once
+    check_output_folder(Path(args.output), overwrite=args.overwrite)
+    check_model_source(args.model)
+    from ..data import ColumnMapping, check_data_source
+
+    check_data_source(args.data)
+    if args.eval_data:
+        check_data_source(args.eval_data)
+    check_device(args.device)
+    from ..train import TrainingConfig, train
+
+    overrides = {key: value for key, value in {
+        "max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "max_seq_length": args.max_seq_length, "gradcache_mini_batch_size": args.gradcache,
+        "lora": False if args.full else None, "adapter_only": args.adapter_only or None,
+        "group_by_instruction": args.group_by_instruction or None, "eval_fraction": args.eval_fraction,
+    }.items() if value is not None}
+    config = TrainingConfig.from_file(args.config, **overrides) if args.config else TrainingConfig(**overrides)
+    mapping = ColumnMapping(query=args.query_column, positive=args.positive_column,
+                            negatives=args.negative_column or [], instruction=args.instruction_column)
+    result = train(args.model, args.data, args.output, config, mapping=mapping, eval_data=args.eval_data,
+                   overwrite=args.overwrite, resume=args.resume, device=args.device,
+                   trust_remote_code=args.trust_remote_code)
+    if result.metrics_after:
+        for name, metrics in (("before", result.metrics_before), ("after", result.metrics_after)):
+            print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"{result.steps} training steps" + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
+          + f"; model written to {result.output_dir}")
+    return 0

@@ -1,0 +1,117 @@
+"""A folder loaded as a Hub user would load it: in a fresh, offline Python process that cannot import
+diffembed_hf, through `AutoModel` and `SentenceTransformer` with `trust_remote_code=True`.
+
+This is what the demo checks its saved model with and what `diffembed push` validates a folder with before any
+upload: if the remote code, the config, the tokenizer or the sentence-transformers files are wrong, this is
+where it shows, because nothing of the installed package can mask it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DiffembedError
+
+logger = logging.getLogger(__name__)
+
+# Runs in a fresh interpreter that cannot import diffembed_hf, offline: what a Hub user has after downloading.
+_SCRIPT = r"""
+import json, sys
+sys.modules["diffembed_hf"] = None
+import torch
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel, AutoTokenizer
+
+folder, base, texts, max_length, out = sys.argv[1], sys.argv[2] or None, json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
+max_length = int(max_length) if max_length else None
+device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def fail(message):
+    sys.exit("LOAD FAILED: " + message)
+
+def step(name, run):
+    try:
+        return run()
+    except FloatingPointError as err:  # the model refuses to return a NaN embedding
+        fail(f"{name}: the embeddings are not finite ({err})")
+    except Exception as err:
+        import traceback
+        traceback.print_exc()
+        fail(f"{name} raised {type(err).__name__}: {err}")
+
+def auto_model():
+    model = AutoModel.from_pretrained(base or folder, trust_remote_code=True).to(device).eval()
+    module = type(model).__module__
+    if not module.startswith("transformers_modules"):
+        fail(f"AutoModel built {type(model).__name__} from {module}, not from the folder's remote code")
+    dtype = str(next(model.parameters()).dtype)
+    if base:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base or folder, trust_remote_code=True)
+    batch = tokenizer(texts, padding=True, truncation=max_length is not None, max_length=max_length,
+                      return_tensors="pt").to(device)
+    with torch.no_grad():
+        return model(**batch).embeddings.float().cpu(), module, dtype
+
+def sentence_transformer():
+    st = SentenceTransformer(base or folder, trust_remote_code=True, device=device)
+    if base:
+        st.load_adapter(folder)
+    return st.encode(texts, convert_to_tensor=True).float().cpu()
+
+auto, module, dtype = step("AutoModel", auto_model)  # one model in memory at a time
+sentence = step("SentenceTransformer", sentence_transformer)
+with open(out, "w") as handle:
+    json.dump({"module": module, "dtype": dtype, "auto_model": auto.tolist(), "sentence_transformer": sentence.tolist()},
+              handle)
+"""
+
+
+class HubUserLoadError(DiffembedError):
+    """The folder does not load (or does not embed) as a Hub user would load it; the message says which step."""
+
+
+@dataclass
+class HubUserEmbeddings:
+    auto_model: torch.Tensor  # AutoModel(...)(**tokenizer(texts)).embeddings, float32
+    sentence_transformer: torch.Tensor  # SentenceTransformer(...).encode(texts), float32
+    module: str  # where AutoModel's class came from (transformers_modules...: the folder's remote code)
+    dtype: str  # the weights' dtype as loaded
+
+
+def embed_as_hub_user(folder: str | Path, texts: list[str], *, base_model_path: str | Path | None = None,
+                      max_length: int | None = None, timeout: float = 3600) -> HubUserEmbeddings:
+    """Embed `texts` with `folder` loaded through `AutoModel` and `SentenceTransformer` (`trust_remote_code=True`)
+    in a fresh offline process that cannot import diffembed_hf, with a private remote-code cache (the folder's
+    own code runs, never a stale copy). For a LoRA adapter folder, `base_model_path` is its base model's local
+    folder, loaded first with the adapter applied by PEFT. `max_length` truncates AutoModel's inputs."""
+    with tempfile.TemporaryDirectory(prefix="diffembed-hub-user-") as tmp:
+        out = Path(tmp) / "embeddings.json"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp) / "mods"))
+        command = [sys.executable, "-c", _SCRIPT, str(folder), str(base_model_path or ""), json.dumps(texts),
+                   str(max_length or ""), str(out)]
+        logger.info("Loading %s in a fresh process (AutoModel and SentenceTransformer, offline)", folder)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+                                    timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise HubUserLoadError(f"loading {folder} as a Hub user did not finish in {timeout:.0f} s") from err
+        if result.returncode:
+            lines = result.stderr.strip().splitlines()
+            logger.debug("Output of the fresh process:\n%s", result.stderr)
+            reason = next((line for line in reversed(lines) if line.startswith("LOAD FAILED")), None)
+            raise HubUserLoadError(f"{folder} does not load as a Hub user would load it: "
+                                   + (reason.removeprefix("LOAD FAILED: ") if reason else "\n" + "\n".join(lines[-25:])))
+        payload = json.loads(out.read_text())
+    return HubUserEmbeddings(torch.tensor(payload["auto_model"]), torch.tensor(payload["sentence_transformer"]),
+                             payload["module"], payload["dtype"])
