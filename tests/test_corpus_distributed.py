@@ -22,6 +22,8 @@ from corpus_helpers import WORDS, build_folder, corpus_rows, launch, read_output
 
 from diffembed_hf.corpus import encode_corpus
 
+pytestmark = pytest.mark.slow  # torchrun / Ray / the whole demo: run by CI, skipped by `-m "not slow"`
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

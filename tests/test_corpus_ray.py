@@ -14,6 +14,8 @@ from corpus_helpers import build_folder, clean_env, corpus_rows, launch, read_ou
 from diffembed_hf.corpus import embed_dataset, embed_texts, encode_corpus, join_title
 from diffembed_hf.encoding import load_encoder
 
+pytestmark = pytest.mark.slow  # torchrun / Ray / the whole demo: run by CI, skipped by `-m "not slow"`
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

@@ -4,8 +4,12 @@ import json
 import os
 import stat
 
+import pytest
+
 from diffembed_hf.cli import main
 from diffembed_hf.demo import DEFAULT_CONFIG, build_default_model
+
+pytestmark = pytest.mark.slow  # torchrun / Ray / the whole demo: run by CI, skipped by `-m "not slow"`
 
 
 def test_demo_command_trains_evaluates_and_writes_a_hub_ready_folder(tmp_path, capsys):

@@ -144,6 +144,7 @@ PASTE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh-process load
 def test_push_command_sends_one_commit_that_loads_from_the_hub_as_the_card_says(folder, tokenizer, hub, tmp_path):
     before = hashes(folder)
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"))
@@ -332,6 +333,7 @@ def test_a_missing_token_is_refused_before_any_request(folder, hub, tmp_path, mo
     assert hub.requests == []
 
 
+@pytest.mark.slow  # a fresh-process load
 def test_dry_run_validates_and_lists_without_sending(folder, hub, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN")  # a dry run needs no token
     assert cli_main(["push", str(folder), "user/dry", "--dry-run"]) == 0
@@ -343,6 +345,7 @@ def test_dry_run_validates_and_lists_without_sending(folder, hub, monkeypatch, c
     assert not (folder / "README.md").exists()
 
 
+@pytest.mark.slow  # a fresh-process load
 def test_a_folder_that_embeds_to_nan_is_refused(folder, hub, tmp_path):
     broken = clone(folder, tmp_path / "nan", skip={"model.safetensors"})
     weights = load_file(folder / "model.safetensors")
@@ -364,6 +367,7 @@ PUSH_TO_HUB = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh-process load
 def test_transformers_push_to_hub_uploads_config_code_and_weights(folder, tokenizer, hub, tmp_path):
     # huggingface_hub reads HF_ENDPOINT when it is imported, so transformers' push_to_hub runs in its own process
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"))
@@ -388,6 +392,7 @@ def test_transformers_push_to_hub_uploads_config_code_and_weights(folder, tokeni
                                embed(DiffEmbedForEmbedding.from_pretrained(folder).eval(), tokenizer, texts), atol=1e-6)
 
 
+@pytest.mark.slow  # a fresh-process load
 def test_an_adapter_is_pushed_with_its_hub_base_and_validated(folder, adapter, tokenizer, hub):
     from peft import PeftModel
 

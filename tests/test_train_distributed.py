@@ -28,6 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # torchrun / Ray / the whole demo: run by CI, skipped by `-m "not slow"`
+
 B = 4  # per-device batch size
 WORLD = 2  # torchrun processes
 NEGATIVES = 1  # hard negatives per row (one `negative` column)

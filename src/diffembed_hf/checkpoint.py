@@ -204,25 +204,26 @@ def code_files(folder: Path, auto_map: Any, source: str) -> list[str]:
     return sorted(names)
 
 
-def own_code(folder: Path) -> list[str]:
-    """The folder's Python files that loading it would run (config and tokenizer auto_maps) and that are not
-    byte-identical to this package's own remote code."""
+def own_code(folder: Path, sources: tuple[str, ...] = (CONFIG, "tokenizer_config.json")) -> list[str]:
+    """The folder's Python files that the auto_maps of `sources` name (what loading it with remote code would
+    run) and that are not byte-identical to this package's own remote code."""
     from .modeling import configuration_diffembed, modeling_diffembed
 
     ours = {Path(m.__file__).name: Path(m.__file__).read_bytes() for m in (configuration_diffembed, modeling_diffembed)}
     names = set()
-    for source in (CONFIG, "tokenizer_config.json"):
+    for source in sources:
         if (folder / source).is_file():
             names.update(code_files(folder, read_json(folder / source).get("auto_map") or {}, source))
     return sorted(n for n in names if (folder / n).is_file() and ours.get(n) != (folder / n).read_bytes())
 
 
-def check_remote_code(folder: Path, trust_remote_code: bool, *, action: str = "loading it") -> None:
+def check_remote_code(folder: Path, trust_remote_code: bool, *, action: str = "loading it",
+                      sources: tuple[str, ...] = (CONFIG, "tokenizer_config.json")) -> None:
     """Refuse a folder whose own Python code `action` would run, unless the user opted in (--trust-remote-code),
     as `diffembed convert` asks. DiffEmbed's own remote-code files, identical to this package's, need no opt-in."""
     if trust_remote_code:
         return
-    foreign = own_code(Path(folder))
+    foreign = own_code(Path(folder), sources)
     if foreign:
         raise UntrustedFolderError(
             f"{folder} holds its own Python code ({', '.join(foreign)}) that {action} would run; read it, then pass "
@@ -246,7 +247,9 @@ def check_model_folder(folder: Path, *, trust_remote_code: bool = False,
         own = " and its own code (auto_map)" if isinstance(config, dict) and config.get("auto_map") else ""
         raise error(f"{folder / CONFIG} has model_type {model_type!r}{own}: not a DiffEmbed folder; convert it "
                     "first (diffembed convert)")
-    check_remote_code(folder, trust_remote_code)
+    # in this process DiffEmbed's classes are this package's (registered: the folder's copy never runs); what a
+    # load would run of the folder's own is a tokenizer's code
+    check_remote_code(folder, trust_remote_code, sources=("tokenizer_config.json",))
     return config
 
 

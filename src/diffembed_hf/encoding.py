@@ -29,7 +29,7 @@ from .batching import (
     unknown_prompt,
     warn_truncated,
 )
-from .checkpoint import ADAPTER_CONFIG, CONFIG, check_model_folder, folder_kind, local_folder, read_json
+from .checkpoint import ADAPTER_CONFIG, check_model_folder, folder_kind, local_folder, read_json
 from .errors import DiffembedError, UsageError, require_extra
 from .files import staged_file
 
@@ -156,8 +156,6 @@ def _load_adapter(folder: Path, **options) -> SentenceTransformer:
     base = read_json(folder / ADAPTER_CONFIG, UsageError).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise UsageError(f"{folder / ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
-    if (folder / CONFIG).is_file():
-        raise UsageError(f"{folder} holds both a model and an adapter")
     try:
         model = load_encoder(base, **options)
     except UsageError as err:

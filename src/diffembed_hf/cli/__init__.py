@@ -51,8 +51,20 @@ class _LogFilter(logging.Filter):
         return self.verbose or record.levelno >= logging.WARNING or record.name.startswith("diffembed_hf")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each message (a caller may have replaced it since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _configure_output(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
     handler.addFilter(_LogFilter(verbose))
     handler._diffembed_cli = True
