@@ -108,7 +108,7 @@ def test_corpus_folder_is_read_by_pyarrow_and_datasets_and_equals_sentence_trans
     source = write_jsonl(tmp_path / "corpus.jsonl", ROWS)
     out = tmp_path / "out"
     assert run_cli(folder, source, out, "--title-field", "title", "--shard-size", "250", "--prompt-name", "query") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "part-00000.parquet", "part-00001.parquet",
+    assert sorted(p.name for p in out.iterdir()) == [".diffembed-manifest.json", "part-00000.parquet", "part-00001.parquet",
                                                       "part-00002.parquet"]
     ids, vectors = read_output(out)
     assert ids == [r["_id"] for r in ROWS]
@@ -122,7 +122,7 @@ def test_corpus_folder_is_read_by_pyarrow_and_datasets_and_equals_sentence_trans
     loaded = datasets.load_dataset("parquet", data_files=str(out / "part-*.parquet"), split="train")
     assert loaded["id"] == ids and np.allclose(np.array(loaded["embedding"]), vectors)
 
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".diffembed-manifest.json").read_text())
     assert manifest["complete"] and manifest["rows"] == 600 and manifest["dim"] == 64
     assert manifest["prompt"] == DEFAULT_QUERY_PROMPT and manifest["normalized"] and manifest["dtype"] == "float32"
     assert manifest["max_seq_length"] == MAX_LEN and manifest["skipped_rows"] == 0
@@ -184,7 +184,7 @@ def test_rerun_resumes_and_other_settings_are_refused_by_name(folder, tmp_path, 
     fresh = tmp_path / "fresh"
     assert run_cli(folder, source, fresh, "--shard-size", "150", "--prompt-name", "query") == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fresh.iterdir()) == [
-        "manifest.json", "part-00000.parquet", "part-00001.parquet"]
+        ".diffembed-manifest.json", "part-00000.parquet", "part-00001.parquet"]
     (ids, vectors), (fresh_ids, fresh_vectors) = read_output(out), read_output(fresh)
     assert ids == fresh_ids and np.array_equal(vectors, fresh_vectors)
 
@@ -209,7 +209,7 @@ def test_bad_input_is_named_or_skipped_and_counted(folder, tmp_path, capsys):
     assert not out.exists() or not list(out.glob("part-*"))
 
     assert run_cli(folder, source, out, "--skip-bad-rows", "--shard-size", "10") == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".diffembed-manifest.json").read_text())
     assert manifest["rows"] == 27 and manifest["skipped_rows"] == 3
     assert f"{source} line 13: text field 'text' is int (42), expected a string" in manifest["skipped_examples"]
     assert [s["rows"] for s in manifest["shards"]] == [9, 9, 9]  # shard k keeps input rows 10k..10k+9

@@ -66,8 +66,8 @@ def test_torchrun_two_ranks_write_what_one_process_writes(folder, tmp_path, one_
     ids, vectors = read_output(ranks)
     assert ids == single_ids == [r["_id"] for r in rows]  # every input row exactly once, in input order
     np.testing.assert_allclose(vectors, single_vectors, rtol=0, atol=1e-5)
-    single_manifest = json.loads((tmp_path / "single" / "manifest.json").read_text())
-    manifest = json.loads((ranks / "manifest.json").read_text())
+    single_manifest = json.loads((tmp_path / "single" / ".diffembed-manifest.json").read_text())
+    manifest = json.loads((ranks / ".diffembed-manifest.json").read_text())
     assert manifest["complete"] and manifest["rows"] == 3000
     assert [s["rows"] for s in manifest["shards"]] == [s["rows"] for s in single_manifest["shards"]]
 
@@ -134,7 +134,7 @@ def test_killed_runs_resume_to_the_uninterrupted_output(folder, tmp_path, one_th
     done = _shards(out)
     assert "part-00001.parquet" in done and "part-00003.parquet" not in done
     assert all(rows_ == _expected_rows(name) for name, rows_ in done.items())  # nothing partial under a final name
-    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    assert not json.loads((out / ".diffembed-manifest.json").read_text())["complete"]
     kept = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("part-*")}
 
     # 2. one process, SIGKILLed while writing the first shard it computes: that shard stays under a temporary name
@@ -157,7 +157,7 @@ def test_killed_runs_resume_to_the_uninterrupted_output(folder, tmp_path, one_th
     (ids, vectors), (straight_ids, straight_vectors) = read_output(out), read_output(straight)
     assert ids == straight_ids == [r["_id"] for r in rows]
     np.testing.assert_allclose(vectors, straight_vectors, rtol=0, atol=1e-5)
-    manifest, reference = (json.loads((d / "manifest.json").read_text()) for d in (out, straight))
+    manifest, reference = (json.loads((d / ".diffembed-manifest.json").read_text()) for d in (out, straight))
     assert manifest["complete"] and [s["rows"] for s in manifest["shards"]] == [s["rows"] for s in reference["shards"]]
 
 
@@ -195,7 +195,7 @@ def test_peak_memory_is_set_by_the_shard_size_not_the_corpus_size(folder, tmp_pa
                          "--shard-size", "2000", "--no-progress"], timeout=600)
         assert result.returncode == 0, result.stdout[-3000:]
         peaks[n] = float(result.stdout.split("PEAK_MB")[1].split()[0])
-        assert json.loads((tmp_path / str(n) / "manifest.json").read_text())["rows"] == n
+        assert json.loads((tmp_path / str(n) / ".diffembed-manifest.json").read_text())["rows"] == n
     print(f"peak RSS: {peaks[2_000]:.0f} MB for 2,000 rows, {peaks[200_000]:.0f} MB for 200,000 rows (shard 2,000)")
     assert peaks[200_000] - peaks[2_000] < 40, peaks
 

@@ -63,7 +63,7 @@ def test_ray_cli_writes_what_one_process_writes(folder, cluster, tmp_path, one_t
     single_ids, single_vectors = read_output(single)
     assert ids == single_ids == [r["_id"] for r in rows]  # every input row exactly once, same shard layout
     np.testing.assert_allclose(vectors, single_vectors, rtol=0, atol=1e-5)
-    manifest, reference = (json.loads((d / "manifest.json").read_text()) for d in (out, single))
+    manifest, reference = (json.loads((d / ".diffembed-manifest.json").read_text()) for d in (out, single))
     assert manifest["complete"] and [s["rows"] for s in manifest["shards"]] == [s["rows"] for s in reference["shards"]]
     assert manifest["settings"] == reference["settings"]  # the same run, whichever engine computed it
 

@@ -120,12 +120,16 @@ def embed(model, tokenizer, texts):
 
 
 def clone(folder, dest, skip=()):
-    """A copy of `folder` whose big files are links (cheap), minus `skip`."""
+    """A copy of `folder` minus `skip`: weights hard-linked (cheap; never written in place), the rest copied (a test
+    may edit it; a symbolic link leading out of a folder would be refused)."""
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
         if path.is_file() and rel.as_posix() not in skip:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(path, dest / rel)
+            if path.suffix == ".safetensors":
+                os.link(path, dest / rel)
+            else:
+                shutil.copy2(path, dest / rel)
     dest.mkdir(exist_ok=True)
     return dest
 

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from ..errors import DiffembedError, UsageError
+from ..errors import DiffembedError
 from .common import add_trust_option, check_device, check_model_source, positive_int
 
 
@@ -83,23 +83,14 @@ def _corpus(args: argparse.Namespace) -> int:
     from ..corpus import DEFAULT_SHARD_SIZE, encode_corpus
 
     rank = int(os.environ.get("RANK", "0"))
-    if args.ray and args.device:
-        raise UsageError("--device does not apply with --ray: Ray places one actor per GPU (CPU where none)")
-    options = dict(field=args.field or "text", id_field=args.id_field, title_field=args.title_field, split=args.split,
-                   subset=args.subset, prompt_name=args.prompt_name, shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
-                   dtype=args.dtype, max_tokens_per_batch=args.max_tokens_per_batch,
-                   max_seq_length=args.max_seq_length, skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite,
-                   show_progress_bar=args.progress)
     try:  # the library checks the options before it touches a model or a file
-        if args.ray:
-            if args.quantize or args.trust_remote_code:
-                raise UsageError("--quantize and --trust-remote-code are not available with --ray yet")
-            from ..corpus.ray_data import encode_corpus_with_ray
-
-            result = encode_corpus_with_ray(args.model, args.input, args.output, address=args.ray, **options)
-        else:
-            result = encode_corpus(args.model, args.input, args.output, device=args.device, quantize=args.quantize,
-                                   trust_remote_code=args.trust_remote_code, **options)
+        result = encode_corpus(
+            args.model, args.input, args.output, field=args.field or "text", id_field=args.id_field,
+            title_field=args.title_field, split=args.split, subset=args.subset, prompt_name=args.prompt_name,
+            shard_size=args.shard_size or DEFAULT_SHARD_SIZE, dtype=args.dtype,
+            max_tokens_per_batch=args.max_tokens_per_batch, max_seq_length=args.max_seq_length,
+            skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, show_progress_bar=args.progress,
+            device=args.device, quantize=args.quantize, trust_remote_code=args.trust_remote_code, ray=args.ray)
     except DiffembedError as err:
         if rank == 0:  # under torchrun every rank meets the same error: one of them says it
             raise

@@ -10,7 +10,7 @@ from .read import CorpusSource, iter_rows, join_title
 
 def __getattr__(name: str):
     # Ray is an optional extra: imported only when asked for
-    if name in ("embed_dataset", "encode_corpus_with_ray"):
+    if name == "embed_dataset":
         from . import ray_data
 
         return getattr(ray_data, name)
@@ -27,7 +27,6 @@ __all__ = [
     "embed_dataset",
     "embed_texts",
     "encode_corpus",
-    "encode_corpus_with_ray",
     "iter_rows",
     "join_title",
     "visible_devices",

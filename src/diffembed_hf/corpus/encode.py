@@ -116,6 +116,16 @@ def check_locations(source: CorpusSource, output_dir: Path) -> None:
                               "an output outside it")
 
 
+def load(model: str, *, device: str | None = None, prompt: str | None, prompt_name: str | None,
+         max_tokens_per_batch: int, max_seq_length: int | None, quantize: str | None,
+         trust_remote_code: bool) -> tuple[SentenceTransformer, Encoder]:
+    """The model and the encoder a process (a rank, a Ray actor) computes shards with."""
+    st_model = load_encoder(model, device=device, max_seq_length=max_seq_length, quantize=quantize,
+                            trust_remote_code=trust_remote_code)
+    return st_model, Encoder(st_model, prompt=resolve_prompt(st_model, prompt, prompt_name),
+                             max_tokens_per_batch=max_tokens_per_batch)
+
+
 def plan_job(model_name: str, model: SentenceTransformer, encoder: Encoder, source, output_dir: Path, *,
              shard_size: int, dtype: str, skip_bad_rows: bool, overwrite: bool, quantize: str | None = None) -> CorpusJob:
     """Rank 0's part: read the corpus, fix the settings, check and open the output folder."""
@@ -157,13 +167,17 @@ def encode_corpus(
     show_progress_bar: bool | None = None,
     quantize: str | None = None,
     trust_remote_code: bool = False,
+    ray: str | None = None,
+    num_actors: int | None = None,
 ) -> CorpusResult:
     """Embed a corpus (a .jsonl/.parquet/.csv file, a folder of them, a Hub dataset id, or a `datasets` dataset)
-    into `output_dir`: `part-NNNNN.parquet` shards of `shard_size` input rows plus `manifest.json`.
+    into `output_dir`: `part-NNNNN.parquet` shards of `shard_size` input rows plus the manifest.
 
     Rerunning resumes (complete shards are verified and kept); other settings are refused unless `overwrite`.
     Under torchrun every rank calls this: rank r computes shards r, r + WORLD_SIZE, ... on its LOCAL_RANK GPU.
-    Raises `CorpusError` for a problem with the input, the options or the output folder.
+    `ray="auto"` (or "host:port", or "local" for a new local instance; extra `[ray]`) spreads the shards over a
+    Ray cluster's actor pool instead (`num_actors`: default one per GPU, else one per CPU); the output is the
+    same. Raises `CorpusError` for a problem with the input, the options or the output folder.
     """
     check_options(shard_size, dtype, max_tokens_per_batch)
     check_max_seq_length(max_seq_length, None)
@@ -171,6 +185,18 @@ def encode_corpus(
     source = as_source(source, field, id_field, title_field, split, subset)
     output_dir = Path(output_dir).expanduser().absolute()
     check_locations(source, output_dir)
+    options = dict(prompt=prompt, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
+                   max_seq_length=max_seq_length, quantize=quantize, trust_remote_code=trust_remote_code)
+    job_options = dict(shard_size=shard_size, dtype=dtype, skip_bad_rows=skip_bad_rows, overwrite=overwrite,
+                       quantize=quantize)
+    if ray is not None:
+        if device is not None:
+            raise CorpusError("device does not apply with Ray (--ray): Ray places one actor per GPU (CPU where none)")
+        from .ray_data import encode_on_ray
+
+        with output_lock(output_dir):  # one job per output folder
+            return encode_on_ray(model, source, output_dir, address=ray, options=options, job_options=job_options,
+                                 show_progress_bar=show_progress_bar, num_actors=num_actors)
     ranks = distributed.current()
     with distributed.process_group(ranks), contextlib.ExitStack() as held:
         job = error = None
@@ -182,14 +208,10 @@ def encode_corpus(
         error = distributed.broadcast(error, ranks)
         if error is not None:
             raise error
-        st_model = load_encoder(model, device=distributed.device_for(ranks, device), max_seq_length=max_seq_length,
-                                quantize=quantize, trust_remote_code=trust_remote_code)
-        encoder = Encoder(st_model, prompt=resolve_prompt(st_model, prompt, prompt_name),
-                          max_tokens_per_batch=max_tokens_per_batch)
+        st_model, encoder = load(model, device=distributed.device_for(ranks, device), **options)
         if ranks.is_main:
             try:
-                job = plan_job(model, st_model, encoder, source, output_dir, shard_size=shard_size, dtype=dtype,
-                               skip_bad_rows=skip_bad_rows, overwrite=overwrite, quantize=quantize)
+                job = plan_job(model, st_model, encoder, source, output_dir, **job_options)
             except DiffembedError as err:
                 error = err
         job, error = distributed.broadcast((job, error), ranks)

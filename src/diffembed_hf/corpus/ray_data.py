@@ -16,11 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, resolve_prompt, warn_truncated
-from ..encoding import check_max_seq_length, check_prompt_name, load_encoder
+from .. import __version__
+from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, warn_truncated
 from ..errors import CorpusError, DiffembedError, require_extra
-from ..files import output_lock
-from .encode import DEFAULT_SHARD_SIZE, CorpusJob, CorpusResult, as_source, check_locations, check_options, plan_job
+from .encode import CorpusJob, CorpusResult, load, plan_job
 from .read import CorpusSource
 from .shards import ShardInfo, finish_manifest
 
@@ -35,15 +34,12 @@ def _ray():
     return ray
 
 
-def _load(model: str, prompt: str | None, prompt_name: str | None, max_tokens_per_batch: int,
-          max_seq_length: int | None):
+def _load(model: str, **options):
     """The model on this actor's device: its GPU (Ray sets CUDA_VISIBLE_DEVICES), else one CPU thread, the one
     CPU the actor reserved."""
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
-    st_model = load_encoder(model, max_seq_length=max_seq_length)
-    return st_model, Encoder(st_model, prompt=resolve_prompt(st_model, prompt, prompt_name),
-                             max_tokens_per_batch=max_tokens_per_batch)
+    return load(model, **options)
 
 
 class TextEmbedder:
@@ -99,7 +95,8 @@ def embed_dataset(dataset, model: str, *, text_column: str = "text", prompt: str
     return dataset.map_batches(
         TextEmbedder, fn_constructor_kwargs=dict(model=model, text_column=text_column, prompt=prompt,
                                                  prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
-                                                 max_seq_length=max_seq_length),
+                                                 max_seq_length=max_seq_length, quantize=None,
+                                                 trust_remote_code=False),
         batch_size=batch_size, batch_format="pyarrow", compute=compute, **resources)
 
 
@@ -114,58 +111,18 @@ def _plan_remote(model: str, source, output_dir: Path, options: dict, job_option
         return None, None, err
 
 
-def encode_corpus_with_ray(
-    model: str,
-    source: str | CorpusSource,
-    output_dir: str | Path,
-    *,
-    address: str,
-    field: str = "text",
-    id_field: str | None = None,
-    title_field: str | None = None,
-    split: str | None = None,
-    subset: str | None = None,
-    prompt: str | None = None,
-    prompt_name: str | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    dtype: str = "float32",
-    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
-    max_seq_length: int | None = None,
-    skip_bad_rows: bool = False,
-    overwrite: bool = False,
-    show_progress_bar: bool | None = None,
-    num_actors: int | None = None,
-) -> CorpusResult:
-    """`encode_corpus` on the Ray cluster at `address` ("auto", "host:port", or "local" for a new local
-    instance): the same shards, manifest, resume and refusals, with shards spread over Ray's actor pool."""
-    check_options(shard_size, dtype, max_tokens_per_batch)
-    check_max_seq_length(max_seq_length, None)
-    check_prompt_name(model, prompt_name)
+def encode_on_ray(model: str, source: CorpusSource, output_dir: Path, *, address: str, options: dict,
+                  job_options: dict, show_progress_bar: bool | None, num_actors: int | None) -> CorpusResult:
+    """`corpus.encode_corpus(..., ray=ADDRESS)`, once its options are checked and the output locked: the same
+    shards, manifest, resume and refusals, with shards spread over Ray's actor pool."""
     ray = _ray()
-    source = as_source(source, field, id_field, title_field, split, subset)
-    output_dir = Path(output_dir).expanduser().absolute()
-    check_locations(source, output_dir)
-    with output_lock(output_dir):  # one job per output folder
-        return _encode_with_ray(ray, model, source, output_dir, address=address, prompt=prompt,
-                                prompt_name=prompt_name, shard_size=shard_size, dtype=dtype,
-                                max_tokens_per_batch=max_tokens_per_batch, max_seq_length=max_seq_length,
-                                skip_bad_rows=skip_bad_rows, overwrite=overwrite,
-                                show_progress_bar=show_progress_bar, num_actors=num_actors)
-
-
-def _encode_with_ray(ray, model: str, source: CorpusSource, output_dir: Path, *, address: str, prompt, prompt_name,
-                     shard_size: int, dtype: str, max_tokens_per_batch: int, max_seq_length, skip_bad_rows: bool,
-                     overwrite: bool, show_progress_bar, num_actors) -> CorpusResult:
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = show_progress_bar is not False
-    options = dict(prompt=prompt, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
-                   max_seq_length=max_seq_length)
     _, resources = _pool(num_actors)
     planner = ray.remote(_plan_remote).options(**resources)
-    job, kept, error = ray.get(planner.remote(model, source, output_dir, options, dict(
-        shard_size=shard_size, dtype=dtype, skip_bad_rows=skip_bad_rows, overwrite=overwrite)))
+    job, kept, error = ray.get(planner.remote(model, source, output_dir, options, job_options))
     if error is not None:
         raise error
     pending = [k for k in range(job.plan.num_shards) if k not in kept]
@@ -181,8 +138,6 @@ def _encode_with_ray(ray, model: str, source: CorpusSource, output_dir: Path, *,
         computed = [i for i in infos if i.computed]
         warn_truncated(sum(i.truncated for i in computed), sum(i.rows for i in computed),
                        job.settings["max_seq_length"])
-    from .. import __version__
-
     manifest = finish_manifest(output_dir, job.settings, infos, skipped=job.plan.skipped,
                                skipped_examples=job.plan.skipped_examples,
                                extra={"created_by": f"diffembed-hf {__version__} (Ray)"})
