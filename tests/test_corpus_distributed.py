@@ -141,7 +141,7 @@ def test_killed_runs_resume_to_the_uninterrupted_output(folder, tmp_path, one_th
     second = killed({"kill_writing": True})
     assert second.returncode == -signal.SIGKILL, second.stdout[-3000:]
     assert _shards(out) == done
-    assert len(list(out.glob(".part-*.parquet.*.tmp"))) == 1
+    assert len(list(out.glob(".part-*.parquet.partial-*"))) == 1
 
     # 3. the same command again: only the unfinished shards are computed
     from diffembed_hf.corpus import encode_corpus as run
@@ -149,7 +149,7 @@ def test_killed_runs_resume_to_the_uninterrupted_output(folder, tmp_path, one_th
     result = run(str(folder), source, out, shard_size=400, max_tokens_per_batch=1500, device="cpu")
     assert result.computed == [k for k in range(6) if f"part-0000{k}.parquet" not in done] and 3 in result.computed
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("part-*") if p.name in kept} == kept
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".part-*"))
     assert _shards(out) == {f"part-0000{k}.parquet": _expected_rows(f"part-0000{k}.parquet") for k in range(6)}
 
     straight = tmp_path / "straight"

@@ -283,7 +283,7 @@ def test_error_while_writing_leaves_nothing(exported, tmp_path, monkeypatch):
     """A failure after the weights are linked removes the temporary folder; an existing OUT survives intact."""
     import diffembed_hf.export as export
 
-    def disk_full(*args):
+    def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     model_dir, _ = exported["llama"]
