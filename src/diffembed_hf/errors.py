@@ -41,6 +41,7 @@ EXTRAS = {
     "eval": ("mteb",),
     "ray": ("ray",),
     "fp8": ("torchao",),
+    "reasonaug": ("openai", "bm25s"),
 }
 
 
