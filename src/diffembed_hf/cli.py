@@ -509,6 +509,9 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--overwrite", action="store_true", help="recompute this model's results already in --output")
     ev.set_defaults(func=_evaluate)
 
+    from .reasonaug import command as reasonaug_command
+    reasonaug_command.add_parser(commands)
+
     for sub in commands.choices.values():  # every subcommand, including ones added above later, gets these
         sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                          help="log progress of the libraries too (INFO)")

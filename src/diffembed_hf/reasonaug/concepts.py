@@ -96,7 +96,7 @@ def parse_concepts(data, source: str = "concepts", sha256: str = "") -> ConceptS
     domains_data = data["domains"]
     if not isinstance(domains_data, dict) or not domains_data:
         raise ConceptsError(f"{source}: `domains` must map domain names to their settings, and name at least one")
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}
     domains = []
     for name, settings in domains_data.items():
         if not isinstance(name, str) or not name.strip():
@@ -114,9 +114,10 @@ def parse_concepts(data, source: str = "concepts", sha256: str = "") -> ConceptS
         for concept in concepts:
             key = normalize_name(concept)
             if key in seen:
-                raise ConceptsError(f"{source}: the concept {concept!r} is listed twice (in domain {seen[key]!r} "
-                                    f"and in domain {name!r}); every concept must be listed once")
-            seen[key] = name
+                first, first_domain = seen[key]
+                raise ConceptsError(f"{source}: the concept {concept!r} (domain {name!r}) is listed twice: {first!r} "
+                                    f"(domain {first_domain!r}) is the same concept; list every concept once")
+            seen[key] = (concept, name)
         domains.append(Domain(
             name=name.strip(), question_type=question_type.strip(), concepts=concepts,
             topics=_strings(settings.get("topics"), f"domain {name!r}: topics", source, required=False),

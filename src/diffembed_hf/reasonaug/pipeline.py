@@ -28,7 +28,7 @@ from ..files import check_parent_writable, move_into_place, temporary_sibling
 from .answers import FAILURES, RETRYABLE, parse_definition, parse_problem
 from .checker import verdict
 from .concepts import ConceptSet, Domain, load_concepts, normalize_name
-from .journal import Journal, canonical_json, request_key
+from .journal import JOURNAL, Journal, canonical_json, request_key
 from .prompts import Prompts, load_prompts
 from .rows import RowBuilder, ConceptData
 
@@ -203,8 +203,9 @@ def _identity(settings: Settings, prompts: Prompts, concepts: ConceptSet) -> str
 
 
 def _prepare_output(out: Path, identity: str, *, overwrite: bool) -> None:
-    """A new or empty folder, a folder of this same run (resumed), or, with overwrite, any folder (a run of other
-    settings keeps its journal: answers to identical requests are reused)."""
+    """A new or empty folder, a folder of this same run (resumed; a journal without run.json is a run killed as
+    it started), or, with overwrite, any folder (a run of other settings keeps its journal: answers to identical
+    requests are reused)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
     if (out / RUN_RECORD).is_file():
@@ -212,7 +213,7 @@ def _prepare_output(out: Path, identity: str, *, overwrite: bool) -> None:
             raise OutputExistsError(
                 f"{out} holds a ReasonAug run with other settings, prompts or concepts; pass --overwrite to make this "
                 "run's outputs there (answers to identical requests are reused from its journal), or give a new OUT")
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+    elif out.is_dir() and any(out.iterdir()) and not (out / JOURNAL).is_file() and not overwrite:
         raise OutputExistsError(f"{out} exists, is not empty and holds no ReasonAug run; pass --overwrite to write "
                                 "into it")
     check_parent_writable(out)
