@@ -279,6 +279,40 @@ def test_checker_no_never_reaches_train_jsonl(concepts, tmp_path):
     assert result.summary["problems"] == {"asked": 33, "checked": 30, "kept": 30}
 
 
+@pytest.mark.parametrize("content, finish, expected", [
+    ("**Problem**\nFind x.\n**Solution**\nx = 2.", "stop", ("Find x.", "x = 2.")),
+    ("**Problem:** Find x.\n\n**Solution:** x = 2.", "stop", ("Find x.", "x = 2.")),
+    ("## Problem\nFind x.\n## Solution\nx = 2.", "stop", ("Find x.", "x = 2.")),
+    ("Problem: Find x.\nSolution: x = 2.", "stop", ("Find x.", "x = 2.")),
+    ("**Problem**\nFind x.\n**Solution**\nx = 2.", "length", "truncated"),
+    ("Find x. The answer is 2.", "stop", "missing_sections"),
+    ("I'm sorry, but I can't help with that.", "stop", "refusal"),
+    ("  ", "stop", "empty"),
+    ("**Problem**\nUse a depth first search on the maze.\n**Solution**\nok", "stop", "names_concept"),
+    ("**Problem**\nRun DFS on the maze.\n**Solution**\nok", "stop", "names_concept"),
+    ("**Problem**\nExplore the maze branch by branch.\n**Solution**\nDFS does it.", "stop",
+     ("Explore the maze branch by branch.", "DFS does it.")),
+])
+def test_problem_answers_are_read_or_named(content, finish, expected):
+    from diffembed_hf.reasonaug.answers import parse_problem
+
+    parsed = parse_problem({"content": content, "finish_reason": finish}, "Depth First Search (DFS)")
+    assert (parsed.sections if isinstance(expected, tuple) else parsed.failure) == expected
+
+
+@pytest.mark.parametrize("content, coding, expected", [
+    ("YES.", False, ("orig",)), ("**Yes**, correct.", False, ("orig",)), ("No, wrong.", False, "checker_no"),
+    ("The solution is right.", False, "checker_no"), ("NO", True, "checker_no"),
+    ("Here:\n```python\ndef f():\n    return 1\n```", True, ("def f():\n    return 1",)),
+    ("Looks right to me.", True, "checker_no"), ("", True, "empty"),
+])
+def test_checker_verdicts(content, coding, expected):
+    from diffembed_hf.reasonaug.checker import verdict
+
+    parsed = verdict({"content": content, "finish_reason": "stop"}, coding=coding, solution="orig")
+    assert (parsed.sections if isinstance(expected, tuple) else parsed.failure) == expected
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Failures: retried (transport), asked again (content), or dropped, each counted; never a half file
 # ----------------------------------------------------------------------------------------------------------------
@@ -534,6 +568,23 @@ def test_json_concepts_and_prompt_overrides(tmp_path):
         load_prompts(prompts)
     prompts.write_text("checks:\n  other: x\n")
     with pytest.raises(PromptsError, match="unknown key 'checks'"):
+        load_prompts(prompts)
+
+
+def test_request_fields_of_the_prompts_file_reach_the_server_as_given(concepts, tmp_path):
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("request:\n  problem:\n    structured_outputs: {regex: 'x+'}\n    top_p: 0.5\n")
+    loaded = load_prompts(prompts)
+    with ChatServer(responder_for(concepts, loaded)) as chat_server:
+        generate(concepts, tmp_path / "out", chat_server, prompts=prompts, problems_per_concept=1)
+        bodies = [e["body"] for e in chat_server.log]
+    problems = [b for b in bodies if b["messages"][0]["content"] == loaded.data["problem"]["system"]]
+    assert problems and all(b["structured_outputs"] == {"regex": "x+"} and b["top_p"] == 0.5 for b in problems)
+    assert not any("structured_outputs" in b for b in bodies if b not in problems)
+    journal = {r["key"]: r for r in jsonl(tmp_path / "out" / "journal.jsonl")}
+    assert {body_key(b) for b in bodies} == set(journal)  # the key is the body the server received
+    prompts.write_text("request:\n  check:\n    seed: 3\n")
+    with pytest.raises(PromptsError, match="request.check cannot set seed"):
         load_prompts(prompts)
 
 

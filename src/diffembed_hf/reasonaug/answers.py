@@ -27,8 +27,9 @@ _REFUSAL = re.compile(r"^\W*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i wo
 
 
 def _tag(name: str) -> re.Pattern:
-    """A section tag as models write it: **Name**, **Name:**, **Name**:, or a markdown heading `## Name`."""
-    return re.compile(rf"(?:\*\*\s*{name}\s*:?\s*\*\*\s*:?|^[ \t]*#{{1,6}}[ \t]*{name}[ \t]*:?[ \t]*$)",
+    """A section tag as models write it: **Name**, **Name:**, **Name**:, a markdown heading `## Name`, or a line
+    that begins `Name:`."""
+    return re.compile(rf"(?:\*\*\s*{name}\s*:?\s*\*\*\s*:?|^[ \t]*#{{1,6}}[ \t]*{name}[ \t]*:?[ \t]*$|^[ \t]*{name}[ \t]*:)",
                       re.IGNORECASE | re.MULTILINE)
 
 

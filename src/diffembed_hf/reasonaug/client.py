@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import DiffembedError
+from .prompts import CORE_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,10 @@ class ChatClient:
 
     def complete(self, body: dict) -> dict:
         """One chat completion with retries; returns answer_of(response)."""
-        answer = self._with_retries(lambda: answer_of(self.client.chat.completions.create(**body)))
+        core = {key: value for key, value in body.items() if key in CORE_FIELDS}
+        extra = {key: value for key, value in body.items() if key not in CORE_FIELDS}  # sent as they are
+        answer = self._with_retries(lambda: answer_of(self.client.chat.completions.create(**core,
+                                                                                          extra_body=extra or None)))
         self.traffic.answered += 1
         self.traffic.add_usage(answer["usage"])
         return answer

@@ -95,8 +95,8 @@ class Planner:
     def request(self, stage: str, domain: Domain, concept: str, index: int | None, attempt: int, messages,
                 temperature: float) -> Request:
         s = self.settings
-        body = {"model": s.model, "messages": messages, "temperature": temperature,
-                "max_completion_tokens": s.max_tokens,
+        body = {**self.prompts.request_fields(stage), "model": s.model, "messages": messages,
+                "temperature": temperature, "max_completion_tokens": s.max_tokens,
                 "seed": _seed(s.seed, stage, domain.name, concept, index, attempt)}
         item = " | ".join([stage, domain.name, concept] + ([f"#{index}"] if index is not None else [])
                           + [f"try {attempt}"])

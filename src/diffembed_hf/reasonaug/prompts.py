@@ -16,6 +16,7 @@ ROW_KINDS = ("p2i", "p2ps", "ps2ps", "i2ps")
 _FIELDS = ("domain", "question_type", "concept", "topic", "reference", "problem", "solution")
 # What a prompt cannot do without: the concept it is about, and for the checker the pair it judges.
 _REQUIRED = {"definition": ("concept",), "problem": ("concept",), "check": ("problem", "solution")}
+CORE_FIELDS = ("model", "messages", "temperature", "max_completion_tokens", "seed")  # set by the run
 _FIELD = re.compile(r"\{(" + "|".join(_FIELDS) + r")\}")
 
 
@@ -46,6 +47,10 @@ class Prompts:
     def references(self, domain: Domain) -> tuple[str, ...]:
         return domain.references or tuple(self.data["references"]["coding" if domain.coding else "other"])
 
+    def request_fields(self, stage: str) -> dict:
+        """The extra request-body fields of a stage (e.g. vLLM's structured_outputs)."""
+        return dict(self.data["request"][stage] or {})
+
     def instruction(self, kind: str, domain: Domain) -> str:
         return fill(self.data["instructions"][kind], domain=domain.name, question_type=domain.question_type).strip()
 
@@ -74,6 +79,14 @@ def _check(data: dict, source: str) -> None:
     for kind in ROW_KINDS:
         if not isinstance(data["instructions"].get(kind), str) or not data["instructions"][kind].strip():
             raise PromptsError(f"{source}: instructions.{kind} must be a non-empty text")
+    for stage in STAGES:
+        fields = data["request"].get(stage)
+        if fields is not None and not isinstance(fields, dict):
+            raise PromptsError(f"{source}: request.{stage} must be a mapping of extra request fields")
+        taken = sorted(set(fields or {}) & set(CORE_FIELDS))
+        if taken:
+            raise PromptsError(f"{source}: request.{stage} cannot set {', '.join(taken)}: the run sets them "
+                               "(--model, --temperature, --max-tokens, --seed)")
 
 
 def load_prompts(path: str | Path | None = None) -> Prompts:
