@@ -243,8 +243,9 @@ class ReasonAugResponder:
             text = f"**Concept**\n{concept}\n**Definition**\n" + " ".join(own) + " applies when " + " ".join(own[:3])
             return text + ("\n**Implementation Code**\n```python\ndef run(x):\n    return x\n```" if coding else "")
         if stage == "check":
-            return ('```python\n"""' + self.problem_text(body)[:80] + '"""\ndef solve(data):\n    return sorted(data)\n```'
-                    if coding else "YES, the solution is correct.")
+            docstring = '"""' + self.problem_text(body)[:80] + '"""'
+            return (f"```python\n{docstring}\ndef solve(data):\n    return sorted(data)\n```" if coding
+                    else "YES, the solution is correct.")
         seed = body.get("seed", 0)
         others = [w for name in self.concepts_by_domain[domain] if name != concept for w in concept_vocabulary(name)]
         noise = pseudo_words(f"noise:{seed}", 4)

@@ -88,8 +88,9 @@ def test_outputs_are_the_columns_train_reads_and_a_beir_folder(concepts, server,
     out = tmp_path / "out"
     assert result.status == "complete"
     rows = jsonl(out / "train.jsonl")
-    assert [list(row) for row in rows] == [["id", "domain", "instance", "task_type", "task", "user_query",
-                                            "positive_document", "hard_negative_document", "negative_instance"]] * len(rows)
+    columns = ["id", "domain", "instance", "task_type", "task", "user_query", "positive_document",
+               "hard_negative_document", "negative_instance"]
+    assert [list(row) for row in rows] == [columns] * len(rows)
     assert Counter(row["task_type"] for row in rows).keys() == {"p2i", "i2ps", "p2ps", "ps2ps"}
     heldout = set(result.summary["heldout_concepts"])
     assert heldout and {row["instance"] for row in rows}.isdisjoint(heldout)
@@ -227,7 +228,7 @@ def test_hard_negatives_equal_an_independent_bm25_ranking(concepts, server, tmp_
             if row["negative_instance"] != owner:  # only a near tie may differ
                 other = next(i for i, (c, _) in enumerate(problems) if c == row["negative_instance"])
                 assert abs(bm25_scores(problem_texts, query_problem)[other] - score) < 1e-5
-            assert domain_of[row["negative_instance"]] == domain_of[concept] != "" and row["negative_instance"] != concept
+            assert domain_of[row["negative_instance"]] == domain_of[concept] and row["negative_instance"] != concept
     assert result.summary["rows"]["p2ps"] + result.summary["rows"].get("ps2ps", 0) > 0
 
 
@@ -389,7 +390,8 @@ def test_a_request_failing_for_good_stops_the_run_and_a_rerun_sends_only_the_res
             generate(concepts, out, chat_server, max_retries=2)
         assert not (out / "train.jsonl").exists()
         first = set(chat_server.answered_keys())
-        assert first and first <= set(Journal(out).__enter__().answers)  # every answer that arrived is journaled
+        with Journal(out) as journal:
+            assert first and first <= set(journal.answers)  # every answer that arrived is journaled
         chat_server.faults.clear()
         chat_server.log.clear()
         result = generate(concepts, out, chat_server)
@@ -456,7 +458,11 @@ def test_journal_keeps_whole_records_and_drops_a_torn_line(tmp_path):
     assert path.read_text() == json.dumps(record) + "\n"
     path.write_text("not json\n" + json.dumps(record) + "\n")
     with pytest.raises(JournalError, match="line 1: not a journal record"):
-        Journal(tmp_path).__enter__()
+        with Journal(tmp_path):
+            pass
+    path.write_text(json.dumps(record) + "\n")
+    with Journal(tmp_path) as journal:  # the refused journal released its lock
+        assert set(journal.answers) == {record["key"]}
     assert request_key({"b": 1, "a": [1, "é"]}) == body_key({"a": [1, "é"], "b": 1})  # same digest as the server's
 
 
@@ -503,7 +509,8 @@ def test_batch_file_then_batch_output_gives_the_same_dataset(concepts, server, t
     batch_output = None
     while True:
         batch_input = tmp_path / f"batch-{rounds}.jsonl"
-        extra = ["--batch-file", str(batch_input)] + (["--from-batch-output", str(batch_output)] if batch_output else [])
+        extra = ["--batch-file", str(batch_input)]
+        extra += ["--from-batch-output", str(batch_output)] if batch_output else []
         assert main(args + extra) == 0
         err = capsys.readouterr().err
         if not batch_input.exists():

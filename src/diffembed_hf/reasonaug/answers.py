@@ -20,7 +20,7 @@ FAILURES = {
     "checker_no": "judged wrong by the checker",
     "duplicate": "a duplicate of an earlier problem",
 }
-RETRYABLE = {"empty", "refusal", "truncated", "missing_sections"}
+RETRYABLE = {"empty", "refusal", "truncated", "missing_sections", "names_concept"}
 
 _REFUSAL = re.compile(r"^\W*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i won'?t|i am unable|i'?m unable|"
                       r"as an ai)", re.IGNORECASE)
@@ -29,8 +29,10 @@ _REFUSAL = re.compile(r"^\W*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i wo
 def _tag(name: str) -> re.Pattern:
     """A section tag as models write it: **Name**, **Name:**, **Name**:, a markdown heading `## Name`, or a line
     that begins `Name:`."""
-    return re.compile(rf"(?:\*\*\s*{name}\s*:?\s*\*\*\s*:?|^[ \t]*#{{1,6}}[ \t]*{name}[ \t]*:?[ \t]*$|^[ \t]*{name}[ \t]*:)",
-                      re.IGNORECASE | re.MULTILINE)
+    bold = rf"\*\*\s*{name}\s*:?\s*\*\*\s*:?"
+    heading = rf"^[ \t]*#{{1,6}}[ \t]*{name}[ \t]*:?[ \t]*$"
+    label = rf"^[ \t]*{name}[ \t]*:"
+    return re.compile(f"(?:{bold}|{heading}|{label})", re.IGNORECASE | re.MULTILINE)
 
 
 _CONCEPT, _DEFINITION = _tag("concept"), _tag("definition")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DiffembedError, UsageError
-from ..files import temporary_sibling, move_into_place
+from ..files import move_into_place, temporary_sibling
 from .client import answer_of
 
 BATCH_LIMIT = 50_000  # requests per batch input file (the Batch API's limit)

@@ -177,7 +177,8 @@ class ChatClient:
         pending = iter(bodies)
         in_flight: dict[Future, str] = {}
         failure: RequestFailed | ServerError | None = None
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="reasonaug") as pool:
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="reasonaug")
+        try:
             while True:
                 while failure is None and len(in_flight) < self.workers:
                     item = next(pending, None)
@@ -195,5 +196,9 @@ class ChatClient:
                         failure = failure or err
                         continue
                     on_answer(key, answer)
+        except KeyboardInterrupt:  # stop at once: the requests in flight are not journaled and will be sent again
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         if failure is not None:
             raise failure

@@ -55,8 +55,12 @@ class Journal:
 
     def __enter__(self) -> Journal:
         self._lock()
-        self._read()
-        self._handle = open(self.path, "a", encoding="utf-8")
+        try:
+            self._read()
+            self._handle = open(self.path, "a", encoding="utf-8")
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -25,19 +25,18 @@ from pathlib import Path
 from .. import __version__
 from ..errors import DiffembedError, OutputExistsError, UsageError, require_extra
 from ..files import check_parent_writable, move_into_place, temporary_sibling
-from .answers import FAILURES, RETRYABLE, parse_definition, parse_problem
+from .answers import RETRYABLE, parse_definition, parse_problem
 from .checker import verdict
-from .concepts import ConceptSet, Domain, load_concepts, normalize_name
+from .concepts import ConceptSet, Domain, load_concepts
 from .journal import JOURNAL, Journal, canonical_json, request_key
 from .prompts import Prompts, load_prompts
-from .rows import RowBuilder, ConceptData
+from .rows import ConceptData, RowBuilder
 
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
-OUTPUTS = ("train.jsonl", "corpus.jsonl", "dropped.jsonl", "heldout")
 FORMAT = "diffembed-reasonaug/1"
-RETRYABLE_CHECK = RETRYABLE - {"missing_sections"}  # a checker answer is a verdict or nothing
+RETRYABLE_CHECK = RETRYABLE - {"missing_sections", "names_concept"}  # a checker answer is a verdict or nothing
 
 
 @dataclass(frozen=True)
@@ -320,12 +319,8 @@ def generate_reasonaug(
     out = Path(out)
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
-    sends = batch_file is None
-    if sends and api_key is None:
-        if base_url is None:
-            raise UsageError("OPENAI_API_KEY is not set: the hosted API needs it (or give --base-url of a local "
-                             "server, or --batch-file to write the requests instead)")
-        api_key = "EMPTY"  # a local server (vLLM without --api-key) takes any key; the client needs one
+    if batch_file is None and from_batch_output is None:  # a live run: its key is checked before any work
+        api_key = _api_key(base_url, api_key)
     if batch_file is not None and Path(batch_file).exists() and not overwrite:
         raise OutputExistsError(f"--batch-file {batch_file} exists; pass --overwrite to replace it")
     identity = _identity(settings, prompt_set, concept_set)
@@ -357,8 +352,8 @@ def generate_reasonaug(
             if client is None:
                 from .client import ChatClient
 
-                client = ChatClient(base_url, api_key, timeout=timeout, max_retries=max_retries, workers=workers,
-                                    retry_delay=retry_delay)
+                client = ChatClient(base_url, _api_key(base_url, api_key), timeout=timeout, max_retries=max_retries,
+                                    workers=workers, retry_delay=retry_delay)
                 client.check_server(model)
             _send(client, plan.pending, journal, show_progress)
     if client is not None:
@@ -370,6 +365,15 @@ def generate_reasonaug(
     record.update(complete=True, summary=summary, base_url=base_url)
     _write_run_record(out, record)
     return ReasonAugResult("complete", out, summary, traffic)
+
+
+def _api_key(base_url: str | None, api_key: str | None) -> str:
+    if api_key is not None:
+        return api_key
+    if base_url is None:
+        raise UsageError("OPENAI_API_KEY is not set: the hosted API needs it (or give --base-url of a local "
+                         "server, or --batch-file to write the requests instead)")
+    return "EMPTY"  # a local server (vLLM without --api-key) takes any key; the client needs one
 
 
 def _send(client, pending: list[Request], journal: Journal, show_progress: bool | None) -> None:
@@ -488,9 +492,8 @@ def _write_dataset(out: Path, planner: Planner, plan: Plan, answers: dict) -> di
         "concepts": len(planner.concepts.concepts), "domains": len(planner.concepts.domains),
         "heldout_concepts": sorted(heldout),
         "requests": {"answered": len(journaled), "by_stage": dict(Counter(r["stage"] for r in journaled)),
-                     "prompt_tokens": sum((r["answer"].get("usage") or {}).get("prompt_tokens") or 0 for r in journaled),
-                     "completion_tokens": sum((r["answer"].get("usage") or {}).get("completion_tokens") or 0
-                                              for r in journaled)},
+                     "prompt_tokens": _tokens(journaled, "prompt_tokens"),
+                     "completion_tokens": _tokens(journaled, "completion_tokens")},
         "unusable_answers": {stage: dict(counts) for stage, counts in plan.unusable.items()},
         "dropped": {stage: dict(counts) for stage, counts in dropped.items()},
         "definitions": len(plan.definitions),
@@ -501,6 +504,11 @@ def _write_dataset(out: Path, planner: Planner, plan: Plan, answers: dict) -> di
         "rows_without_negative": dict(builder.no_negative),
         "heldout": {"queries": len(queries), "documents": len(corpus) if queries else 0},
     }
+
+
+def _tokens(records: list[dict], kind: str) -> int:
+    """The tokens the server reported (usage) over journal records; a server that reports none counts 0."""
+    return sum((record["answer"].get("usage") or {}).get(kind) or 0 for record in records)
 
 
 def _write_dropped(out: Path, plan: Plan) -> None:
