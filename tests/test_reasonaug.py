@@ -612,8 +612,14 @@ def test_existing_outputs_are_never_replaced_without_overwrite(concepts, server,
     sent = len(server.log)
     status, err = run("--seed", "3")
     assert status == 2 and "other settings, prompts or concepts" in err and outputs(out) == first
+    record = (out / "run.json").read_bytes()
+    server.fail("500")  # --overwrite, but the new run fails: the old run's outputs and record stay as they were
+    status, err = run("--seed", "3", "--overwrite", "--max-retries", "0")
+    assert status == 1 and outputs(out) == first and (out / "run.json").read_bytes() == record
+    server.faults.clear()
     status, err = run()  # the same run again: everything replayed, nothing sent, the same bytes
-    assert status == 0 and len(server.log) == sent and outputs(out) == first and "this run sent 0" in err
+    assert status == 0 and outputs(out) == first and "this run sent 0" in err
+    assert not [e for e in server.log[sent:] if e["answered"]]
     (tmp_path / "taken.jsonl").write_text("x")
     status, err = run("--batch-file", str(tmp_path / "taken.jsonl"))
     assert status == 2 and "exists; pass --overwrite" in err

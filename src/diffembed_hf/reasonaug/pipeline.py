@@ -29,7 +29,7 @@ from .answers import RETRYABLE, parse_definition, parse_problem
 from .checker import verdict
 from .concepts import ConceptSet, Domain, load_concepts
 from .journal import JOURNAL, Journal, canonical_json, request_key
-from .prompts import Prompts, load_prompts
+from .prompts import STAGES, Prompts, load_prompts
 from .rows import ConceptData, RowBuilder
 
 logger = logging.getLogger(__name__)
@@ -335,8 +335,8 @@ def generate_reasonaug(
     with Journal(out) as journal:
         if journal.torn_line:
             logger.info("The journal's last line was torn by an interrupted run and was dropped.")
-        if _read_record(out).get("identity") != identity:
-            _write_run_record(out, record)
+        if not (out / RUN_RECORD).is_file():  # a run of other settings (--overwrite) keeps its record until the end,
+            _write_run_record(out, record)     # when its outputs are replaced: the folder never mixes two runs
         if from_batch_output is not None:
             _ingest_batch(Path(from_batch_output), planner, journal, traffic)
         while True:
@@ -491,7 +491,8 @@ def _write_dataset(out: Path, planner: Planner, plan: Plan, answers: dict) -> di
     return {
         "concepts": len(planner.concepts.concepts), "domains": len(planner.concepts.domains),
         "heldout_concepts": sorted(heldout),
-        "requests": {"answered": len(journaled), "by_stage": dict(Counter(r["stage"] for r in journaled)),
+        "requests": {"answered": len(journaled), "by_stage": {stage: count for stage in STAGES if (count := sum(
+                         r["stage"] == stage for r in journaled))},
                      "prompt_tokens": _tokens(journaled, "prompt_tokens"),
                      "completion_tokens": _tokens(journaled, "completion_tokens")},
         "unusable_answers": {stage: dict(counts) for stage, counts in plan.unusable.items()},
