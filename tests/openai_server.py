@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import threading
 import time
@@ -249,7 +250,7 @@ class ReasonAugResponder:
         seed = body.get("seed", 0)
         others = [w for name in self.concepts_by_domain[domain] if name != concept for w in concept_vocabulary(name)]
         noise = pseudo_words(f"noise:{seed}", 4)
-        rng = __import__("random").Random(seed)
+        rng = random.Random(seed)
         words = rng.sample(own, 4) + rng.sample(others, min(3, len(others))) + noise
         rng.shuffle(words)
         problem = "Consider the following task: " + " ".join(words) + f". Report the value for case {seed % 97}."
