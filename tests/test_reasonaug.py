@@ -326,12 +326,12 @@ def _is(stage_text: str):
 def test_transport_failures_are_retried_counted_and_change_nothing(concepts, tmp_path):
     with ChatServer(responder_for(concepts)) as clean:
         generate(concepts, tmp_path / "clean", clean)
-    with ChatServer(responder_for(concepts), stall=2.0) as chat_server:
+    with ChatServer(responder_for(concepts), stall=8.0) as chat_server:
         chat_server.fail("429", _is('"Prefix Sum"'), times=2)
         chat_server.fail("500", _is('"Law of Cosines"'), times=2)
         chat_server.fail("not_json", _is('"Two Pointers"'), times=1)
         chat_server.fail("timeout", _is('"Stars and Bars"'), times=1)
-        result = generate(concepts, tmp_path / "out", chat_server, timeout=0.5)
+        result = generate(concepts, tmp_path / "out", chat_server, timeout=3.0)  # far above a loaded machine's delays
     assert result.traffic["retried"] == {"rate_limited": 2, "server_error": 2, "bad_response": 1, "timeout": 1}
     assert result.traffic["failed"] == {}
     assert outputs(tmp_path / "out") == outputs(tmp_path / "clean")
