@@ -43,7 +43,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         "(default: OPENAI_BASE_URL, else the hosted OpenAI API with OPENAI_API_KEY)")
     parser.add_argument("--problems-per-concept", type=positive_int, default=8, help="problem requests per concept")
     parser.add_argument("--workers", type=positive_int, default=8, help="requests in flight at once")
-    parser.add_argument("--seed", type=int, default=0, help="fixes sampling seeds, topics, held-out concepts, "
+    parser.add_argument("--seed", type=count, default=0, help="fixes sampling seeds, topics, held-out concepts, "
                         "negatives and row choices (default: 0)")
     parser.add_argument("--prompts", help="a .yaml / .json file over the default prompts, key by key (default: the "
                         "package's prompts.yaml)")
@@ -59,7 +59,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         "timeout, a failed connection or a body that is not a chat completion")
     parser.add_argument("--batch-file", help="write the pending requests as an OpenAI Batch API input file instead of "
                         "sending them, then stop (default: send them)")
-    parser.add_argument("--from-batch-output", help="a Batch API output file: journal its answers first, then go on")
+    parser.add_argument("--from-batch-output", help="a Batch API output file: journal its answers first, then go on "
+                        "(default: none)")
     parser.add_argument("--overwrite", action="store_true", help="use an OUT made with other settings (its journaled "
                         "answers to identical requests are reused) and replace an existing --batch-file")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
