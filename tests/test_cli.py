@@ -113,6 +113,15 @@ BAD_NUMBERS = {  # option -> (bad values, the accepted range as the message stat
     "--max-shard-size": (["0", "-5GB", "5 parsecs"], "'5GB'"),
     "--shard-size": (["0", "-1", "ten"], "integer >= 1"),
     "--max-tokens-per-batch": (["0", "-8"], "integer >= 1"),
+    "--problems-per-concept": (["0", "-1", "x"], "integer >= 1"),
+    "--workers": (["0", "2.5"], "integer >= 1"),
+    "--seed": (["-1", "x"], "integer >= 0"),
+    "--temperature": (["-0.1", "2.5", "hot"], "[0, 2]"),
+    "--max-tokens": (["0", "x"], "integer >= 1"),
+    "--answer-retries": (["-1", "x"], "integer >= 0"),
+    "--heldout-fraction": (["1", "-0.1"], "[0, 1)"),
+    "--timeout": (["0", "nan", "x"], "number > 0"),
+    "--max-retries": (["-1", "x"], "integer >= 0"),
 }
 COMMANDS = {  # each subcommand's numeric options, and a command line that would otherwise write OUT
     "demo": (["--max-steps", "--max-heldout"], lambda m, d, o: ["demo", "--output", str(o)]),
@@ -123,6 +132,9 @@ COMMANDS = {  # each subcommand's numeric options, and a command line that would
     "evaluate": (["--max-seq-length", "--max-tokens-per-batch", "--max-heldout"],
                  lambda m, d, o: ["evaluate", str(m), "--data", str(d), "--output", str(o)]),
     "convert": (["--max-shard-size", "--max-seq-length"], lambda m, d, o: ["convert", str(m), str(o)]),
+    "reasonaug": (["--problems-per-concept", "--workers", "--seed", "--temperature", "--max-tokens", "--answer-retries",
+                   "--heldout-fraction", "--timeout", "--max-retries"],
+                  lambda m, d, o: ["reasonaug", str(d), str(o), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]),
 }
 TABLE = [(command, option, value, BAD_NUMBERS[option][1])
          for command, (options, _) in COMMANDS.items() for option in options for value in BAD_NUMBERS[option][0]]

@@ -94,12 +94,33 @@ class NonFiniteLossError(DiffembedError, FloatingPointError):
     """The loss or an embedding became NaN/inf; no model was written."""
 
 
+class JournalError(DiffembedError):
+    """A ReasonAug journal that cannot be read (not a torn last line, which is expected after a kill)."""
+
+
+class ServerError(DiffembedError):
+    """The server cannot answer this run: unreachable after every retry, or it refuses the requests (4xx)."""
+
+
+class BatchError(DiffembedError, ValueError):
+    """A batch output file that cannot be read; the message names the file and line."""
+
+
+class PromptsError(UsageError, ValueError):
+    """A prompts file that cannot be used; the message names the file and the key."""
+
+
+class ConceptsError(UsageError, ValueError):
+    """A concepts file that cannot be used; the message names the file and the domain or concept."""
+
+
 # The optional extras of setup.cfg and the modules each one provides.
 EXTRAS = {
     "train": ("peft", "datasets", "accelerate", "bm25s"),
     "eval": ("mteb",),
     "ray": ("ray",),
     "fp8": ("torchao",),
+    "reasonaug": ("openai", "bm25s"),
 }
 
 

@@ -1,6 +1,6 @@
 """`diffembed` command line: a thin layer over the library functions, one module per command.
 
-Each command module (`demo`, `train`, `encode`, `evaluate`, `convert`, `export`, `push`) has `add_parser`, which
+Each command module (`demo`, `train`, `encode`, `evaluate`, `convert`, `export`, `push`, `reasonaug`) has `add_parser`, which
 registers the command and its options next to its handler, and `run(args)`, which calls the library; the
 library makes the decisions (which mode, which options apply) and raises `errors.UsageError` (exit status 2) or
 `errors.DiffembedError` (exit status 1), which `main` prints as one line, `diffembed <cmd>: error: ...`
@@ -18,10 +18,10 @@ import warnings
 
 from .. import __version__
 from ..errors import DiffembedError
-from . import convert, demo, encode, evaluate, export, push, train
+from . import convert, demo, encode, evaluate, export, push, reasonaug, train
 from .common import ArgumentParser, add_output_options, byte_size, fraction, positive_float, positive_int
 
-COMMANDS = (demo, train, encode, evaluate, convert, export, push)
+COMMANDS = (demo, train, encode, evaluate, convert, export, push, reasonaug)
 
 
 def build_parser() -> ArgumentParser:
