@@ -176,6 +176,9 @@ def test_summary_keeps_every_settings_group_of_the_model(models, sets, tmp_path,
     assert main(["evaluate", models[0], "--data", a, "--output", str(out), "--query-prompt", ""]) == 0
     assert main(["evaluate", models[0], "--data", a, "--output", str(out), "--max-seq-length", "16"]) == 0
     table = capsys.readouterr().out
+    rows = table.splitlines()
+    header = max(i for i, line in enumerate(rows) if line.startswith("task"))  # the last run's table
+    assert [row.split()[0] for row in rows[header + 1:header + 4]] == ["Locala"] * 3  # no result lost
     summary = json.loads((out / "summary.json").read_text())
     assert summary["version"] == 2 and summary["model"] == first["model"]
     results = summary["results"]
@@ -187,9 +190,7 @@ def test_summary_keeps_every_settings_group_of_the_model(models, sets, tmp_path,
         (64, model_prompt), (64, ""), (16, model_prompt)]
     scores = [r["scores"]["ndcg_at_10"] for r in results]
     assert len(set(scores)) == 3  # three settings, three different results
-    # the printed table names each result's settings (after the last run: all three)
-    rows = table.splitlines()
-    header = max(i for i, line in enumerate(rows) if line.startswith("task"))  # the last run's table
+    # the printed table names each result's settings
     assert rows[header].split() == ["task", "settings", "metric", "ours", "study"]
     assert rows[header + 2].split()[1:] == ["64", "tokens,", "query", "prompt", "''", "ndcg_at_10", f"{100 * scores[1]:.2f}"]
     assert rows[header + 3].startswith("Locala  16 tokens, query prompt 'Given a web search query, …  ndcg_at_10")
@@ -249,7 +250,7 @@ def test_a_models_identity_covers_what_changes_its_vectors_and_nothing_else(mode
     a = sets[0]
     model = shutil.copytree(models[0], tmp_path / "model")
     assert main(["evaluate", str(model), "--data", a, "--output", str(model / "eval")]) == 0
-    recorded = json.loads((model / "eval" / "summary.json").read_text())["model"]
+    first = json.loads((model / "eval" / "summary.json").read_text())
 
     # an export inside the folder (a full model copy in a subfolder, as `export vllm MODEL MODEL/vllm` would
     # write), an edited card and the eval/ folder itself: still the same model, whose results are reused
@@ -261,6 +262,7 @@ def test_a_models_identity_covers_what_changes_its_vectors_and_nothing_else(mode
     recorder = Recorder(monkeypatch)
     assert main(["evaluate", str(model), "--data", a, "--output", str(model / "eval")]) == 0
     assert recorder.calls == []  # nothing recomputed: the folder is the model that made the results
+    recorded = first["model"]
     assert json.loads((model / "eval" / "summary.json").read_text())["model"] == recorded
     assert "Benchmark results" in build_model_card(model, "me/model").text
     capsys.readouterr()
