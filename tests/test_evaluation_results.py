@@ -120,7 +120,8 @@ def test_a_second_evaluate_into_the_same_output_is_refused_naming_the_first(mode
     try:
         recorder = Recorder(monkeypatch)
         err = error_of(capsys, ["evaluate", models[1], "--data", a, "--output", str(out)])
-        assert f"{out} is being written by another run (pid {holder.pid} " in err and "diffembed evaluate" in err
+        assert f"{out} is being written by another run (pid {holder.pid} " in err
+        assert f"'diffembed evaluate {models[0]} --data {a} --data {b} --output {out}'" in err  # its command
         assert recorder.calls == [] and not out.exists()  # refused before any work; the holder's run untouched
 
         holder.stdin.write("go on\n")
