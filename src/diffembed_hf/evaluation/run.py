@@ -330,9 +330,9 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
         fresh = not any(work.iterdir())
         # names the model while the run is under way, so that only a rerun of the same model resumes this folder
         write_json(work / RUN_RECORD, {"model": model, "identity": model_record, "finished": False})
+        _drop_unreadable(work)  # first, so that a seed copy cut short by a kill is made again
         if keep_earlier:
             _seed(work, output)
-        _drop_unreadable(work)
         seeded = set(work.rglob("*.json"))
         try:
             summary, record_tasks = _run(mteb, encoder, task_list, work, metas, overwrite=overwrite)
