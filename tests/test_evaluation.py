@@ -7,49 +7,24 @@ import os
 import mteb
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_config
 from datasets import Dataset
+from evaluation_helpers import save_model, stored_results, stored_scores, write_beir
 from sentence_transformers import SentenceTransformer
 from torch.utils.data import DataLoader
 
-from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
 from diffembed_hf.builtin_task import build_rows
 from diffembed_hf.cli import main
+from diffembed_hf.errors import OutputExistsError
 from diffembed_hf.data import resolve_columns, to_training_rows
 from diffembed_hf.evaluation import encoder as encoder_module
 from diffembed_hf.evaluation.encoder import DiffEmbedEncoder
 from diffembed_hf.evaluation.heldout import evaluate_model, retrieval_task
 from diffembed_hf.evaluation.run import evaluate
 from diffembed_hf.evaluation.suites import SUITES
-from diffembed_hf.sentence_transformer import save_sentence_transformer
 
 # Python's own documentation strings and code (nobody on this project wrote them): docstring summary -> function.
 MODULES = ("json", "csv", "textwrap", "heapq", "shlex", "glob", "fnmatch", "copy", "bisect", "base64", "string",
            "gzip", "zipfile", "shutil", "tempfile", "codecs", "locale", "operator")
-
-
-def save_model(folder, seed):
-    torch.manual_seed(seed)
-    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
-    return str(save_sentence_transformer(model, load_dream_tokenizer(), folder, max_seq_length=64))
-
-
-def write_beir(folder, corpus, queries, qrels, excluded=None, titles=None):
-    (folder / "qrels").mkdir(parents=True)
-    with open(folder / "corpus.jsonl", "w") as f:
-        for doc_id, text in corpus.items():
-            f.write(json.dumps({"_id": doc_id, "title": (titles or {}).get(doc_id, ""), "text": text}) + "\n")
-    with open(folder / "queries.jsonl", "w") as f:
-        for qid, text in queries.items():
-            record = {"_id": qid, "text": text}
-            if excluded and qid in excluded:
-                record["excluded_ids"] = sorted(excluded[qid])
-            f.write(json.dumps(record) + "\n")
-    with open(folder / "qrels" / "test.tsv", "w") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        f.writelines(f"{q}\t{d}\t1\n" for q, docs in qrels.items() for d in sorted(docs))
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +105,7 @@ def test_local_beir_metrics_equal_exact_ranking_and_the_training_evaluator(model
     recorder = Recorder(monkeypatch)
     out = tmp_path / "eval"
     assert main(["evaluate", models[0], "--data", folder, "--output", str(out), "--query-prompt", ""]) == 0
-    summary = json.loads((out / "summary.json").read_text())["Localstdlib-docs"]
+    summary = stored_scores(out, "Localstdlib-docs")
     assert summary["metric"] == "ndcg_at_10" and summary["main_score"] == summary["ndcg_at_10"]
 
     # the same embeddings mteb ranked with, scored by exact code here
@@ -156,13 +131,13 @@ def test_local_beir_metrics_equal_exact_ranking_and_the_training_evaluator(model
 
     # mteb's own result file sits under the output, under this model's identity
     record = json.loads((out / "run.json").read_text())
-    result_file = out / record["result_folder"] / "Localstdlib-docs.json"
+    result_file = out / record["tasks"]["Localstdlib-docs"]["result_file"]
     assert json.loads(result_file.read_text())["scores"]["test"][0]["ndcg_at_10"] == summary["ndcg_at_10"]
     assert record["tasks"]["Localstdlib-docs"]["prompts_sent"] == {"query": "", "document": ""}
 
     # control: with the model's query prompt the queries change, and so do the scores
     assert main(["evaluate", models[0], "--data", folder, "--output", str(tmp_path / "eval2")]) == 0
-    prompted = json.loads((tmp_path / "eval2" / "summary.json").read_text())["Localstdlib-docs"]
+    prompted = stored_scores(tmp_path / "eval2", "Localstdlib-docs")
     assert prompted["ndcg_at_10"] != summary["ndcg_at_10"]
     query_prompt = st.prompts["query"]
     assert recorder.calls[-2][1] == query_prompt and recorder.calls[-1][1] == ""  # queries, then the corpus
@@ -274,14 +249,17 @@ def test_two_models_into_one_output_never_share_results(models, beir, tmp_path, 
     folder, _ = beir
     out = tmp_path / "eval"
     first = evaluate(models[0], data=folder, output=out).summary
-    second = evaluate(models[1], data=folder, output=out).summary
+    with pytest.raises(OutputExistsError, match="holds the results of .*/a .*not of .*/b "):
+        evaluate(models[1], data=folder, output=out)  # another model's results: refused, not mixed in
+    assert stored_scores(out, "Localstdlib-docs") == first["Localstdlib-docs"]
+    second = evaluate(models[1], data=folder, output=out, overwrite=True).summary  # replaces them
     assert first["Localstdlib-docs"]["ndcg_at_10"] != second["Localstdlib-docs"]["ndcg_at_10"]
-    assert len(list((out / "results").iterdir())) == 2  # one mteb model folder each
+    assert len(list((out / "results").iterdir())) == 1  # only this model's mteb files are left
     recorder = Recorder(monkeypatch)
-    again = evaluate(models[0], data=folder, output=out).summary  # from mteb's cache: nothing encoded
-    assert again == first and recorder.calls == []
-    fresh = evaluate(models[0], data=folder, output=out, overwrite=True).summary  # recomputed, same numbers
-    assert len(recorder.calls) == 2 and fresh == first
+    again = evaluate(models[1], data=folder, output=out).summary  # from mteb's cache: nothing encoded
+    assert again == second and recorder.calls == []
+    fresh = evaluate(models[1], data=folder, output=out, overwrite=True).summary  # recomputed, same numbers
+    assert len(recorder.calls) == 2 and fresh == second
 
 
 def test_shared_corpus_is_encoded_once_and_an_interrupted_run_resumes(models, beir, tmp_path, monkeypatch):
@@ -364,7 +342,7 @@ def test_without_mteb_the_command_names_the_extra(models, beir, tmp_path, capsys
 
 def test_a_second_run_into_the_same_output_keeps_the_first_runs_tasks(models, beir, tmp_path):
     """MODEL/eval after a second suite still lists the first one (push puts summary.json on the card); another
-    model's run into the same folder does not inherit them (control)."""
+    model's run into the same folder is refused and changes nothing (control)."""
     _, (queries, corpus, relevant) = beir
     qids = list(queries)
     half = {q: queries[q] for q in qids[:40]}, {q: queries[q] for q in qids[40:]}
@@ -373,8 +351,9 @@ def test_a_second_run_into_the_same_output_keeps_the_first_runs_tasks(models, be
     out = tmp_path / "eval"
     evaluate(models[0], data=[a], output=out)
     evaluate(models[0], data=[b], output=out)
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"Locala", "Localb"}
-    assert set(json.loads((out / "run.json").read_text())["tasks"]) == {"Locala", "Localb"}
-    evaluate(models[1], data=[b], output=out)
-    assert set(json.loads((out / "summary.json").read_text())) == {"Localb"}
+    assert [r["task"] for r in stored_results(out)] == ["Locala", "Localb"]
+    assert set(json.loads((out / "run.json").read_text())["tasks"]) == {"Localb"}  # run.json: the latest run
+    before = (out / "summary.json").read_text()
+    with pytest.raises(OutputExistsError):
+        evaluate(models[1], data=[b], output=out)
+    assert (out / "summary.json").read_text() == before

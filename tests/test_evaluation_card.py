@@ -4,6 +4,7 @@ reproducing the demo's own held-out numbers."""
 import json
 
 import pytest
+from evaluation_helpers import stored_scores
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
@@ -20,7 +21,7 @@ def demo(tmp_path_factory):
 def stdlib_scores(model_folder, out, capsys):
     assert main(["evaluate", str(model_folder), "--suite", "stdlib", "--max-heldout", "100", "--output", str(out)]) == 0
     assert "StdlibHeldOutRetrieval" in capsys.readouterr().out
-    return json.loads((out / "summary.json").read_text())["StdlibHeldOutRetrieval"]
+    return stored_scores(out, "StdlibHeldOutRetrieval")
 
 
 def test_suite_stdlib_reproduces_the_demo_numbers(demo, tmp_path, capsys):
@@ -37,11 +38,17 @@ def test_suite_stdlib_reproduces_the_demo_numbers(demo, tmp_path, capsys):
     assert record["max_seq_length"] == 128 and record["tasks"]["StdlibHeldOutRetrieval"]["routing"]["query"] == ""
 
 
-def write_results(folder, summary, tasks):
+def write_results(folder, model, summary, tasks):
+    """A summary.json (format version 2) of `model`'s results, as `diffembed evaluate` writes it."""
+    from diffembed_hf.checkpoint import model_identity
+
+    identity = model_identity(model)
+    results = [{"task": task, "settings": {"max_seq_length": 4096, "query_prompt": "q", "document_prompt": ""},
+                "settings_key": "0", "scores": scores, "mteb_version": "2.26.24", **tasks[task]}
+               for task, scores in summary.items()]
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps(summary))
-    (folder / "run.json").write_text(json.dumps({"mteb_version": "2.26.24", "suite": None, "max_seq_length": 4096,
-                                                 "tasks": tasks}))
+    (folder / "summary.json").write_text(json.dumps({"format": "diffembed-evaluate-summary", "version": 2, "model": {
+        **identity.as_dict(), "key": identity.key}, "results": results}))
     return folder
 
 
@@ -49,7 +56,7 @@ def test_model_card_lists_every_task_and_passes_huggingface_hub_validation(demo,
     # stored results of a real run, into MODEL/eval where push looks by default
     stdlib_scores(demo.folder, demo.folder / "eval", capsys)
     card = build_model_card(demo.folder, "me/diffembed-demo")
-    stored = json.loads((demo.folder / "eval" / "summary.json").read_text())["StdlibHeldOutRetrieval"]
+    stored = stored_scores(demo.folder / "eval", "StdlibHeldOutRetrieval")
     parsed = ModelCard(str(card))  # huggingface_hub parses and validates the metadata (eval_results need a name)
     [result] = parsed.data.eval_results
     assert (result.metric_type, result.metric_value, result.dataset_split) == ("ndcg_at_10", stored["main_score"],
@@ -71,7 +78,7 @@ def test_model_card_lists_every_task_and_passes_huggingface_hub_validation(demo,
         "STS17": {"type": "STS", "dataset": "mteb/sts17-crosslingual-sts", "dataset_revision": "faeb",
                   "splits": ["test"], "subsets": ["en-en"]},
     }
-    other = write_results(tmp_path / "suite-results", summary, tasks)
+    other = write_results(tmp_path / "suite-results", demo.folder, summary, tasks)
     card = build_model_card(demo.folder, "me/diffembed-demo", evaluation=other)
     results = ModelCard(str(card)).data.eval_results
     got = {(r.dataset_name, r.dataset_split, r.dataset_config): (r.task_type, r.dataset_type, r.metric_type,

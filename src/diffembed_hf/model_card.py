@@ -27,7 +27,7 @@ from . import __version__
 from .checkpoint import ADAPTER_CONFIG, CONFIG, CONVERSION_RECORD, EVAL_FOLDER, EVAL_SUMMARY, TRAINING_RECORD
 from .checkpoint import folder_kind as _folder_kind
 from .checkpoint import is_hub_id, read_json, read_json_or_empty, weight_files
-from .errors import PublishError
+from .errors import PublishError, PublishUsageError
 from .files import write_text
 
 CONVERSION_METADATA = CONVERSION_RECORD  # the names earlier releases exported from here
@@ -248,9 +248,14 @@ def _conversion_sections(record: dict) -> list[str]:
     return lines
 
 
-def stored_evaluation(folder: str | Path, results: str | Path | None = None):
+def stored_evaluation(folder: str | Path, results: str | Path | None = None, *, model: str | Path | None = None):
     """The results `diffembed evaluate` stored in `results` (default: FOLDER/eval, when it holds any) as a card
-    section and `EvalResult`s (`evaluation.card.CardResults`), or None."""
+    section and `EvalResult`s (`evaluation.card.CardResults`), or None.
+
+    Only results made by `model` (default: `folder`; the same content digest) count: another model's results in
+    FOLDER/eval are left off with a warning, and `results` given explicitly that are another model's are refused
+    (`PublishUsageError` naming both)."""
+    strict = results is not None
     if results is None:
         results = Path(folder) / EVAL_FOLDER
         if not (results / EVAL_SUMMARY).is_file():
@@ -259,9 +264,9 @@ def stored_evaluation(folder: str | Path, results: str | Path | None = None):
     from .evaluation.card import card_results
 
     try:
-        return card_results(results)
+        return card_results(results, model or folder, strict=strict)
     except EvaluationError as err:
-        raise PublishError(str(err)) from None
+        raise (PublishUsageError if strict else PublishError)(str(err)) from None
 
 
 def build_model_card(
@@ -273,7 +278,7 @@ def build_model_card(
     language: list[str] | None = None,
     eval_results: list[EvalResult] | None = None,
     extra_sections: Sequence[str] = (),
-    evaluation: str | Path | None = None,
+    evaluation: str | Path | bool | None = None,
 ) -> ModelCard:
     """The model card of `folder` (published as `repo_id`; default: the folder's name): Hub metadata, pasteable
     usage, model details, conversion notes, training hyper-parameters and what ran, the evaluation table and
@@ -282,11 +287,12 @@ def build_model_card(
     `base_model` (a Hub id) defaults to the folder's lineage: its training record, adapter config, conversion
     record or own card. `license` and `language` default to the folder's own card, then apache-2.0 and English.
     `eval_results` go into the `model-index` metadata and `extra_sections` (markdown) before the citation.
-    The results of `diffembed evaluate` in `evaluation` (default: FOLDER/eval) add both: a results table beside the
-    study's numbers, and one model-index entry per task and split.
+    The results of `diffembed evaluate` in `evaluation` (default: FOLDER/eval; False: none) add both: a results
+    table beside the study's numbers, and one model-index entry per task, settings and split. Only results this
+    folder's model made are shown (`stored_evaluation`).
     """
     folder = Path(folder)
-    stored = stored_evaluation(folder, evaluation)
+    stored = None if evaluation is False else stored_evaluation(folder, evaluation)
     if stored is not None:
         eval_results = [*(eval_results or []), *stored.eval_results]
         extra_sections = ["\n".join(stored.lines), *extra_sections]

@@ -1,21 +1,26 @@
 """Stored evaluation results (`diffembed evaluate --output DIR`) as model-card lines and Hub `model-index` entries.
 
-Reads only `summary.json` and `run.json` (no mteb needed to push). Each task and split/subset becomes one
-huggingface_hub `EvalResult` with its main score (mteb's raw value, as mteb's own card export writes it); the
-card's table gives every task in percent with the study's published DiffEmbed numbers beside ours.
+Reads only `summary.json` (no mteb needed to push), and only the results of the model the card describes: the
+summary names the model that made its results (`evaluation.summary`), which must be the card's folder (same
+content digest). Each task, settings group and split/subset becomes one huggingface_hub `EvalResult` with its
+main score (mteb's raw value, as mteb's own card export writes it); the card's table gives every result in
+percent with the study's published DiffEmbed numbers beside ours.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import EvalResult
 
-from ..checkpoint import EVAL_RUN, EVAL_SUMMARY, is_hub_id
+from ..checkpoint import is_hub_id, model_identity
 from ..errors import EvaluationError
 from .suites import STUDY, STUDY_URL
+from .summary import Summary, describe_model, identity_record, read_summary, results_table, same_model, settings_labels
+
+logger = logging.getLogger(__name__)
 
 # mteb task type -> the Hub's task type (the mapping mteb's own card export uses)
 HF_TASK_TYPES = {
@@ -32,59 +37,80 @@ class CardResults:
     eval_results: list[EvalResult]  # for ModelCardData(eval_results=..., model_name=...)
 
 
-def load_results(folder: Path) -> tuple[dict, dict]:
-    try:
-        summary = json.loads((folder / EVAL_SUMMARY).read_text(encoding="utf-8"))
-        record = json.loads((folder / EVAL_RUN).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise EvaluationError(f"{folder}: no readable evaluation results (summary.json, run.json from "
-                              f"`diffembed evaluate --output {folder}`): {err}") from None
-    return summary, record
+def load_results(folder: Path) -> Summary:
+    summary = read_summary(folder)
+    if summary is None:
+        raise EvaluationError(f"{folder}: no readable evaluation results (summary.json from `diffembed evaluate "
+                              f"--output {folder}`)")
+    if not summary.results:
+        raise EvaluationError(f"{folder}/summary.json holds no result")
+    return summary
 
 
-def eval_results(summary: dict, record: dict) -> list[EvalResult]:
-    results = []
-    for task, scores in summary.items():
-        info = record.get("tasks", {}).get(task, {})
-        dataset = info.get("dataset", "")
-        parts = scores.get("splits") or {info.get("splits", ["test"])[0]: scores}
-        for label, values in parts.items():
-            split, _, subset = label.partition("/")
-            subset = subset or (info.get("subsets") or ["default"])[0]
-            results.append(EvalResult(
-                task_type=HF_TASK_TYPES.get(info.get("type"), "feature-extraction"), task_name=info.get("type"),
+def eval_results(results: list[dict]) -> list[EvalResult]:
+    labels = settings_labels(results) or [None] * len(results)
+    entries = []
+    for result, label in zip(results, labels):
+        task, scores = result["task"], result["scores"]
+        dataset = result.get("dataset", "")
+        parts = scores.get("splits") or {(result.get("splits") or ["test"])[0]: scores}
+        for part, values in parts.items():
+            split, _, subset = part.partition("/")
+            subset = subset or (result.get("subsets") or ["default"])[0]
+            # the Hub groups entries by task, dataset, config, split and revision: results of one task under other
+            # settings are metrics of one entry, told apart by their name
+            entries.append(EvalResult(
+                task_type=HF_TASK_TYPES.get(result.get("type"), "feature-extraction"), task_name=result.get("type"),
                 dataset_type=dataset if is_hub_id(dataset) else f"local/{task}",
                 dataset_name=f"{task} ({subset})" if subset != "default" else task, dataset_config=subset,
-                dataset_split=split, dataset_revision=info.get("dataset_revision"),
-                metric_type=scores["metric"], metric_name=scores["metric"], metric_value=values["main_score"],
+                dataset_split=split, dataset_revision=result.get("dataset_revision"), metric_type=scores["metric"],
+                metric_name=f"{scores['metric']} ({label})" if label else scores["metric"],
+                metric_value=values["main_score"],
                 source_name="diffembed evaluate (mteb)", source_url="https://github.com/embeddings-benchmark/mteb",
             ))
-    return results
+    return entries
 
 
-def results_lines(summary: dict, record: dict) -> list[str]:
-    from .run import results_table
-
-    rows = results_table(summary)
+def results_lines(results: list[dict]) -> list[str]:
+    rows = results_table(results)
+    with_settings = any(r[1] is not None for r in rows)
+    versions = sorted({r.get("mteb_version", "?") for r in results})
+    lengths = sorted({r["settings"].get("max_seq_length") for r in results})
     lines = [
         "## Benchmark results", "",
-        f"`diffembed evaluate` on mteb {record.get('mteb_version', '?')}"
-        + (f", suite `{record['suite']}`" if record.get("suite") else "")
-        + f", inputs up to {record.get('max_seq_length')} tokens; scores in percent. Queries carry each task's "
-        "instruction, documents none (the instructions used are in `run.json`)"
+        f"`diffembed evaluate` on mteb {', '.join(versions)}"
+        + ("" if with_settings else f", inputs up to {lengths[0]} tokens") + "; scores in percent. Queries carry "
+        "each task's instruction, documents none (the prompts used are in `summary.json`)"
+        + ("; results of the same model under other settings (input length, prompts) are listed by settings"
+           if with_settings else "")
         + (f"; the study's published numbers ([{STUDY}]({STUDY_URL})) are beside ours." if any(
-            r[3] is not None for r in rows) else "."), "",
-        "| task | metric | this model | study |", "|---|---|---:|---:|",
+            r[4] is not None for r in rows) else "."), "",
     ]
-    for task, label, ours, study in rows:
-        lines.append(f"| {task} | {label} | {'-' if ours is None else f'{ours:.2f}'} | "
-                     f"{'' if study is None else f'{study:.2f}'} |")
+    if with_settings:
+        lines += ["| task | settings | metric | this model | study |", "|---|---|---|---:|---:|"]
+    else:
+        lines += ["| task | metric | this model | study |", "|---|---|---:|---:|"]
+    for task, label, metric, ours, study in rows:
+        cells = [task, *([label.replace("|", "\\|")] if with_settings else []), metric,
+                 "-" if ours is None else f"{ours:.2f}", "" if study is None else f"{study:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
-def card_results(folder: str | Path) -> CardResults:
-    """The card section and the `model-index` entries for the results stored in `folder`."""
-    summary, record = load_results(Path(folder))
-    if not summary:
-        raise EvaluationError(f"{folder}/summary.json holds no task")
-    return CardResults(results_lines(summary, record), eval_results(summary, record))
+def card_results(results_folder: str | Path, model_folder: str | Path, *, strict: bool) -> CardResults | None:
+    """The card section and the `model-index` entries for the results stored in `results_folder`, when they were
+    made by the model in `model_folder`. Another model's results (or results that name no model) are an
+    EvaluationError naming both when `strict` (the user asked for these results), else left off with a warning
+    (None)."""
+    results_folder = Path(results_folder)
+    summary = load_results(results_folder)
+    identity = model_identity(model_folder)
+    if not same_model(summary.model, identity):
+        problem = (f"{results_folder} holds the results of {describe_model(summary.model)}, not of "
+                   f"{describe_model(identity_record(identity))}")
+        if strict:
+            raise EvaluationError(f"{problem}; evaluate this model (diffembed evaluate {model_folder} ... --output "
+                                  "DIR) and give those results")
+        logger.warning("%s: left off the card of %s", problem, model_folder)
+        return None
+    return CardResults(results_lines(summary.results), eval_results(summary.results))

@@ -24,7 +24,7 @@ from mteb.types import PromptType
 from sentence_transformers import SentenceTransformer
 
 from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH
-from ..checkpoint import model_identity as identity_of
+from ..checkpoint import ModelIdentity
 from ..corpus import embed_texts, visible_devices
 from .suites import STUDY_INSTRUCTIONS, SYMMETRIC_TYPES, render_prompt
 
@@ -62,11 +62,10 @@ def _texts_digest(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
-def model_identity(model_name_or_path: str) -> tuple[str, str]:
+def mteb_identity(identity: ModelIdentity) -> tuple[str, str]:
     """(name, revision) for mteb: a Hub id and its commit, or 'diffembed-local/<folder>' and the folder's content
     digest (`checkpoint.model_identity`), so two different models (or one folder before and after retraining)
     never share mteb's cached results."""
-    identity = identity_of(model_name_or_path)
     if identity.sha256 is not None:
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(identity.model).name) or "model"
         return f"diffembed-local/{name}", identity.key

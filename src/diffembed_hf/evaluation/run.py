@@ -1,10 +1,12 @@
 """`evaluate`: a DiffEmbed model on the study's suites, named mteb tasks or local BEIR folders, on stock mteb.
 
-The output folder only ever holds finished results: mteb writes its per-task result files into a staging
-folder beside it (`.<name>.partial`), which an interrupted run leaves behind and the next run resumes from
-(mteb's `only-missing` cache strategy); on success `summary.json` and `run.json` are added and the staging
-folder replaces the output folder in one rename. Results of other models already in the output are kept:
-mteb files them under each model's own name and revision.
+One run at a time writes an output (`files.output_lock`: a second run is refused at once, naming the first).
+The output folder only ever holds finished results: mteb writes its per-task result files into the staging folder
+`files.staged_folder(..., resumable=True)` keeps beside it (`.<name>.partial`), which an interrupted run leaves
+behind and the next run of the same model resumes from (mteb's `only-missing` cache strategy); on success
+`summary.json` and `run.json` are added and the staging folder replaces the output folder in one rename.
+An output holds one model's results (`evaluation.summary`): those of the same model with other tasks or settings
+are kept, another model's are refused unless --overwrite replaces them.
 """
 
 from __future__ import annotations
@@ -14,26 +16,41 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import move_into_place, remove_stale_temp_folders, temporary_sibling
-from ..errors import EvaluationError, require_extra
-from .suites import PUBLISHED, STUDY, SUITE_MAX_SEQ_LENGTH, close_matches, suite_task, suite_tasks
+from .. import __version__
+from ..checkpoint import EVAL_RUN, EVAL_SUMMARY, ModelIdentity, check_folder, local_folder, model_identity
+from ..errors import EvaluationError, OutputExistsError, require_extra
+from ..files import output_lock, partial_folder, staged_folder, write_json
+from .suites import SUITE_MAX_SEQ_LENGTH, close_matches, suite_task, suite_tasks
+from .summary import (
+    Summary,
+    describe_model,
+    format_table,
+    identity_record,
+    merge_results,
+    read_summary,
+    same_model,
+    settings_key,
+    summary_document,
+)
 
 logger = logging.getLogger(__name__)
 
-SUMMARY = "summary.json"
-RUN_RECORD = "run.json"
+SUMMARY = EVAL_SUMMARY
+RUN_RECORD = EVAL_RUN
 
 
 @dataclass
 class EvaluationResult:
     output: Path
-    summary: dict[str, dict[str, Any]]  # task -> {"main_score", "metric", every metric mteb reports}
-    table: str  # ours beside the study's published numbers
-    record: dict[str, Any]  # run.json: model identity, settings, per-task dataset and instruction
+    summary: dict[str, dict[str, Any]]  # this run: task -> {"main_score", "metric", every metric mteb reports}
+    table: str  # every result in the output, ours beside the study's published numbers
+    record: dict[str, Any]  # run.json: this run's model identity, settings, per-task dataset and instruction
+    results: list[dict[str, Any]] = field(default_factory=list)  # summary.json's results: this run's and earlier
 
 
 def require_mteb():
@@ -76,6 +93,19 @@ def resolve_tasks(*, suite: str | None, tasks: list[str] | None, data: list[str 
     return resolved
 
 
+def _check_options(*, suite: str | None, data: list | None, query_prompt: str | None,
+                   stdlib_rows: int | None) -> None:
+    """Options that only some task sources use are refused with the others, never silently ignored."""
+    if query_prompt is not None and not data:
+        raise EvaluationError(
+            "--query-prompt (query_prompt=) applies to --data tasks only: suite and mteb tasks put each task's own "
+            "instruction before the queries (change it with --instructions FILE), and --suite stdlib's queries "
+            "carry theirs already")
+    if stdlib_rows is not None and suite != "stdlib":
+        raise EvaluationError("--max-heldout (stdlib_rows=) applies to --suite stdlib only: it is the number of "
+                              "held-out rows of that task")
+
+
 def _check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise EvaluationError(f"--output {output} is a file")
@@ -85,48 +115,66 @@ def _check_output(output: Path) -> None:
                               "give a new or empty folder")
 
 
-def _staging(output: Path, overwrite: bool) -> Path:
-    """The staging folder: resumed if an interrupted run left one, else seeded with the output's results."""
-    work = output.parent / f".{output.name}.partial"
-    if overwrite and work.exists():
-        shutil.rmtree(work)
+def _earlier_results(output: Path, overwrite: bool) -> Summary | None:
+    """The results already in `output`; a damaged summary.json is refused unless --overwrite replaces it."""
+    try:
+        return read_summary(output)
+    except EvaluationError as err:
+        if overwrite:
+            return None
+        raise EvaluationError(f"{err}; pass --overwrite to replace the results in {output}") from None
+
+
+def _check_same_model(earlier: Summary | None, identity: ModelIdentity, output: Path, overwrite: bool) -> None:
+    """One output folder holds one model's results: another model's are replaced only with --overwrite."""
+    if earlier is None or overwrite or same_model(earlier.model, identity):
+        return
+    raise OutputExistsError(
+        f"{output} holds the results of {describe_model(earlier.model)}, not of "
+        f"{describe_model(identity_record(identity))}; give another --output, or pass --overwrite to replace them")
+
+
+def _prepare_partial(output: Path, identity: ModelIdentity, overwrite: bool) -> None:
+    """Keep the staging folder of an interrupted run only for the same model (its run.json names the model)."""
+    work = partial_folder(output)
     if not work.exists():
-        output.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_folders(output)
-        seed = temporary_sibling(output)
-        seed.mkdir()
-        if (output / "results").is_dir():
-            shutil.copytree(output / "results", seed / "results")
-        seed.rename(work)
-    else:
+        return
+    if overwrite:
+        shutil.rmtree(work)
+        return
+    try:
+        owner = json.loads((work / RUN_RECORD).read_text(encoding="utf-8")).get("identity")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if same_model(owner, identity):
         logger.warning("Resuming the interrupted evaluation in %s", work)
+        return
+    logger.warning("Removing %s: it was left by an interrupted run of %s", work, describe_model(owner))
+    shutil.rmtree(work)
+
+
+def _seed(work: Path, output: Path) -> None:
+    """Bring the output's mteb result files that the staging folder lacks into it (idempotent, so a run killed
+    while seeding is completed by the next one); a file the staging folder already has is newer and kept."""
+    source = output / "results"
+    for path in sorted(source.rglob("*")) if source.is_dir() else []:
+        target = work / "results" / path.relative_to(source)
+        if path.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+
+def _drop_unreadable(work: Path) -> None:
     from mteb import TaskResult
 
     for path in (work / "results").rglob("*.json") if (work / "results").is_dir() else []:
-        if path.name in ("model_meta.json",):
+        if path.name == "model_meta.json":
             continue
         try:
             TaskResult.from_disk(path)
         except Exception:  # a result file cut short when the run was killed: that task runs again
             logger.warning("Discarding the unreadable result file %s", path)
             path.unlink()
-    return work
-
-
-def _keep_earlier_tasks(output: Path, summary: dict, record: dict) -> tuple[dict, dict]:
-    """Results of the same model and settings already in `output` for other tasks (an earlier suite) stay in
-    summary.json and run.json, so a second suite into MODEL/eval adds to the card instead of replacing it."""
-    try:
-        old_summary = json.loads((output / SUMMARY).read_text(encoding="utf-8"))
-        old_record = json.loads((output / RUN_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return summary, record
-    # the model and its length; the prompts are per task (each task's own are in run.json)
-    same = all(old_record.get(key) == record.get(key) for key in ("mteb_model_name", "mteb_revision", "max_seq_length"))
-    if not same:  # another model (or settings) before: its results are not this model's
-        return summary, record
-    tasks = {**old_record.get("tasks", {}), **record.get("tasks", {})}
-    return {**old_summary, **summary}, {**record, "tasks": tasks}
 
 
 def _is_network_error(err: BaseException) -> bool:
@@ -181,41 +229,6 @@ def summarize(task, task_result) -> dict[str, Any]:
     return summary
 
 
-def _published_value(summary: dict[str, Any], metric: str, splits: tuple[str, ...] | None) -> float | None:
-    if splits:
-        values = [summary.get("splits", {}).get(s, {}).get(metric) for s in splits]
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
-    return summary.get(metric)
-
-
-def results_table(summary: dict[str, dict[str, Any]]) -> list[tuple[str, str, float | None, float | None]]:
-    """(task, metric label, ours in %, the study's in %) rows: every published number for the tasks run, else the
-    task's main score."""
-    rows = []
-    for task, scores in summary.items():
-        published = PUBLISHED.get(task)
-        if not published:
-            rows.append((task, scores["metric"], 100 * scores["main_score"], None))
-            continue
-        for number in published:
-            ours = _published_value(scores, number.metric, number.splits)
-            rows.append((task, number.label, None if ours is None else 100 * ours, number.value))
-    return rows
-
-
-def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    rows = results_table(summary)
-    width = max([len("task")] + [len(r[0]) for r in rows])
-    lines = [f"{'task':<{width}}  {'metric':<16}{'ours':>8}{'study':>8}"]
-    for task, label, ours, study in rows:
-        lines.append(f"{task:<{width}}  {label:<16}{'-' if ours is None else f'{ours:.2f}':>8}"
-                     f"{'' if study is None else f'{study:.2f}':>8}")
-    if any(r[3] is not None for r in rows):
-        lines.append(f"study: {STUDY} (percent)")
-    return "\n".join(lines)
-
-
 def evaluate(
     model: str,
     *,
@@ -236,69 +249,122 @@ def evaluate(
     `trust_remote_code=True`) and write mteb's result files, `summary.json` and `run.json` under `output`.
 
     `instructions`: a JSON file (or dict) of task name -> instruction, over the study's. `query_prompt`: the text
-    before each query of local `data` tasks (default: the model's stored `query` prompt). `max_seq_length`
-    defaults to the suite's protocol (longembed 4096, followir 304, stdlib 128) or else the model's own.
-    `overwrite=True` recomputes this model's results instead of reusing those already in `output`.
+    before each query of local `data` tasks (default: the model's stored `query` prompt); refused for other
+    tasks, as `stdlib_rows` (`--max-heldout`) is for anything but `suite="stdlib"`. `max_seq_length` defaults to
+    the suite's protocol (longembed 4096, followir 304, stdlib 128) or else the model's own.
+
+    `output` holds one model's results (`evaluation.summary`): the results of this model already there with other
+    tasks or settings are kept, and another model's are refused unless `overwrite=True`, which replaces them
+    (for this model's own results, `overwrite=True` recomputes those this run covers). A second run into the same
+    output is refused while this one holds it.
     """
     mteb = require_mteb()
     if isinstance(data, (str, Path)):
         data = [data]
     output = Path(output).expanduser().resolve()
-    from .local import STDLIB_ROWS, STDLIB_TASK
+    _check_options(suite=suite, data=data, query_prompt=query_prompt, stdlib_rows=stdlib_rows)
+    from .local import STDLIB_ROWS
 
     task_list = resolve_tasks(suite=suite, tasks=tasks, data=data, stdlib_rows=stdlib_rows or STDLIB_ROWS)
     overrides = _read_instructions(instructions)
     unknown = sorted(set(overrides) - {t.metadata.name for t in task_list})
     if unknown:
         raise EvaluationError(f"the instruction file names tasks that are not evaluated: {unknown}")
-    _check_output(output)
 
+    with output_lock(output):
+        _check_output(output)
+        earlier = _earlier_results(output, overwrite)
+        folder = local_folder(model)
+        identity = None
+        if folder is not None:  # a folder's identity is known before loading: another model's output is refused now
+            check_folder(folder)
+            identity = model_identity(folder)
+            _check_same_model(earlier, identity, output, overwrite)
+        return _evaluate_locked(mteb, model, identity, earlier, task_list, overrides, output=output, suite=suite,
+                                data=data, query_prompt=query_prompt, max_seq_length=max_seq_length,
+                                max_tokens_per_batch=max_tokens_per_batch, overwrite=overwrite, device=device,
+                                stdlib_rows=stdlib_rows or STDLIB_ROWS, trust_remote_code=trust_remote_code)
+
+
+def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: Summary | None, task_list: list,
+                     overrides: dict[str, str], *, output: Path, suite: str | None, data: list | None,
+                     query_prompt: str | None, max_seq_length: int | None, max_tokens_per_batch: int | None,
+                     overwrite: bool, device: str | None, stdlib_rows: int, trust_remote_code: bool
+                     ) -> EvaluationResult:
     from ..encoding import load_encoder
-    from ..checkpoint import settings_digest
-    from .encoder import DiffEmbedEncoder, model_identity, model_meta
+    from .encoder import DiffEmbedEncoder, model_meta, mteb_identity
+    from .local import STDLIB_TASK
 
     length = max_seq_length or SUITE_MAX_SEQ_LENGTH.get(suite or "")
     st_model = load_encoder(model, device=device, max_seq_length=length, trust_remote_code=trust_remote_code)
+    if identity is None:  # a Hub id: the commit just loaded
+        identity = model_identity(model, getattr(st_model[0].auto_model.config, "_commit_hash", None))
+        _check_same_model(earlier, identity, output, overwrite)
+    keep_earlier = earlier is not None and same_model(earlier.model, identity)
     query_prompts = {}
     if suite == "stdlib":
         query_prompts[STDLIB_TASK] = ""  # the anchors already carry the task's instruction
     for task in task_list if data else []:
         query_prompts[task.metadata.name] = st_model.prompts.get("query", "") if query_prompt is None else query_prompt
-    name, revision = model_identity(model)
-    settings = {"max_seq_length": st_model.max_seq_length}
-    if overrides or query_prompts:
-        settings["prompts"] = settings_digest({"instructions": overrides, "query_prompts": query_prompts})[:12]
-    meta = model_meta(st_model, name, revision, settings)
-    encoder = DiffEmbedEncoder(st_model, meta, instructions=overrides, query_prompts=query_prompts,
+    encoder = DiffEmbedEncoder(st_model, None, instructions=overrides, query_prompts=query_prompts,
                                source=None if device else model,
                                **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
+    # each task's settings: what, beside the model and the data, decides its scores
+    settings = {}
+    for task in task_list:
+        route = encoder.routing(task.metadata)
+        settings[task.metadata.name] = {"max_seq_length": st_model.max_seq_length, "query_prompt": route["query"],
+                                        "document_prompt": route["document"]}
+        if task.metadata.name == STDLIB_TASK and suite == "stdlib":
+            settings[task.metadata.name]["max_heldout"] = stdlib_rows
+    name, revision = mteb_identity(identity)
+    # mteb files each task's results under the model and that task's settings, so its cache never hands a task
+    # the results of other settings
+    metas = {task: model_meta(st_model, name, revision, {"max_seq_length": s["max_seq_length"],
+                                                         "settings": settings_key(s)})
+             for task, s in settings.items()}
+    model_record = identity_record(identity)
 
-    fresh = not (output.parent / f".{output.name}.partial").exists()
-    work = _staging(output, overwrite)
-    seeded = set(work.rglob("*.json"))
-    try:
-        summary, record = _run(mteb, encoder, task_list, work, meta, overwrite=overwrite)
-    except EvaluationError:
-        if fresh and set(work.rglob("*.json")) == seeded:  # nothing of this run to resume: leave no trace
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    record = {"model": model, "mteb_model_name": name, "mteb_revision": revision, "settings": settings,
-              "suite": suite, "max_seq_length": st_model.max_seq_length, "mteb_version": mteb.__version__, **record}
-    summary, record = _keep_earlier_tasks(output, summary, record)
-    (work / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (work / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    move_into_place(work, output)  # whole, with the user's umask; the old output is put back if it fails
-    table = format_table(summary)
+    _prepare_partial(output, identity, overwrite)
+    with staged_folder(output, resumable=True) as work:
+        fresh = not any(work.iterdir())
+        # names the model while the run is under way, so that only a rerun of the same model resumes this folder
+        write_json(work / RUN_RECORD, {"model": model, "identity": model_record, "finished": False})
+        _drop_unreadable(work)  # first, so that a seed copy cut short by a kill is made again
+        if keep_earlier:
+            _seed(work, output)
+        seeded = set(work.rglob("*.json"))
+        try:
+            summary, record_tasks = _run(mteb, encoder, task_list, work, metas, overwrite=overwrite)
+        except EvaluationError:
+            if fresh and set(work.rglob("*.json")) == seeded:  # nothing of this run to resume: leave no trace
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        stamp = {"mteb_version": mteb.__version__, "diffembed_hf_version": __version__,
+                 "evaluated": time.strftime("%Y-%m-%d %H:%M:%S")}
+        results = [{
+            "task": task, "settings": settings[task], "settings_key": settings_key(settings[task]), "scores": scores,
+            **{k: record_tasks[task][k] for k in ("type", "dataset", "dataset_revision", "splits", "subsets")},
+            "prompts": record_tasks[task]["routing"], **stamp,
+        } for task, scores in summary.items()]
+        all_results = merge_results(earlier.results if keep_earlier else [], results)
+        record = {"model": model, "identity": model_record, "finished": True, "mteb_model_name": name,
+                  "mteb_revision": revision, "suite": suite, "max_seq_length": st_model.max_seq_length, **stamp,
+                  "tasks": record_tasks}
+        write_json(work / SUMMARY, summary_document(model_record, all_results))
+        write_json(work / RUN_RECORD, record)
+    table = format_table(all_results)
     logger.debug("Evaluation results in %s\n%s", output, table)  # the CLI prints the table once
-    return EvaluationResult(output, summary, table, record)
+    return EvaluationResult(output, summary, table, record, all_results)
 
 
-def _run(mteb, encoder, task_list: list, work: Path, meta, *, overwrite: bool) -> tuple[dict, dict]:
+def _run(mteb, encoder, task_list: list, work: Path, metas: dict, *, overwrite: bool) -> tuple[dict, dict]:
     """mteb.evaluate task by task into the staging folder's result cache; (summary, the run record's tasks)."""
     cache = mteb.ResultCache(work)
     summary, record_tasks = {}, {}
     for task in task_list:
         task_name = task.metadata.name
+        meta = encoder.mteb_model_meta = metas[task_name]  # mteb reads the model's identity and settings here
         _drop_stale(cache, task, meta)
         try:
             result = mteb.evaluate(encoder, task, cache=cache, overwrite_strategy="always" if overwrite else
@@ -320,11 +386,11 @@ def _run(mteb, encoder, task_list: list, work: Path, meta, *, overwrite: bool) -
             "type": task.metadata.type, "dataset": task.metadata.dataset["path"],
             "dataset_revision": task.metadata.dataset.get("revision"), "splits": list(task.eval_splits),
             "subsets": list(task.hf_subsets), "main_score": task.metadata.main_score,
+            "result_file": cache.get_task_result_path(task_name, meta).relative_to(work).as_posix(),
             "routing": encoder.routing(task.metadata),
             **({"prompts_sent": encoder.used[task_name]} if task_name in encoder.used else {}),
         }
-    folder = cache.get_task_result_path(task_list[0].metadata.name, meta).parent.relative_to(work)
-    return summary, {"result_folder": str(folder), "tasks": record_tasks}
+    return summary, record_tasks
 
 
 def _drop_stale(cache, task, meta) -> None:

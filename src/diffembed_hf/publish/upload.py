@@ -40,8 +40,6 @@ from .. import __version__
 from .. import model_card as cards
 from ..checkpoint import (
     ADAPTER_CONFIG,
-    EVAL_FOLDER,
-    EVAL_SUMMARY,
     LICENSE_PATTERNS,
     SENTENCE_TRANSFORMERS_FILES,
     TOKENIZER_FILES,
@@ -248,13 +246,14 @@ def prepare_push(
             model_card = ModelCard.load(own_card)
             notes.append("README.md: the folder's own hand-written card (--overwrite-card generates one instead)")
         else:
-            # the lineage is read from the user's folder: a merged copy has lost its adapter config
-            # results under the user's folder count even when `source` is a merged copy
-            own_eval = folder / EVAL_FOLDER
+            # the lineage is read from the user's folder: a merged copy has lost its adapter config. Results count
+            # when the user's folder made them (an adapter embeds as its merged copy does), also under FOLDER/eval
+            stored = cards.stored_evaluation(folder, eval_results)
             model_card = cards.build_model_card(
                 source, repo_id, license=license, language=language,
                 base_model=base_model or cards._lineage_base_model(folder),
-                evaluation=eval_results or (own_eval if (own_eval / EVAL_SUMMARY).is_file() else None))
+                eval_results=stored.eval_results if stored else None,
+                extra_sections=["\n".join(stored.lines)] if stored else (), evaluation=False)
             generated.append("README.md")
         (staging / "README.md").write_text(str(model_card), encoding="utf-8")
 

@@ -1,0 +1,49 @@
+"""Shared by the evaluation tests: tiny DiffEmbed folders (real Dream tokenizer) and local BEIR-layout sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def save_model(folder: Path, seed: int) -> str:
+    import torch
+    from conftest import tiny_config
+
+    from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
+    from diffembed_hf.sentence_transformer import save_sentence_transformer
+
+    torch.manual_seed(seed)
+    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
+    return str(save_sentence_transformer(model, load_dream_tokenizer(), folder, max_seq_length=64))
+
+
+def write_beir(folder: Path, corpus: dict, queries: dict, qrels: dict, excluded: dict | None = None,
+               titles: dict | None = None) -> str:
+    (folder / "qrels").mkdir(parents=True)
+    with open(folder / "corpus.jsonl", "w") as f:
+        for doc_id, text in corpus.items():
+            f.write(json.dumps({"_id": doc_id, "title": (titles or {}).get(doc_id, ""), "text": text}) + "\n")
+    with open(folder / "queries.jsonl", "w") as f:
+        for qid, text in queries.items():
+            record = {"_id": qid, "text": text}
+            if excluded and qid in excluded:
+                record["excluded_ids"] = sorted(excluded[qid])
+            f.write(json.dumps(record) + "\n")
+    with open(folder / "qrels" / "test.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        f.writelines(f"{q}\t{d}\t1\n" for q, docs in qrels.items() for d in sorted(docs))
+    return str(folder)
+
+
+def stored_results(output: str | Path) -> list[dict]:
+    """summary.json's results (format version 2)."""
+    summary = json.loads((Path(output) / "summary.json").read_text())
+    assert summary["version"] == 2
+    return summary["results"]
+
+
+def stored_scores(output: str | Path, task: str) -> dict:
+    """The scores of the one result of `task` in summary.json."""
+    [scores] = [r["scores"] for r in stored_results(output) if r["task"] == task]
+    return scores
