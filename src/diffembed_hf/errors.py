@@ -41,6 +41,7 @@ EXTRAS = {
     "eval": ("mteb",),
     "ray": ("ray",),
     "fp8": ("torchao",),
+    "gguf": ("gguf", "accelerate"),  # transformers loads GGUF files only with accelerate installed
 }
 
 
