@@ -40,6 +40,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (warm-up steps)."""
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates, scales)."""
     value = _number(text, float, "a number > 0")
@@ -178,6 +186,9 @@ def _train(args: argparse.Namespace) -> int:
         "max_seq_length": args.max_seq_length, "gradcache_mini_batch_size": args.gradcache,
         "lora": False if args.full else None, "adapter_only": args.adapter_only or None,
         "group_by_instruction": args.group_by_instruction or None, "eval_fraction": args.eval_fraction,
+        "warmup_steps": args.warmup_steps, "warmup_ratio": args.warmup_ratio,
+        "saved_max_seq_length": args.saved_max_seq_length, "gradient_checkpointing": args.gradient_checkpointing,
+        "bf16": args.bf16,
     }.items() if value is not None}
     config = TrainingConfig.from_file(args.config, **overrides) if args.config else TrainingConfig(**overrides)
     mapping = ColumnMapping(query=args.query_column, positive=args.positive_column,
@@ -373,7 +384,18 @@ def build_parser() -> ArgumentParser:
     tr.add_argument("--max-steps", type=positive_int, help="optimizer steps " + from_config.format(1000))
     tr.add_argument("--batch-size", type=positive_int, help="per device " + from_config.format(4))
     tr.add_argument("--learning-rate", type=positive_float, help=from_config.format("1e-4"))
-    tr.add_argument("--max-seq-length", type=positive_int, help="tokens " + from_config.format(4096))
+    tr.add_argument("--max-seq-length", type=positive_int, help="tokens training cuts inputs at (default: the "
+                    "recipe's 4096 on CUDA, the training texts' own length on a CPU, or --config's)")
+    tr.add_argument("--saved-max-seq-length", type=positive_int, help="the saved model's max_seq_length (default: "
+                    "the base model's)")
+    tr.add_argument("--warmup-steps", type=nonnegative_int, help="learning-rate warm-up steps (default: the "
+                    "recipe's 100, at most a tenth of --max-steps, or --config's)")
+    tr.add_argument("--warmup-ratio", type=fraction, help="warm-up as a share of --max-steps, instead of "
+                    "--warmup-steps (default: none)")
+    tr.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                    help="recompute activations to save memory (default: on CUDA; off on a CPU unless memory is short)")
+    tr.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                    help="bf16 mixed precision (default: on CUDA, off on a CPU)")
     tr.add_argument("--gradcache", type=positive_int, metavar="MINI_BATCH",
                     help="GradCache with this mini-batch size (default: off)")
     tr.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
@@ -504,8 +526,8 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--output", required=True, help="results folder (e.g. MODEL/eval, which push puts on the card)")
     ev.add_argument("--instructions", help="JSON file of task name -> instruction, over the study's "
                     "(default: the study's instructions)")
-    ev.add_argument("--query-prompt", help="text before each query of --data tasks (default: the model's query "
-                    "prompt)")
+    ev.add_argument("--query-prompt", help="instruction before each query of --data tasks, sent as "
+                    "'INSTRUCTION:\\n' as in training (default: the model's query prompt)")
     ev.add_argument("--max-seq-length", type=positive_int, help="default: the suite's protocol, else the model's own")
     ev.add_argument("--max-tokens-per-batch", type=positive_int, default=16384, help="real tokens per forward pass")
     ev.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset
 
 from .errors import DiffembedError, UsageError
-from .sentence_transformer import DEFAULT_QUERY_PROMPT
+from .sentence_transformer import DEFAULT_QUERY_PROMPT, instruction_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,11 @@ class ColumnMapping:
 
 
 def format_query(query: str, instruction: str | None, default_prompt: str = DEFAULT_QUERY_PROMPT) -> str:
-    """Instruction + query, with the instruction ending in ':\\n' like the model's stored prompts."""
+    """The row's instruction as a prompt (`instruction_prompt`, the one rule) + query; the default prompt where
+    the row has no instruction."""
     if instruction is None or not instruction.strip():
         return default_prompt + query
-    return instruction.strip().rstrip(":") + ":\n" + query
+    return instruction_prompt(instruction) + query
 
 
 def load_rows(source: str) -> Dataset:
@@ -171,6 +172,7 @@ class TrainingData:
     eval: Dataset | None
     source: str
     mapping: ColumnMapping
+    instructions: list[str] = field(default_factory=list)  # the distinct instructions of the rows ("" for none)
 
 
 def load_training_data(
@@ -213,4 +215,5 @@ def load_training_data(
         train = dataset.remove_columns("_instruction")
     logger.info("Training rows: %d (negatives per row: %d); held-out rows: %d",
                 len(dataset), len(rows) - 2, 0 if held_out is None else len(held_out))
-    return TrainingData(train=train, eval=held_out, source=source, mapping=mapping)
+    return TrainingData(train=train, eval=held_out, source=source, mapping=mapping,
+                        instructions=sorted({(i or "").strip() for i in instructions}))

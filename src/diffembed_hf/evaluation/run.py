@@ -236,8 +236,9 @@ def evaluate(
     """Evaluate `model` (a DiffEmbed folder or Hub id, loaded as a user would: sentence-transformers with
     `trust_remote_code=True`) and write mteb's result files, `summary.json` and `run.json` under `output`.
 
-    `instructions`: a JSON file (or dict) of task name -> instruction, over the study's. `query_prompt`: the text
-    before each query of local `data` tasks (default: the model's stored `query` prompt). `max_seq_length`
+    `instructions`: a JSON file (or dict) of task name -> instruction, over the study's (for local `data` tasks too,
+    over `query_prompt`). `query_prompt`: the instruction before each query of local `data` tasks (default: the
+    model's stored `query` prompt); both become prompts by the one rule, '<instruction>:\\n'. `max_seq_length`
     defaults to the suite's protocol (longembed 4096, followir 304, stdlib 128) or else the model's own.
     `overwrite=True` recomputes this model's results instead of reusing those already in `output`.
     """
@@ -265,8 +266,15 @@ def evaluate(
     query_prompts = {}
     if suite == "stdlib":
         query_prompts[STDLIB_TASK] = ""  # the anchors already carry the task's instruction
-    for task in task_list if data else []:
-        query_prompts[task.metadata.name] = st_model.prompts.get("query", "") if query_prompt is None else query_prompt
+    from ..sentence_transformer import instruction_prompt
+
+    for task in task_list if data else []:  # one rule for an instruction and --query-prompt (`instruction_prompt`)
+        if task.metadata.name in overrides:
+            query_prompts[task.metadata.name] = instruction_prompt(overrides[task.metadata.name])
+        elif query_prompt is not None:
+            query_prompts[task.metadata.name] = instruction_prompt(query_prompt)
+        else:
+            query_prompts[task.metadata.name] = st_model.prompts.get("query", "")
     name, revision = model_identity(model)
     settings = {"max_seq_length": st_model.max_seq_length}
     if overrides or query_prompts:
