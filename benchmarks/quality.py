@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--work", help="folder for the converted and fine-tuned models (default: a temporary one; "
                         "a converted model found there is reused)")
     parser.add_argument("--steps", type=int, help="override the mode's training steps")
+    parser.add_argument("--queries", type=int, help="override the mode's held-out queries per set")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -210,7 +211,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     mode = "cpu-budget" if args.cpu_budget else "full"
     steps, batch, length, learning_rate, queries = MODES[mode]
-    steps = args.steps or steps
+    steps, queries = args.steps or steps, args.queries or queries
     device = "cpu" if args.cpu_budget or not torch.cuda.is_available() else "cuda"
     total = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="diffembed-quality-"))

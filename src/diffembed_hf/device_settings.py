@@ -75,9 +75,11 @@ def token_length_quantile(tokenizer, texts: list[str], quantile: float = LENGTH_
 
 
 def activation_bytes(config, tokens: int, dtype_bytes: int) -> int:
-    """Rough memory of the activations a backward pass keeps for `tokens` tokens without checkpointing: per layer
-    and token about 16 hidden-sized and 6 MLP-sized vectors (norms, q/k/v/o, residuals, gate/up/act/down)."""
-    per_token_layer = 16 * config.hidden_size + 6 * config.intermediate_size
+    """Rough memory of the activations a LoRA backward pass keeps for `tokens` tokens without checkpointing: per
+    layer and token about 13 hidden-sized vectors (two RMSNorms' inputs and outputs, attention's q/k/v/output, the
+    LoRA dropout outputs of q/k/v/o/gate/up) and 5 MLP-sized ones (gate, activation, up, their product, down's LoRA
+    dropout output)."""
+    per_token_layer = 13 * config.hidden_size + 5 * config.intermediate_size
     return tokens * config.num_hidden_layers * per_token_layer * dtype_bytes
 
 
