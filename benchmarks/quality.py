@@ -177,12 +177,15 @@ def rows_dataset(rows: list[dict], with_instruction: bool):
     return Dataset.from_dict(columns)
 
 
-def evaluate_sets(model, sets: dict[str, list[dict]], with_instruction: bool) -> tuple[dict, float]:
+def evaluate_sets(model, sets: dict[str, list[dict]], with_instruction: bool, label: str) -> tuple[dict, float]:
+    """Scores per held-out set, each also logged as soon as it is known (a long run on a busy machine keeps them)."""
     from diffembed_hf.evaluation.heldout import evaluate_model
 
     start = time.perf_counter()
-    scores = {name: evaluate_model(model, rows_dataset(rows, with_instruction), batch_size=16)
-              for name, rows in sets.items()}
+    scores = {}
+    for name, rows in sets.items():
+        scores[name] = evaluate_model(model, rows_dataset(rows, with_instruction), batch_size=16)
+        logging.getLogger("quality").warning("%s on %s: %s", label, name, json.dumps(scores[name]))
     return scores, time.perf_counter() - start
 
 
@@ -225,7 +228,8 @@ def main() -> None:
 
     model = SentenceTransformer(str(base), device=device, trust_remote_code=True)
     model.max_seq_length = length
-    results["untrained"], times["untrained"] = evaluate_sets(model, sets, with_instruction=True)
+    results["untrained"], times["untrained"] = evaluate_sets(model, sets, with_instruction=True,
+                                                    label="untrained")
     del model
 
     counter = TokenCounter()
@@ -235,7 +239,8 @@ def main() -> None:
                     callbacks=[counter.callback])
     model = SentenceTransformer(str(trained.output_dir), device=device, trust_remote_code=True)
     model.max_seq_length = length
-    results["fine-tuned"], times["fine-tuned"] = evaluate_sets(model, sets, with_instruction=True)
+    results["fine-tuned"], times["fine-tuned"] = evaluate_sets(model, sets, with_instruction=True,
+                                                    label="fine-tuned")
     del model
 
     start = time.perf_counter()
@@ -243,7 +248,8 @@ def main() -> None:
     times["BM25"] = time.perf_counter() - start
     peer = SentenceTransformer(str(peer_folder()), device=device)
     peer.max_seq_length = length
-    results["MiniLM-L6 (ST)"], times["MiniLM-L6 (ST)"] = evaluate_sets(peer, sets, with_instruction=False)
+    results["MiniLM-L6 (ST)"], times["MiniLM-L6 (ST)"] = evaluate_sets(peer, sets, with_instruction=False,
+                                                    label="MiniLM-L6")
 
     threads = torch.get_num_threads()
     where = f"{device}, {threads} threads" if device == "cpu" else torch.cuda.get_device_name()

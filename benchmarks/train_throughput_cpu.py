@@ -102,7 +102,8 @@ def run_variant(args) -> dict:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"backbone": type(backbone(st).base_model.model).__name__, "bidirectional": bidirectional,
             "threads": torch.get_num_threads(), "step_seconds": [round(s, 2) for s, _ in timed],
-            "tokens_per_s": [t / s for s, (t, _) in timed], "tokens_per_step": statistics.mean(t for _, (t, _) in timed),
+            "tokens_per_s": [t / s for s, (t, _) in timed],
+            "tokens_per_step": statistics.mean(t for _, (t, _) in timed),
             "padding": 1 - sum(t for _, (t, _) in timed) / sum(p for _, (_, p) in timed), "first_loss": losses[0]}
 
 
