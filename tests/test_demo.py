@@ -42,3 +42,29 @@ def test_default_model_is_reproducible():
     a, b = build_default_model(seed=1), build_default_model(seed=1)
     assert all((pa == pb).all() for pa, pb in zip(a.parameters(), b.parameters()))
     assert not (build_default_model(seed=2).model.embed_tokens.weight == a.model.embed_tokens.weight).all()
+
+
+def test_demo_from_a_gguf_base(tmp_path, capsys):
+    """`diffembed demo --base MODEL.gguf`: the same demo from a converted model (here a tiny GGUF file written by
+    the `gguf` package), LoRA-trained, its folder reloaded as a Hub user would."""
+    from test_gguf import tokenizer_vocabulary, write_gguf
+
+    source = tmp_path / "tiny.gguf"
+    write_gguf(source, "qwen2")
+    folder = tmp_path / "demo"
+    assert main(["demo", "--base", str(source), "--output", str(folder), "--max-steps", "2",
+                 "--max-heldout", "20"]) == 0
+    conversion = json.loads((folder / "untrained" / "diffembed_conversion.json").read_text())
+    assert conversion["gguf"]["file"] == "tiny.gguf" and conversion["family"] == "qwen2"
+    config = json.loads((folder / "model" / "config.json").read_text())
+    assert config["vocab_size"] == len(tokenizer_vocabulary())  # the GGUF's model, not the default one
+    record = json.loads((folder / "model" / "diffembed_training.json").read_text())
+    assert record["hyperparameters"]["lora"] and record["training"]["steps"] == 2
+    out = capsys.readouterr().out
+    assert "Base model: " in out and "fine-tuning: 2 steps" in out and "20 docstring summaries" in out
+    assert sum(line.split()[0] in ("untrained", "fine-tuned", "BM25") for line in out.splitlines() if line.split()) == 3
+
+
+def test_demo_base_must_exist(tmp_path, capsys):
+    assert main(["demo", "--base", str(tmp_path / "missing.gguf")]) == 2
+    assert "--base" in capsys.readouterr().err and not list(tmp_path.iterdir())

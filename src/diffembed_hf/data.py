@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from .checkpoint import is_hub_id
 from .errors import DataError
-from .sentence_transformer import DEFAULT_QUERY_PROMPT
+from .sentence_transformer import DEFAULT_QUERY_PROMPT, instruction_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,11 @@ class ColumnMapping:
 
 
 def format_query(query: str, instruction: str | None, default_prompt: str = DEFAULT_QUERY_PROMPT) -> str:
-    """Instruction + query, with the instruction ending in ':\\n' like the model's stored prompts."""
+    """The row's instruction as a prompt (`instruction_prompt`, the one rule) + query; the default prompt where
+    the row has no instruction."""
     if instruction is None or not instruction.strip():
         return default_prompt + query
-    return instruction.strip().rstrip(":") + ":\n" + query
+    return instruction_prompt(instruction) + query
 
 
 def load_rows(source: str) -> Dataset:
@@ -172,6 +173,7 @@ class TrainingData:
     eval: Dataset | None
     source: str
     mapping: ColumnMapping
+    instructions: list[str] = field(default_factory=list)  # the distinct instructions of the rows ("" for none)
 
 
 def load_training_data(
@@ -214,4 +216,5 @@ def load_training_data(
         train = dataset.remove_columns("_instruction")
     logger.info("Training rows: %d (negatives per row: %d); held-out rows: %d",
                 len(dataset), len(rows) - 2, 0 if held_out is None else len(held_out))
-    return TrainingData(train=train, eval=held_out, source=source, mapping=mapping)
+    return TrainingData(train=train, eval=held_out, source=source, mapping=mapping,
+                        instructions=sorted({(i or "").strip() for i in instructions}))

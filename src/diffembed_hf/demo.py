@@ -1,6 +1,7 @@
 """The built-in default, end to end and offline.
 
-1. Build a small DiffEmbed model (random weights) with the real Dream tokenizer.
+1. Build a small DiffEmbed model (random weights) with the real Dream tokenizer, or, with `base`, convert a real
+   pretrained model (a GGUF file, a folder holding one, or a checkpoint folder; a DiffEmbed folder is used as it is).
 2. Build a real retrieval task from the running Python's standard library (docstring summary -> function
    source; training and held-out rows from disjoint modules; see `builtin_task`).
 3. Score the untrained model and BM25 on the held-out rows, fine-tune the model contrastively
@@ -11,13 +12,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from . import register_auto_classes
 from .builtin_task import write_task
@@ -56,6 +59,21 @@ DEMO_TRAINING = dict(max_steps=400, batch_size=16, learning_rate=1e-3, warmup_st
                      max_seq_length=128, gradient_checkpointing=False, save_steps=10**9, logging_steps=50)
 
 
+# A pretrained backbone: the recipe's LoRA (r16 on all projections) at a learning rate that moves it within a short
+# CPU run, inputs cut at 128 tokens as in the default demo; the rest is chosen for the device (`device_settings`).
+BASE_TRAINING = dict(max_steps=60, batch_size=8, learning_rate=3e-4, max_seq_length=128, save_steps=10**9)
+
+
+def prepare_base(base: str | Path, folder: Path) -> Path:
+    """A DiffEmbed folder for `base`: used as it is if it already is one, else converted into `folder`."""
+    from .convert import convert_checkpoint
+
+    config = Path(base).expanduser() / "config.json"
+    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "diffembed":
+        return Path(base).expanduser()
+    return convert_checkpoint(base, folder)
+
+
 def build_default_model(seed: int = 0) -> DiffEmbedForEmbedding:
     """The small default DiffEmbed model, randomly initialised (reproducibly, from `seed`)."""
     torch.manual_seed(seed)
@@ -81,8 +99,9 @@ class DemoResult:
 
 
 def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: int = 300,
-             overwrite: bool = False) -> DemoResult:
-    """Build, fine-tune and evaluate the default model on the standard-library task; save and reload it.
+             overwrite: bool = False, base: str | Path | None = None) -> DemoResult:
+    """Build (or, from `base`, convert), fine-tune and evaluate a model on the standard-library task; save and
+    reload it.
 
     `output_dir` must be new or empty unless `overwrite`, which replaces the demo's own data/, untrained/ and
     model/ in it (nothing else there is touched)."""
@@ -92,10 +111,17 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
     check_output_folder(output_dir, overwrite=overwrite)
     train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout)
     untrained = output_dir / "untrained"
-    with staged_folder(untrained) as staging:  # replaces the demo's own earlier folder (overwrite, checked above)
-        save_sentence_transformer(build_default_model(), load_dream_tokenizer(), staging, max_seq_length=128)
-    steps = max_steps or DEMO_TRAINING["max_steps"]
-    config = TrainingConfig(**{**DEMO_TRAINING, "max_steps": steps, "logging_steps": max(1, min(50, steps // 4))})
+    if base is None:
+        with staged_folder(untrained) as staging:  # replaces the demo's own earlier folder (overwrite, checked above)
+            save_sentence_transformer(build_default_model(), load_dream_tokenizer(), staging, max_seq_length=128)
+        settings = DEMO_TRAINING
+    else:
+        if untrained.exists():  # only with overwrite (checked above): the demo's own earlier folder
+            shutil.rmtree(untrained)
+        untrained = prepare_base(base, untrained)
+        settings = BASE_TRAINING
+    steps = max_steps or settings["max_steps"]
+    config = TrainingConfig(**{**settings, "max_steps": steps, "logging_steps": max(1, min(50, steps // 4))})
     heldout = load_training_data(str(heldout_file), default_prompt=config.query_prompt).train
     bm25 = evaluate_bm25(heldout)
     start = time.perf_counter()
@@ -104,13 +130,14 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
     seconds = time.perf_counter() - start
 
     texts = heldout["anchor"][:2] + heldout["positive"][:2]
-    loaded = embed_as_hub_user(result.output_dir, texts, max_length=128)
+    saved_length = json.loads((result.output_dir / "sentence_bert_config.json").read_text())["max_seq_length"]
+    loaded = embed_as_hub_user(result.output_dir, texts, max_length=saved_length)
     embeddings, st_embeddings = loaded.auto_model, loaded.sentence_transformer
     logger.info("Reloaded with AutoModel and SentenceTransformer (trust_remote_code) in a fresh process; "
                 "class from %s", loaded.module)
-    model = DiffEmbedForEmbedding.from_pretrained(result.output_dir).eval()
-    tokenizer = load_dream_tokenizer()
-    if not torch.allclose(embeddings, encode(model, tokenizer, texts, max_length=128), atol=1e-5):
+    model = DiffEmbedForEmbedding.from_pretrained(result.output_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.output_dir)
+    if not torch.allclose(embeddings, encode(model, tokenizer, texts, max_length=saved_length), atol=1e-5):
         raise RuntimeError("The reloaded model embeds differently from the one that was saved.")
     if not torch.allclose(st_embeddings, embeddings, atol=1e-5):
         raise RuntimeError("SentenceTransformer and AutoModel embed the saved folder differently.")

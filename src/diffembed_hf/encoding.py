@@ -53,14 +53,14 @@ def set_backbone(model: SentenceTransformer, module: torch.nn.Module) -> None:
     setattr(model[0], "model" if read_only else "auto_model", module)
 
 
-def check_max_seq_length(max_seq_length: int | None, limit: int | None) -> None:
+def check_max_seq_length(max_seq_length: int | None, limit: int | None, option: str = "--max-seq-length") -> None:
     """The one check of a requested length against the model's positions, for every entry point."""
     if max_seq_length is None:
         return
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1:
-        raise UsageError(f"--max-seq-length must be an integer >= 1, got {max_seq_length!r}")
+        raise UsageError(f"{option} must be an integer >= 1, got {max_seq_length!r}")
     if limit and max_seq_length > limit:
-        raise UsageError(f"--max-seq-length {max_seq_length} exceeds the model's max_position_embeddings ({limit}); "
+        raise UsageError(f"{option} {max_seq_length} exceeds the model's max_position_embeddings ({limit}); "
                          f"pass {limit} or less")
 
 

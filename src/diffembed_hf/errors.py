@@ -121,6 +121,7 @@ EXTRAS = {
     "ray": ("ray",),
     "fp8": ("torchao",),
     "reasonaug": ("openai", "bm25s"),
+    "gguf": ("gguf", "accelerate"),  # transformers loads GGUF files only with accelerate installed
 }
 
 

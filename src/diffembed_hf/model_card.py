@@ -237,12 +237,26 @@ def _usage_adapter(repo_id: str, base: str) -> list[str]:
     ]
 
 
+def _gguf_note(gguf: dict | None) -> str:
+    """A GGUF source's quantization, said plainly: a dequantized quantized model is not the original model."""
+    if not gguf:
+        return ""
+    return (f" They were dequantized from the {gguf.get('quantization')}-quantized GGUF file `{gguf.get('file')}` "
+            f"({gguf.get('architecture')}): they carry its quantization error, and are not the original "
+            "full-precision model's weights.")
+
+
 def _conversion_sections(record: dict) -> list[str]:
     lines = []
     if record.get("sliding_window") is not None:
         lines += [f"**Sliding window ignored.** The source was trained with a {record['sliding_window']}-token "
                   "sliding window; this model attends over the whole text, which matches the source only up to that "
                   "length.", ""]
+    if record.get("gguf"):
+        gguf = record["gguf"]
+        lines += [f"**From a quantized GGUF file.** Source `{gguf.get('file')}`, quantization {gguf.get('quantization')}"
+                  f" (tensor types {_fmt(gguf.get('tensor_types'))}), dequantized to {gguf.get('dequantized_to')} by "
+                  "transformers' GGUF loader.", ""]
     lines += ["## Conversion", "", "```bash", record.get("command", "diffembed convert"), "```", "",
               f"Converted with diffembed-hf {record.get('version', __version__)}.", ""]
     return lines
@@ -345,7 +359,7 @@ def build_model_card(
                            else "an autoregressive LLM, now run with bidirectional attention")
             intro += [
                 f"Its weights were converted from `{conversion.get('source')}`: {conversion.get('family_title')}, "
-                f"{conversion.get('dtype')} weights.", "",
+                f"{conversion.get('dtype')} weights." + _gguf_note(conversion.get("gguf")), "",
                 f"**Not trained as an embedder.** The weights are those of {source_kind}, unchanged (the "
                 "language-model head is dropped). Fine-tune it contrastively, as in the DiffEmbed study, before "
                 "relying on its embeddings.", "",

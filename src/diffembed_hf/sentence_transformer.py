@@ -40,6 +40,16 @@ TASK_PROMPTS = {
 DEFAULT_MAX_SEQ_LENGTH = 4096  # the study's training and evaluation length
 
 
+def instruction_prompt(instruction: str | None) -> str:
+    """THE rule for turning an instruction into the text put before a query, everywhere (training rows, the trained
+    model's stored query prompt, `evaluate --instructions` and `--query-prompt`): '<instruction>:\n', whether or
+    not the instruction already ends in ':' or ':\n' (so a stored prompt maps to itself); no instruction, no
+    prompt."""
+    if not instruction or not instruction.strip():
+        return ""
+    return instruction.strip().rstrip(":") + ":\n"
+
+
 def default_prompts() -> dict[str, str]:
     """`query` (instruction + query), `document` (bare) and the study's named task prompts."""
     return {"query": DEFAULT_QUERY_PROMPT, "document": "", **TASK_PROMPTS}

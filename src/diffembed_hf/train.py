@@ -2,7 +2,9 @@
 
 Defaults are the study's (RECIPE.md): LoRA r=16, alpha 32, dropout 0.05 on q/k/v/o/gate/up/down; InfoNCE over
 cosine x 50 with in-batch and hard negatives, gathered across ranks under torchrun / accelerate; lr 1e-4 with
-100 warm-up steps; gradient checkpointing; bf16 on CUDA; 4096 tokens. The output folder only ever holds a
+100 warm-up steps (capped at a tenth of a shorter run); on CUDA gradient checkpointing, bf16 and 4096 tokens. On a
+CPU the length, checkpointing, precision and threads left to "auto" are chosen to fit it (`device_settings`), and
+the log says what was chosen and why. The output folder only ever holds a
 finished model: checkpoints live beside it (`.<name>.checkpoints`, for `resume=True`) and are removed on success.
 A checkpoint counts as complete only once the trainer has finished writing it (a marker file is written last), so
 a run killed in the middle of a save resumes from the checkpoint before.
@@ -19,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +32,14 @@ from transformers import TrainerCallback
 from . import register_auto_classes
 from .checkpoint import TRAINING_RECORD
 from .data import ColumnMapping, load_training_data
-from .encoding import backbone, load_encoder, set_backbone
+from .encoding import backbone, check_max_seq_length, load_encoder, set_backbone
 from .errors import ConfigError, NonFiniteLossError, OutputExistsError, TrainingError
 from .evaluation.heldout import evaluate_model
 from .files import check_output_folder, output_lock, staged_folder, write_json
 from .model_card import write_model_card
-from .sentence_transformer import DEFAULT_QUERY_PROMPT, default_prompts, write_sentence_transformer_files
+from .device_settings import apply_threads, resolve_device_settings
+from .sentence_transformer import (DEFAULT_MAX_SEQ_LENGTH, DEFAULT_QUERY_PROMPT, default_prompts, instruction_prompt,
+                                   write_sentence_transformer_files)
 
 try:  # sentence-transformers >= 6 moved these; 5.x has them only here
     from sentence_transformers.sentence_transformer.losses import (
@@ -61,15 +66,18 @@ class TrainingConfig:
     max_steps: int = 1000
     batch_size: int = 4  # per device; the study used 4 per GPU x 4 GPUs
     learning_rate: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: the recipe's 100, capped at WARMUP_CAP of the run (or warmup_ratio)
+    warmup_ratio: float | None = None  # warm-up as a share of max_steps (instead of warmup_steps)
     scale: float = 50.0  # cosine x 50, i.e. temperature 0.02
-    max_seq_length: int = 4096
+    max_seq_length: int | None = None  # None: the recipe's 4096 on CUDA; on a CPU the training texts' own length
+    saved_max_seq_length: int | None = None  # the saved model's limit; None: the base model's
     lora: bool = True  # False: full fine-tuning (sensible only for small or randomly initialised models)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | None = None  # None: on CUDA (the recipe), off on a CPU where memory allows
+    bf16: bool | None = None  # None: on CUDA (the recipe), fp32 on a CPU
     gradcache_mini_batch_size: int | None = None  # set: GradCache, large batches at the memory of this many
     group_by_instruction: bool = False  # every batch from one instruction, as the study batched
     eval_fraction: float = 0.1
@@ -83,17 +91,31 @@ class TrainingConfig:
     def __post_init__(self):
         """Every number in its range, named as the CLI option (or field) that sets it: nothing is reinterpreted."""
         at_least_one = {"max_steps": "--max-steps", "batch_size": "--batch-size", "max_seq_length": "--max-seq-length",
+                        "saved_max_seq_length": "--saved-max-seq-length",
                         "save_steps": "save_steps", "save_total_limit": "save_total_limit",
                         "logging_steps": "logging_steps", "lora_r": "lora_r"}
+        optional = {"max_seq_length", "saved_max_seq_length"}  # None: automatic
         for name, option in at_least_one.items():
             value = getattr(self, name)
+            if value is None and name in optional:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{option} must be an integer >= 1, got {value!r}")
+        for name in ("gradient_checkpointing", "bf16"):
+            if getattr(self, name) not in (None, True, False):
+                raise ConfigError(f"{name} must be true, false or null (automatic), got {getattr(self, name)!r}")
         gradcache = self.gradcache_mini_batch_size
         if gradcache is not None and (isinstance(gradcache, bool) or not isinstance(gradcache, int) or gradcache < 1):
             raise ConfigError(f"--gradcache must be an integer >= 1, got {gradcache!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or
+                                              not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.warmup_ratio is not None and (isinstance(self.warmup_ratio, bool) or
+                                              not isinstance(self.warmup_ratio, (int, float))
+                                              or not 0 <= self.warmup_ratio < 1):
+            raise ConfigError(f"--warmup-ratio must be a number in [0, 1), got {self.warmup_ratio!r}")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ConfigError("give --warmup-steps or --warmup-ratio, not both")
         for name, option in {"learning_rate": "--learning-rate", "scale": "scale", "lora_alpha": "lora_alpha"}.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -132,13 +154,84 @@ class TrainingResult:
     resumed_from: str | None = None  # the checkpoint a resumed run started from
 
 
+RECIPE_WARMUP_STEPS = 100
+WARMUP_CAP = 0.1  # automatic warm-up: at most this share of the run
+
+
+def resolve_warmup(config: TrainingConfig) -> int:
+    """Warm-up steps: --warmup-ratio of the run, --warmup-steps as given, else the recipe's 100 capped at a tenth
+    of the run (8 steps warm up for 1, so that a short run trains at its learning rate). Warns when warm-up covers
+    most of the run, where the learning rate stays far below the one asked for."""
+    if config.warmup_ratio is not None:
+        steps = math.ceil(config.warmup_ratio * config.max_steps)
+    elif config.warmup_steps is not None:
+        steps = config.warmup_steps
+    else:
+        steps = min(RECIPE_WARMUP_STEPS, math.ceil(WARMUP_CAP * config.max_steps))
+    if steps >= config.max_steps / 2:
+        logger.warning("Warm-up takes %d of the %d steps: the learning rate reaches %g only at step %d, and most of "
+                       "the run trains below it; lower --warmup-steps or use --warmup-ratio.", steps, config.max_steps,
+                       config.learning_rate, min(steps, config.max_steps))
+    return steps
+
+
+def resolve_logging_steps(config: TrainingConfig) -> int:
+    """Log the loss often enough that a short run records some: at least 8 times a run, at most every
+    `logging_steps`."""
+    return max(1, min(config.logging_steps, config.max_steps // 8))
+
+
+def _training_texts(dataset, limit: int = 2000) -> list[str]:
+    """Up to `limit` of the texts the model encodes in training (anchors with their prompt, documents), for the
+    length the device settings choose."""
+    parts = list(dataset.values()) if isinstance(dataset, dict) else [dataset]
+    texts = [text for part in parts for column in part.column_names for text in part[column]]
+    step = max(1, len(texts) // limit)
+    return texts[::step][:limit]
+
+
+def _resolve_settings(config: TrainingConfig, model: SentenceTransformer, data_split,
+                      limit: int | None) -> tuple[TrainingConfig, dict]:
+    """The run's concrete settings: the device's (`device_settings`), the saved model's length (the base's unless
+    asked) and its query prompt (the training instruction, where every row has the same one). Logged once."""
+    columns = data_split.train.column_names
+    per_row = len(next(iter(columns.values())) if isinstance(columns, dict) else columns)
+    settings = resolve_device_settings(config, model.device, backbone(model).config, model.tokenizer,
+                                       _training_texts(data_split.train), config.batch_size * per_row, limit)
+    apply_threads(settings)
+    logger.info("%s.", settings.describe())
+    base_length = model.max_seq_length or min(limit or DEFAULT_MAX_SEQ_LENGTH, DEFAULT_MAX_SEQ_LENGTH)
+    saved = config.saved_max_seq_length or base_length
+    logger.info("The saved model will carry max_seq_length %d (%s); training cuts inputs at %d tokens.", saved,
+                "as set" if config.saved_max_seq_length else "the base model's", settings.max_seq_length)
+    query_prompt = config.query_prompt
+    if len(data_split.instructions) == 1 and data_split.instructions[0]:
+        query_prompt = instruction_prompt(data_split.instructions[0])
+        logger.info("The saved model's query prompt is the training instruction: %r.", query_prompt)
+    elif len(data_split.instructions) > 1:
+        logger.warning("The training rows carry %d different instructions; the saved query prompt stays %r: give "
+                       "each task's instruction when encoding.", len(data_split.instructions), query_prompt)
+    resolved = dataclasses.replace(config, max_seq_length=settings.max_seq_length, saved_max_seq_length=saved,
+                                   gradient_checkpointing=settings.gradient_checkpointing, bf16=settings.bf16,
+                                   query_prompt=query_prompt)
+    record = {"device": settings.device, "threads": settings.threads, "reasons": settings.reasons}
+    return resolved, record
+
+
+# PEFT reads `is_gradient_checkpointing`, which transformers 5 deprecated: a FutureWarning the user can do nothing
+# about, printed at every adapter load; silenced around those calls only.
+QUIET_FUTURE_WARNING = r".*is_gradient_checkpointing.*deprecated"
+
+
 def _add_lora(model: SentenceTransformer, config: TrainingConfig) -> None:
     """Wrap the backbone with PEFT's LoRA (PEFT's own API: transformers' add_adapter demands peft >= 0.22)."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.lora_target_modules), bias="none")
-    set_backbone(model, get_peft_model(backbone(model), lora))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=QUIET_FUTURE_WARNING, category=FutureWarning)
+        set_backbone(model, get_peft_model(backbone(model), lora))
 
 
 class _Trainer(SentenceTransformerTrainer):
@@ -211,9 +304,10 @@ def _merge_adapter(model: SentenceTransformer, base: str, config: TrainingConfig
 
     with tempfile.TemporaryDirectory() as adapter_dir:
         backbone(model).save_pretrained(adapter_dir)  # the adapter alone
-        merged = load_encoder(base, device=device, max_seq_length=config.max_seq_length,
-                              trust_remote_code=trust_remote_code)
-        set_backbone(merged, PeftModel.from_pretrained(backbone(merged), adapter_dir).merge_and_unload())
+        merged = load_encoder(base, device=device, trust_remote_code=trust_remote_code)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=QUIET_FUTURE_WARNING, category=FutureWarning)
+            set_backbone(merged, PeftModel.from_pretrained(backbone(merged), adapter_dir).merge_and_unload())
     return merged
 
 
@@ -225,7 +319,7 @@ def _write_output(model: SentenceTransformer, output_dir: Path, config: Training
         model.tokenizer.save_pretrained(staging)
         if not config.adapter_only:
             prompts = {**default_prompts(), "query": config.query_prompt}
-            write_sentence_transformer_files(staging, max_seq_length=config.max_seq_length, prompts=prompts)
+            write_sentence_transformer_files(staging, max_seq_length=config.saved_max_seq_length, prompts=prompts)
         write_json(staging / TRAINING_RECORD, metadata)
         write_model_card(staging, repo_id=output_dir.name)  # the folder's final name, not the staging one
 
@@ -240,22 +334,23 @@ def build_trainer(model: SentenceTransformer, train_dataset, config: TrainingCon
         _add_lora(model, config)
     loss = _make_loss(model, config)
     on_cuda = model.device.type == "cuda"
+    checkpointing = on_cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
+        warmup_steps=resolve_warmup(config),
         lr_scheduler_type="linear",
-        **_checkpointing_arguments(config.gradient_checkpointing),
-        bf16=on_cuda,
+        **_checkpointing_arguments(checkpointing),
+        bf16=on_cuda if config.bf16 is None else config.bf16,
         use_cpu=not on_cuda,
         ddp_backend="gloo" if distributed and not on_cuda else None,  # torchrun on CPUs
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
-        logging_steps=config.logging_steps,
+        logging_steps=resolve_logging_steps(config),
         seed=config.seed,
         data_seed=config.seed,
         report_to="none",
@@ -330,8 +425,12 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
                                     "continue it, or --overwrite to start again (they are then deleted)")
         shutil.rmtree(checkpoints)
     start = time.perf_counter()
-    model = load_encoder(model_name_or_path, device=device, max_seq_length=config.max_seq_length,
-                         trust_remote_code=trust_remote_code)
+    model = load_encoder(model_name_or_path, device=device, trust_remote_code=trust_remote_code)
+    limit = getattr(backbone(model).config, "max_position_embeddings", None)
+    check_max_seq_length(config.max_seq_length, limit)
+    check_max_seq_length(config.saved_max_seq_length, limit, option="--saved-max-seq-length")
+    config, settings_record = _resolve_settings(config, model, data_split, limit)
+    model.max_seq_length = config.max_seq_length
     before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     trainer = build_trainer(model, data_split.train, config, checkpoints, callbacks=callbacks)
     try:
@@ -360,6 +459,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
 
     if config.lora and not config.adapter_only:
         model = _merge_adapter(model, model_name_or_path, config, device, trust_remote_code)
+        model.max_seq_length = config.max_seq_length  # evaluated as before training: at the training length
     after = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     seconds = time.perf_counter() - start
     if trainer.is_world_process_zero():
@@ -372,10 +472,16 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
                 "steps": steps, "epochs": round(trainer.state.epoch or 0.0, 4),
                 "samples": steps * config.batch_size * world, "devices": world,
                 "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+                "losses": [{"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
+                           for entry in trainer.state.log_history if "loss" in entry],
+                "peak_learning_rate": max((entry.get("learning_rate") or 0.0 for entry in trainer.state.log_history),
+                                          default=None),
+                "warmup_steps": trainer.args.warmup_steps, "device_settings": settings_record,
                 "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
             },
             "evaluation": None if after is None else {
                 "split": eval_data or f"held-out {config.eval_fraction:.0%} of {data}",
+                "max_seq_length": config.max_seq_length,
                 "metrics": after, "metrics_before_training": before,
             },
             "training_time_seconds": round(seconds, 1),

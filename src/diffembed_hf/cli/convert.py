@@ -15,7 +15,8 @@ from .common import add_trust_option, byte_size, positive_int
 def add_parser(commands) -> None:
     conv = commands.add_parser("convert", help="convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint "
                                "into a Hub-ready DiffEmbed folder")
-    conv.add_argument("source", help="a local checkpoint folder or a Hub id")
+    conv.add_argument("source", help="a local checkpoint folder, a Hub id, or a GGUF file (MODEL.gguf, or a folder "
+                      "holding one; pip install 'diffembed-hf[gguf]')")
     conv.add_argument("output", help="the folder to create")
     conv.add_argument("--family", choices=["dream", "llada", "qwen2", "llama", "mistral"],
                       help="force the source family (default: from config.json's model_type)")
@@ -30,6 +31,10 @@ def add_parser(commands) -> None:
                       help="convert a sliding-window source (e.g. Mistral v0.1) to full attention")
     add_trust_option(conv, "the source's tokenizer")
     conv.add_argument("--revision", help="Hub revision (branch, tag or commit) for a Hub id (default: main)")
+    conv.add_argument("--gguf-file", metavar="NAME", help="the GGUF file in the folder SOURCE, where it holds several "
+                      "(default: its only .gguf file)")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="what a GGUF source is "
+                      "dequantized to (default: float32; other sources keep their dtype)")
     conv.set_defaults(func=run)
 
 
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         args.source, args.output, family=args.family, overwrite=args.overwrite,
         max_shard_size=args.max_shard_size, max_seq_length=args.max_seq_length, allow_pickle=args.allow_pickle,
         ignore_sliding_window=args.ignore_sliding_window, trust_remote_code=args.trust_remote_code,
-        revision=args.revision,
+        revision=args.revision, gguf_file=args.gguf_file, dtype=args.dtype,
     )
     print(f"DiffEmbed folder: {output}")
     return 0

@@ -21,8 +21,9 @@ def add_parser(commands) -> None:
     ev.add_argument("--output", required=True, help="results folder (e.g. MODEL/eval, which push puts on the card)")
     ev.add_argument("--instructions", help="JSON file of task name -> instruction, over the study's "
                     "(default: the study's instructions)")
-    ev.add_argument("--query-prompt", help="--data only: text before each query of the local tasks (default: the "
-                    "model's query prompt; suite and mteb tasks take --instructions)")
+    ev.add_argument("--query-prompt", help="--data only: the instruction before each query of the local tasks, sent "
+                    "as 'INSTRUCTION:\\n' as in training (default: the model's query prompt; suite and mteb tasks "
+                    "take --instructions)")
     ev.add_argument("--max-seq-length", type=positive_int, help="default: the suite's protocol, else the model's own")
     ev.add_argument("--max-tokens-per-batch", type=positive_int, default=16384, help="real tokens per forward pass")
     ev.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")

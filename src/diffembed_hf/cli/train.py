@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import require_extra
-from .common import add_trust_option, check_device, check_model_source, fraction, positive_float, positive_int
+from .common import (add_trust_option, check_device, check_model_source, fraction, non_negative_int, positive_float,
+                     positive_int)
 
 FROM_CONFIG = "(default: the recipe's {}, or --config's)"
 
@@ -20,7 +21,18 @@ def add_parser(commands) -> None:
     tr.add_argument("--max-steps", type=positive_int, help="optimizer steps " + FROM_CONFIG.format(1000))
     tr.add_argument("--batch-size", type=positive_int, help="per device " + FROM_CONFIG.format(4))
     tr.add_argument("--learning-rate", type=positive_float, help=FROM_CONFIG.format("1e-4"))
-    tr.add_argument("--max-seq-length", type=positive_int, help="tokens " + FROM_CONFIG.format(4096))
+    tr.add_argument("--max-seq-length", type=positive_int, help="tokens training cuts inputs at (default: the "
+                    "recipe's 4096 on CUDA, the training texts' own length on a CPU, or --config's)")
+    tr.add_argument("--saved-max-seq-length", type=positive_int, help="the saved model's max_seq_length (default: "
+                    "the base model's)")
+    tr.add_argument("--warmup-steps", type=non_negative_int, help="learning-rate warm-up steps (default: the "
+                    "recipe's 100, at most a tenth of --max-steps, or --config's)")
+    tr.add_argument("--warmup-ratio", type=fraction, help="warm-up as a share of --max-steps, instead of "
+                    "--warmup-steps (default: none)")
+    tr.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                    help="recompute activations to save memory (default: on CUDA; off on a CPU unless memory is short)")
+    tr.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                    help="bf16 mixed precision (default: on CUDA, off on a CPU)")
     tr.add_argument("--gradcache", type=positive_int, metavar="MINI_BATCH",
                     help="GradCache with this mini-batch size (default: off)")
     tr.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
@@ -62,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         "max_seq_length": args.max_seq_length, "gradcache_mini_batch_size": args.gradcache,
         "lora": False if args.full else None, "adapter_only": args.adapter_only or None,
         "group_by_instruction": args.group_by_instruction or None, "eval_fraction": args.eval_fraction,
+        "warmup_steps": args.warmup_steps, "warmup_ratio": args.warmup_ratio,
+        "saved_max_seq_length": args.saved_max_seq_length, "gradient_checkpointing": args.gradient_checkpointing,
+        "bf16": args.bf16,
     }.items() if value is not None}
     config = TrainingConfig.from_file(args.config, **overrides) if args.config else TrainingConfig(**overrides)
     mapping = ColumnMapping(query=args.query_column, positive=args.positive_column,

@@ -41,6 +41,7 @@ from ..model_card import write_model_card
 from ..modeling import configuration_diffembed, modeling_diffembed
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..sentence_transformer import write_sentence_transformer_files
+from .gguf import DEFAULT_GGUF_DTYPE, dequantized_checkpoint, find_gguf_file
 from .families import FAMILIES, Family, _build_config, _sliding_window_cap, detect_family
 from .weights import DEFAULT_MAX_SHARD_SIZE, plan_tensors, read_source_tensors, write_weights
 
@@ -168,11 +169,15 @@ def convert_checkpoint(
     ignore_sliding_window: bool = False,
     trust_remote_code: bool = False,
     revision: Optional[str] = None,
+    gguf_file: Optional[str] = None,
+    dtype: Optional[str] = None,
+    provenance: Optional[dict] = None,
 ) -> Path:
     """Convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint into a DiffEmbed folder at `out`.
 
     Args:
-        src: a local checkpoint folder (config.json, safetensors weights, tokenizer files) or a Hub id.
+        src: a local checkpoint folder (config.json, safetensors weights, tokenizer files), a Hub id, or a GGUF
+            file (MODEL.gguf, or a folder holding one), dequantized by transformers' GGUF loading (`convert.gguf`).
         out: the folder to create. It must not exist unless `overwrite`, which replaces it only once the new
             folder is complete.
         family: force the source family (one of `FAMILIES`) instead of reading config.json's model_type.
@@ -182,6 +187,10 @@ def convert_checkpoint(
         ignore_sliding_window: convert a sliding-window source (Mistral v0.1) to full attention.
         trust_remote_code: let a tokenizer with remote code run it (Dream's needs none: Qwen2's is used).
         revision: Hub revision, for a Hub id.
+        gguf_file: the GGUF file inside folder `src`, where the folder holds several.
+        dtype: what a GGUF source is dequantized to (float32, bfloat16 or float16; default float32).
+        provenance: for an intermediate folder (a dequantized GGUF): the `source`, command-line `options` and
+            `gguf` record that the conversion record gives instead of the intermediate folder's.
 
     Returns the output folder. Raises `ConversionError` (naming the file, key or tensor) and leaves no `out`.
     """
@@ -202,6 +211,16 @@ def convert_checkpoint(
         shard_bytes = parse_size(max_shard_size)
     except UsageError as err:
         raise ConversionError(str(err), exit_status=2) from None
+    gguf_path = find_gguf_file(src, gguf_file)
+    if gguf_path is not None:
+        with dequantized_checkpoint(gguf_path, out, dtype) as (checkpoint, info):
+            record = {"source": str(src), "options": {"--gguf-file": gguf_file, "--dtype": dtype},
+                      "gguf": info.record(dtype or DEFAULT_GGUF_DTYPE)}
+            return convert_checkpoint(checkpoint, out, family=family, overwrite=overwrite,
+                                      max_shard_size=max_shard_size, max_seq_length=max_seq_length,
+                                      ignore_sliding_window=ignore_sliding_window, provenance=record)
+    if dtype is not None:
+        raise UsageError(f"--dtype {dtype} applies to GGUF sources only; {src}'s weights keep their dtype")
     folder, hub_id = _resolve_source(src, revision, allow_pickle)
     if folder.resolve() == out.resolve() or out.resolve() in folder.resolve().parents:
         raise ConversionError(f"the output {out} must not contain the source {folder}")
@@ -219,12 +238,13 @@ def convert_checkpoint(
         fam = FAMILIES[family]
     else:
         raise ConversionError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    logger.info("Converting %s as %s.", src, fam.title)
+    logger.info("Converting %s as %s.", (provenance or {}).get("source", src), fam.title)
     window = _sliding_window_cap(source_config, fam, config_path, ignore_sliding_window)
 
     tensors = read_source_tensors(folder, allow_pickle)
-    dtype = next((t.dtype for t in tensors if t.name == fam.source_name("model.embed_tokens.weight")), torch.float32)
-    config = _build_config(source_config, fam, config_path, dtype)
+    weights_dtype = next((t.dtype for t in tensors if t.name == fam.source_name("model.embed_tokens.weight")),
+                         torch.float32)
+    config = _build_config(source_config, fam, config_path, weights_dtype)
     plan = plan_tensors(tensors, fam, config)
     requested_length = max_seq_length
     if max_seq_length is None:
@@ -245,15 +265,18 @@ def convert_checkpoint(
                 shutil.copyfile(path, tmp / path.name)
         write_weights(tmp, plan, shard_bytes)
         write_sentence_transformer_files(tmp, max_seq_length=max_seq_length)
+        provenance = provenance or {}
         options = {"--family": family, "--revision": revision, "--max-seq-length": requested_length,
                    "--ignore-sliding-window": window is not None, "--allow-pickle": tensors[0].offset is None,
-                   "--trust-remote-code": trust_remote_code}  # fmt: skip
-        command = " ".join(["diffembed convert", str(src), out.name] + [
+                   "--trust-remote-code": trust_remote_code, **provenance.get("options", {})}  # fmt: skip
+        shown_source = provenance.get("source", str(src))
+        command = " ".join(["diffembed convert", shown_source, out.name] + [
             flag if value is True else f"{flag} {value}" for flag, value in options.items() if value
         ])
-        record = {"source": hub_id or str(src), "hub_id": hub_id, "family": fam.name, "family_title": fam.title,
-                  "diffusion": fam.diffusion, "dtype": str(dtype).removeprefix("torch."), "command": command,
-                  "sliding_window": window, "version": __version__}
+        record = {"source": hub_id or shown_source, "hub_id": hub_id, "family": fam.name, "family_title": fam.title,
+                  "diffusion": fam.diffusion, "dtype": str(weights_dtype).removeprefix("torch."),
+                  "command": command, "sliding_window": window, "version": __version__,
+                  **({"gguf": provenance["gguf"]} if "gguf" in provenance else {})}
         write_json(tmp / CONVERSION_RECORD, record)
         write_model_card(tmp, repo_id=out.name, base_model=hub_id)
     logger.info("Wrote %s", out)

@@ -248,8 +248,9 @@ def evaluate(
     """Evaluate `model` (a DiffEmbed folder or Hub id, loaded as a user would: sentence-transformers with
     `trust_remote_code=True`) and write mteb's result files, `summary.json` and `run.json` under `output`.
 
-    `instructions`: a JSON file (or dict) of task name -> instruction, over the study's. `query_prompt`: the text
-    before each query of local `data` tasks (default: the model's stored `query` prompt); refused for other
+    `instructions`: a JSON file (or dict) of task name -> instruction, over the study's (for local `data` tasks too,
+    over `query_prompt`). `query_prompt`: the instruction before each query of local `data` tasks (default: the
+    model's stored `query` prompt); both become prompts by the one rule, '<instruction>:\n'; refused for other
     tasks, as `stdlib_rows` (`--max-heldout`) is for anything but `suite="stdlib"`. `max_seq_length` defaults to
     the suite's protocol (longembed 4096, followir 304, stdlib 128) or else the model's own.
 
@@ -304,8 +305,15 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
     query_prompts = {}
     if suite == "stdlib":
         query_prompts[STDLIB_TASK] = ""  # the anchors already carry the task's instruction
-    for task in task_list if data else []:
-        query_prompts[task.metadata.name] = st_model.prompts.get("query", "") if query_prompt is None else query_prompt
+    from ..sentence_transformer import instruction_prompt
+
+    for task in task_list if data else []:  # one rule for an instruction and --query-prompt (`instruction_prompt`)
+        if task.metadata.name in overrides:
+            query_prompts[task.metadata.name] = instruction_prompt(overrides[task.metadata.name])
+        elif query_prompt is not None:
+            query_prompts[task.metadata.name] = instruction_prompt(query_prompt)
+        else:
+            query_prompts[task.metadata.name] = st_model.prompts.get("query", "")
     encoder = DiffEmbedEncoder(st_model, None, instructions=overrides, query_prompts=query_prompts,
                                source=None if device else model,
                                **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))

@@ -150,8 +150,7 @@ def suite_task(name: str) -> SuiteTask:
 
 
 def render_prompt(instruction: str | None) -> str:
-    """An instruction as the text put before the input: '<instruction>:\\n', the format the model's stored
-    prompts and its training queries use (`data.format_query`); no instruction, no prompt."""
-    if not instruction or not instruction.strip():
-        return ""
-    return instruction.strip().rstrip(":") + ":\n"
+    """An instruction as the text put before the input (`sentence_transformer.instruction_prompt`, the one rule)."""
+    from ..sentence_transformer import instruction_prompt
+
+    return instruction_prompt(instruction)

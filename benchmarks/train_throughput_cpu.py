@@ -1,0 +1,166 @@
+"""CPU training throughput on a real model: DiffEmbed against transformers + PEFT + sentence-transformers, trained
+the same way, in the same run.
+
+The model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576; benchmarks/real_model.py), the
+data the demo's standard-library training rows (real text: docstring summaries with the task's instruction, the
+functions' code as positives and hard negatives). Both variants train through this project's trainer
+(`diffembed_hf.train.build_trainer`: sentence-transformers' trainer, PEFT LoRA r16 on q/k/v/o/gate/up/down, InfoNCE
+x 50 with in-batch and one hard negative), with the settings `train` chooses on a CPU (no gradient checkpointing,
+fp32, inputs cut at --max-seq-length, the process's cores as threads). The only difference is the backbone:
+  * DiffEmbed  - the `diffembed convert` folder: packed tokens (no padding), SDPA per text on a CPU;
+  * baseline   - what a transformers user builds from the same GGUF file: `LlamaModel` (transformers' GGUF loading,
+                 the same dequantized weights) made bidirectional (`is_causal=False`, padded SDPA), which
+                 sentence-transformers wraps with mean pooling and normalisation.
+Each variant runs in its own process, the two alternate for --rounds rounds (a busy spell on a shared machine hits
+both), and tokens/s is the median over the timed steps of every round: real tokens (from the attention masks) per
+second of optimizer step.
+
+    python benchmarks/train_throughput_cpu.py --rounds 2     # 2 x (2 variants x 5 steps): 10-20 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_model import converted_smollm2, smollm2_gguf  # noqa: E402
+
+
+def baseline_folder(root: Path) -> Path:
+    """The GGUF file as a plain transformers checkpoint (what `from_pretrained(..., gguf_file=...)` gives a user)."""
+    from diffembed_hf.convert.gguf import dequantize_to_checkpoint, read_gguf_info
+
+    folder = root / "transformers"
+    if not (folder / "config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        dequantize_to_checkpoint(read_gguf_info(smollm2_gguf()), folder, "float32")
+    return folder
+
+
+def is_bidirectional(model, tokenizer) -> bool:
+    """A later token changes the first token's state only under bidirectional attention."""
+    ids = tokenizer(["one two three four", "one two three five"], return_tensors="pt")
+    with torch.no_grad():
+        states = model(**ids).last_hidden_state
+    return not torch.allclose(states[0, 0], states[1, 0])
+
+
+def run_variant(args) -> dict:
+    from sentence_transformers import SentenceTransformer
+    from transformers import TrainerCallback
+
+    from diffembed_hf.data import load_training_data
+    from diffembed_hf.device_settings import available_cores
+    from diffembed_hf.train import TrainingConfig, backbone, build_trainer
+
+    torch.set_num_threads(available_cores())
+    if args.worker == "diffembed":
+        st = SentenceTransformer(args.folder, device="cpu", trust_remote_code=True)
+    else:
+        st = SentenceTransformer(args.folder, device="cpu",
+                                 model_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"})
+        backbone(st).config.is_causal = False  # bidirectional (transformers >= 5.2)
+    st.max_seq_length = args.max_seq_length
+    bidirectional = is_bidirectional(backbone(st), st.tokenizer)
+    data = load_training_data(args.data).train
+    config = TrainingConfig(max_steps=args.warmup + args.steps, batch_size=args.batch_size, warmup_steps=0,
+                            learning_rate=1e-4, save_steps=10**9, logging_steps=1, max_seq_length=args.max_seq_length,
+                            eval_fraction=0.0, gradient_checkpointing=False, bf16=False)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.start)
+
+    step_tokens = []
+
+    def count(module, inputs):
+        masks = [feature["attention_mask"] for feature in inputs[0]]
+        step_tokens.append((sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)))
+
+    with tempfile.TemporaryDirectory() as checkpoints:
+        timer = StepTimer()
+        trainer = build_trainer(st, data, config, checkpoints, callbacks=[timer])
+        trainer.loss.register_forward_pre_hook(count)
+        trainer.train()
+    timed = list(zip(timer.times, step_tokens))[args.warmup:]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"backbone": type(backbone(st).base_model.model).__name__, "bidirectional": bidirectional,
+            "threads": torch.get_num_threads(), "step_seconds": [round(s, 2) for s, _ in timed],
+            "tokens_per_s": [t / s for s, (t, _) in timed],
+            "tokens_per_step": statistics.mean(t for _, (t, _) in timed),
+            "padding": 1 - sum(t for _, (t, _) in timed) / sum(p for _, (_, p) in timed), "first_loss": losses[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--work", help="folder for the converted models (default: a temporary one)")
+    parser.add_argument("--worker", choices=["diffembed", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker:
+        import logging
+        import warnings
+
+        logging.basicConfig(level=logging.ERROR)
+        warnings.filterwarnings("ignore")
+        print(json.dumps(run_variant(args)))
+        return
+
+    from diffembed_hf.builtin_task import TRAIN_MODULES, build_rows
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="diffembed-train-cpu-"))
+    folders = {"diffembed": converted_smollm2(work / "smollm2"), "baseline": baseline_folder(work)}
+    data = work / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in build_rows(TRAIN_MODULES)), encoding="utf-8")
+    runs: dict[str, list[dict]] = {"diffembed": [], "baseline": []}
+    for _ in range(args.rounds):
+        for kind in ("diffembed", "baseline"):
+            command = [sys.executable, __file__, "--worker", kind, "--folder", str(folders[kind]), "--data", str(data),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+                       "--max-seq-length", str(args.max_seq_length)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+            runs[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    medians = {kind: statistics.median(rate for run in results for rate in run["tokens_per_s"])
+               for kind, results in runs.items()}
+    print(f"\nCPU training, SmolLM2-135M-Instruct (30 layers, hidden 576), {runs['diffembed'][0]['threads']} threads, "
+          f"torch {torch.__version__} | LoRA r16 on 7 projections, InfoNCE + 1 hard negative, batch {args.batch_size}, "
+          f"inputs cut at {args.max_seq_length} tokens, no gradient checkpointing, fp32 | {args.rounds} rounds x "
+          f"{args.steps} timed steps")
+    print(f"{'model':<44}{'bidir':>6}{'tok/step':>9}{'pad':>6}{'tok/s (median)':>16}{'ratio':>7}  s/step per round")
+    labels = {"diffembed": "DiffEmbed (packed, SDPA per text)",
+              "baseline": "LlamaModel+PEFT+ST (sdpa, padded)"}
+    for kind, results in runs.items():
+        first = results[0]
+        print(f"{labels[kind]:<44}{str(first['bidirectional']):>6}{first['tokens_per_step']:>9.0f}"
+              f"{first['padding']:>6.0%}{medians[kind]:>16.1f}{medians[kind] / medians['baseline']:>7.2f}  "
+              + " | ".join(" ".join(f"{s:.1f}" for s in r["step_seconds"]) for r in results))
+
+
+if __name__ == "__main__":
+    main()

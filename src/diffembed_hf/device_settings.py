@@ -1,0 +1,149 @@
+"""Training settings that fit the device: the study's recipe on a GPU, settings that make progress in minutes on a CPU.
+
+The recipe (RECIPE.md) is a GPU recipe: 4,096-token inputs, gradient checkpointing, bf16. On a CPU each of these
+works against the user: every text is cut at 4,096 tokens although the data is far shorter (padding is free of
+cost only where there is none: a batch is as long as its longest text), gradient checkpointing recomputes the
+whole forward pass (a third more work) to save memory that a CPU host rarely lacks for a small model, and the
+thread count decides whether two cores are used at all. `resolve_device_settings` fills every setting the user
+left to "auto" (None) once, from the device, the model and the training texts, and says what it chose and why.
+Settings the user gave are kept as given.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+RECIPE_MAX_SEQ_LENGTH = 4096  # the study's training length
+LENGTH_QUANTILE = 0.98  # on a CPU, inputs are cut at this quantile of the training texts' token lengths
+LENGTH_STEP = 32  # ... rounded up to a multiple of this
+MEMORY_SHARE = 0.5  # gradient checkpointing goes on where the activations would need more of the free memory
+
+
+@dataclass
+class DeviceSettings:
+    """What `train` runs with; `reasons` says, per setting, why (for the log line and the training record)."""
+
+    device: str
+    max_seq_length: int
+    gradient_checkpointing: bool
+    bf16: bool
+    threads: int | None  # torch's intra-op threads on a CPU (None on a GPU)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        parts = [f"max_seq_length {self.max_seq_length} ({self.reasons['max_seq_length']})",
+                 f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'} "
+                 f"({self.reasons['gradient_checkpointing']})",
+                 f"{'bf16' if self.bf16 else 'fp32'} ({self.reasons['bf16']})"]
+        if self.threads is not None:
+            parts.append(f"{self.threads} threads ({self.reasons['threads']})")
+        return f"Training on {self.device}: " + "; ".join(parts)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container or taskset may allow fewer than exist)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def available_memory() -> int | None:
+    """Free host memory in bytes (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def token_length_quantile(tokenizer, texts: list[str], quantile: float = LENGTH_QUANTILE) -> tuple[int, int]:
+    """(the `quantile` of the texts' token lengths, the longest), special tokens included."""
+    lengths = sorted(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
+    index = min(len(lengths) - 1, math.ceil(quantile * len(lengths)) - 1)
+    return lengths[index], lengths[-1]
+
+
+def activation_bytes(config, tokens: int, dtype_bytes: int) -> int:
+    """Rough memory of the activations a LoRA backward pass keeps for `tokens` tokens without checkpointing: per
+    layer and token about 13 hidden-sized vectors (two RMSNorms' inputs and outputs, attention's q/k/v/output, the
+    LoRA dropout outputs of q/k/v/o/gate/up) and 5 MLP-sized ones (gate, activation, up, their product, down's LoRA
+    dropout output)."""
+    per_token_layer = 13 * config.hidden_size + 5 * config.intermediate_size
+    return tokens * config.num_hidden_layers * per_token_layer * dtype_bytes
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 dot products (AVX512-BF16 or AMX) in oneDNN; elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_device_settings(config, device: torch.device, model_config, tokenizer, texts: list[str],
+                            texts_per_step: int, model_limit: int | None) -> DeviceSettings:
+    """Fill `config`'s automatic settings (None) for `device`. `texts` are the training inputs as the model sees
+    them (queries with their prompt, documents); `texts_per_step` how many of them one optimizer step encodes."""
+    reasons = {}
+    on_cuda = device.type == "cuda"
+    limit = min(model_limit or RECIPE_MAX_SEQ_LENGTH, RECIPE_MAX_SEQ_LENGTH)
+
+    if config.max_seq_length is not None:
+        length, reasons["max_seq_length"] = config.max_seq_length, "as set"
+    elif on_cuda:
+        length, reasons["max_seq_length"] = limit, "the recipe's"
+    else:
+        typical, longest = token_length_quantile(tokenizer, texts)
+        length = min(limit, max(LENGTH_STEP, math.ceil(typical / LENGTH_STEP) * LENGTH_STEP))
+        cut = sum(1 for n in (len(ids) for ids in tokenizer(texts)["input_ids"]) if n > length) / max(1, len(texts))
+        reasons["max_seq_length"] = (f"the training texts' {LENGTH_QUANTILE:.0%} length, {cut:.1%} of them cut "
+                                     f"(longest {longest}); the recipe's {RECIPE_MAX_SEQ_LENGTH} is a GPU setting")
+
+    if config.bf16 is not None:
+        bf16, reasons["bf16"] = config.bf16, "as set"
+    elif on_cuda:
+        bf16, reasons["bf16"] = True, "the recipe's"
+    else:
+        bf16 = False
+        reasons["bf16"] = ("fp32 master weights; this CPU has native bf16 but autocast re-casts the frozen weights "
+                           "every step" if cpu_has_bf16() else "this CPU has no native bf16")
+
+    if config.gradient_checkpointing is not None:
+        checkpointing, reasons["gradient_checkpointing"] = config.gradient_checkpointing, "as set"
+    elif on_cuda:
+        checkpointing, reasons["gradient_checkpointing"] = True, "the recipe's"
+    else:
+        need = activation_bytes(model_config, texts_per_step * length, 2 if bf16 else 4)
+        free = available_memory()
+        checkpointing = free is not None and need > MEMORY_SHARE * free
+        if checkpointing:
+            reasons["gradient_checkpointing"] = (f"activations of about {need / 2**30:.1f} GiB would take more than "
+                                                 f"half of the {free / 2**30:.1f} GiB free")
+        else:
+            free_text = f"{free / 2**30:.1f} GiB free" if free is not None else "free memory unknown"
+            reasons["gradient_checkpointing"] = (f"activations of about {need / 2**30:.1f} GiB fit ({free_text}); "
+                                                 "recomputing the forward would cost a third more time")
+
+    threads = None
+    if not on_cuda:
+        threads = available_cores()
+        reasons["threads"] = f"the cores this process may use (torch had {torch.get_num_threads()})"
+    return DeviceSettings(device=str(device), max_seq_length=length, gradient_checkpointing=checkpointing, bf16=bf16,
+                          threads=threads, reasons=reasons)
+
+
+def apply_threads(settings: DeviceSettings) -> None:
+    """Set torch's intra-op threads to the chosen count (CPU only)."""
+    if settings.threads is not None and torch.get_num_threads() != settings.threads:
+        torch.set_num_threads(settings.threads)

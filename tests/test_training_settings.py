@@ -1,0 +1,176 @@
+"""Training and evaluation settings that work for the user (issue 23) and fit the device (issue 19): warm-up that
+lets a short run reach its learning rate, recorded losses, the saved model's length, one instruction -> prompt
+rule, gradient checkpointing and input length chosen for a CPU, and no library FutureWarning."""
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_config
+from test_evaluation import write_beir
+from test_train import write_jsonl, word_overlap_rows
+
+from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
+from diffembed_hf import device_settings
+from diffembed_hf.cli import main
+from diffembed_hf.device_settings import resolve_device_settings
+from diffembed_hf.evaluation.run import evaluate
+from diffembed_hf.sentence_transformer import instruction_prompt, save_sentence_transformer
+from diffembed_hf.train import TRAINING_METADATA, ConfigError, TrainingConfig, train
+
+QUICK = dict(batch_size=8, learning_rate=1e-3, save_steps=10**6, query_prompt="", eval_fraction=0.0, lora=False)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny model whose saved max_seq_length (256) differs from every training length used below."""
+    torch.manual_seed(0)
+    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
+    return str(save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("base") / "m",
+                                         max_seq_length=256))
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("rows") / "train.jsonl", word_overlap_rows(200, 0))
+
+
+@pytest.fixture(scope="module")
+def short_run(base, rows, tmp_path_factory):
+    """8 steps with every default that decides warm-up and logging (on main: 100 warm-up steps, logging every 10)."""
+    out = tmp_path_factory.mktemp("short") / "model"
+    result = train(base, rows, out, TrainingConfig(max_steps=8, max_seq_length=64, **QUICK), device="cpu")
+    return result, json.loads((out / TRAINING_METADATA).read_text())
+
+
+def test_a_short_run_reaches_its_learning_rate(short_run):
+    _, record = short_run
+    ran = record["training"]
+    assert ran["warmup_steps"] == 1  # the recipe's 100, capped at a tenth of 8 steps
+    assert ran["peak_learning_rate"] == pytest.approx(QUICK["learning_rate"])
+    rates = [entry["learning_rate"] for entry in ran["losses"]]  # the rate each step trained at
+    assert rates[0] == 0 and rates[1] == pytest.approx(QUICK["learning_rate"])  # main: 1e-5 at step 2 of 8
+    assert rates[1:] == sorted(rates[1:], reverse=True)  # then the linear decay
+
+
+def test_a_short_run_records_its_losses(short_run):
+    result, record = short_run
+    ran = record["training"]
+    assert [entry["step"] for entry in ran["losses"]] == list(range(1, 9))  # logged every step of 8
+    assert ran["first_loss"] == result.losses[0] == ran["losses"][0]["loss"]
+    assert ran["final_loss"] == result.losses[-1] == ran["losses"][-1]["loss"]
+
+
+def test_warmup_options(base, rows, tmp_path, caplog):
+    config = TrainingConfig(max_steps=8, max_seq_length=64, warmup_ratio=0.25, **QUICK)
+    train(base, rows, tmp_path / "ratio", config, device="cpu")
+    assert json.loads((tmp_path / "ratio" / TRAINING_METADATA).read_text())["training"]["warmup_steps"] == 2
+    with caplog.at_level(logging.WARNING, logger="diffembed_hf"):
+        train(base, rows, tmp_path / "long", TrainingConfig(max_steps=4, max_seq_length=64, warmup_steps=3, **QUICK),
+              device="cpu")
+    assert "Warm-up takes 3 of the 4 steps" in caplog.text
+    with pytest.raises(ConfigError, match="--warmup-steps or --warmup-ratio, not both"):
+        TrainingConfig(warmup_steps=3, warmup_ratio=0.1)
+    with pytest.raises(ConfigError, match=r"--warmup-ratio must be a number in \[0, 1\)"):
+        TrainingConfig(warmup_ratio=1.5)
+
+
+@pytest.mark.parametrize("option, value", [("--warmup-steps", "-1"), ("--warmup-ratio", "1")])
+def test_warmup_cli_values_are_checked(option, value, base, rows, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", base, rows, str(tmp_path / "out"), option, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and option in err and "must be" in err  # a value check, not an unknown option
+
+
+def test_saved_model_keeps_the_base_length(short_run, base, rows, tmp_path, caplog):
+    result, record = short_run
+    saved = json.loads((result.output_dir / "sentence_bert_config.json").read_text())
+    assert saved["max_seq_length"] == 256  # the base's, not the training length 64 (main saved 64)
+    assert record["hyperparameters"]["max_seq_length"] == 64 and record["evaluation"] is None
+    with caplog.at_level(logging.INFO, logger="diffembed_hf"):
+        asked = train(base, rows, tmp_path / "asked", TrainingConfig(max_steps=1, max_seq_length=64,
+                                                                     saved_max_seq_length=128, **QUICK), device="cpu")
+    assert json.loads((asked.output_dir / "sentence_bert_config.json").read_text())["max_seq_length"] == 128
+    assert "The saved model will carry max_seq_length 128 (as set); training cuts inputs at 64 tokens" in caplog.text
+
+
+def test_instruction_rule_is_one_rule():
+    assert instruction_prompt("Find the code") == "Find the code:\n"
+    assert instruction_prompt("Find the code:") == "Find the code:\n"
+    assert instruction_prompt("Find the code:\n") == "Find the code:\n"  # a stored prompt maps to itself
+    assert instruction_prompt("  ") == "" and instruction_prompt(None) == ""
+
+
+def test_trained_instruction_becomes_the_query_prompt(base, tmp_path):
+    data = [dict(row, instruction="Find the passage sharing the query's words") for row in word_overlap_rows(80, 3)]
+    result = train(base, write_jsonl(tmp_path / "rows.jsonl", data), tmp_path / "out",
+                   TrainingConfig(max_steps=1, max_seq_length=64, **QUICK), device="cpu")
+    prompts = json.loads((result.output_dir / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts["query"] == "Find the passage sharing the query's words:\n"  # main kept the web-search prompt
+    assert prompts["document"] == ""
+
+
+def test_evaluate_instructions_apply_to_data_tasks(base, tmp_path):
+    """--instructions FILE names a --data task: its queries get that instruction, by the same rule as training
+    (main ignored the file for --data tasks); --query-prompt follows the rule too."""
+    corpus = {f"d{i}": f"document number {i} about topic {i % 3}" for i in range(6)}
+    queries = {f"q{i}": f"topic {i}" for i in range(3)}
+    folder = write_beir(tmp_path / "local", corpus, queries, {f"q{i}": {f"d{i}"} for i in range(3)})
+    (tmp_path / "instructions.json").write_text(json.dumps({"Locallocal": "Find the document on this topic"}))
+    result = evaluate(base, data=folder, output=tmp_path / "eval", instructions=tmp_path / "instructions.json")
+    sent = result.record["tasks"]["Locallocal"]["prompts_sent"]
+    assert sent == {"query": "Find the document on this topic:\n", "document": ""}
+    result = evaluate(base, data=folder, output=tmp_path / "eval2", query_prompt="Find the document on this topic")
+    assert result.record["tasks"]["Locallocal"]["prompts_sent"]["query"] == "Find the document on this topic:\n"
+    control = evaluate(base, data=folder, output=tmp_path / "eval3")
+    assert control.record["tasks"]["Locallocal"]["prompts_sent"]["query"] != "Find the document on this topic:\n"
+
+
+def test_gradient_checkpointing_is_off_on_cpu_by_default(short_run):
+    _, record = short_run
+    assert record["hyperparameters"]["gradient_checkpointing"] is False  # main: True on a CPU as well
+    assert "fit" in record["training"]["device_settings"]["reasons"]["gradient_checkpointing"]
+
+
+class _Tokenizer:
+    """Token lengths equal to the number of words (what the length choice reads)."""
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [text.split() for text in texts]}
+
+
+def test_device_settings_cuda_keeps_the_recipe():
+    settings = resolve_device_settings(TrainingConfig(), torch.device("cuda"), tiny_config(), _Tokenizer(),
+                                       ["a b c"], 8, 32768)
+    assert (settings.max_seq_length, settings.gradient_checkpointing, settings.bf16) == (4096, True, True)
+    assert settings.threads is None
+
+
+def test_device_settings_cpu_length_from_the_data(monkeypatch):
+    texts = [" ".join(["w"] * n) for n in range(1, 101)]  # 1..100 tokens: the 98% quantile is 98 -> 128
+    settings = resolve_device_settings(TrainingConfig(), torch.device("cpu"), tiny_config(), _Tokenizer(), texts, 8,
+                                       32768)
+    assert settings.max_seq_length == 128 and not settings.gradient_checkpointing and not settings.bf16
+    assert settings.threads == device_settings.available_cores()
+    assert "0.0% of them cut (longest 100)" in settings.reasons["max_seq_length"]
+    given = resolve_device_settings(TrainingConfig(max_seq_length=48, gradient_checkpointing=True), torch.device("cpu"),
+                                    tiny_config(), _Tokenizer(), texts, 8, 32768)
+    assert (given.max_seq_length, given.gradient_checkpointing) == (48, True)
+    monkeypatch.setattr(device_settings, "available_memory", lambda: 2**20)  # 1 MiB free: checkpointing must go on
+    short = resolve_device_settings(TrainingConfig(), torch.device("cpu"), tiny_config(), _Tokenizer(), texts, 8,
+                                    32768)
+    assert short.gradient_checkpointing and "more than half" in short.reasons["gradient_checkpointing"]
+
+
+def test_no_future_warning_from_lora_training(base, rows, tmp_path):
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` at every adapter load (main printed the
+    FutureWarning twice: LoRA added, adapter merged)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(base, rows, tmp_path / "lora", TrainingConfig(max_steps=1, max_seq_length=64,
+                                                            **dict(QUICK, lora=True)), device="cpu")
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not future, future
