@@ -208,10 +208,15 @@ def _encode_corpus(args: argparse.Namespace) -> int:
         raise UsageError("--device does not apply with --ray: Ray places one actor per GPU (CPU where none)")
     check_model_source(args.model)
     check_device(args.device)
+    from .compact import load_calibration
+
     options = dict(field=args.field or "text", id_field=args.id_field, title_field=args.title_field, split=args.split,
                    subset=args.subset, prompt_name=args.prompt_name, shard_size=args.shard_size, dtype=args.dtype,
                    max_tokens_per_batch=args.max_tokens_per_batch, max_seq_length=args.max_seq_length,
-                   skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, show_progress_bar=args.progress)
+                   skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, show_progress_bar=args.progress,
+                   truncate_dim=args.truncate_dim, precision=args.precision,
+                   calibration=load_calibration(args.calibration) if args.calibration else None,
+                   calibration_rows=args.calibration_rows)
     try:  # the library checks the options before it touches a model or a file
         if args.input == "-":
             raise CorpusError("corpus mode (an output folder) reads a file, a folder or a Hub dataset: pass --input")
@@ -238,7 +243,8 @@ def _encode(args: argparse.Namespace) -> int:
         return _encode_corpus(args)
     corpus_only = [option for option, value in (("--id-field", args.id_field), ("--title-field", args.title_field),
                                                 ("--split", args.split), ("--subset", args.subset),
-                                                ("--ray", args.ray), ("--skip-bad-rows", args.skip_bad_rows)) if value]
+                                                ("--ray", args.ray), ("--skip-bad-rows", args.skip_bad_rows),
+                                                ("--calibration-rows", args.calibration_rows != 10_000)) if value]
     if corpus_only:
         raise UsageError(f"{', '.join(corpus_only)} apply to corpus mode only: give --output a folder (ending in /)")
     from .files import check_output_file
@@ -247,12 +253,21 @@ def _encode(args: argparse.Namespace) -> int:
     output = Path(args.output)
     check_output_file(output, overwrite=args.overwrite, suffixes=(".npy", ".safetensors"))
     check_model_source(args.model)
+    precision = args.precision or "float32"
+    from .compact import check_precision, load_calibration
+
+    check_precision(precision)
+    calibration = load_calibration(args.calibration) if args.calibration else None
     texts = read_texts(args.input, args.field)
     check_device(args.device)
 
-    from .encoding import encode, load_encoder, max_positions, save_embeddings
+    from .encoding import embedding_width, encode, load_encoder, max_positions, save_embeddings
 
-    model = load_encoder(args.model, device=args.device, quantize=args.quantize)
+    model = load_encoder(args.model, device=args.device, quantize=args.quantize, truncate_dim=args.truncate_dim)
+    if calibration is not None:  # the ranges must be this model's, at this dimension
+        from .corpus.encode import model_identity
+
+        calibration.check(model_identity(args.model, model), model.truncate_dim or embedding_width(model))
     if args.max_seq_length is not None:
         limit = max_positions(model)
         if limit and args.max_seq_length > limit:
@@ -263,9 +278,11 @@ def _encode(args: argparse.Namespace) -> int:
         raise UsageError(f"--prompt-name {args.prompt_name!r} is not one of the model's prompts: "
                          f"{', '.join(sorted(model.prompts)) or '(none)'}")
     embeddings = encode(model, texts, prompt_name=args.prompt_name, batch_size=args.batch_size,
-                        show_progress_bar=args.progress)
+                        show_progress_bar=args.progress, precision=precision, calibration=calibration)
     save_embeddings(embeddings, output)
-    print(f"{len(texts)} embeddings of dimension {embeddings.shape[1]} -> {output}", file=sys.stderr)
+    dim = model.truncate_dim or embedding_width(model)
+    print(f"{len(texts)} embeddings of dimension {dim} ({precision}, {embeddings.dtype}, {embeddings.shape[1]} values "
+          f"per row) -> {output}", file=sys.stderr)
     return 0
 
 
@@ -430,6 +447,17 @@ def build_parser() -> ArgumentParser:
                      "no Ray, this process or torchrun)")
     enc.add_argument("--quantize", choices=["fp8"], help="FP8 linear layers (CUDA, compute capability >= 8.9; "
                      "pip install 'diffembed-hf[fp8]'; default: none)")
+    # Compact vectors (compact.py): fewer dimensions, fewer bits per dimension
+    enc.add_argument("--truncate-dim", type=positive_int, metavar="D", help="keep the first D dimensions, "
+                     "renormalised (default: the model's stored truncate_dim, else all)")
+    enc.add_argument("--precision", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+                     help="stored values: int8/uint8 codes (calibration ranges), binary/ubinary packed bits "
+                     "(np.packbits), via sentence-transformers' quantize_embeddings (default: float32, or --dtype)")
+    enc.add_argument("--calibration", metavar="FILE", help="int8/uint8 ranges: a corpus output folder or its "
+                     "manifest.json (how queries reuse their corpus's ranges), or a ranges JSON file (default: corpus "
+                     "mode computes them from a sample; file mode requires them)")
+    enc.add_argument("--calibration-rows", type=positive_int, default=10_000,
+                     help="corpus mode, int8/uint8: rows in the calibration sample, spread evenly over the corpus")
     enc.set_defaults(func=_encode)
 
     conv = commands.add_parser("convert", help="convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint "

@@ -18,6 +18,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from . import register_auto_classes
+from .compact import CalibrationRanges, Compaction, CompactError, check_truncate_dim
 from .errors import DiffembedError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def load_encoder(
     dtype: torch.dtype | None = None,
     max_seq_length: int | None = None,
     quantize: str | None = None,
+    truncate_dim: int | None = None,
     **kwargs,
 ) -> SentenceTransformer:
     """Load a DiffEmbed folder or Hub id as a `SentenceTransformer` (remote code trusted).
@@ -57,7 +59,10 @@ def load_encoder(
     Weights default to bfloat16 on CUDA (float16 overflows in Qwen-family models) and float32 elsewhere;
     the model pools and normalises in float32 whatever the weights' dtype. `quantize="fp8"` runs every linear
     layer with dynamic per-row FP8 activations and weights (torchao) and keeps the rest in bfloat16; where
-    that cannot run, `QuantizationUnavailable` says why before anything is loaded.
+    that cannot run, `QuantizationUnavailable` says why before anything is loaded. `truncate_dim` keeps the first
+    dimensions of every vector (a Matryoshka-trained model loses little; `encode` renormalises them); by default the
+    one stored in the folder's `config_sentence_transformers.json`, if any. A dimension larger than the model's is
+    refused.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r} is not supported; use one of {QUANTIZATIONS} or None")
@@ -72,9 +77,40 @@ def load_encoder(
     )
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
+    set_truncate_dim(model, model_name_or_path, truncate_dim)
     if quantize == "fp8":
         quantize_fp8(model[0].auto_model)
     return model
+
+
+def embedding_width(model: SentenceTransformer) -> int:
+    """The model's full embedding dimension (before any truncation)."""
+    return int(model[0].auto_model.config.hidden_size)
+
+
+def set_truncate_dim(model: SentenceTransformer, name: str, truncate_dim: int | None) -> None:
+    """`model.truncate_dim`: the one asked for, else the folder's stored one (sentence-transformers reads it from
+    `config_sentence_transformers.json` since 5.4; read here for older versions), checked against the width."""
+    if truncate_dim is None:
+        truncate_dim = getattr(model, "truncate_dim", None) or _stored_truncate_dim(name)
+    model.truncate_dim = check_truncate_dim(truncate_dim, embedding_width(model))
+
+
+def _stored_truncate_dim(name: str) -> int | None:
+    path = Path(name).expanduser() / "config_sentence_transformers.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config_sentence_transformers.json") if "/" in name else None
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None:
+        return None
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("truncate_dim")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def max_positions(model: SentenceTransformer) -> int | None:
@@ -212,19 +248,27 @@ def encode(
     batch_size: int = 32,
     convert_to_tensor: bool = False,
     show_progress_bar: bool | None = None,
+    precision: str = "float32",
+    calibration: CalibrationRanges | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Embed `texts` (float32, L2-normalised by the model's Normalize module); one row per text.
 
     An empty list gives a `(0, dim)` result. Texts longer than `model.max_seq_length` tokens (prompt included)
-    are truncated, with one warning per call that says how many.
+    are truncated, with one warning per call that says how many. With `model.truncate_dim` set (`load_encoder`)
+    rows keep that many dimensions, renormalised. `precision` float16, int8, uint8, binary or ubinary returns
+    sentence-transformers' `quantize_embeddings` codes (int8/uint8 with the corpus's `calibration` ranges,
+    `compact.load_calibration`; check they are this model's with `CalibrationRanges.check`).
     """
     single = isinstance(texts, str)
     texts = check_texts(texts)
-    # sentence-transformers 6 renamed get_sentence_embedding_dimension; 5.x has only the old name
-    dim = getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)()
+    compaction = Compaction(getattr(model, "truncate_dim", None), precision, calibration)
+    width = embedding_width(model)
+    compaction.check(width, calibration.model if calibration is not None else None)
+    if convert_to_tensor and precision != "float32":
+        raise CompactError(f"precision={precision!r} returns numpy codes; leave convert_to_tensor off")
     if not texts:
-        empty = torch.zeros(0, dim)
-        return empty if convert_to_tensor else empty.numpy()
+        empty = compaction.apply(np.zeros((0, width), dtype=np.float32))
+        return torch.from_numpy(empty) if convert_to_tensor else empty
     if prompt is None and prompt_name is not None:
         if prompt_name not in model.prompts:
             raise PromptNameError(f"prompt_name={prompt_name!r} is not one of the model's prompts {sorted(model.prompts)}")
@@ -247,5 +291,7 @@ def encode(
         show_progress_bar=show_progress_bar,
     )
     if convert_to_tensor:
-        embeddings = embeddings.float().cpu()
+        embeddings = torch.from_numpy(compaction.apply(embeddings.float().cpu().numpy()))
+    else:
+        embeddings = compaction.apply(embeddings)
     return embeddings[0] if single else embeddings

@@ -55,11 +55,14 @@ def write_sentence_transformer_files(
     prompts: dict[str, str] | None = None,
     default_prompt_name: str | None = None,
     include_prompt: bool = True,
+    truncate_dim: int | None = None,
 ) -> None:
     """Write modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/ and
     2_Normalize/ into a DiffEmbed model folder that already holds config.json.
 
-    `include_prompt=True` keeps the instruction tokens in the mean, as the study does.
+    `include_prompt=True` keeps the instruction tokens in the mean, as the study does. `truncate_dim` is stored in
+    config_sentence_transformers.json, where sentence-transformers (>= 5.4) reads it: `SentenceTransformer(folder)`
+    then returns that many dimensions (for a Matryoshka-trained model).
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -72,6 +75,8 @@ def write_sentence_transformer_files(
     if max_positions and max_seq_length > max_positions:
         raise ValueError(f"max_seq_length={max_seq_length} exceeds max_position_embeddings={max_positions}")
     prompts = default_prompts() if prompts is None else prompts
+    if truncate_dim is not None and not 1 <= truncate_dim <= config["hidden_size"]:
+        raise ValueError(f"truncate_dim={truncate_dim} must be between 1 and the hidden size {config['hidden_size']}")
     if default_prompt_name is not None and default_prompt_name not in prompts:
         raise ValueError(f"default_prompt_name={default_prompt_name!r} is not one of the prompts {sorted(prompts)}")
 
@@ -86,7 +91,8 @@ def write_sentence_transformer_files(
     _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
     _write_json(
         folder / "config_sentence_transformers.json",
-        {"prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine"},
+        {"prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine",
+         **({"truncate_dim": truncate_dim} if truncate_dim is not None else {})},
     )
     _write_json(
         folder / "1_Pooling" / "config.json",

@@ -19,13 +19,15 @@ from typing import Any
 from sentence_transformers import SentenceTransformer
 
 from .. import __version__
+from ..compact import (DEFAULT_CALIBRATION_ROWS, PRECISIONS, SCALAR, CalibrationRanges, Compaction, CompactError,
+                       calibrate, calibration_sample, truncate)
 from ..encoding import load_encoder
 from . import distributed
 from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, progress_bar, warn_truncated
 from .embed import resolve_prompt
 from .read import CorpusError, CorpusSource, ShardPlan, iter_rows, scan
-from .shards import (DTYPES, ShardInfo, file_sha256, finish_manifest, prepare_folder, settings_digest, verify_shard,
-                     write_shard)
+from .shards import (DTYPES, ShardInfo, file_sha256, finish_manifest, prepare_folder, read_manifest, settings_digest,
+                     verify_shard, write_shard)
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,16 @@ class CorpusJob:
     output_dir: Path
     plan: ShardPlan
     settings: dict
-    dtype: str
+    dtype: str  # the precision of the stored column (compact.PRECISIONS)
+    compaction: Compaction = Compaction()  # truncation and precision applied to the float vectors
+    width: int = 0  # the model's embedding dimension
+
+    def manifest_fields(self) -> dict:
+        """What a reader of the vectors needs besides the type: the truncation, bytes per vector, the ranges."""
+        ranges = self.compaction.calibration
+        return {"precision": self.dtype, "truncate_dim": self.compaction.truncate_dim,
+                "bytes_per_vector": self.compaction.bytes_per_vector(self.width),
+                "calibration": ranges.to_dict() if ranges is not None else None}
 
     def stamp(self, shard: int) -> dict:
         return {"settings": settings_digest(self.settings), "input": self.plan.digests[shard]}
@@ -75,7 +86,8 @@ class CorpusJob:
             raise CorpusError(f"the input changed while being embedded (shard {shard} now has {len(ids)} rows, "
                               f"{self.plan.shard_rows[shard]} when it was read first)")
         embeddings, truncated = encoder.embed(texts, progress)
-        info = write_shard(self.output_dir, shard, ids, embeddings, self.dtype, self.stamp(shard))
+        info = write_shard(self.output_dir, shard, ids, self.compaction.apply(embeddings), self.dtype,
+                           self.stamp(shard))
         info.truncated = truncated
         return info
 
@@ -89,12 +101,26 @@ def as_source(source, field, id_field, title_field, split, subset) -> CorpusSour
     return CorpusSource("dataset", field, id_field, title_field, dataset=source)
 
 
+def resolve_precision(dtype: str, precision: str | None) -> str:
+    """--precision, or --dtype (its float-only predecessor); the two must not disagree: the column has one type."""
+    if dtype not in DTYPES:
+        raise CorpusError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if precision is None:
+        return dtype
+    if precision not in PRECISIONS:
+        raise CorpusError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    if dtype != "float32" and dtype != precision:
+        raise CorpusError(f"--dtype {dtype} cannot hold {precision} vectors: the embedding column has one type; "
+                          "drop --dtype (--precision sets it)")
+    return precision
+
+
 def check_options(shard_size: int, dtype: str, max_tokens_per_batch: int) -> None:
     """Numeric and choice options, checked before any work."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise CorpusError(f"--shard-size must be at least 1, got {shard_size}")
-    if dtype not in DTYPES:
-        raise CorpusError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if dtype not in PRECISIONS:
+        raise CorpusError(f"--precision must be one of {', '.join(PRECISIONS)}, got {dtype}")
     if isinstance(max_tokens_per_batch, bool) or not isinstance(max_tokens_per_batch, int) or max_tokens_per_batch < 1:
         raise CorpusError(f"--max-tokens-per-batch must be at least 1, got {max_tokens_per_batch}")
 
@@ -115,21 +141,72 @@ def model_identity(name: str, model: SentenceTransformer) -> dict:
 
 
 def plan_job(model_name: str, model: SentenceTransformer, encoder: Encoder, source, output_dir: Path, *,
-             shard_size: int, dtype: str, skip_bad_rows: bool, overwrite: bool) -> CorpusJob:
-    """Rank 0's part: read the corpus, fix the settings, check and open the output folder."""
+             shard_size: int, dtype: str, skip_bad_rows: bool, overwrite: bool, truncate_dim: int | None = None,
+             calibration: CalibrationRanges | None = None,
+             calibration_rows: int = DEFAULT_CALIBRATION_ROWS) -> CorpusJob:
+    """Rank 0's part: read the corpus, fix the settings (calibration ranges included), check and open the output
+    folder."""
+    try:
+        compaction = Compaction(model.truncate_dim if truncate_dim is None else truncate_dim, dtype, calibration)
+        identity = model_identity(model_name, model)
+        compaction.check(encoder.dim, identity)
+    except CompactError as err:  # every rank must hear of it: raised as the corpus job's error
+        raise CorpusError(str(err)) from None
     plan = scan(source, shard_size, skip_bad_rows=skip_bad_rows)
     if plan.good_rows == 0:
         raise CorpusError(f"the corpus is empty: {plan.rows} rows, none to embed" if plan.rows else
                           "the corpus is empty (no rows)")
     settings = {
-        **model_identity(model_name, model),
+        **identity,
         "prompt": encoder.prompt, "max_seq_length": encoder.max_length, "normalized": encoder.normalize,
         "include_prompt": encoder.include_prompt, "weights_dtype": str(encoder.auto_model.dtype).removeprefix("torch."),
-        "dtype": dtype, "dim": encoder.dim, "shard_size": shard_size, **source.describe(), "id_field": plan.id_field,
+        "dtype": dtype, "truncate_dim": compaction.truncate_dim, "dim": compaction.output_dim(encoder.dim),
+        "shard_size": shard_size, **source.describe(), "id_field": plan.id_field,
         "skip_bad_rows": skip_bad_rows, "rows": plan.rows, "input_digest": plan.corpus_digest(),
     }
-    prepare_folder(output_dir, settings, overwrite=overwrite)
-    return CorpusJob(dataclasses.replace(source, id_field=plan.id_field), output_dir, plan, settings, dtype)
+    if dtype in SCALAR:
+        source = dataclasses.replace(source, id_field=plan.id_field)
+        if compaction.calibration is None:
+            ranges = _earlier_ranges(output_dir, settings, calibration_rows) or _calibrate(
+                encoder, source, plan, compaction.truncate_dim, identity, calibration_rows)
+            compaction = dataclasses.replace(compaction, calibration=ranges)
+        settings["calibration"] = compaction.calibration.digest()
+        settings["calibration_rows"] = calibration_rows
+    job = CorpusJob(dataclasses.replace(source, id_field=plan.id_field), output_dir, plan, settings, dtype,
+                    compaction, encoder.dim)
+    prepare_folder(output_dir, settings, overwrite=overwrite, extra=job.manifest_fields())
+    return job
+
+
+def _earlier_ranges(output_dir: Path, settings: dict, calibration_rows: int) -> CalibrationRanges | None:
+    """The ranges an interrupted run with the same settings computed: a resumed run reuses them rather than
+    computing them again (on another device they could differ in the last bits, and its shards would not match)."""
+    manifest = read_manifest(output_dir) if output_dir.is_dir() else None
+    previous = (manifest or {}).get("settings", {})
+    if not manifest or not manifest.get("calibration") or previous.get("calibration_rows") != calibration_rows:
+        return None
+    ignored = ("calibration", "calibration_rows")
+    if {k: v for k, v in previous.items() if k not in ignored} != settings:
+        return None
+    ranges = CalibrationRanges.from_dict(manifest["calibration"], source=str(output_dir / "manifest.json"))
+    return ranges if ranges.digest() == previous.get("calibration") else None
+
+
+def _calibrate(encoder: Encoder, source: CorpusSource, plan: ShardPlan, truncate_dim: int | None, identity: dict,
+               rows: int) -> CalibrationRanges:
+    """int8/uint8 ranges from an evenly spread sample of the corpus's good rows, embedded as the shards are."""
+    wanted = set(calibration_sample(plan.good_rows, rows))
+    texts, good = [], 0
+    for row in iter_rows(source):
+        if row.problem is None:
+            if good in wanted:
+                texts.append(row.text)
+            good += 1
+            if len(texts) == len(wanted):
+                break
+    logger.info("int8/uint8 calibration: embedding a sample of %d rows", len(texts))
+    embeddings, _ = encoder.embed(texts)
+    return calibrate(truncate(embeddings, truncate_dim), identity)
 
 
 def encode_corpus(
@@ -152,6 +229,10 @@ def encode_corpus(
     overwrite: bool = False,
     device: str | None = None,
     show_progress_bar: bool | None = None,
+    truncate_dim: int | None = None,
+    precision: str | None = None,
+    calibration: CalibrationRanges | None = None,
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
 ) -> CorpusResult:
     """Embed a corpus (a .jsonl/.parquet/.csv file, a folder of them, a Hub dataset id, or a `datasets` dataset)
     into `output_dir`: `part-NNNNN.parquet` shards of `shard_size` input rows plus `manifest.json`.
@@ -159,20 +240,32 @@ def encode_corpus(
     Rerunning resumes (complete shards are verified and kept); other settings are refused unless `overwrite`.
     Under torchrun every rank calls this: rank r computes shards r, r + WORLD_SIZE, ... on its LOCAL_RANK GPU.
     Raises `CorpusError` for a problem with the input, the options or the output folder.
+
+    `truncate_dim` (default: the model's stored one) keeps the first dimensions, renormalised; `precision`
+    (`compact.PRECISIONS`; default `dtype`) stores float16, int8/uint8 codes or packed binary bits. int8/uint8 use
+    `calibration` ranges (`compact.load_calibration`, refused if another model's), else ranges computed from an
+    evenly spread sample of `calibration_rows` rows, stored in the manifest for the queries.
     """
+    dtype = resolve_precision(dtype, precision)
     check_options(shard_size, dtype, max_tokens_per_batch)
+    check_calibration_rows(calibration_rows)
     source = as_source(source, field, id_field, title_field, split, subset)
     output_dir = Path(output_dir)
     ranks = distributed.current()
     with distributed.process_group(ranks):
-        st_model = load_encoder(model, device=distributed.device_for(ranks, device), max_seq_length=max_seq_length)
+        try:
+            st_model = load_encoder(model, device=distributed.device_for(ranks, device), max_seq_length=max_seq_length,
+                                    truncate_dim=truncate_dim)
+        except CompactError as err:
+            raise CorpusError(str(err)) from None
         encoder = Encoder(st_model, prompt=resolve_prompt(st_model, prompt, prompt_name),
                           max_tokens_per_batch=max_tokens_per_batch)
         job = error = None
         if ranks.is_main:
             try:
                 job = plan_job(model, st_model, encoder, source, output_dir, shard_size=shard_size, dtype=dtype,
-                               skip_bad_rows=skip_bad_rows, overwrite=overwrite)
+                               skip_bad_rows=skip_bad_rows, overwrite=overwrite, calibration=calibration,
+                               calibration_rows=calibration_rows)
             except CorpusError as err:
                 error = str(err)
         job, error = distributed.broadcast((job, error), ranks)
@@ -199,6 +292,11 @@ def encode_corpus(
             warn_truncated(sum(i.truncated for i in computed), sum(i.rows for i in computed), encoder.max_length)
             manifest = finish_manifest(output_dir, job.settings, everyone, skipped=job.plan.skipped,
                                        skipped_examples=job.plan.skipped_examples,
-                                       extra={"created_by": f"diffembed-hf {__version__}"})
+                                       extra={**job.manifest_fields(), "created_by": f"diffembed-hf {__version__}"})
     return CorpusResult(output_dir, sum(i.rows for i in everyone), job.plan.num_shards,
                         sorted(i.index for i in everyone if i.computed), job.plan.skipped, manifest)
+
+
+def check_calibration_rows(rows: int) -> None:
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 2:
+        raise CorpusError(f"--calibration-rows must be at least 2, got {rows}")

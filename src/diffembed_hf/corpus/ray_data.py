@@ -19,7 +19,9 @@ import torch
 from ..encoding import load_encoder
 from .batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, warn_truncated
 from .embed import resolve_prompt
-from .encode import DEFAULT_SHARD_SIZE, CorpusJob, CorpusResult, as_source, check_options, plan_job
+from ..compact import DEFAULT_CALIBRATION_ROWS, CalibrationRanges
+from .encode import (DEFAULT_SHARD_SIZE, CorpusJob, CorpusResult, check_calibration_rows, as_source, check_options,
+                     plan_job, resolve_precision)
 from .read import CorpusError, CorpusSource
 from .shards import ShardInfo, finish_manifest
 
@@ -135,10 +137,16 @@ def encode_corpus_with_ray(
     overwrite: bool = False,
     show_progress_bar: bool | None = None,
     num_actors: int | None = None,
+    truncate_dim: int | None = None,
+    precision: str | None = None,
+    calibration: CalibrationRanges | None = None,
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
 ) -> CorpusResult:
     """`encode_corpus` on the Ray cluster at `address` ("auto", "host:port", or "local" for a new local
     instance): the same shards, manifest, resume and refusals, with shards spread over Ray's actor pool."""
+    dtype = resolve_precision(dtype, precision)
     check_options(shard_size, dtype, max_tokens_per_batch)
+    check_calibration_rows(calibration_rows)
     ray = _ray()
     source = as_source(source, field, id_field, title_field, split, subset)
     output_dir = Path(output_dir).absolute()
@@ -151,7 +159,8 @@ def encode_corpus_with_ray(
     _, resources = _pool(num_actors)
     planner = ray.remote(_plan_remote).options(**resources)
     job, kept, error = ray.get(planner.remote(model, source, output_dir, options, dict(
-        shard_size=shard_size, dtype=dtype, skip_bad_rows=skip_bad_rows, overwrite=overwrite)))
+        shard_size=shard_size, dtype=dtype, skip_bad_rows=skip_bad_rows, overwrite=overwrite, truncate_dim=truncate_dim,
+        calibration=calibration, calibration_rows=calibration_rows)))
     if error is not None:
         raise CorpusError(error)
     pending = [k for k in range(job.plan.num_shards) if k not in kept]
@@ -171,6 +180,6 @@ def encode_corpus_with_ray(
 
     manifest = finish_manifest(output_dir, job.settings, infos, skipped=job.plan.skipped,
                                skipped_examples=job.plan.skipped_examples,
-                               extra={"created_by": f"diffembed-hf {__version__} (Ray)"})
+                               extra={**job.manifest_fields(), "created_by": f"diffembed-hf {__version__} (Ray)"})
     return CorpusResult(output_dir, sum(i.rows for i in infos), job.plan.num_shards,
                         sorted(i.index for i in infos if i.computed), job.plan.skipped, manifest)

@@ -1,5 +1,9 @@
-"""The output folder: parquet shards `part-NNNNN.parquet` (`id`: string, `embedding`: fixed-size list of
-float32/float16) and `manifest.json`.
+"""The output folder: parquet shards `part-NNNNN.parquet` (`id`: string, `embedding`: fixed-size list) and
+`manifest.json`.
+
+The `embedding` column's type follows the precision (`compact`): float32 or float16 values; int8 or uint8 codes
+(one per dimension, sentence-transformers' `quantize_embeddings` with the manifest's `calibration` ranges); binary
+(int8) or ubinary (uint8) bytes of `np.packbits` bits, dim / 8 per row, first dimension in the highest bit.
 
 A shard is written to a hidden temporary file and renamed into place, so a file under a final name is always
 complete. Each shard carries in its parquet metadata the digest of the run's settings and of its input rows:
@@ -26,14 +30,14 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "diffembed-corpus-embeddings/1"
 _META_KEY = b"diffembed"
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16")  # --dtype; --precision (compact.PRECISIONS) also takes the compact types
 
 # Human names of the settings a rerun must share with the folder's run, in the order they are checked.
 SETTING_NAMES = {
     "model": "model", "revision": "model revision", "model_sha256": "model files (weights, config, tokenizer)",
     "prompt": "prompt", "max_seq_length": "max sequence length", "normalized": "normalisation",
-    "include_prompt": "prompt pooling", "weights_dtype": "compute dtype", "dtype": "output dtype",
-    "dim": "embedding dimension", "shard_size": "shard size", "input": "input", "field": "text field",
+    "include_prompt": "prompt pooling", "weights_dtype": "compute dtype", "dtype": "precision",
+    "truncate_dim": "truncate dim", "calibration": "calibration ranges", "dim": "embedding dimension", "shard_size": "shard size", "input": "input", "field": "text field",
     "id_field": "id field", "title_field": "title field", "split": "split", "subset": "subset",
     "skip_bad_rows": "--skip-bad-rows", "rows": "number of input rows", "input_digest": "input contents",
 }
@@ -55,11 +59,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def schema(dim: int, dtype: str):
+# numpy type of the stored values per precision (binary: packed bits less 128, as sentence-transformers stores them)
+VALUE_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8,
+               "binary": np.int8, "ubinary": np.uint8}
+
+
+def schema(width: int, dtype: str):
+    """`width` values per row: the dimension, or dim / 8 bytes for binary and ubinary."""
     import pyarrow as pa
 
-    value = pa.float32() if dtype == "float32" else pa.float16()
-    return pa.schema([("id", pa.string()), ("embedding", pa.list_(value, dim))])
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.from_numpy_dtype(VALUE_TYPES[dtype]), width))])
 
 
 @dataclass
@@ -76,11 +85,11 @@ def write_shard(folder: Path, index: int, ids: list[str], embeddings: np.ndarray
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    dim = embeddings.shape[1]
-    values = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32 if dtype == "float32" else np.float16).ravel())
+    width = embeddings.shape[1]
+    values = pa.array(np.ascontiguousarray(embeddings, dtype=VALUE_TYPES[dtype]).ravel())
     table = pa.Table.from_arrays(
-        [pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(values, dim)],
-        schema=schema(dim, dtype).with_metadata({_META_KEY: json.dumps(stamp).encode()}),
+        [pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(values, width)],
+        schema=schema(width, dtype).with_metadata({_META_KEY: json.dumps(stamp).encode()}),
     )
     final = folder / shard_name(index)
     temporary = folder / f".{final.name}.{os.getpid()}.tmp"
@@ -137,7 +146,7 @@ def _ours(path: Path) -> bool:
         name.startswith((".part-", f".{MANIFEST}")) and name.endswith(".tmp"))
 
 
-def prepare_folder(folder: Path, settings: dict, *, overwrite: bool) -> None:
+def prepare_folder(folder: Path, settings: dict, *, overwrite: bool, extra: dict | None = None) -> None:
     """Check the folder against this run's settings and write the opening manifest.
 
     Same settings: resume. Other settings: refused, naming the first difference, unless `overwrite`, which
@@ -167,7 +176,7 @@ def prepare_folder(folder: Path, settings: dict, *, overwrite: bool) -> None:
     for path in entries:  # temporary files of a killed run
         if path.exists() and path.name.endswith(".tmp") and _ours(path):
             path.unlink()
-    write_manifest(folder, {"format": FORMAT, "complete": False, "settings": settings})
+    write_manifest(folder, {"format": FORMAT, "complete": False, **(extra or {}), "settings": settings})
 
 
 def _show(value) -> str:
