@@ -350,12 +350,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation.run import evaluate
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
+    from .compact import load_calibration
+
+    calibration = load_calibration(args.calibration) if args.calibration else None
     disable_progress_bar()  # mteb's per-split data reshaping; the encoder shows the bar that matters
     result = evaluate(
         args.model, suite=args.suite, tasks=tasks, data=args.data,
         output=args.output, instructions=args.instructions, query_prompt=args.query_prompt,
         max_seq_length=args.max_seq_length, max_tokens_per_batch=args.max_tokens_per_batch,
         overwrite=args.overwrite, device=args.device, stdlib_rows=args.max_heldout,
+        truncate_dim=args.truncate_dim, precision=args.precision, rescore=args.rescore, calibration=calibration,
+        calibration_rows=args.calibration_rows,
     )
     print(result.table)
     print(f"results (mteb's files, summary.json, run.json): {result.output}")
@@ -535,6 +540,17 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--max-heldout", type=positive_int, help="--suite stdlib: held-out rows, as `diffembed demo --max-heldout` "
                     "(default: 300)")
     ev.add_argument("--overwrite", action="store_true", help="recompute this model's results already in --output")
+    ev.add_argument("--truncate-dim", type=positive_int, metavar="D", help="score the first D dimensions, "
+                    "renormalised (default: the model's stored truncate_dim, else all)")
+    ev.add_argument("--precision", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+                    default="float32", help="score vectors stored at this precision; int8/uint8/binary/ubinary: "
+                    "retrieval tasks, the corpus quantized, binary ranked by Hamming distance")
+    ev.add_argument("--rescore", type=positive_int, metavar="K", help="binary/ubinary: rescore each query's top K "
+                    "candidates with the float query (default: no rescoring)")
+    ev.add_argument("--calibration", metavar="FILE", help="int8/uint8 ranges: a corpus output folder, its "
+                    "manifest.json or a ranges JSON (default: computed from a sample of each task's corpus)")
+    ev.add_argument("--calibration-rows", type=positive_int, default=10_000,
+                    help="int8/uint8: corpus rows in the calibration sample")
     ev.set_defaults(func=_evaluate)
 
     for sub in commands.choices.values():  # every subcommand, including ones added above later, gets these

@@ -91,4 +91,10 @@ def card_results(folder: str | Path) -> CardResults:
     summary, record = load_results(Path(folder))
     if not summary:
         raise EvaluationError(f"{folder}/summary.json holds no task")
+    vectors = record.get("vectors") or {}
+    if vectors.get("truncate_dim") is not None or vectors.get("precision", "float32") != "float32":
+        # the card's model-index states the model's scores: those of its full float vectors
+        raise EvaluationError(f"{folder} holds results of compact vectors ({vectors.get('dim')} dims, "
+                              f"{vectors.get('precision')}), not the model's own; evaluate without --truncate-dim and "
+                              "--precision for the card")
     return CardResults(results_lines(summary, record), eval_results(summary, record))

@@ -9,6 +9,7 @@ mteb files them under each model's own name and revision.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..compact import DEFAULT_CALIBRATION_ROWS, CalibrationRanges, Compaction, CompactError
 from ..files import move_into_place, remove_stale_temp_folders, temporary_sibling
 from . import EvaluationError
 from .suites import PUBLISHED, STUDY, SUITE_MAX_SEQ_LENGTH, close_matches, suite_task, suite_tasks
@@ -123,12 +125,20 @@ def _keep_earlier_tasks(output: Path, summary: dict, record: dict) -> tuple[dict
         old_record = json.loads((output / RUN_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return summary, record
-    # the model and its length; the prompts are per task (each task's own are in run.json)
+    # the model, its length and its vectors; the prompts are per task (each task's own are in run.json)
     same = all(old_record.get(key) == record.get(key) for key in ("mteb_model_name", "mteb_revision", "max_seq_length"))
+    same = same and _vectors(old_record) == _vectors(record)
     if not same:  # another model (or settings) before: its results are not this model's
         return summary, record
     tasks = {**old_record.get("tasks", {}), **record.get("tasks", {})}
     return {**old_summary, **summary}, {**record, "tasks": tasks}
+
+
+def _vectors(record: dict) -> dict:
+    """The vector settings of a run (an earlier run's record without them had full float32 vectors)."""
+    vectors = record.get("vectors") or {}
+    return {"truncate_dim": vectors.get("truncate_dim"), "precision": vectors.get("precision", "float32"),
+            "rescore": vectors.get("rescore")}
 
 
 def _is_network_error(err: BaseException) -> bool:
@@ -209,10 +219,11 @@ def results_table(summary: dict[str, dict[str, Any]]) -> list[tuple[str, str, fl
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
     rows = results_table(summary)
     width = max([len("task")] + [len(r[0]) for r in rows])
-    lines = [f"{'task':<{width}}  {'metric':<16}{'ours':>8}{'study':>8}"]
+    lines = [f"{'task':<{width}}  {'metric':<16}{'ours':>8}{'study':>8}{'bytes/vector':>14}"]
     for task, label, ours, study in rows:
+        size = summary[task].get("bytes_per_vector")
         lines.append(f"{task:<{width}}  {label:<16}{'-' if ours is None else f'{ours:.2f}':>8}"
-                     f"{'' if study is None else f'{study:.2f}':>8}")
+                     f"{'' if study is None else f'{study:.2f}':>8}{'' if size is None else f'{size:,}':>14}")
     if any(r[3] is not None for r in rows):
         lines.append(f"study: {STUDY} (percent)")
     return "\n".join(lines)
@@ -232,6 +243,11 @@ def evaluate(
     overwrite: bool = False,
     device: str | None = None,
     stdlib_rows: int | None = None,
+    truncate_dim: int | None = None,
+    precision: str = "float32",
+    rescore: int | None = None,
+    calibration: CalibrationRanges | None = None,
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
 ) -> EvaluationResult:
     """Evaluate `model` (a DiffEmbed folder or Hub id, loaded as a user would: sentence-transformers with
     `trust_remote_code=True`) and write mteb's result files, `summary.json` and `run.json` under `output`.
@@ -240,8 +256,18 @@ def evaluate(
     before each query of local `data` tasks (default: the model's stored `query` prompt). `max_seq_length`
     defaults to the suite's protocol (longembed 4096, followir 304, stdlib 128) or else the model's own.
     `overwrite=True` recomputes this model's results instead of reusing those already in `output`.
+
+    Compact vectors (`compact`): `truncate_dim` (default: the model's stored one) and `precision` apply to every
+    task; int8/uint8/binary/ubinary to retrieval tasks, whose corpus is stored at that precision and searched by
+    `evaluation.compact_search` (int8/uint8 ranges from a `calibration_rows` sample of each corpus, or the given
+    `calibration`; binary by Hamming distance, `rescore` = candidates per query rescored with the float query).
+    Every task's summary gets `bytes_per_vector`.
     """
     mteb = require_mteb()
+    try:
+        compaction = Compaction(truncate_dim, precision, calibration, rescore)
+    except CompactError as err:
+        raise EvaluationError(str(err)) from None
     if isinstance(data, (str, Path)):
         data = [data]
     output = Path(output).expanduser().resolve()
@@ -253,15 +279,35 @@ def evaluate(
     if unknown:
         raise EvaluationError(f"the instruction file names tasks that are not evaluated: {unknown}")
     _check_output(output)
+    if precision not in ("float32", "float16"):
+        from mteb.abstasks import AbsTaskRetrieval
 
-    from ..encoding import load_encoder
+        other = [t.metadata.name for t in task_list if not isinstance(t, AbsTaskRetrieval)]
+        if other:
+            raise EvaluationError(f"precision {precision} is evaluated on retrieval tasks (a corpus stored at that "
+                                  f"precision, searched by its queries); not on {', '.join(other)}")
+
+    from ..encoding import embedding_width, load_encoder
     from .encoder import DiffEmbedEncoder, model_identity, model_meta, settings_digest
 
     length = max_seq_length or SUITE_MAX_SEQ_LENGTH.get(suite or "")
     try:
-        st_model = load_encoder(model, device=device, max_seq_length=length)
+        st_model = load_encoder(model, device=device, max_seq_length=length, truncate_dim=truncate_dim)
     except OSError as err:
         raise EvaluationError(f"cannot load the model {model!r}: {err}") from None
+    except CompactError as err:
+        raise EvaluationError(str(err)) from None
+    width = embedding_width(st_model)
+    compaction = dataclasses.replace(compaction, truncate_dim=st_model.truncate_dim)  # the stored one by default
+    identity = None
+    if not compaction.is_identity:
+        from ..corpus.encode import model_identity as files_identity
+
+        identity = files_identity(model, st_model)
+        try:
+            compaction.check(width, identity)
+        except CompactError as err:
+            raise EvaluationError(str(err)) from None
     query_prompts = {}
     if suite == "stdlib":
         query_prompts[STDLIB_TASK] = ""  # the anchors already carry the task's instruction
@@ -271,10 +317,18 @@ def evaluate(
     settings = {"max_seq_length": st_model.max_seq_length}
     if overrides or query_prompts:
         settings["prompts"] = settings_digest({"instructions": overrides, "query_prompts": query_prompts})
+    if not compaction.is_identity:  # results of other vectors go to another mteb cache folder
+        settings["compact"] = {**compaction.describe(), "calibration_rows": calibration_rows}
     meta = model_meta(st_model, name, revision, settings)
-    encoder = DiffEmbedEncoder(st_model, meta, instructions=overrides, query_prompts=query_prompts,
-                               source=None if device else model,
-                               **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
+    options = dict(instructions=overrides, query_prompts=query_prompts, source=None if device else model,
+                   **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
+    if compaction.is_identity:
+        encoder = DiffEmbedEncoder(st_model, meta, **options)
+    else:
+        from .compact_search import CompactEncoder
+
+        encoder = CompactEncoder(st_model, meta, compaction=compaction, model_identity=identity,
+                                 calibration_rows=calibration_rows, **options)
 
     fresh = not (output.parent / f".{output.name}.partial").exists()
     work = _staging(output, overwrite)
@@ -285,8 +339,14 @@ def evaluate(
         if fresh and set(work.rglob("*.json")) == seeded:  # nothing of this run to resume: leave no trace
             shutil.rmtree(work, ignore_errors=True)
         raise
+    vector = {"dim": compaction.output_dim(width), "precision": compaction.precision,
+              "bytes_per_vector": compaction.bytes_per_vector(width)}
+    for scores in summary.values():
+        scores.update(bytes_per_vector=vector["bytes_per_vector"])
     record = {"model": model, "mteb_model_name": name, "mteb_revision": revision, "settings": settings,
-              "suite": suite, "max_seq_length": st_model.max_seq_length, "mteb_version": mteb.__version__, **record}
+              "suite": suite, "max_seq_length": st_model.max_seq_length, "mteb_version": mteb.__version__,
+              "vectors": {**vector, **compaction.describe(),
+                          "calibrations": getattr(encoder, "calibrations", None) or None}, **record}
     summary, record = _keep_earlier_tasks(output, summary, record)
     (work / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (work / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
