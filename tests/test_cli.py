@@ -112,14 +112,18 @@ BAD_NUMBERS = {  # option -> (bad values, the accepted range as the message stat
     "--max-shard-size": (["0", "-5GB", "5 parsecs"], "'5GB'"),
     "--shard-size": (["0", "-1", "ten"], "integer >= 1"),
     "--max-tokens-per-batch": (["0", "-8"], "integer >= 1"),
+    "--truncate-dim": (["0", "-64", "half"], "integer >= 1"),
+    "--rescore": (["0", "-10"], "integer >= 1"),
+    "--calibration-rows": (["0", "-1"], "integer >= 1"),
 }
 COMMANDS = {  # each subcommand's numeric options, and a command line that would otherwise write OUT
     "demo": (["--max-steps", "--max-heldout"], lambda m, d, o: ["demo", "--output", str(o)]),
-    "train": (["--max-steps", "--batch-size", "--max-seq-length", "--gradcache", "--learning-rate", "--eval-fraction"],
-              lambda m, d, o: ["train", str(m), str(d), str(o)]),
-    "encode": (["--batch-size", "--max-seq-length", "--shard-size", "--max-tokens-per-batch"],
-               lambda m, d, o: ["encode", str(m), "-i", str(d), "-o", str(o)]),
-    "evaluate": (["--max-seq-length", "--max-tokens-per-batch", "--max-heldout"],
+    "train": (["--max-steps", "--batch-size", "--max-seq-length", "--gradcache", "--learning-rate", "--eval-fraction",
+               "--truncate-dim"], lambda m, d, o: ["train", str(m), str(d), str(o)]),
+    "encode": (["--batch-size", "--max-seq-length", "--shard-size", "--max-tokens-per-batch", "--truncate-dim",
+                "--calibration-rows"], lambda m, d, o: ["encode", str(m), "-i", str(d), "-o", str(o)]),
+    "evaluate": (["--max-seq-length", "--max-tokens-per-batch", "--max-heldout", "--truncate-dim", "--rescore",
+                  "--calibration-rows"],
                  lambda m, d, o: ["evaluate", str(m), "--data", str(d), "--output", str(o)]),
     "convert": (["--max-shard-size", "--max-seq-length"], lambda m, d, o: ["convert", str(m), str(o)]),
 }
