@@ -163,6 +163,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @needs_scalar
 def test_killed_int8_run_resumes_and_torchrun_writes_exactly_what_one_process_writes(folder, tmp_path):
     rows = corpus_rows(1200, seed=8)
@@ -198,6 +199,7 @@ def test_killed_int8_run_resumes_and_torchrun_writes_exactly_what_one_process_wr
         json.loads((straight / "manifest.json").read_text())["calibration"]
 
 
+@pytest.mark.slow
 def test_torchrun_binary_equals_one_process(folder, tmp_path):
     rows = corpus_rows(900, seed=9)
     source = write_jsonl(tmp_path / "corpus.jsonl", rows)
