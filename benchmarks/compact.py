@@ -1,8 +1,10 @@
 """What compact vectors cost: nDCG@10 at each truncation and precision, for a model trained with and without
 Matryoshka dimensions (same steps, same data), and corpus shard sizes at int8 and binary against float32.
 
-    python benchmarks/compact.py                 # the demo's default model, about 15-25 minutes on 2 shared cores
-    python benchmarks/compact.py --steps 100     # a quicker, weaker run
+    OMP_NUM_THREADS=1 python benchmarks/compact.py              # the demo's default model; 85 min on 2 busy cores
+    OMP_NUM_THREADS=1 python benchmarks/compact.py --steps 100  # a quicker, weaker run
+
+(One OpenMP thread: on shared cores two spinning threads trained 4x slower.)
 
 Models: the demo's default DiffEmbed model (4 layers, 128 wide, random init, Dream tokenizer) fine-tuned with the
 demo's recipe (`diffembed demo`'s DEMO_TRAINING: full fine-tuning, batch 16, lr 1e-3, 128 tokens) on the demo's
