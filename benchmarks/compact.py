@@ -26,14 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 HELD_OUT_PACKAGES = ("huggingface_hub", "datasets")
 MATRYOSHKA_DIMS = [128, 64, 32, 16]
 RESCORE = 40  # binary candidates rescored per query (4 x the 10 that nDCG@10 reads)
 
 
-def settings(width: int) -> list[tuple[str, dict]]:
+def settings() -> list[tuple[str, dict]]:
     rows = [("float32", {})]
     rows += [(f"float32, {d} dims", {"truncate_dim": d}) for d in MATRYOSHKA_DIMS[1:]]
     rows += [("int8", {"precision": "int8"}), ("binary", {"precision": "binary"}),
@@ -92,12 +90,11 @@ def train_models(work: Path, steps: int) -> dict[str, str]:
 
 
 def score_table(models: dict[str, str], beir: str, work: Path) -> dict:
+    from diffembed_hf.builtin_task import INSTRUCTION
     from diffembed_hf.evaluation.run import evaluate
 
-    from diffembed_hf.builtin_task import INSTRUCTION
-
     results = {}
-    for label, options in settings(128):
+    for label, options in settings():
         for name, folder in models.items():
             for task, where in (("stdlib", dict(suite="stdlib")),
                                 ("third-party", dict(data=beir, query_prompt=INSTRUCTION + ":\n"))):
@@ -156,7 +153,7 @@ def main() -> None:
               f"| 3rd-party plain | 3rd-party MRL | ratio plain | ratio MRL |")
     print(header)
     print("|" + "|".join("---" if i == 0 else "---:" for i in range(header.count("|") - 1)) + "|")
-    for label, _ in settings(128):
+    for label, _ in settings():
         cells = [f"{results[(label, 'plain', 'stdlib')][1]:,}"]
         for task in ("stdlib", "third-party"):
             plain, mrl = results[(label, "plain", task)][0], results[(label, "matryoshka", task)][0]
