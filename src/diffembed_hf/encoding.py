@@ -29,6 +29,7 @@ from .batching import (
     unknown_prompt,
     warn_truncated,
 )
+from .compact import CalibrationRanges, Compaction, CompactError, check_truncate_dim
 from .checkpoint import ADAPTER_CONFIG, check_model_folder, folder_kind, local_folder, read_json
 from .errors import DiffembedError, UsageError, require_extra
 from .files import staged_file
@@ -89,6 +90,7 @@ def load_encoder(
     max_seq_length: int | None = None,
     quantize: str | None = None,
     trust_remote_code: bool = False,
+    truncate_dim: int | None = None,
     **kwargs,
 ) -> SentenceTransformer:
     """Load a DiffEmbed folder or Hub id as a `SentenceTransformer`.
@@ -102,7 +104,10 @@ def load_encoder(
     Weights default to bfloat16 on CUDA (float16 overflows in Qwen-family models) and float32 elsewhere; the
     model pools and normalises in float32 whatever the weights' dtype. `quantize="fp8"` runs every linear
     layer with dynamic per-row FP8 activations and weights (torchao) and keeps the rest in bfloat16; where
-    that cannot run, `QuantizationUnavailable` says why before anything is loaded.
+    that cannot run, `QuantizationUnavailable` says why before anything is loaded. `truncate_dim` keeps the first
+    dimensions of every vector (a Matryoshka-trained model loses little; `encode` renormalises them); by default the
+    one stored in the folder's `config_sentence_transformers.json`, if any. A dimension larger than the model's is
+    refused.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r} is not supported; use one of {QUANTIZATIONS} or None")
@@ -138,11 +143,42 @@ def load_encoder(
     if max_seq_length is not None:
         check_max_seq_length(max_seq_length, getattr(backbone(model).config, "max_position_embeddings", None))
         model.max_seq_length = max_seq_length
+    set_truncate_dim(model, model_name_or_path, truncate_dim)
     if quantize == "fp8":
         from .fp8 import quantize_fp8
 
         quantize_fp8(backbone(model))
     return model
+
+
+def embedding_width(model: SentenceTransformer) -> int:
+    """The model's full embedding dimension (before any truncation)."""
+    return int(model[0].auto_model.config.hidden_size)
+
+
+def set_truncate_dim(model: SentenceTransformer, name: str, truncate_dim: int | None) -> None:
+    """`model.truncate_dim`: the one asked for, else the folder's stored one (sentence-transformers reads it from
+    `config_sentence_transformers.json` since 5.4; read here for older versions), checked against the width."""
+    if truncate_dim is None:
+        truncate_dim = getattr(model, "truncate_dim", None) or _stored_truncate_dim(name)
+    model.truncate_dim = check_truncate_dim(truncate_dim, embedding_width(model))
+
+
+def _stored_truncate_dim(name: str) -> int | None:
+    path = Path(name).expanduser() / "config_sentence_transformers.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config_sentence_transformers.json") if "/" in name else None
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None:
+        return None
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("truncate_dim")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_adapter(folder: Path, **options) -> SentenceTransformer:
@@ -175,15 +211,24 @@ def encode(
     batch_size: int | None = None,
     convert_to_tensor: bool = False,
     show_progress_bar: bool | None = None,
+    precision: str = "float32",
+    calibration: CalibrationRanges | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Embed `texts` (float32, L2-normalised by the model's Normalize module); one row per text.
 
     Batches hold up to `max_tokens_per_batch` real tokens (and at most `batch_size` texts, if given). An empty
     list gives a `(0, dim)` result. Texts longer than `model.max_seq_length` tokens (prompt included) are
-    truncated, with one warning per call that says how many.
+    truncated, with one warning per call that says how many. With `model.truncate_dim` set (`load_encoder`)
+    rows keep that many dimensions, renormalised. `precision` float16, int8, uint8, binary or ubinary returns
+    sentence-transformers' `quantize_embeddings` codes (int8/uint8 with the corpus's `calibration` ranges,
+    `compact.load_calibration`; check they are this model's with `CalibrationRanges.check`).
     """
     single = isinstance(texts, str)
     texts = check_texts(texts)
+    compaction = Compaction(getattr(model, "truncate_dim", None), precision, calibration)
+    compaction.check(embedding_width(model), calibration.model if calibration is not None else None)
+    if convert_to_tensor and precision != "float32":
+        raise CompactError(f"precision={precision!r} returns numpy codes; leave convert_to_tensor off")
     encoder = Encoder(model, prompt=resolve_prompt(model, prompt, prompt_name),
                       max_tokens_per_batch=max_tokens_per_batch, max_texts_per_batch=batch_size)
     progress = progress_bar(len(texts), show_progress_bar)
@@ -193,6 +238,7 @@ def encode(
         if progress is not None:
             progress.close()
     warn_truncated(truncated, len(texts), encoder.max_length)
+    embeddings = compaction.apply(embeddings)
     result = torch.from_numpy(embeddings) if convert_to_tensor else embeddings
     return result[0] if single else result
 
@@ -218,8 +264,8 @@ def save_embeddings(embeddings: np.ndarray, output: str | Path) -> Path:
 
 # Options that only corpus mode (an output folder) reads: given with a file output they are refused, not ignored.
 CORPUS_OPTIONS = {"id_field": "--id-field", "title_field": "--title-field", "split": "--split", "subset": "--subset",
-                  "shard_size": "--shard-size", "skip_bad_rows": "--skip-bad-rows", "ray": "--ray"}
-OUTPUT_DTYPES = ("float32", "float16")
+                  "shard_size": "--shard-size", "skip_bad_rows": "--skip-bad-rows", "ray": "--ray",
+                  "calibration_rows": "--calibration-rows"}
 
 
 def is_folder_output(output: str | Path) -> bool:
@@ -254,28 +300,40 @@ def encode_file(
     overwrite: bool = False,
     show_progress_bar: bool | None = None,
     trust_remote_code: bool = False,
+    truncate_dim: int | None = None,
+    precision: str | None = None,
+    calibration: CalibrationRanges | None = None,
 ) -> tuple[Path, tuple[int, int]]:
     """Embed the texts of `source` (one per line, or JSON lines; "-" for stdin) into one `.npy` / `.safetensors`
-    file, one row per line, in `dtype`; returns the file and the array's shape. Everything that can be checked
-    without the model (output, options, prompt name of a local folder, the input itself) is checked first."""
+    file, one row per line, in `dtype` (or compact: `truncate_dim`, `precision`, int8/uint8 with `calibration`
+    ranges of this model, e.g. from its corpus's manifest); returns the file and the array's shape. Everything
+    that can be checked without the model (output, options, prompt name of a local folder, the input itself) is
+    checked first."""
+    from .checkpoint import model_identity
+    from .compact import SCALAR, resolve_precision
     from .files import check_output_file
     from .text_input import read_texts
 
     output = Path(output)
     check_output_file(output, overwrite=overwrite, suffixes=OUTPUT_SUFFIXES)
-    if dtype not in OUTPUT_DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    precision = resolve_precision(dtype, precision)
+    if precision in SCALAR and calibration is None:
+        raise CompactError(f"--precision {precision} in file mode needs --calibration (ranges of this model: a corpus "
+                           "folder it encoded at that precision, or a ranges file); a handful of texts is no sample")
     check_max_seq_length(max_seq_length, None)
     check_prompt_name(model, prompt_name)
     texts = read_texts(source, field)
     st_model = load_encoder(model, device=device, max_seq_length=max_seq_length, quantize=quantize,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, truncate_dim=truncate_dim)
+    if calibration is not None:  # the ranges must be this model's, at this dimension
+        identity = model_identity(model, getattr(st_model[0].auto_model.config, "_commit_hash", None))
+        calibration.check(identity.as_dict(), st_model.truncate_dim or embedding_width(st_model))
     embeddings = encode(st_model, texts, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
-                        show_progress_bar=show_progress_bar)
+                        show_progress_bar=show_progress_bar, precision=precision, calibration=calibration)
     if not overwrite and (output.exists() or output.is_symlink()):  # made by someone else while we embedded
         from .errors import OutputExistsError
 
         raise OutputExistsError(f"{output} appeared while the texts were embedded; pass --overwrite to replace it "
                                 "(nothing was written)")
-    save_embeddings(embeddings.astype(dtype, copy=False), output)
+    save_embeddings(embeddings, output)
     return output, embeddings.shape

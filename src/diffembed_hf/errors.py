@@ -114,6 +114,14 @@ class ConceptsError(UsageError, ValueError):
     """A concepts file that cannot be used; the message names the file and the domain or concept."""
 
 
+class CompactError(UsageError, ValueError):
+    """A truncation, precision or calibration that cannot be used as asked; the message says why."""
+
+
+class CalibrationMismatch(CompactError):
+    """Calibration ranges that belong to another model or another dimension."""
+
+
 # The optional extras of setup.cfg and the modules each one provides.
 EXTRAS = {
     "train": ("peft", "datasets", "accelerate", "bm25s"),

@@ -123,7 +123,7 @@ def _parameters(folder: Path, weights: list[str]) -> tuple[int, str]:
     return count, "/".join(sorted(dtypes)).lower()
 
 
-def _training_sections(record: dict | None, base_label: str) -> list[str]:
+def _training_sections(record: dict | None, base_label: str, repo_id: str = "MODEL") -> list[str]:
     if record is None:
         return [
             "## Training", "",
@@ -152,6 +152,17 @@ def _training_sections(record: dict | None, base_label: str) -> list[str]:
         lines += ["| hyper-parameter | value |", "|---|---|"]
         lines += [f"| {_fmt(name)} | {_fmt(value)} |" for name, value in hyper.items()]
         lines.append("")
+    dims = hyper.get("matryoshka_dims")
+    if dims:
+        lines += ["### Matryoshka dimensions", "",
+                  f"Trained with sentence-transformers' `MatryoshkaLoss` on the leading {_fmt(dims)} dimensions, so "
+                  "a vector cut to one of them (and renormalised) keeps most of its quality:", "",
+                  "```python",
+                  f'model = SentenceTransformer("{repo_id}", trust_remote_code=True, truncate_dim={dims[-1]})',
+                  "```", ""]
+        if hyper.get("truncate_dim"):
+            lines += [f"This folder stores `truncate_dim={hyper['truncate_dim']}`: sentence-transformers (>= 5.4) "
+                      "returns that many dimensions unless told otherwise.", ""]
     evaluation = record.get("evaluation")
     if evaluation and evaluation.get("metrics"):
         before = evaluation.get("metrics_before_training") or {}
@@ -385,7 +396,7 @@ def build_model_card(
         if conversion:
             sections.append(_conversion_sections(conversion))
     if not (conversion and record is None):
-        sections.append(_training_sections(record, base_label))
+        sections.append(_training_sections(record, base_label, repo_id))
     sections += [[section.rstrip("\n"), ""] for section in extra_sections]
     sections.append([
         "## Citation", "",

@@ -85,12 +85,16 @@ def write_sentence_transformer_files(
     include_prompt: bool = True,
     normalize: bool = True,
     dimension: int | None = None,
+    truncate_dim: int | None = None,
 ) -> None:
     """Write modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/ and
     2_Normalize/ (unless `normalize=False`) into a model folder that already holds config.json.
 
     `include_prompt=True` keeps the instruction tokens in the mean, as the study does. `dimension` is the
     embedding width; by default the folder's DiffEmbed config gives it (an engine export passes its own).
+    `truncate_dim` is stored in
+    config_sentence_transformers.json, where sentence-transformers (>= 5.4) reads it: `SentenceTransformer(folder)`
+    then returns that many dimensions (for a Matryoshka-trained model).
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -103,6 +107,8 @@ def write_sentence_transformer_files(
     if max_positions and max_seq_length > max_positions:
         raise ValueError(f"max_seq_length={max_seq_length} exceeds max_position_embeddings={max_positions}")
     prompts = default_prompts() if prompts is None else prompts
+    if truncate_dim is not None and not 1 <= truncate_dim <= config["hidden_size"]:
+        raise ValueError(f"truncate_dim={truncate_dim} must be between 1 and the hidden size {config['hidden_size']}")
     if default_prompt_name is not None and default_prompt_name not in prompts:
         raise ValueError(f"default_prompt_name={default_prompt_name!r} is not one of the prompts {sorted(prompts)}")
 
@@ -116,7 +122,8 @@ def write_sentence_transformer_files(
     _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
     _write_json(
         folder / "config_sentence_transformers.json",
-        {"prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine"},
+        {"prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine",
+         **({"truncate_dim": truncate_dim} if truncate_dim is not None else {})},
     )
     _write_json(
         folder / "1_Pooling" / "config.json",

@@ -44,11 +44,16 @@ from .sentence_transformer import (DEFAULT_MAX_SEQ_LENGTH, DEFAULT_QUERY_PROMPT,
 try:  # sentence-transformers >= 6 moved these; 5.x has them only here
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
         MultipleNegativesRankingLoss,
     )
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers, MultiDatasetBatchSamplers
 except ImportError:
-    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+    from sentence_transformers.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
+        MultipleNegativesRankingLoss,
+    )
     from sentence_transformers.training_args import BatchSamplers, MultiDatasetBatchSamplers
 
 logger = logging.getLogger(__name__)
@@ -87,6 +92,10 @@ class TrainingConfig:
     seed: int = 42
     adapter_only: bool = False  # save only the LoRA adapter instead of the merged model
     query_prompt: str = DEFAULT_QUERY_PROMPT
+    # Matryoshka: the loss is also taken on these leading dimensions (sentence-transformers' MatryoshkaLoss), so
+    # that truncated vectors keep their quality; "auto" = the width, halved down to 64
+    matryoshka_dims: list[int] | str | None = None
+    truncate_dim: int | None = None  # stored in config_sentence_transformers.json: SentenceTransformer's default
 
     def __post_init__(self):
         """Every number in its range, named as the CLI option (or field) that sets it: nothing is reinterpreted."""
@@ -124,6 +133,27 @@ class TrainingConfig:
             raise ConfigError(f"--eval-fraction must be a number in [0, 1), got {self.eval_fraction!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if self.matryoshka_dims is not None and self.matryoshka_dims != "auto":
+            from .compact import parse_dims
+
+            try:
+                self.matryoshka_dims = parse_dims(self.matryoshka_dims)
+            except ValueError as err:
+                raise ConfigError(f"--matryoshka-dims: {err}") from None
+        truncate = self.truncate_dim
+        if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1):
+            raise ConfigError(f"--truncate-dim must be an integer >= 1, got {truncate!r}")
+
+    def resolve_dims(self, width: int) -> None:
+        """Check the dimensions against the model's width (and pick them for "auto"), before any training."""
+        if self.matryoshka_dims == "auto":
+            self.matryoshka_dims = auto_matryoshka_dims(width)
+        too_wide = [d for d in self.matryoshka_dims or [] if d > width]
+        if too_wide:
+            raise ConfigError(f"--matryoshka-dims {too_wide[0]} is larger than the model's embedding dimension {width}")
+        if self.truncate_dim is not None and self.truncate_dim > width:
+            raise ConfigError(f"--truncate-dim {self.truncate_dim} is larger than the model's embedding dimension "
+                              f"{width}")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainingConfig:
@@ -248,14 +278,29 @@ class _Trainer(SentenceTransformerTrainer):
         set_peft_model_state_dict(inner, load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors")))
 
 
+MATRYOSHKA_MIN_DIM = 64
+
+
+def auto_matryoshka_dims(width: int) -> list[int]:
+    """The width, then halved while at least 64 remain: 3584 -> 3584, 1792, 896, 448, 224, 112."""
+    dims = [width]
+    while dims[-1] // 2 >= MATRYOSHKA_MIN_DIM:
+        dims.append(dims[-1] // 2)
+    return dims
+
+
 def _make_loss(model: SentenceTransformer, config: TrainingConfig) -> torch.nn.Module:
     # gather_across_devices: under torchrun every rank scores its queries against every rank's documents (in one
     # process there is nothing to gather, and sentence-transformers would warn that it cannot).
     gather = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if config.gradcache_mini_batch_size:
-        return CachedMultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=gather,
+        loss = CachedMultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=gather,
                                                   mini_batch_size=config.gradcache_mini_batch_size)
-    return MultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=gather)
+    else:
+        loss = MultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=gather)
+    if config.matryoshka_dims:  # the same loss on each leading slice, equally weighted (GradCache included)
+        loss = MatryoshkaLoss(model, loss, matryoshka_dims=list(config.matryoshka_dims))
+    return loss
 
 
 def _stop_on_non_finite_loss(loss: torch.nn.Module, trainer: SentenceTransformerTrainer) -> None:
@@ -319,7 +364,8 @@ def _write_output(model: SentenceTransformer, output_dir: Path, config: Training
         model.tokenizer.save_pretrained(staging)
         if not config.adapter_only:
             prompts = {**default_prompts(), "query": config.query_prompt}
-            write_sentence_transformer_files(staging, max_seq_length=config.saved_max_seq_length, prompts=prompts)
+            write_sentence_transformer_files(staging, max_seq_length=config.saved_max_seq_length, prompts=prompts,
+                                             truncate_dim=config.truncate_dim)
         write_json(staging / TRAINING_RECORD, metadata)
         write_model_card(staging, repo_id=output_dir.name)  # the folder's final name, not the staging one
 
@@ -429,6 +475,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
     limit = getattr(backbone(model).config, "max_position_embeddings", None)
     check_max_seq_length(config.max_seq_length, limit)
     check_max_seq_length(config.saved_max_seq_length, limit, option="--saved-max-seq-length")
+    config.resolve_dims(backbone(model).config.hidden_size)
     config, settings_record = _resolve_settings(config, model, data_split, limit)
     model.max_seq_length = config.max_seq_length
     before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None

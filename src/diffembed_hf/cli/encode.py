@@ -39,7 +39,17 @@ def add_parser(commands) -> None:
     enc.add_argument("--batch-size", action=_Retired, help=argparse.SUPPRESS)
     enc.add_argument("--max-seq-length", type=positive_int,
                      help="override the model's maximum length in tokens (default: the model's)")
-    enc.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored embedding type")
+    enc.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored embedding type "
+                     "(float vectors; --precision also takes the compact ones)")
+    compact = enc.add_argument_group("compact vectors")
+    compact.add_argument("--truncate-dim", type=positive_int, metavar="D", help="keep the first D dimensions, "
+                         "renormalised (default: the model's stored truncate_dim, else all)")
+    compact.add_argument("--precision", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+                         help="stored values: int8/uint8 codes (calibration ranges), binary/ubinary packed bits "
+                         "(np.packbits, dim / 8 bytes) (default: --dtype)")
+    compact.add_argument("--calibration", metavar="FILE", help="int8/uint8 ranges of this model: a corpus output folder "
+                         "encoded at that precision, its manifest, or a ranges file (file mode: required; corpus "
+                         "mode: default, ranges computed from a sample of the corpus)")
     enc.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     enc.add_argument("--quantize", choices=["fp8"], help="FP8 linear layers (CUDA, compute capability >= 8.9; "
                      "pip install 'diffembed-hf[fp8]'; default: none)")
@@ -54,6 +64,8 @@ def add_parser(commands) -> None:
     corpus.add_argument("--shard-size", type=positive_int, help="input rows per shard (default: 10000)")
     corpus.add_argument("--skip-bad-rows", action="store_true",
                         help="leave out rows without a string text (counted in the manifest)")
+    corpus.add_argument("--calibration-rows", type=positive_int, help="int8/uint8: rows in the calibration sample, "
+                        "spread evenly over the corpus (default: 10000)")
     corpus.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster (e.g. auto, or host:port; default: "
                         "no Ray, this process or torchrun)")
     enc.set_defaults(func=run)
@@ -65,21 +77,27 @@ def run(args: argparse.Namespace) -> int:
     check_mode_options(args.output, vars(args))
     check_model_source(args.model)
     check_device(args.device)
+    from ..compact import load_calibration
+
+    calibration = load_calibration(args.calibration) if args.calibration else None
     if is_folder_output(args.output):
-        return _corpus(args)
+        return _corpus(args, calibration)
     from ..encoding import encode_file
 
     output, shape = encode_file(
         args.model, args.input, args.output, field=args.field, prompt_name=args.prompt_name,
         max_seq_length=args.max_seq_length, max_tokens_per_batch=args.max_tokens_per_batch, dtype=args.dtype,
         device=args.device, quantize=args.quantize, overwrite=args.overwrite, show_progress_bar=args.progress,
-        trust_remote_code=args.trust_remote_code)
-    print(f"{shape[0]} embeddings of dimension {shape[1]} -> {output}", file=sys.stderr)
+        trust_remote_code=args.trust_remote_code, truncate_dim=args.truncate_dim, precision=args.precision,
+        calibration=calibration)
+    precision = args.precision or args.dtype
+    print(f"{shape[0]} embeddings ({precision}, {shape[1]} values per row) -> {output}", file=sys.stderr)
     return 0
 
 
-def _corpus(args: argparse.Namespace) -> int:
+def _corpus(args: argparse.Namespace, calibration) -> int:
     """Corpus mode: shards + manifest in a folder, resumable; under torchrun every rank runs this."""
+    from ..compact import DEFAULT_CALIBRATION_ROWS
     from ..corpus import DEFAULT_SHARD_SIZE, encode_corpus
 
     rank = int(os.environ.get("RANK", "0"))
@@ -90,7 +108,9 @@ def _corpus(args: argparse.Namespace) -> int:
             shard_size=args.shard_size or DEFAULT_SHARD_SIZE, dtype=args.dtype,
             max_tokens_per_batch=args.max_tokens_per_batch, max_seq_length=args.max_seq_length,
             skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, show_progress_bar=args.progress,
-            device=args.device, quantize=args.quantize, trust_remote_code=args.trust_remote_code, ray=args.ray)
+            device=args.device, quantize=args.quantize, trust_remote_code=args.trust_remote_code, ray=args.ray,
+            truncate_dim=args.truncate_dim, precision=args.precision, calibration=calibration,
+            calibration_rows=args.calibration_rows or DEFAULT_CALIBRATION_ROWS)
     except DiffembedError as err:
         if rank == 0:  # under torchrun every rank meets the same error: one of them says it
             raise

@@ -32,6 +32,18 @@ def add_parser(commands) -> None:
     ev.add_argument("--overwrite", action="store_true", help="recompute this model's results already in --output; "
                     "replace another model's (without it, a run into another model's results is refused)")
     add_trust_option(ev)
+    compact = ev.add_argument_group("compact vectors (each setting a result of its own beside the float one)")
+    compact.add_argument("--truncate-dim", type=positive_int, metavar="D", help="score the first D dimensions, "
+                         "renormalised (default: the model's stored truncate_dim, else all)")
+    compact.add_argument("--precision", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+                         default="float32", help="score vectors stored at this precision; int8/uint8/binary/ubinary: "
+                         "retrieval tasks, the corpus quantized, binary ranked by Hamming distance")
+    compact.add_argument("--rescore", type=positive_int, metavar="K", help="binary/ubinary: rescore each query's top "
+                         "K candidates with the float query (default: no rescoring)")
+    compact.add_argument("--calibration", metavar="FILE", help="int8/uint8 ranges of this model: a corpus output "
+                         "folder, its manifest or a ranges JSON (default: computed from a sample of each task's corpus)")
+    compact.add_argument("--calibration-rows", type=positive_int, default=10_000,
+                         help="int8/uint8: corpus rows in the calibration sample")
     ev.set_defaults(func=run)
 
 
@@ -41,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     require_extra("eval", what="evaluation")
     from datasets.utils.logging import disable_progress_bar
 
+    from ..compact import load_calibration
     from ..evaluation.run import evaluate
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
@@ -50,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
         output=args.output, instructions=args.instructions, query_prompt=args.query_prompt,
         max_seq_length=args.max_seq_length, max_tokens_per_batch=args.max_tokens_per_batch,
         overwrite=args.overwrite, device=args.device, stdlib_rows=args.max_heldout,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, truncate_dim=args.truncate_dim, precision=args.precision,
+        rescore=args.rescore, calibration=load_calibration(args.calibration) if args.calibration else None,
+        calibration_rows=args.calibration_rows,
     )
     print(result.table)
     print(f"results (mteb's files, summary.json, run.json): {result.output}")

@@ -35,6 +35,12 @@ def add_parser(commands) -> None:
                     help="bf16 mixed precision (default: on CUDA, off on a CPU)")
     tr.add_argument("--gradcache", type=positive_int, metavar="MINI_BATCH",
                     help="GradCache with this mini-batch size (default: off)")
+    tr.add_argument("--matryoshka-dims", nargs="?", const="auto", metavar="D1,D2,...",
+                    help="also train the leading dimensions (sentence-transformers' MatryoshkaLoss around the recipe's "
+                    "loss, GradCache too), e.g. 3584,1024,512,256,128; bare: the width halved down to 64 "
+                    "(default: off)")
+    tr.add_argument("--truncate-dim", type=positive_int, metavar="D", help="store D as the model's default "
+                    "truncate_dim (config_sentence_transformers.json; default: none, full vectors)")
     tr.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
     tr.add_argument("--adapter-only", action="store_true", help="save only the LoRA adapter (not merged)")
     tr.add_argument("--group-by-instruction", action="store_true", help="one instruction per batch")
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         "group_by_instruction": args.group_by_instruction or None, "eval_fraction": args.eval_fraction,
         "warmup_steps": args.warmup_steps, "warmup_ratio": args.warmup_ratio,
         "saved_max_seq_length": args.saved_max_seq_length, "gradient_checkpointing": args.gradient_checkpointing,
-        "bf16": args.bf16,
+        "bf16": args.bf16, "matryoshka_dims": args.matryoshka_dims, "truncate_dim": args.truncate_dim,
     }.items() if value is not None}
     config = TrainingConfig.from_file(args.config, **overrides) if args.config else TrainingConfig(**overrides)
     mapping = ColumnMapping(query=args.query_column, positive=args.positive_column,

@@ -47,6 +47,8 @@ def embed_texts(
     `model`: a loaded `SentenceTransformer` (e.g. `encoding.load_encoder(...)`) or a folder / Hub id.
     `devices`: None runs in this process on the model's device; a list (`["cuda:0", "cuda:1"]`, or `"all"` for
     every visible GPU) runs one spawned worker process per entry, which then needs `model` as a folder or Hub id.
+    The vectors are full-width float32 whatever `model.truncate_dim` says; `compact.Compaction(...).apply` makes
+    them compact (`encoding.encode` and corpus mode do it for you).
     """
     texts = check_texts(texts)
     if devices == "all":

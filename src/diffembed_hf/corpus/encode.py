@@ -21,12 +21,14 @@ from sentence_transformers import SentenceTransformer
 from .. import __version__
 from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, progress_bar, resolve_prompt, warn_truncated
 from ..checkpoint import model_identity, settings_digest
+from ..compact import DEFAULT_CALIBRATION_ROWS, PRECISIONS, SCALAR, CalibrationRanges, Compaction, calibrate, \
+    calibration_sample, resolve_precision, truncate
 from ..encoding import check_max_seq_length, check_prompt_name, load_encoder
 from ..errors import DiffembedError
 from ..files import output_lock
 from . import distributed
 from .read import CorpusError, CorpusSource, ShardPlan, iter_rows, scan
-from .shards import DTYPES, ShardInfo, finish_manifest, prepare_folder, verify_shard, write_shard
+from .shards import ShardInfo, finish_manifest, prepare_folder, read_manifest, verify_shard, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,17 @@ class CorpusJob:
     output_dir: Path
     plan: ShardPlan
     settings: dict
-    dtype: str
+    dtype: str  # the precision of the stored column (compact.PRECISIONS)
     known_digests: dict[int, str] = dataclasses.field(default_factory=dict)  # an earlier run's manifest, per shard
+    compaction: Compaction = Compaction()  # truncation and precision applied to the float vectors
+    width: int = 0  # the model's embedding dimension
+
+    def manifest_fields(self) -> dict:
+        """What a reader of the vectors needs besides the type: the truncation, bytes per vector, the ranges."""
+        ranges = self.compaction.calibration
+        return {"precision": self.dtype, "truncate_dim": self.compaction.truncate_dim,
+                "bytes_per_vector": self.compaction.bytes_per_vector(self.width),
+                "calibration": ranges.to_dict() if ranges is not None else None}
 
     def stamp(self, shard: int) -> dict:
         return {"settings": settings_digest(self.settings), "input": self.plan.digests[shard]}
@@ -78,7 +89,8 @@ class CorpusJob:
             raise CorpusError(f"the input changed while being embedded (shard {shard} now has {len(ids)} rows, "
                               f"{self.plan.shard_rows[shard]} when it was read first)")
         embeddings, truncated = encoder.embed(texts, progress)
-        info = write_shard(self.output_dir, shard, ids, embeddings, self.dtype, self.stamp(shard))
+        info = write_shard(self.output_dir, shard, ids, self.compaction.apply(embeddings), self.dtype,
+                           self.stamp(shard))
         info.truncated = truncated
         return info
 
@@ -99,8 +111,8 @@ def check_options(shard_size: int, dtype: str, max_tokens_per_batch: int) -> Non
     """Numeric and choice options, checked before any work."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise CorpusError(f"--shard-size must be at least 1, got {shard_size}")
-    if dtype not in DTYPES:
-        raise CorpusError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if dtype not in PRECISIONS:
+        raise CorpusError(f"--precision must be one of {', '.join(PRECISIONS)}, got {dtype}")
     if isinstance(max_tokens_per_batch, bool) or not isinstance(max_tokens_per_batch, int) or max_tokens_per_batch < 1:
         raise CorpusError(f"--max-tokens-per-batch must be at least 1, got {max_tokens_per_batch}")
 
@@ -118,31 +130,78 @@ def check_locations(source: CorpusSource, output_dir: Path) -> None:
 
 def load(model: str, *, device: str | None = None, prompt: str | None, prompt_name: str | None,
          max_tokens_per_batch: int, max_seq_length: int | None, quantize: str | None,
-         trust_remote_code: bool) -> tuple[SentenceTransformer, Encoder]:
+         trust_remote_code: bool, truncate_dim: int | None = None) -> tuple[SentenceTransformer, Encoder]:
     """The model and the encoder a process (a rank, a Ray actor) computes shards with."""
     st_model = load_encoder(model, device=device, max_seq_length=max_seq_length, quantize=quantize,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, truncate_dim=truncate_dim)
     return st_model, Encoder(st_model, prompt=resolve_prompt(st_model, prompt, prompt_name),
                              max_tokens_per_batch=max_tokens_per_batch)
 
 
 def plan_job(model_name: str, model: SentenceTransformer, encoder: Encoder, source, output_dir: Path, *,
-             shard_size: int, dtype: str, skip_bad_rows: bool, overwrite: bool, quantize: str | None = None) -> CorpusJob:
-    """Rank 0's part: read the corpus, fix the settings, check and open the output folder."""
+             shard_size: int, dtype: str, skip_bad_rows: bool, overwrite: bool, quantize: str | None = None,
+             truncate_dim: int | None = None, calibration: CalibrationRanges | None = None,
+             calibration_rows: int = DEFAULT_CALIBRATION_ROWS) -> CorpusJob:
+    """Rank 0's part: read the corpus, fix the settings (calibration ranges included), check and open the output
+    folder."""
+    compaction = Compaction(model.truncate_dim if truncate_dim is None else truncate_dim, dtype, calibration)
+    identity = model_identity(model_name, getattr(model[0].auto_model.config, "_commit_hash", None)).as_dict()
+    compaction.check(encoder.dim, identity)
     plan = scan(source, shard_size, skip_bad_rows=skip_bad_rows)
     if plan.good_rows == 0:
         raise CorpusError(f"the corpus is empty: {plan.rows} rows, none to embed" if plan.rows else
                           "the corpus is empty (no rows)")
     settings = {
-        **model_identity(model_name, getattr(model[0].auto_model.config, "_commit_hash", None)).as_dict(),
+        **identity,
         "prompt": encoder.prompt, "max_seq_length": encoder.max_length, "normalized": encoder.normalize,
         "include_prompt": encoder.include_prompt, "weights_dtype": str(encoder.auto_model.dtype).removeprefix("torch."),
         **({"quantize": quantize} if quantize else {}),
-        "dtype": dtype, "dim": encoder.dim, "shard_size": shard_size, **source.describe(), "id_field": plan.id_field,
+        "dtype": dtype, "truncate_dim": compaction.truncate_dim, "dim": compaction.output_dim(encoder.dim),
+        "shard_size": shard_size, **source.describe(), "id_field": plan.id_field,
         "skip_bad_rows": skip_bad_rows, "rows": plan.rows, "input_digest": plan.corpus_digest(),
     }
-    known = prepare_folder(output_dir, settings, overwrite=overwrite)
-    return CorpusJob(dataclasses.replace(source, id_field=plan.id_field), output_dir, plan, settings, dtype, known)
+    source = dataclasses.replace(source, id_field=plan.id_field)
+    if dtype in SCALAR:
+        if compaction.calibration is None:
+            ranges = _earlier_ranges(output_dir, settings, calibration_rows) or _calibrate(
+                encoder, source, plan, compaction.truncate_dim, identity, calibration_rows)
+            compaction = dataclasses.replace(compaction, calibration=ranges)
+        settings["calibration"] = compaction.calibration.digest()
+        settings["calibration_rows"] = calibration_rows
+    job = CorpusJob(source, output_dir, plan, settings, dtype, compaction=compaction, width=encoder.dim)
+    job.known_digests = prepare_folder(output_dir, settings, overwrite=overwrite, extra=job.manifest_fields())
+    return job
+
+
+def _earlier_ranges(output_dir: Path, settings: dict, calibration_rows: int) -> CalibrationRanges | None:
+    """The ranges an interrupted run with the same settings computed: a resumed run reuses them rather than
+    computing them again (on another device they could differ in the last bits, and its shards would not match)."""
+    manifest = read_manifest(output_dir) if output_dir.is_dir() else None
+    previous = (manifest or {}).get("settings") or {}
+    if not manifest or not manifest.get("calibration") or previous.get("calibration_rows") != calibration_rows:
+        return None
+    ignored = ("calibration", "calibration_rows")
+    if {k: v for k, v in previous.items() if k not in ignored} != settings:
+        return None
+    ranges = CalibrationRanges.from_dict(manifest["calibration"], source=f"the manifest of {output_dir}")
+    return ranges if ranges.digest() == previous.get("calibration") else None
+
+
+def _calibrate(encoder: Encoder, source: CorpusSource, plan: ShardPlan, truncate_dim: int | None, identity: dict,
+               rows: int) -> CalibrationRanges:
+    """int8/uint8 ranges from an evenly spread sample of the corpus's good rows, embedded as the shards are."""
+    wanted = set(calibration_sample(plan.good_rows, rows))
+    texts, good = [], 0
+    for row in iter_rows(source):
+        if row.problem is None:
+            if good in wanted:
+                texts.append(row.text)
+            good += 1
+            if len(texts) == len(wanted):
+                break
+    logger.info("int8/uint8 calibration: embedding a sample of %d rows", len(texts))
+    embeddings, _ = encoder.embed(texts)
+    return calibrate(truncate(embeddings, truncate_dim), identity)
 
 
 def encode_corpus(
@@ -169,6 +228,10 @@ def encode_corpus(
     trust_remote_code: bool = False,
     ray: str | None = None,
     num_actors: int | None = None,
+    truncate_dim: int | None = None,
+    precision: str | None = None,
+    calibration: CalibrationRanges | None = None,
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
 ) -> CorpusResult:
     """Embed a corpus (a .jsonl/.parquet/.csv file, a folder of them, a Hub dataset id, or a `datasets` dataset)
     into `output_dir`: `part-NNNNN.parquet` shards of `shard_size` input rows plus the manifest.
@@ -178,17 +241,26 @@ def encode_corpus(
     `ray="auto"` (or "host:port", or "local" for a new local instance; extra `[ray]`) spreads the shards over a
     Ray cluster's actor pool instead (`num_actors`: default one per GPU, else one per CPU); the output is the
     same. Raises `CorpusError` for a problem with the input, the options or the output folder.
+
+    `truncate_dim` (default: the model's stored one) keeps the first dimensions, renormalised; `precision`
+    (`compact.PRECISIONS`; default `dtype`) stores float16, int8/uint8 codes or packed binary bits. int8/uint8 use
+    `calibration` ranges (`compact.load_calibration`, refused if another model's), else ranges computed from an
+    evenly spread sample of `calibration_rows` rows, stored in the manifest for the queries.
     """
+    dtype = resolve_precision(dtype, precision)
     check_options(shard_size, dtype, max_tokens_per_batch)
+    check_calibration_rows(calibration_rows)
     check_max_seq_length(max_seq_length, None)
     check_prompt_name(model, prompt_name)
     source = as_source(source, field, id_field, title_field, split, subset)
     output_dir = Path(output_dir).expanduser().absolute()
     check_locations(source, output_dir)
     options = dict(prompt=prompt, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
-                   max_seq_length=max_seq_length, quantize=quantize, trust_remote_code=trust_remote_code)
+                   max_seq_length=max_seq_length, quantize=quantize, trust_remote_code=trust_remote_code,
+                   truncate_dim=truncate_dim)
     job_options = dict(shard_size=shard_size, dtype=dtype, skip_bad_rows=skip_bad_rows, overwrite=overwrite,
-                       quantize=quantize)
+                       quantize=quantize, truncate_dim=truncate_dim, calibration=calibration,
+                       calibration_rows=calibration_rows)
     if ray is not None:
         if device is not None:
             raise CorpusError("device does not apply with Ray (--ray): Ray places one actor per GPU (CPU where none)")
@@ -238,6 +310,11 @@ def encode_corpus(
             warn_truncated(sum(i.truncated for i in computed), sum(i.rows for i in computed), encoder.max_length)
             manifest = finish_manifest(output_dir, job.settings, everyone, skipped=job.plan.skipped,
                                        skipped_examples=job.plan.skipped_examples,
-                                       extra={"created_by": f"diffembed-hf {__version__}"})
+                                       extra={**job.manifest_fields(), "created_by": f"diffembed-hf {__version__}"})
     return CorpusResult(output_dir, sum(i.rows for i in everyone), job.plan.num_shards,
                         sorted(i.index for i in everyone if i.computed), job.plan.skipped, manifest)
+
+
+def check_calibration_rows(rows: int) -> None:
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 2:
+        raise CorpusError(f"--calibration-rows must be at least 2, got {rows}")

@@ -140,6 +140,6 @@ def encode_on_ray(model: str, source: CorpusSource, output_dir: Path, *, address
                        job.settings["max_seq_length"])
     manifest = finish_manifest(output_dir, job.settings, infos, skipped=job.plan.skipped,
                                skipped_examples=job.plan.skipped_examples,
-                               extra={"created_by": f"diffembed-hf {__version__} (Ray)"})
+                               extra={**job.manifest_fields(), "created_by": f"diffembed-hf {__version__} (Ray)"})
     return CorpusResult(output_dir, sum(i.rows for i in infos), job.plan.num_shards,
                         sorted(i.index for i in infos if i.computed), job.plan.skipped, manifest)

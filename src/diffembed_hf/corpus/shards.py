@@ -1,5 +1,9 @@
-"""The output folder: parquet shards `part-NNNNN.parquet` (`id`: string, `embedding`: fixed-size list of
-float32/float16) and the manifest `.diffembed-manifest.json`.
+"""The output folder: parquet shards `part-NNNNN.parquet` (`id`: string, `embedding`: fixed-size list) and the
+manifest `.diffembed-manifest.json`.
+
+The `embedding` column's type follows the precision (`compact`): float32 or float16 values; int8 or uint8 codes
+(one per dimension, sentence-transformers' `quantize_embeddings` with the manifest's `calibration` ranges); binary
+(int8) or ubinary (uint8) bytes of `np.packbits` bits, dim / 8 per row, first dimension in the highest bit.
 
 The manifest's name starts with a dot so that the readers users point at the folder (`pyarrow.parquet.
 read_table(DIR)`, `pandas.read_parquet(DIR)`, `datasets.load_dataset("parquet", data_dir=DIR)`) skip it, as
@@ -34,13 +38,14 @@ MANIFEST = ".diffembed-manifest.json"
 LEGACY_MANIFEST = "manifest.json"  # releases before 0.2 named it so; readers of the folder tripped on it
 FORMAT = "diffembed-corpus-embeddings/1"
 _META_KEY = b"diffembed"
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16")  # --dtype; --precision (compact.PRECISIONS) also takes the compact types
 
 # Human names of the settings a rerun must share with the folder's run, in the order they are checked.
 SETTING_NAMES = {
     "model": "model", "revision": "model revision", "model_sha256": "model files (weights, config, tokenizer)",
     "prompt": "prompt", "max_seq_length": "max sequence length", "normalized": "normalisation",
-    "include_prompt": "prompt pooling", "weights_dtype": "compute dtype", "quantize": "quantization", "dtype": "output dtype",
+    "include_prompt": "prompt pooling", "weights_dtype": "compute dtype", "quantize": "quantization",
+    "dtype": "precision", "truncate_dim": "truncate dim", "calibration": "calibration ranges",
     "dim": "embedding dimension", "shard_size": "shard size", "input": "input", "field": "text field",
     "id_field": "id field", "title_field": "title field", "split": "split", "subset": "subset",
     "skip_bad_rows": "--skip-bad-rows", "rows": "number of input rows", "input_digest": "input contents",
@@ -51,11 +56,16 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def schema(dim: int, dtype: str):
+# numpy type of the stored values per precision (binary: packed bits less 128, as sentence-transformers stores them)
+VALUE_TYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8,
+               "binary": np.int8, "ubinary": np.uint8}
+
+
+def schema(width: int, dtype: str):
+    """`width` values per row: the dimension, or dim / 8 bytes for binary and ubinary."""
     import pyarrow as pa
 
-    value = pa.float32() if dtype == "float32" else pa.float16()
-    return pa.schema([("id", pa.string()), ("embedding", pa.list_(value, dim))])
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.from_numpy_dtype(VALUE_TYPES[dtype]), width))])
 
 
 @dataclass
@@ -72,11 +82,11 @@ def write_shard(folder: Path, index: int, ids: list[str], embeddings: np.ndarray
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    dim = embeddings.shape[1]
-    values = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32 if dtype == "float32" else np.float16).ravel())
+    width = embeddings.shape[1]
+    values = pa.array(np.ascontiguousarray(embeddings, dtype=VALUE_TYPES[dtype]).ravel())
     table = pa.Table.from_arrays(
-        [pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(values, dim)],
-        schema=schema(dim, dtype).with_metadata({_META_KEY: json.dumps(stamp).encode()}),
+        [pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(values, width)],
+        schema=schema(width, dtype).with_metadata({_META_KEY: json.dumps(stamp).encode()}),
     )
     with staged_file(folder / shard_name(index)) as temporary:
         pq.write_table(table, temporary, write_page_checksum=True)
@@ -158,9 +168,10 @@ def _ours(path: Path) -> bool:
             or _temporary(path))
 
 
-def prepare_folder(folder: Path, settings: dict, *, overwrite: bool) -> dict[int, str]:
-    """Check the folder against this run's settings and write the opening manifest; return the shard digests an
-    earlier manifest with the same settings recorded (shard index -> sha256), for `verify_shard`.
+def prepare_folder(folder: Path, settings: dict, *, overwrite: bool, extra: dict | None = None) -> dict[int, str]:
+    """Check the folder against this run's settings and write the opening manifest (with `extra` fields); return
+    the shard digests an earlier manifest with the same settings recorded (shard index -> sha256), for
+    `verify_shard`.
 
     Same settings: resume. Other settings: refused, naming the first difference, unless `overwrite`, which
     removes the earlier run's shards and manifest first. A corrupt manifest is replaced with `overwrite`. A
@@ -201,7 +212,7 @@ def prepare_folder(folder: Path, settings: dict, *, overwrite: bool) -> dict[int
     for path in entries:  # temporary files of a killed run
         if path.exists() and _temporary(path):
             path.unlink()
-    opening = {"format": FORMAT, "complete": False, "settings": settings}
+    opening = {"format": FORMAT, "complete": False, **(extra or {}), "settings": settings}
     if known:
         opening["shards"] = [{"file": shard_name(k), "sha256": v} for k, v in sorted(known.items())]
     write_manifest(folder, opening)

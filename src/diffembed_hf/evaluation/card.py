@@ -90,7 +90,7 @@ def results_lines(results: list[dict]) -> list[str]:
         lines += ["| task | settings | metric | this model | study |", "|---|---|---|---:|---:|"]
     else:
         lines += ["| task | metric | this model | study |", "|---|---|---:|---:|"]
-    for task, label, metric, ours, study in rows:
+    for task, label, metric, ours, study, _ in rows:
         cells = [task, *([label.replace("|", "\\|")] if with_settings else []), metric,
                  "-" if ours is None else f"{ours:.2f}", "" if study is None else f"{study:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -113,4 +113,12 @@ def card_results(results_folder: str | Path, model_folder: str | Path, *, strict
                                   "DIR) and give those results")
         logger.warning("%s: left off the card of %s", problem, model_folder)
         return None
-    return CardResults(results_lines(summary.results), eval_results(summary.results))
+    # a card states what the model's vectors score; those of truncated or quantized copies are in summary.json
+    results = [r for r in summary.results if not r["settings"].get("compact")]
+    if not results:
+        problem = f"{results_folder} holds only results of compact vectors (--truncate-dim / --precision)"
+        if strict:
+            raise EvaluationError(f"{problem}, not the model's own; evaluate it without them for the card")
+        logger.warning("%s: left off the card of %s", problem, model_folder)
+        return None
+    return CardResults(results_lines(results), eval_results(results))

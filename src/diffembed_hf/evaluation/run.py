@@ -11,6 +11,7 @@ are kept, another model's are refused unless --overwrite replaces them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from typing import Any
 
 from .. import __version__
 from ..checkpoint import EVAL_RUN, EVAL_SUMMARY, ModelIdentity, check_folder, local_folder, model_identity
+from ..compact import DEFAULT_CALIBRATION_ROWS, CalibrationRanges, Compaction
 from ..errors import EvaluationError, OutputExistsError, require_extra
 from ..files import output_lock, partial_folder, staged_folder, write_json
 from .suites import SUITE_MAX_SEQ_LENGTH, close_matches, suite_task, suite_tasks
@@ -177,6 +179,7 @@ def _drop_unreadable(work: Path) -> None:
             path.unlink()
 
 
+
 def _is_network_error(err: BaseException) -> bool:
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -244,6 +247,11 @@ def evaluate(
     device: str | None = None,
     stdlib_rows: int | None = None,
     trust_remote_code: bool = False,
+    truncate_dim: int | None = None,
+    precision: str = "float32",
+    rescore: int | None = None,
+    calibration: CalibrationRanges | None = None,
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
 ) -> EvaluationResult:
     """Evaluate `model` (a DiffEmbed folder or Hub id, loaded as a user would: sentence-transformers with
     `trust_remote_code=True`) and write mteb's result files, `summary.json` and `run.json` under `output`.
@@ -258,8 +266,15 @@ def evaluate(
     tasks or settings are kept, and another model's are refused unless `overwrite=True`, which replaces them
     (for this model's own results, `overwrite=True` recomputes those this run covers). A second run into the same
     output is refused while this one holds it.
+
+    Compact vectors (`compact`): `truncate_dim` (default: the model's stored one) and `precision` apply to every
+    task; int8/uint8/binary/ubinary to retrieval tasks, whose corpus is stored at that precision and searched by
+    `evaluation.compact_search` (int8/uint8 ranges from a `calibration_rows` sample of each corpus, or the given
+    `calibration`; binary by Hamming distance, `rescore` = candidates per query rescored with the float query).
+    Each setting is a result of its own beside the float one; every result's scores carry `bytes_per_vector`.
     """
     mteb = require_mteb()
+    compaction = Compaction(truncate_dim, precision, calibration, rescore)
     if isinstance(data, (str, Path)):
         data = [data]
     output = Path(output).expanduser().resolve()
@@ -271,6 +286,14 @@ def evaluate(
     unknown = sorted(set(overrides) - {t.metadata.name for t in task_list})
     if unknown:
         raise EvaluationError(f"the instruction file names tasks that are not evaluated: {unknown}")
+
+    if precision not in ("float32", "float16"):
+        from mteb.abstasks import AbsTaskRetrieval
+
+        other = [t.metadata.name for t in task_list if not isinstance(t, AbsTaskRetrieval)]
+        if other:
+            raise EvaluationError(f"precision {precision} is evaluated on retrieval tasks (a corpus stored at that "
+                                  f"precision, searched by its queries); not on {', '.join(other)}")
 
     with output_lock(output):
         _check_output(output)
@@ -284,23 +307,28 @@ def evaluate(
         return _evaluate_locked(mteb, model, identity, earlier, task_list, overrides, output=output, suite=suite,
                                 data=data, query_prompt=query_prompt, max_seq_length=max_seq_length,
                                 max_tokens_per_batch=max_tokens_per_batch, overwrite=overwrite, device=device,
-                                stdlib_rows=stdlib_rows or STDLIB_ROWS, trust_remote_code=trust_remote_code)
+                                stdlib_rows=stdlib_rows or STDLIB_ROWS, trust_remote_code=trust_remote_code,
+                                compaction=compaction, calibration_rows=calibration_rows)
 
 
 def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: Summary | None, task_list: list,
                      overrides: dict[str, str], *, output: Path, suite: str | None, data: list | None,
                      query_prompt: str | None, max_seq_length: int | None, max_tokens_per_batch: int | None,
-                     overwrite: bool, device: str | None, stdlib_rows: int, trust_remote_code: bool
-                     ) -> EvaluationResult:
-    from ..encoding import load_encoder
+                     overwrite: bool, device: str | None, stdlib_rows: int, trust_remote_code: bool,
+                     compaction: Compaction, calibration_rows: int) -> EvaluationResult:
+    from ..encoding import embedding_width, load_encoder
     from .encoder import DiffEmbedEncoder, model_meta, mteb_identity
     from .local import STDLIB_TASK
 
     length = max_seq_length or SUITE_MAX_SEQ_LENGTH.get(suite or "")
-    st_model = load_encoder(model, device=device, max_seq_length=length, trust_remote_code=trust_remote_code)
+    st_model = load_encoder(model, device=device, max_seq_length=length, trust_remote_code=trust_remote_code,
+                            truncate_dim=compaction.truncate_dim)
     if identity is None:  # a Hub id: the commit just loaded
         identity = model_identity(model, getattr(st_model[0].auto_model.config, "_commit_hash", None))
         _check_same_model(earlier, identity, output, overwrite)
+    width = embedding_width(st_model)
+    compaction = dataclasses.replace(compaction, truncate_dim=st_model.truncate_dim)  # the stored one by default
+    compaction.check(width, identity.as_dict())
     keep_earlier = earlier is not None and same_model(earlier.model, identity)
     query_prompts = {}
     if suite == "stdlib":
@@ -314,9 +342,15 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
             query_prompts[task.metadata.name] = instruction_prompt(query_prompt)
         else:
             query_prompts[task.metadata.name] = st_model.prompts.get("query", "")
-    encoder = DiffEmbedEncoder(st_model, None, instructions=overrides, query_prompts=query_prompts,
-                               source=None if device else model,
-                               **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
+    options = dict(instructions=overrides, query_prompts=query_prompts, source=None if device else model,
+                   **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
+    if compaction.is_identity:
+        encoder = DiffEmbedEncoder(st_model, None, **options)
+    else:
+        from .compact_search import CompactEncoder
+
+        encoder = CompactEncoder(st_model, None, compaction=compaction, model_identity=identity.as_dict(),
+                                 calibration_rows=calibration_rows, **options)
     # each task's settings: what, beside the model and the data, decides its scores
     settings = {}
     for task in task_list:
@@ -325,6 +359,8 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
                                         "document_prompt": route["document"]}
         if task.metadata.name == STDLIB_TASK and suite == "stdlib":
             settings[task.metadata.name]["max_heldout"] = stdlib_rows
+        if not compaction.is_identity:  # another result beside the float one (and another mteb cache folder)
+            settings[task.metadata.name]["compact"] = {**compaction.describe(), "calibration_rows": calibration_rows}
     name, revision = mteb_identity(identity)
     # mteb files each task's results under the model and that task's settings, so its cache never hands a task
     # the results of other settings
@@ -355,9 +391,16 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
             **{k: record_tasks[task][k] for k in ("type", "dataset", "dataset_revision", "splits", "subsets")},
             "prompts": record_tasks[task]["routing"], **stamp,
         } for task, scores in summary.items()]
+        calibrations = getattr(encoder, "calibrations", None)
+        for result in results:
+            result["scores"]["bytes_per_vector"] = compaction.bytes_per_vector(width)
+            if calibrations and result["task"] in calibrations:  # the ranges each corpus gave (int8/uint8)
+                result["calibration"] = calibrations[result["task"]]
         all_results = merge_results(earlier.results if keep_earlier else [], results)
         record = {"model": model, "identity": model_record, "finished": True, "mteb_model_name": name,
                   "mteb_revision": revision, "suite": suite, "max_seq_length": st_model.max_seq_length, **stamp,
+                  "vectors": {"dim": compaction.output_dim(width), "bytes_per_vector": compaction.bytes_per_vector(width),
+                              **compaction.describe(), "calibrations": calibrations or None},
                   "tasks": record_tasks}
         write_json(work / SUMMARY, summary_document(model_record, all_results))
         write_json(work / RUN_RECORD, record)

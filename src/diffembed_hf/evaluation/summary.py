@@ -137,8 +137,20 @@ def settings_labels(results: list[dict[str, Any]]) -> list[str] | None:
             if key in settings and any(s.get(key) != settings[key] for s in siblings):
                 value = settings[key]
                 parts.append(f"{value} {name}" if key == "max_heldout" else f"{name} {_short(value)}")
+        if any(s.get("compact") != settings.get("compact") for s in siblings):
+            parts.append(compact_label(settings.get("compact")))
         labels.append(", ".join(parts))
     return labels
+
+
+def compact_label(compact: dict[str, Any] | None) -> str:
+    """A result's vectors in words: 'float32', '256 dims, binary + rescore 100'."""
+    if not compact:
+        return "float32"
+    parts = [f"{compact['truncate_dim']} dims"] if compact.get("truncate_dim") else []
+    parts.append(compact.get("precision", "float32") + (f" + rescore {compact['rescore']}" if compact.get("rescore")
+                                                        else ""))
+    return ", ".join(parts)
 
 
 def _published_value(scores: dict[str, Any], metric: str, splits: tuple[str, ...] | None) -> float | None:
@@ -149,20 +161,23 @@ def _published_value(scores: dict[str, Any], metric: str, splits: tuple[str, ...
     return scores.get(metric)
 
 
-def results_table(results: list[dict[str, Any]]) -> list[tuple[str, str | None, str, float | None, float | None]]:
-    """(task, settings label or None, metric label, ours in %, the study's in %) rows: every published number for
-    the tasks run, else the task's main score."""
+def results_table(results: list[dict[str, Any]]
+                  ) -> list[tuple[str, str | None, str, float | None, float | None, int | None]]:
+    """(task, settings label or None, metric label, ours in %, the study's in %, bytes per vector) rows: every
+    published number for the tasks run, else the task's main score."""
     labels = settings_labels(results) or [None] * len(results)
     rows = []
     for result, label in zip(results, labels):
         task, scores = result["task"], result["scores"]
         published = PUBLISHED.get(task)
         if not published:
-            rows.append((task, label, scores["metric"], 100 * scores["main_score"], None))
+            rows.append((task, label, scores["metric"], 100 * scores["main_score"], None,
+                         scores.get("bytes_per_vector")))
             continue
         for number in published:
             ours = _published_value(scores, number.metric, number.splits)
-            rows.append((task, label, number.label, None if ours is None else 100 * ours, number.value))
+            rows.append((task, label, number.label, None if ours is None else 100 * ours, number.value,
+                         scores.get("bytes_per_vector")))
     return rows
 
 
@@ -173,11 +188,11 @@ def format_table(results: list[dict[str, Any]]) -> str:
     with_settings = any(r[1] is not None for r in rows)
     settings_width = max([len("settings")] + [len(r[1] or "") for r in rows]) + 2 if with_settings else 0
     header = f"{'task':<{width}}  " + (f"{'settings':<{settings_width}}" if with_settings else "")
-    lines = [header + f"{'metric':<16}{'ours':>8}{'study':>8}"]
-    for task, label, metric, ours, study in rows:
+    lines = [header + f"{'metric':<16}{'ours':>8}{'study':>8}{'bytes/vector':>14}"]
+    for task, label, metric, ours, study, size in rows:
         lines.append(f"{task:<{width}}  " + (f"{label:<{settings_width}}" if with_settings else "")
                      + f"{metric:<16}{'-' if ours is None else f'{ours:.2f}':>8}"
-                     + f"{'' if study is None else f'{study:.2f}':>8}")
+                     + f"{'' if study is None else f'{study:.2f}':>8}{'' if size is None else f'{size:,}':>14}")
     if any(r[4] is not None for r in rows):
         lines.append(f"study: {STUDY} (percent)")
     return "\n".join(lines)
