@@ -261,7 +261,7 @@ def encode_file(
     file, one row per line, in `dtype`; returns the file and the array's shape. Everything that can be checked
     without the model (output, options, prompt name of a local folder, the input itself) is checked first."""
     from .files import check_output_file
-    from .text_input import read_texts
+    from .readers import read_texts
 
     output = Path(output)
     check_output_file(output, overwrite=overwrite, suffixes=OUTPUT_SUFFIXES)
