@@ -414,38 +414,39 @@ def read_texts(source: str, field: str | None = None) -> list[str]:
     "text") of each JSON line, CSV row or parquet row. JSON lines are read from a JSON-lines name or, given
     `field`, from any text input. Any problem stops the read, naming the file and line."""
     if source == "-":
-        name: Any = "<stdin>"
         stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else io.BytesIO(
             sys.stdin.read().encode("utf-8", "surrogatepass"))
-        kind = "jsonl" if field else None
-        lines: Iterator[Line] = read_lines(stream, name)
-    else:
-        name = Path(source)
-        if not name.exists():
-            raise UsageError(f"--input {source}: no such file")
-        if name.is_dir():
-            raise UsageError(f"--input {source} is a folder; give a file (a folder of corpus files is read in "
-                             "corpus mode: give --output a folder)")
-        if name.name.lower().endswith(tuple(".parquet" + suffix for suffix in COMPRESSIONS)):
-            raise UsageError(f"--input {source}: parquet compresses inside the file; decompress it first")
-        kind = input_format(name) or ("jsonl" if field else None)
-        lines = lines_at(name, 0)
-    if kind is None:
-        texts = []
-        for line in lines:
-            if line.problem:
-                raise DiffembedError(f"{line.where(name)}: {line.problem}")
-            texts.append(line.text)
-        return texts
-    field = field or DEFAULT_FIELD
-    if kind == "jsonl":
-        records = json_records(lines, name)
-    else:
-        lines.close()
-        columns = columns_of(name)
+        return _texts(read_lines(stream, "<stdin>"), "<stdin>", field, "jsonl" if field else None)
+    path = Path(source)
+    if not path.exists():
+        raise UsageError(f"--input {source}: no such file")
+    if path.is_dir():
+        raise UsageError(f"--input {source} is a folder; give a file (a folder of corpus files is read in corpus "
+                         "mode: give --output a folder)")
+    if path.name.lower().endswith(tuple(".parquet" + suffix for suffix in COMPRESSIONS)):
+        raise UsageError(f"--input {source}: parquet compresses inside the file; decompress it first")
+    kind = input_format(path) or ("jsonl" if field else None)
+    if kind in ("csv", "parquet"):
+        field = field or DEFAULT_FIELD
+        columns = columns_of(path)
         if field not in columns:
-            raise DiffembedError(f"{name}: {no_field(field, columns, '--field')}")
-        records = read_records(name, columns=[field])
+            raise DiffembedError(f"{path}: {no_field(field, columns, '--field')}")
+        return _field_values(read_records(path, columns=[field]), field)
+    return _texts(lines_at(path), path, field, kind)
+
+
+def _texts(lines: Iterator[Line], name, field: str | None, kind: str | None) -> list[str]:
+    if kind == "jsonl":
+        return _field_values(json_records(lines, name), field or DEFAULT_FIELD)
+    texts = []
+    for line in lines:
+        if line.problem:
+            raise DiffembedError(f"{line.where(name)}: {line.problem}")
+        texts.append(line.text)
+    return texts
+
+
+def _field_values(records: Iterator[Record], field: str) -> list[str]:
     texts = []
     for record in records:
         if record.problem is None and field not in record.data:

@@ -94,9 +94,9 @@ def warn_left_out(path: str) -> None:
     if Path(path).is_dir():
         others = list_inputs(path, CorpusError)[1]
         if others:
-            logger.warning("%s/: %d files are not corpus files and are not read: %s (corpus files end in .jsonl, "
-                           ".ndjson, .jsonlines or .csv, optionally .gz / .bz2 / .xz, or .parquet)",
-                           path.rstrip("/"), len(others), describe_files(others, Path(path)))
+            logger.warning("%s/: not read, not corpus files (%d): %s. Corpus files end in .jsonl, .ndjson, "
+                           ".jsonlines or .csv, optionally .gz / .bz2 / .xz, or .parquet", path.rstrip("/"),
+                           len(others), describe_files(others, Path(path)))
 
 
 def _file_records(path: Path, offset: int, source: CorpusSource) -> Iterator[Record]:
