@@ -154,7 +154,8 @@ def beir_task(folder: str | Path, name: str | None = None) -> LocalRetrievalTask
     """Read and check a BEIR-layout folder; the task name defaults to 'Local<folder name>'."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise EvaluationError(f"--data {folder}: no such folder")
+        raise EvaluationError(f"--data {folder} is a file; give a BEIR folder" if folder.exists() else
+                              f"--data {folder}: no such folder")
     files = [_beir_file(folder, rel) for rel in BEIR_FILES]
     corpus = {}
     for where, identifier, record in _jsonl(files[0]):
