@@ -35,7 +35,6 @@ import logging
 import lzma
 import numbers
 import os
-import re
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
@@ -53,7 +52,6 @@ COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 BOM = b"\xef\xbb\xbf"
 CSV_FIELD_LIMIT = 2**31 - 1  # the largest a C long holds on every platform (Windows' is 32 bits)
 DEFAULT_FIELD = "text"
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)  # a damaged or mislabelled compressed file
 _JSON_SPACE = " \t\r"  # JSON's whitespace besides "\n": a line of only these is blank
 
@@ -234,11 +232,12 @@ class Record:
 
 def json_records(lines: Iterable[Line], name: str | os.PathLike) -> Iterator[Record]:
     """One JSON object per non-blank line."""
+    name = str(name)
     for line in lines:
-        if not line.text.strip(_JSON_SPACE) and line.problem is None:
-            continue
         if line.problem is not None:
             yield Record(None, line.where(name), line.offset, line.problem)
+            continue
+        if not line.text or line.text[0] in _JSON_SPACE and not line.text.strip(_JSON_SPACE):
             continue
         try:
             data = json.loads(line.text)
@@ -287,6 +286,7 @@ def csv_records(path: Path, offset: int = 0, error: Error = DiffembedError) -> I
     header = csv_header(path, error)
     lines = lines_at(path, offset, error)
     consumed: list[Line] = []  # the lines the csv module took for the row being read
+    name = str(path)
 
     def texts() -> Iterator[str]:
         for line in lines:
@@ -303,17 +303,18 @@ def csv_records(path: Path, offset: int = 0, error: Error = DiffembedError) -> I
             except StopIteration:
                 return
             except csv.Error as err:
-                raise error(f"{consumed[0].where(path) if consumed else path}: not valid CSV ({err})") from None
+                raise error(f"{consumed[0].where(name) if consumed else name}: not valid CSV ({err})") from None
             if not values or in_header:
                 in_header = in_header and not values
                 continue
-            start = consumed[0]
-            problem = next((line.problem for line in consumed if line.problem), None)
+            start, problem, data = consumed[0], None, None
+            for line in consumed:
+                problem = problem or line.problem
             if problem is None and len(values) > len(header):
                 problem = f"{len(values)} fields, the header has {len(header)} (an unquoted comma?)"
-            data = None if problem else {name: values[i] if i < len(values) else None
-                                         for i, name in enumerate(header)}
-            yield Record(data, start.where(path), start.offset, problem)
+            if problem is None:
+                data = dict(zip(header, values + [None] * (len(header) - len(values))))
+            yield Record(data, start.where(name), start.offset, problem)
     finally:
         lines.close()
 
@@ -343,10 +344,11 @@ def parquet_records(path: Path, offset: int = 0, columns: list[str] | None = Non
         row += parquet.metadata.row_group(first_group).num_rows
         first_group += 1
     groups = list(range(first_group, parquet.num_row_groups))
+    name = str(path)
     for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=wanted) if groups else ():
         for data in batch.to_pylist():
             if row >= offset:
-                yield Record(data, f"{path} row {row + 1}", row)
+                yield Record(data, f"{name} row {row + 1}", row)
             row += 1
 
 
@@ -376,12 +378,16 @@ def read_records(path: Path, offset: int = 0, *, columns: list[str] | None = Non
 # --- values ---------------------------------------------------------------------------------------------------
 
 def surrogate_problem(value: str, what: str) -> str | None:
-    """Why `value` cannot be embedded or stored: a lone surrogate (from a JSON "\\ud800" escape), or None."""
-    found = _SURROGATE.search(value)
-    if found is None:
+    """Why `value` cannot be embedded or stored: a lone surrogate (from a JSON "\\ud800" escape), or None. (Only
+    a surrogate stops UTF-8 encoding; encoding is ~20x faster than a regular expression over the text.)"""
+    if value.isascii():
         return None
-    return (f"{what} holds a lone surrogate U+{ord(found.group()):04X} at character {found.start()}, which no "
-            "UTF-8 text can hold")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"{what} holds a lone surrogate U+{ord(value[err.start]):04X} at character {err.start}, which no "
+                "UTF-8 text can hold")
+    return None
 
 
 def check_text(value: Any, what: str) -> str | None:
