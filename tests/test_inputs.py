@@ -246,6 +246,11 @@ def test_a_folder_input_reads_every_input_file_in_path_order_and_names_the_rest(
     assert len(warning) == 1 and "h.parquet.gz" in warning[0] and "notes.txt" in warning[0]
     assert "hidden" not in err
 
+    truncated = tmp_path / "truncated.jsonl.gz"
+    truncated.write_bytes(gzip.compress(jsonl_bytes(rows("t", 200)))[:-40])
+    with pytest.raises(DiffembedError, match="truncated.jsonl.gz: cannot be read .the compressed data ends early"):
+        list(iter_rows(CorpusSource(str(truncated))))
+
     upper = write_jsonl(tmp_path / "CORPUS.JSONL", rows("u", 2))
     status, err = corpus_mode(capsys, folder, upper, tmp_path / "upper")
     assert status == 0, err

@@ -163,11 +163,12 @@ def read_lines(handle: IO[bytes], name: str | os.PathLike, *, start: int = 0,
         ending = "\r\n" if raw.endswith(b"\r\n") else "\n" if raw.endswith(b"\n") else ""
         body = raw[skip: len(raw) - len(ending)]
         try:
-            yield Line(number, offset, end, body.decode("utf-8"), ending)
+            text, problem = body.decode("utf-8"), None
         except UnicodeDecodeError as err:
-            yield Line(number, offset, end, body.decode("utf-8", "replace"), ending,
-                       f"not UTF-8 (byte {body[err.start]:#04x} at byte offset {offset + skip + err.start}); "
-                       "save the file as UTF-8")
+            text = body.decode("utf-8", "replace")
+            problem = (f"not UTF-8 (byte {body[err.start]:#04x} at byte offset {offset + skip + err.start}); save "
+                       "the file as UTF-8")
+        yield Line(number, offset, end, text, ending, problem)
         offset = end
 
 
