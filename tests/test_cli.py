@@ -238,7 +238,7 @@ def _user_error_cases(base: Path, data: Path, tmp: Path) -> list[tuple[list[str]
         (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/e.npy", "--device", "cpu", "--prompt-name", "nope"],
          2, "--prompt-name 'nope' is not one of the model's prompts"),
         (["encode", m, "-i", f"{t}/missing.txt", "-o", f"{t}/e.npy"], 2, "no such file"),
-        (["encode", m, "-i", f"{t}/bad.jsonl", "-o", f"{t}/e.npy"], 1, "bad.jsonl:2: a JSON list"),
+        (["encode", m, "-i", f"{t}/bad.jsonl", "-o", f"{t}/e.npy"], 1, "bad.jsonl line 2: a JSON list"),
         (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/e.csv"], 2, ".npy or .safetensors"),
         (["convert", m, f"{t}/taken"], 2, "already exists"),
         (["convert", f"{t}/no-source", f"{t}/c1"], 2, "does not exist"),

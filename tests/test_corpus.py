@@ -235,7 +235,7 @@ def test_bad_input_is_named_or_skipped_and_counted(folder, tmp_path, capsys):
     assert "no-such-org/no-such-corpus is neither a local file or folder nor a loadable Hub dataset" in \
         capsys.readouterr().err
     assert run_cli(folder, source, tmp_path / "nofield", "--field", "body") == 2
-    assert "text field 'body' is missing" in capsys.readouterr().err
-    with pytest.raises(CorpusError, match="no column 'body'"):
+    assert "no field 'body' (fields: _id, text, title); choose one with --field" in capsys.readouterr().err
+    with pytest.raises(CorpusError, match="no field 'body'"):
         pq.write_table(pa.Table.from_pylist(ROWS[:5]), tmp_path / "t.parquet")
         encode_corpus(str(folder), tmp_path / "t.parquet", tmp_path / "pq", field="body", device="cpu")

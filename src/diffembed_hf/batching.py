@@ -28,6 +28,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from .errors import PromptNameError
+from .readers import surrogate_problem
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +39,18 @@ _STRIPS_TEXT = int(sentence_transformers.__version__.split(".")[0]) < 6  # sente
 
 
 def check_texts(texts: str | Sequence[str]) -> list[str]:
-    """Return `texts` as a list of strings, or raise a TypeError that names the first bad item's position."""
+    """Return `texts` as a list of strings, or raise a TypeError (not a string) or ValueError (a lone surrogate,
+    which the tokenizer cannot take) that names the first bad item's position."""
     if isinstance(texts, str):
-        return [texts]
+        texts = [texts]
     if not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
     for position, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{position}] is {type(text).__name__} ({text!r:.60}), expected str")
+        problem = surrogate_problem(text, f"texts[{position}]")
+        if problem:
+            raise ValueError(problem)
     return list(texts)
 
 

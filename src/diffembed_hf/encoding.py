@@ -312,7 +312,7 @@ def encode_file(
     from .checkpoint import model_identity
     from .compact import SCALAR, resolve_precision
     from .files import check_output_file
-    from .text_input import read_texts
+    from .readers import read_texts
 
     output = Path(output)
     check_output_file(output, overwrite=overwrite, suffixes=OUTPUT_SUFFIXES)

@@ -26,9 +26,10 @@ def add_parser(commands) -> None:
                               "corpus into a folder of parquet shards (resumable; torchrun and Ray)")
     enc.add_argument("model", help="a DiffEmbed folder or Hub id")
     enc.add_argument("--input", "-i", default="-", help="text file (one text per line), JSON lines "
-                     "(.jsonl / .ndjson / .jsonlines, or any input with --field), or - for stdin; corpus mode: a "
-                     ".jsonl / .parquet / .csv file, a folder of them, or a Hub dataset ORG/NAME")
-    enc.add_argument("--field", help="the text field of JSON-lines records or corpus rows (default: text)")
+                     "(.jsonl / .ndjson / .jsonlines, or any text input with --field), .csv or .parquet (any may be "
+                     ".gz / .bz2 / .xz but parquet), or - for stdin; corpus mode: such a file, a folder of them, or "
+                     "a Hub dataset ORG/NAME")
+    enc.add_argument("--field", help="the text field of JSON-lines, CSV or parquet rows (default: text)")
     enc.add_argument("--output", "-o", required=True, help="embeddings file (.npy or .safetensors), or a folder "
                      "(corpus mode: ends in /, is a folder, or has no suffix)")
     enc.add_argument("--overwrite", action="store_true", help="replace an existing --output file; in corpus mode, "

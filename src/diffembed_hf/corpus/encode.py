@@ -233,8 +233,9 @@ def encode_corpus(
     calibration: CalibrationRanges | None = None,
     calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
 ) -> CorpusResult:
-    """Embed a corpus (a .jsonl/.parquet/.csv file, a folder of them, a Hub dataset id, or a `datasets` dataset)
-    into `output_dir`: `part-NNNNN.parquet` shards of `shard_size` input rows plus the manifest.
+    """Embed a corpus (a JSON-lines, CSV or parquet file, a folder of them, a Hub dataset id, or a `datasets`
+    dataset; read as README "Input files" says) into `output_dir`: `part-NNNNN.parquet` shards of `shard_size`
+    input rows plus the manifest.
 
     Rerunning resumes (complete shards are verified and kept); other settings are refused unless `overwrite`.
     Under torchrun every rank calls this: rank r computes shards r, r + WORLD_SIZE, ... on its LOCAL_RANK GPU.

@@ -1,16 +1,17 @@
-"""Streaming corpus input: `.jsonl`, `.parquet`, `.csv`, a folder of them, or a Hub dataset (`datasets`).
+"""Streaming corpus input: JSON lines, CSV, parquet, a folder of them, or a Hub dataset (`datasets`).
 
-Rows come out one at a time in a fixed order (files sorted by path), so a corpus of any size is read in
-memory bounded by what the caller keeps. Every row carries where it came from (file and row) for error
-messages, and a `Position` from which a later reader can resume without re-reading what lies before it: a
-byte offset in a JSON-lines file, a row index in a parquet file (whole row groups are skipped) or a CSV file.
+Files are opened, decoded and split by `diffembed_hf.readers`, the reader every command shares (BOM, compressed
+files, suffixes in any case, UTF-8 checks, long CSV fields, lone surrogates). Rows come out one at a time in a
+fixed order (a folder's files sorted by path), so a corpus of any size is read in memory bounded by what the
+caller keeps. Every row carries where it came from (file and line or row) for error messages, and a `Position`
+from which a later reader can resume without re-reading what lies before it: a byte offset in a JSON-lines or
+CSV file (of the decompressed data for a compressed one), a row index in a parquet file (whole row groups are
+skipped) or a Hub dataset.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,10 +22,10 @@ import numpy as np
 
 from ..checkpoint import is_hub_id
 from ..errors import CorpusError, require_extra
+from ..readers import Record, check_id, check_text, columns_of, describe_files, list_inputs, no_field, read_records
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = (".jsonl", ".parquet", ".csv")
 ID_FIELDS = ("_id", "id")  # the default id columns, in order (BEIR / mteb corpora use `_id`)
 ROW_NUMBER = "row number"  # id_field value meaning: ids are the rows' positions
 
@@ -35,7 +36,7 @@ class CorpusSource:
 
     path: str
     field: str = "text"
-    id_field: str | None = None  # None: `_id`, else `id`, else the row number (decided on the first row)
+    id_field: str | None = None  # None: `_id`, else `id`, else the row number (decided on the first readable row)
     title_field: str | None = None
     split: str | None = None  # Hub datasets only
     subset: str | None = None  # Hub datasets only
@@ -49,7 +50,8 @@ class CorpusSource:
 
 @dataclass(frozen=True)
 class Position:
-    """Where a row starts: file number in the sorted file list, and offset (bytes for .jsonl, rows otherwise)."""
+    """Where a row starts: file number in the sorted file list, and offset (bytes in JSON lines and CSV, rows in
+    parquet and Hub datasets)."""
 
     file: int = 0
     offset: int = 0
@@ -62,8 +64,11 @@ class Row:
     text: str | None
     where: str  # "corpus.jsonl line 17": for messages
     position: Position
-    id_field: str = ROW_NUMBER  # the id column this run uses (decided on the corpus's first row)
+    id_field: str | None = ROW_NUMBER  # the id column this run uses (None until a readable row decides it)
     problem: str | None = None  # why the row cannot be embedded; None for a good row
+    absent: tuple[str, str] | None = None  # (field, option) when the row lacks that field altogether
+    fields: tuple[str, ...] | None = None  # the row's fields, when it lacks a field an option names
+    has_title: bool = False  # the row has the --title-field field (its value may still be None)
 
 
 def join_title(title: Any, text: str) -> str:
@@ -79,78 +84,33 @@ def is_hub_dataset(path: str) -> bool:
 
 
 def list_files(path: str) -> list[Path]:
-    """The corpus files: the file itself, or every .jsonl/.parquet/.csv under a folder, sorted, hidden ones left out."""
-    root = Path(path)
-    if root.is_file():
-        if root.suffix not in SUFFIXES:
-            raise CorpusError(f"{root}: unsupported input type {root.suffix or '(none)'}; use .jsonl, .parquet or .csv")
-        return [root]
-    if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
-        if not files:
-            raise CorpusError(f"{root}/ holds no .jsonl, .parquet or .csv file")
-        return files
-    raise CorpusError(f"{path}: no such file or folder (a Hub dataset is named ORG/NAME or hf://datasets/ORG/NAME)")
+    """The corpus files: the file itself, or every input file under a folder (`readers.list_inputs`)."""
+    return list_inputs(path, CorpusError)[0]
 
 
-def _records_jsonl(path: Path, offset: int) -> Iterator[tuple[Any, str, int]]:
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        line_number = None if offset else 0  # line numbers are known only when reading from the start
-        while True:
-            start = handle.tell()
-            line = handle.readline()
-            if not line:
-                return
-            line_number = None if line_number is None else line_number + 1
-            if not line.strip():
-                continue
-            where = f"{path} line {line_number}" if line_number else f"{path} byte {start}"
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                yield err, where, start
-                continue
-            yield record, where, start
+def warn_left_out(path: str) -> None:
+    """One warning naming the files of an input folder that are not corpus files (said once per run, by the
+    reader that scans the corpus)."""
+    if Path(path).is_dir():
+        others = list_inputs(path, CorpusError)[1]
+        if others:
+            logger.warning("%s/: not read, not corpus files (%d): %s. Corpus files end in .jsonl, .ndjson, "
+                           ".jsonlines or .csv, optionally .gz / .bz2 / .xz, or .parquet", path.rstrip("/"),
+                           len(others), describe_files(others, Path(path)))
 
 
-def _records_parquet(path: Path, offset: int, columns: list[str]) -> Iterator[tuple[Any, str, int]]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    wanted = [c for c in dict.fromkeys(columns) if c in parquet.schema_arrow.names]
-    first_group, row = 0, 0  # whole row groups before the start are skipped without being read
-    while first_group < parquet.num_row_groups and row + parquet.metadata.row_group(first_group).num_rows <= offset:
-        row += parquet.metadata.row_group(first_group).num_rows
-        first_group += 1
-    groups = list(range(first_group, parquet.num_row_groups))
-    for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=wanted) if groups else ():
-        for record in batch.to_pylist():
-            if row >= offset:
-                yield record, f"{path} row {row + 1}", row
-            row += 1
+def _file_records(path: Path, offset: int, source: CorpusSource) -> Iterator[Record]:
+    columns = columns_of(path, CorpusError)
+    if columns is not None:  # CSV and parquet name their columns once: a mistyped name is refused here
+        for name, option in ((source.field, "--field"), (source.id_field, "--id-field"),
+                             (source.title_field, "--title-field")):
+            if name is not None and name != ROW_NUMBER and name not in columns:
+                raise CorpusError(f"{path}: {no_field(name, columns, option)}")
+    wanted = [source.field, *ID_FIELDS, source.id_field or "", source.title_field or ""]
+    return read_records(path, offset, columns=wanted, error=CorpusError)
 
 
-def _records_csv(path: Path, offset: int) -> Iterator[tuple[Any, str, int]]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        for number, record in enumerate(csv.DictReader(handle)):
-            if number >= offset:
-                yield record, f"{path} row {number + 1}", number
-
-
-def _columns(path: Path) -> list[str] | None:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).schema_arrow.names
-    if path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as handle:
-            return next(csv.reader(handle), [])
-    return None  # JSON lines: per record
-
-
-def _records_hub(source: CorpusSource, offset: int) -> Iterator[tuple[Any, str, int]]:
+def _records_hub(source: CorpusSource, offset: int) -> Iterator[Record]:
     require_extra("train", ("datasets",), what="reading a Hub dataset")
     import datasets
 
@@ -167,9 +127,9 @@ def _records_hub(source: CorpusSource, offset: int) -> Iterator[tuple[Any, str, 
     yield from _records_dataset(data, name, offset)
 
 
-def _records_dataset(data, name: str, offset: int) -> Iterator[tuple[Any, str, int]]:
+def _records_dataset(data, name: str, offset: int) -> Iterator[Record]:
     for number, record in enumerate(data.skip(offset) if offset else data, offset):
-        yield record, f"{name} row {number}", number
+        yield Record(record, f"{name} row {number}", number)
 
 
 def iter_rows(source: CorpusSource, start: Position = Position(), start_index: int = 0) -> Iterator[Row]:
@@ -180,59 +140,48 @@ def iter_rows(source: CorpusSource, start: Position = Position(), start_index: i
     elif is_hub_dataset(source.path):
         streams = [lambda offset, s=source: _records_hub(s, offset)]
     else:
-        streams = []
-        for path in list_files(source.path):
-            columns = _columns(path)
-            if columns is not None and source.field not in columns:
-                raise CorpusError(f"{path} has no column {source.field!r} (columns: {', '.join(columns)}); "
-                                  "name the text column with --field")
-            if path.suffix == ".jsonl":
-                streams.append(lambda offset, p=path: _records_jsonl(p, offset))
-            elif path.suffix == ".csv":
-                streams.append(lambda offset, p=path: _records_csv(p, offset))
-            else:
-                wanted = [source.field, *ID_FIELDS, source.id_field or "", source.title_field or ""]
-                streams.append(lambda offset, p=path, w=wanted: _records_parquet(p, offset, w))
+        streams = [lambda offset, p=path: _file_records(p, offset, source) for path in list_files(source.path)]
     id_field = source.id_field
     index = start_index
     for file_number in range(start.file, len(streams)):
-        offset = start.offset if file_number == start.file else 0
-        for record, where, offset in streams[file_number](offset):
-            position = Position(file_number, offset)
-            if id_field is None:  # decided on the first row read: readers from a later position pass the plan's
-                id_field = next((f for f in ID_FIELDS if isinstance(record, dict) and f in record), ROW_NUMBER)
-            yield _check(record, index, where, position, source, id_field)
+        for record in streams[file_number](start.offset if file_number == start.file else 0):
+            if id_field is None and record.data is not None:  # decided on the first readable row (readers from a
+                id_field = next((f for f in ID_FIELDS if f in record.data), ROW_NUMBER)  # later position pass it)
+            yield _check(record, index, Position(file_number, record.offset), source, id_field)
             index += 1
 
 
-def _check(record, index: int, where: str, position: Position, source: CorpusSource, id_field: str) -> Row:
-    row = Row(index, None, None, where, position, id_field)
-    if isinstance(record, Exception):
-        row.problem = f"not valid JSON ({record})"
+def _absent(row: Row, data: dict, name: str, what: str, option: str) -> Row:
+    row.problem, row.absent, row.fields = f"{what} field {name!r} is missing", (name, option), tuple(map(str, data))
+    return row
+
+
+def _check(record: Record, index: int, position: Position, source: CorpusSource, id_field: str) -> Row:
+    row = Row(index, None, None, record.where, position, id_field, record.problem)
+    data = record.data
+    if data is None:
         return row
-    if not isinstance(record, dict):
-        row.problem = f"a JSON line must be an object, got {type(record).__name__}"
-        return row
+    if source.title_field is not None:
+        row.has_title = source.title_field in data
+        row.fields = None if row.has_title else tuple(map(str, data))
     if id_field == ROW_NUMBER:
         row.id = str(index)
     else:
-        value = record.get(id_field)
-        if isinstance(value, bool) or not isinstance(value, (str, int, np.integer)) or value == "":
-            row.problem = f"id field {id_field!r} is {'missing' if value is None else repr(value)[:60]}"
+        if id_field not in data:
+            return _absent(row, data, id_field, "id", "--id-field")
+        row.id, row.problem = check_id(data[id_field], f"id field {id_field!r}")
+        if row.problem:
             return row
-        row.id = str(value)
-    text = record.get(source.field)
-    if not isinstance(text, str):
-        row.problem = (f"text field {source.field!r} is missing" if text is None
-                       else f"text field {source.field!r} is {type(text).__name__} ({text!r:.60}), expected a string")
-        return row
-    if source.title_field is not None:
-        title = record.get(source.title_field)
-        if title is not None and not isinstance(title, str):
-            row.problem = f"title field {source.title_field!r} is {type(title).__name__}, expected a string"
-            return row
+    if source.field not in data:
+        return _absent(row, data, source.field, "text", "--field")
+    text = data[source.field]
+    row.problem = check_text(text, f"text field {source.field!r}")
+    if row.problem is None and source.title_field is not None:
+        title = data.get(source.title_field)
+        row.problem = None if title is None else check_text(title, f"title field {source.title_field!r}")
         text = join_title(title, text)
-    row.text = text
+    if row.problem is None:
+        row.text = text
     return row
 
 
@@ -261,9 +210,15 @@ class ShardPlan:
 def scan(source: CorpusSource, shard_size: int, *, skip_bad_rows: bool = False) -> ShardPlan:
     """Read the corpus once: validate every row, refuse duplicate ids, and cut it into shards of `shard_size`
     input rows. Holds 8 bytes per row (a hash of its id) for the duplicate check, nothing else per row."""
+    if source.dataset is None and not is_hub_dataset(source.path):
+        warn_left_out(source.path)
     plan = ShardPlan(shard_size)
     hashes, chunk = [], []
     digest = None
+    first_absent = None  # the first row that lacks a field the options name ("choose one with --field")
+    untitled = None  # the first row without the --title-field field, while no row has had it
+    title_seen = source.title_field is None
+    first_readable = 0
     for row in iter_rows(source):
         if row.index % shard_size == 0:
             if digest is not None:
@@ -271,10 +226,20 @@ def scan(source: CorpusSource, shard_size: int, *, skip_bad_rows: bool = False) 
             plan.starts.append((row.position, row.index))
             plan.shard_rows.append(0)
             digest = hashlib.blake2b(digest_size=16)
-        if row.index == 0:
-            plan.id_field = row.id_field
+        if row.index == first_readable:  # a bad row before it (not JSON, not UTF-8) decides nothing
+            if row.id_field is None:
+                first_readable += 1
+            else:
+                plan.id_field = row.id_field
         plan.rows += 1
+        if not title_seen:
+            title_seen = row.has_title
+            untitled = untitled or (row if row.fields is not None else None)
         if row.problem is not None:
+            if row.absent and plan.good_rows == 0:
+                if not skip_bad_rows:  # the field is missing from the first rows: a mistyped option, not bad rows
+                    raise _mistyped(row, *row.absent)
+                first_absent = first_absent or row
             if not skip_bad_rows:
                 raise CorpusError(f"{row.where}: {row.problem} (pass --skip-bad-rows to leave such rows out)")
             plan.skipped += 1
@@ -284,13 +249,18 @@ def scan(source: CorpusSource, shard_size: int, *, skip_bad_rows: bool = False) 
             continue
         plan.good_rows += 1
         plan.shard_rows[-1] += 1
-        digest.update(row.id.encode() + b"\x00" + row.text.encode("utf-8", "surrogatepass") + b"\x01")
+        digest.update(row.id.encode() + b"\x00" + row.text.encode("utf-8") + b"\x01")
         chunk.append(_id_hash(row.id))
         if len(chunk) == 65536:
             hashes.append(np.array(chunk, dtype=np.uint64))
             chunk = []
     if digest is not None:
         plan.digests.append(digest.hexdigest())
+    if plan.good_rows == 0 and first_absent is not None:  # --skip-bad-rows skipped every row
+        raise _mistyped(first_absent, *first_absent.absent, " (no row has it)")
+    if not title_seen and untitled is not None:  # a mistyped --title-field would leave every title out
+        raise _mistyped(untitled, source.title_field, "--title-field",
+                        " (no row has it; leave the option out for no titles)")
     hashes.append(np.array(chunk, dtype=np.uint64))
     _refuse_duplicates(source, np.concatenate(hashes))
     if plan.skipped:
@@ -298,8 +268,14 @@ def scan(source: CorpusSource, shard_size: int, *, skip_bad_rows: bool = False) 
     return plan
 
 
+def _mistyped(row: Row, name: str, option: str, note: str = "") -> CorpusError:
+    """The error for a field that the first rows lack: the option names a field the corpus does not have, and
+    --skip-bad-rows would skip every row, so the advice is to name another."""
+    return CorpusError(f"{row.where}: {no_field(name, row.fields, option)}{note}")
+
+
 def _id_hash(identifier: str) -> int:
-    digest = hashlib.blake2b(identifier.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    digest = hashlib.blake2b(identifier.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 

@@ -2,14 +2,19 @@
 
 BEIR layout: `corpus.jsonl` (`_id`, `title`, `text`), `queries.jsonl` (`_id`, `text`, and optionally BRIGHT's
 `excluded_ids`: documents never ranked for that query), `qrels/test.tsv` with the header
-`query-id corpus-id score`. Every problem names the file and line. mteb's own retrieval evaluation scores them
-(pytrec_eval); excluded ids become mteb's `top_ranked` (every document but the excluded), as for BRIGHT v1.1.
+`query-id corpus-id score`; each may be compressed (`corpus.jsonl.gz`, as the BEIR downloads are). The files are
+read by `diffembed_hf.readers`, as `diffembed encode` reads them. Every problem names the file and line. A
+(query, document) pair listed twice with the same score counts once; with two scores it is refused, naming both
+lines. Queries without qrels are named in one warning: mteb leaves them out of the scores. mteb's own retrieval
+evaluation scores the rest (pytrec_eval); excluded ids become mteb's `top_ranked` (every document but the
+excluded), as for BRIGHT v1.1.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -18,6 +23,9 @@ from mteb.abstasks import AbsTaskRetrieval
 from mteb.abstasks.task_metadata import TaskMetadata
 
 from ..errors import EvaluationError
+from ..readers import COMPRESSIONS, check_id, check_text, lines_at, read_records
+
+logger = logging.getLogger(__name__)
 
 BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")
 STDLIB_TASK = "StdlibHeldOutRetrieval"
@@ -61,31 +69,81 @@ def local_task(name: str, corpus: dict[str, dict[str, str]], queries: dict[str, 
     return task_class((corpus, queries, qrels, excluded or {}))
 
 
-def _jsonl(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    records, seen = [], set()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvaluationError(f"{path} line {number}: not JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise EvaluationError(f"{path} line {number}: expected a JSON object")
-            for key in required:
-                if key not in record:
-                    raise EvaluationError(f"{path} line {number}: no {key!r} field")
-            record["_id"] = str(record["_id"])
-            if not isinstance(record["text"], str):
-                raise EvaluationError(f"{path} line {number}: 'text' is {type(record['text']).__name__}, not a string")
-            if record["_id"] in seen:
-                raise EvaluationError(f"{path} line {number}: duplicate _id {record['_id']!r}")
-            seen.add(record["_id"])
-            records.append((number, record))
+def _beir_file(folder: Path, name: str) -> Path:
+    """`name` in `folder`, or its one compressed form (`corpus.jsonl.gz`, ...)."""
+    found = [folder / (name + suffix) for suffix in ("", *COMPRESSIONS) if (folder / (name + suffix)).is_file()]
+    if not found:
+        raise EvaluationError(f"{folder / name}: missing (a BEIR folder holds {', '.join(BEIR_FILES)}, each "
+                              "optionally .gz / .bz2 / .xz)")
+    if len(found) > 1:
+        raise EvaluationError(f"{folder}: both {found[0].name} and {found[1].name}; keep one")
+    return found[0]
+
+
+def _jsonl(path: Path) -> list[tuple[str, str, dict]]:
+    """(where, _id, record) per record; `text` a string, `_id` a string or integer, each id once."""
+    records, seen = [], {}
+    for record in read_records(path, error=EvaluationError):
+        data = record.data
+        problem = record.problem
+        if problem is None:
+            identifier, problem = check_id(data.get("_id"), "id field '_id'")
+        if problem is None:
+            problem = check_text(data.get("text"), "text field 'text'")
+        if problem is None and identifier in seen:
+            problem = f"duplicate _id {identifier!r} (also {seen[identifier]})"
+        if problem is not None:
+            raise EvaluationError(f"{record.where}: {problem}")
+        seen[identifier] = record.where
+        records.append((record.where, identifier, data))
     if not records:
         raise EvaluationError(f"{path}: no records")
     return records
+
+
+def _qrels(path: Path, queries: dict, corpus: dict) -> dict[str, dict[str, int]]:
+    """The relevance judgements; a pair given twice must have one score (it then counts once)."""
+    qrels: dict[str, dict[str, int]] = {}
+    first: dict[tuple[str, str], int] = {}  # (query, document) -> the line that gave it
+    repeated = 0
+    lines = lines_at(path, error=EvaluationError)
+    for line in lines:
+        where = line.where(path)
+        if line.problem:
+            raise EvaluationError(f"{where}: {line.problem}")
+        if line.number == 1:
+            header = line.text.split("\t")
+            if header != ["query-id", "corpus-id", "score"]:
+                raise EvaluationError(f"{where}: the header must be 'query-id<TAB>corpus-id<TAB>score', got {header}")
+            continue
+        if not line.text.strip():
+            continue
+        fields = line.text.split("\t")
+        if len(fields) != 3:
+            raise EvaluationError(f"{where}: expected 3 tab-separated fields, got {len(fields)}")
+        query_id, doc_id, score = fields
+        if query_id not in queries:
+            raise EvaluationError(f"{where}: query-id {query_id!r} is not in queries.jsonl")
+        if doc_id not in corpus:
+            raise EvaluationError(f"{where}: corpus-id {doc_id!r} is not in corpus.jsonl")
+        try:
+            value = int(score)
+        except ValueError:
+            raise EvaluationError(f"{where}: score {score!r} is not an integer") from None
+        docs = qrels.setdefault(query_id, {})
+        if doc_id in docs:
+            if docs[doc_id] != value:
+                raise EvaluationError(f"{path} lines {first[query_id, doc_id]} and {line.number}: query-id "
+                                      f"{query_id!r} and corpus-id {doc_id!r} twice, with scores {docs[doc_id]} "
+                                      f"and {value}; keep one")
+            repeated += 1
+            continue
+        docs[doc_id] = value
+        first[query_id, doc_id] = line.number
+    if repeated:
+        logger.warning("%s: %d lines repeat an earlier (query-id, corpus-id, score) line and count once", path,
+                       repeated)
+    return qrels
 
 
 def _task_name(folder: Path) -> str:
@@ -96,54 +154,37 @@ def beir_task(folder: str | Path, name: str | None = None) -> LocalRetrievalTask
     """Read and check a BEIR-layout folder; the task name defaults to 'Local<folder name>'."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise EvaluationError(f"--data {folder}: no such folder")
-    for rel in BEIR_FILES:
-        if not (folder / rel).is_file():
-            raise EvaluationError(f"{folder / rel}: missing (a BEIR folder holds {', '.join(BEIR_FILES)})")
+        raise EvaluationError(f"--data {folder} is a file; give a BEIR folder" if folder.exists() else
+                              f"--data {folder}: no such folder")
+    files = [_beir_file(folder, rel) for rel in BEIR_FILES]
     corpus = {}
-    for number, record in _jsonl(folder / "corpus.jsonl", ("_id", "text")):
-        title = record.get("title") or ""
-        if not isinstance(title, str):
-            raise EvaluationError(f"{folder / 'corpus.jsonl'} line {number}: 'title' is not a string")
-        corpus[record["_id"]] = {"title": title, "text": record["text"]}
+    for where, identifier, record in _jsonl(files[0]):
+        title = record.get("title")
+        problem = None if title is None else check_text(title, "title field 'title'")
+        if problem:
+            raise EvaluationError(f"{where}: {problem}")
+        corpus[identifier] = {"title": title or "", "text": record["text"]}
     queries, excluded = {}, {}
-    for number, record in _jsonl(folder / "queries.jsonl", ("_id", "text")):
-        queries[record["_id"]] = record["text"]
+    for where, identifier, record in _jsonl(files[1]):
+        queries[identifier] = record["text"]
         ids = record.get("excluded_ids") or []
         if ids and ids != ["N/A"]:  # BRIGHT's marker for "none"
             unknown = [str(i) for i in ids if str(i) not in corpus]
             if unknown:
-                raise EvaluationError(f"{folder / 'queries.jsonl'} line {number}: excluded_ids name documents not "
-                                      f"in corpus.jsonl: {unknown[:5]}")
-            excluded[record["_id"]] = {str(i) for i in ids}
-    qrels_path = folder / "qrels" / "test.tsv"
-    qrels: dict[str, dict[str, int]] = {}
-    with open(qrels_path, encoding="utf-8") as handle:
-        header = handle.readline().rstrip("\n").split("\t")
-        if header != ["query-id", "corpus-id", "score"]:
-            raise EvaluationError(f"{qrels_path} line 1: the header must be 'query-id<TAB>corpus-id<TAB>score', "
-                                  f"got {header}")
-        for number, line in enumerate(handle, 2):
-            if not line.strip():
-                continue
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != 3:
-                raise EvaluationError(f"{qrels_path} line {number}: expected 3 tab-separated fields, got {len(fields)}")
-            query_id, doc_id, score = fields
-            if query_id not in queries:
-                raise EvaluationError(f"{qrels_path} line {number}: query-id {query_id!r} is not in queries.jsonl")
-            if doc_id not in corpus:
-                raise EvaluationError(f"{qrels_path} line {number}: corpus-id {doc_id!r} is not in corpus.jsonl")
-            try:
-                qrels.setdefault(query_id, {})[doc_id] = int(score)
-            except ValueError:
-                raise EvaluationError(f"{qrels_path} line {number}: score {score!r} is not an integer") from None
+                raise EvaluationError(f"{where}: excluded_ids name documents not in {files[0].name}: {unknown[:5]}")
+            excluded[identifier] = {str(i) for i in ids}
+    qrels = _qrels(files[2], queries, corpus)
     if not any(score > 0 for docs in qrels.values() for score in docs.values()):
-        raise EvaluationError(f"{qrels_path}: no relevant (score > 0) pair")
-    digest = hashlib.sha256(b"".join((folder / rel).read_bytes() for rel in BEIR_FILES)).hexdigest()[:20]
+        raise EvaluationError(f"{files[2]}: no relevant (score > 0) pair")
+    unjudged = [q for q in queries if q not in qrels]
+    if unjudged:
+        logger.warning("%s: %d of %d queries have no qrels in %s and are left out of the scores (as mteb leaves "
+                       "them out): %s", files[1], len(unjudged), len(queries), files[2].relative_to(folder),
+                       ", ".join(map(repr, unjudged[:5])) + (" ..." if len(unjudged) > 5 else ""))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()[:20]
     return local_task(name or _task_name(folder), corpus, queries, qrels, excluded=excluded,
-                              source=str(folder.resolve()), revision=digest,
-                              description=f"Local BEIR-layout retrieval set {folder.resolve()}.")
+                      source=str(folder.resolve()), revision=digest,
+                      description=f"Local BEIR-layout retrieval set {folder.resolve()}.")
 
 
 def stdlib_task(rows: int = STDLIB_ROWS) -> LocalRetrievalTask:
