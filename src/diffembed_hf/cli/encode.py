@@ -6,8 +6,8 @@ use (`encoding.check_mode_options`)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import traceback
 
 from ..errors import DiffembedError, UsageError
 from .common import add_trust_option, check_device, check_model_source, positive_int
@@ -81,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
 def _corpus(args: argparse.Namespace) -> int:
     """Corpus mode: shards + manifest in a folder, resumable; under torchrun every rank runs this."""
     from ..corpus import DEFAULT_SHARD_SIZE, encode_corpus
+    from ..corpus.distributed import current
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank = current().rank  # a stray RANK or WORLD_SIZE is refused here, naming it
     if args.ray and args.device:
         raise UsageError("--device does not apply with --ray: Ray places one actor per GPU (CPU where none)")
     options = dict(field=args.field or "text", id_field=args.id_field, title_field=args.title_field, split=args.split,
@@ -101,8 +102,10 @@ def _corpus(args: argparse.Namespace) -> int:
             result = encode_corpus(args.model, args.input, args.output, device=args.device, quantize=args.quantize,
                                    trust_remote_code=args.trust_remote_code, **options)
     except DiffembedError as err:
-        if rank == 0:  # under torchrun every rank meets the same error: one of them says it
+        if rank == 0:  # under torchrun a failure on any rank is reported once, by rank 0
             raise
+        if args.debug:
+            traceback.print_exc()
         return err.exit_status
     if rank == 0:
         kept = result.shards - len(result.computed)
