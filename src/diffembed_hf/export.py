@@ -32,12 +32,13 @@ from .checkpoint import (
     TOKENIZER_FILES,
     TOKENIZER_PATTERNS,
     check_folder,
+    check_model_files,
     inside,
     read_json,
     read_json_or_empty,
 )
 from .convert.weights import read_source_tensors
-from .errors import ConversionError, ExportError
+from .errors import ConversionError, ExportError, ModelFilesError
 from .files import final_path, output_lock, staged_folder, write_json
 from .modeling.configuration_diffembed import DiffEmbedConfig
 from .modeling.modeling_diffembed import DiffEmbedForEmbedding
@@ -68,9 +69,10 @@ def _diffembed_config(folder: Path) -> DiffEmbedConfig:
         adapter = (folder / "adapter_config.json").is_file()
         hint = " (a LoRA adapter: merge it into its base model first)" if adapter else ""
         raise ExportError(f"{folder} has no config.json{hint}; pass a DiffEmbed model folder")
-    raw = _read_json(path)
-    if raw.get("model_type") != "diffembed":
-        raise ExportError(f"{path}: model_type {raw.get('model_type')!r} is not 'diffembed'; convert the checkpoint "
+    raw = read_json(path, ModelFilesError)  # damaged: exit status 1, as in every command
+    if not isinstance(raw, dict) or raw.get("model_type") != "diffembed":
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        raise ExportError(f"{path}: model_type {model_type!r} is not 'diffembed'; convert the checkpoint "
                           "first (diffembed convert), then export the DiffEmbed folder")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -264,6 +266,8 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
         raise ExportError(f"{out} exists and is not a folder")
     config = _diffembed_config(folder)
     check_folder(folder)  # untrusted: no index, module path or link may lead the export outside it
+    # the export copies the tokenizer without loading it: a damaged one is named here, not by vLLM later
+    check_model_files(folder, deep=True, error=ExportError)
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise ExportError(f"the output {out} must not contain the model folder {folder}")
     architecture = _vllm_architecture(config, folder / "config.json")
