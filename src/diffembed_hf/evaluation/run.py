@@ -99,7 +99,7 @@ def _staging(output: Path, overwrite: bool) -> Path:
             shutil.copytree(output / "results", seed / "results")
         seed.rename(work)
     else:
-        logger.warning("Resuming the interrupted evaluation in %s", work)
+        logger.warning("Resuming the interrupted evaluation into %s (--overwrite starts it again)", output)
     from mteb import TaskResult
 
     for path in (work / "results").rglob("*.json") if (work / "results").is_dir() else []:
