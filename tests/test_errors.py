@@ -134,10 +134,15 @@ def test_stray_torchrun_variables_are_named_with_what_to_do(model, inputs, tmp_p
     runs.append(("train", {"RANK": "1"}, ["RANK=1"],
                  ["train", model, inputs / "train.jsonl", tmp_path / "trained", "--max-steps", "1", "--device", "cpu",
                   "--max-seq-length", "64"]))
+    # file mode under a (real) torchrun: every rank would embed every text into the same file
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+    runs.append(("encode", torchrun, ["file mode", "runs in one process", "--output a folder"],
+                 ["encode", model, "-i", inputs / "texts.txt", "-o", tmp_path / "e.npy"]))
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda run: cli(*run[3], env=run[1], timeout=300), runs))
     for (command, env, names, _), result in zip(runs, results):
-        assert_one_error_line(result, f"diffembed {command}", 2, *names, "torchrun", "unset")
+        assert_one_error_line(result, f"diffembed {command}", 2, *names, *(["torchrun", "unset"] if env != torchrun
+                                                                           else []))
     assert list(tmp_path.iterdir()) == []  # no output, no lock, no checkpoints
 
 

@@ -169,15 +169,15 @@ def staged_file(out: Path, *, replace: bool = True) -> Iterator[Path]:
 
 def _publish_new(tmp: Path, out: Path) -> None:
     apply_umask(tmp)
+    appeared = OutputExistsError(f"{out} appeared while this command ran, so nothing was written; pass --overwrite "
+                                 "to replace it", exit_status=1)
     try:
         os.link(tmp, out)  # fails if `out` exists, whoever made it and whenever
     except FileExistsError:
-        raise OutputExistsError(f"{out} appeared while this command ran, so nothing was written; pass --overwrite "
-                                "to replace it", exit_status=1) from None
+        raise appeared from None
     except OSError:  # a file system without hard links: the check and the rename are two steps there
         if out.exists() or out.is_symlink():
-            raise OutputExistsError(f"{out} appeared while this command ran, so nothing was written; pass "
-                                    "--overwrite to replace it", exit_status=1) from None
+            raise appeared from None
         os.rename(tmp, out)
         return
     tmp.unlink()

@@ -67,7 +67,12 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     if is_folder_output(args.output):
         return _corpus(args)
+    from ..corpus.distributed import current
     from ..encoding import encode_file
+
+    if current().world_size > 1:  # every rank would embed every text into the same file
+        raise UsageError("file mode (a .npy or .safetensors --output) runs in one process; under torchrun give "
+                         "--output a folder (corpus mode), whose shards the ranks share")
 
     output, shape = encode_file(
         args.model, args.input, args.output, field=args.field, prompt_name=args.prompt_name,
