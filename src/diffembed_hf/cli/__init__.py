@@ -94,9 +94,11 @@ def _quiet_library_progress_bars() -> None:
 
 def _other_rank() -> str:
     """" (rank K of N)" on a torchrun rank other than 0, so that a line from it says where it comes from; "" in
-    one process or on rank 0 (the variables are checked where a job reads them, not here)."""
-    rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
-    if rank.isdigit() and world.isdigit() and int(world) > 1 and int(rank) > 0:
+    one process, on rank 0, and where the variables do not describe a torchrun job (the job refuses those)."""
+    env = os.environ
+    rank, world = env.get("RANK", ""), env.get("WORLD_SIZE", "")
+    launched = all(env.get(name) for name in ("MASTER_ADDR", "MASTER_PORT"))
+    if launched and rank.isdigit() and world.isdigit() and 0 < int(rank) < int(world):
         return f" (rank {rank} of {world})"
     return ""
 

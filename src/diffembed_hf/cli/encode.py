@@ -60,10 +60,10 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_source(args.model)  # before the heavy imports: a missing or damaged folder is named at once
     from ..encoding import check_mode_options, is_folder_output
 
     check_mode_options(args.output, vars(args))
-    check_model_source(args.model)
     check_device(args.device)
     if is_folder_output(args.output):
         return _corpus(args)
