@@ -163,12 +163,24 @@ DAMAGE = {
                        "1_Pooling/config.json cannot be read as JSON"),
     "weights cut short": (lambda f: os.truncate(f / "model.safetensors", 4000),
                           "model.safetensors is not a readable safetensors file"),
+    "a tensor missing": (lambda f: _drop_tensor(f / "model.safetensors", "model.layers.1.mlp.up_proj.weight"),
+                         "(model.safetensors) do not match config.json"),
 }
+
+
+def _drop_tensor(path: Path, name: str) -> None:
+    """A weight file whose header is whole but which lacks a tensor: transformers would initialise it at random."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    del tensors[name]
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def test_a_damaged_model_folder_is_named_by_encode(model, inputs, tmp_path):
     """Before: a damaged tokenizer was reported as "Unrecognized processing class" after every weight had loaded,
-    damaged weights as a raw SafetensorError; now the file is named, before the model loads (exit status 1)."""
+    damaged weights as a raw SafetensorError, and a weight file lacking a tensor embedded with that tensor random
+    (exit status 0); now the file is named, before the model loads (exit status 1)."""
     folders = {}
     for case, (damage, _) in DAMAGE.items():
         folders[case] = _copy(model, tmp_path / "models" / case.replace(" ", "-"))

@@ -38,7 +38,7 @@ from .checkpoint import (
     local_folder,
     read_json,
 )
-from .errors import DiffembedError, UsageError, one_line, require_extra
+from .errors import DiffembedError, ModelFilesError, UsageError, one_line, require_extra
 from .files import staged_file
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def load_encoder(
     if folder is not None:
         config = check_model_folder(folder, trust_remote_code=trust_remote_code)
         check_max_seq_length(max_seq_length, config.get("max_position_embeddings"))
+        _check_weights(folder, config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quantize == "fp8":
         from .fp8 import check_fp8_support
@@ -146,6 +147,19 @@ def load_encoder(
 
         quantize_fp8(backbone(model))
     return model
+
+
+def _check_weights(folder: Path, config: dict) -> None:
+    """The weights hold exactly the tensors config.json implies (from their headers): transformers would
+    initialise a missing one at random, report it, and the folder would embed wrongly without an error."""
+    from .convert.weights import check_weights_match
+    from .modeling.configuration_diffembed import DiffEmbedConfig
+
+    try:
+        diffembed_config = DiffEmbedConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise ModelFilesError(f"{folder / CONFIG}: {err}") from None
+    check_weights_match(folder, diffembed_config, ModelFilesError)
 
 
 def _load_failure(name: str, folder: Path | None, err: Exception) -> DiffembedError:
