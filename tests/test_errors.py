@@ -106,6 +106,21 @@ def inputs(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def qwen2_source(tmp_path_factory) -> Path:
+    """A tiny upstream Qwen2 checkpoint, as `diffembed convert` takes one."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    folder = tmp_path_factory.mktemp("source") / "qwen2"
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    return folder
+
+
 def _copy(model: Path, where: Path) -> Path:
     import shutil
 
@@ -202,13 +217,17 @@ def test_a_damaged_model_folder_is_named_by_encode(model, inputs, tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_a_damaged_tokenizer_is_named_by_every_command_that_loads_the_model(model, inputs, tmp_path):
+def test_a_damaged_tokenizer_is_named_by_every_command_that_loads_the_model(model, qwen2_source, inputs, tmp_path):
     """The tokenizer.json that transformers cannot read (it passes every cheap check): corpus mode, evaluate,
-    train, export (which copies the tokenizer without loading it) and push's validation in a fresh process."""
+    train, export (which copies the tokenizer without loading it), push's validation in a fresh process, and
+    convert's source (before: a bare KeyError)."""
     folder = _copy(model, tmp_path / "damaged")
-    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Unigram"}}')
+    source = _copy(qwen2_source, tmp_path / "source")
+    for damaged in (folder, source):
+        (damaged / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Unigram"}}')
     before = snapshot(tmp_path)
     runs = {
+        "convert": ["convert", source, tmp_path / "converted"],
         "encode": ["encode", folder, "-i", inputs / "corpus.jsonl", "-o", f"{tmp_path / 'corpus'}/"],
         "evaluate": ["evaluate", folder, "--data", inputs / "beir", "--output", tmp_path / "eval"],
         "train": ["train", folder, inputs / "train.jsonl", tmp_path / "trained", "--max-steps", "1", "--device", "cpu",
@@ -219,7 +238,8 @@ def test_a_damaged_tokenizer_is_named_by_every_command_that_loads_the_model(mode
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(runs, pool.map(lambda args: cli(*args), runs.values())))
     for command, result in results.items():
-        line = assert_one_error_line(result, f"diffembed {command}", 1, f"{folder / 'tokenizer.json'} is not a tokenizer")
+        named = (source if command == "convert" else folder) / "tokenizer.json"
+        line = assert_one_error_line(result, f"diffembed {command}", 1, f"{named} is not a tokenizer")
         assert "/tmp/diffembed-" not in line  # push names the user's folder, not its staging copy
     assert snapshot(tmp_path) == before  # no output, lock, staging or checkpoint folder left
 

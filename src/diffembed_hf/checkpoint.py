@@ -169,13 +169,21 @@ def check_model_files(folder: Path, *, deep: bool = False, error: type[Diffembed
     if not any(True for pattern in (*TOKENIZER_FILES, *TOKENIZER_PATTERNS) for _ in folder.glob(pattern)):
         refuse(f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the tokenizer "
                "beside the model (tokenizer.save_pretrained), from the model it was converted or trained from")
-    if not deep:
-        return
+    if deep:
+        check_tokenizer(folder, error)
+
+
+def check_tokenizer(folder: Path, error: type[DiffembedError] = ModelFilesError) -> None:
+    """Name the tokenizer file that keeps a tokenizer from loading: a vocabulary is there (or the tokenizer's own
+    code builds one), tokenizer_config.json parses, and tokenizer.json is one the tokenizers library reads (a
+    fraction of a second for a large vocabulary). transformers reports all of these as "Unrecognized processing
+    class" or a bare KeyError. Raises `error` with exit status 1."""
+    folder = Path(folder)
+    tokenizer_config = read_json_or_empty(folder / "tokenizer_config.json", error)
     vocabulary = any(True for pattern in (*VOCABULARY_FILES, "*.tiktoken") for _ in folder.glob(pattern))
-    tokenizer_config = found.get("tokenizer_config.json")
     if not vocabulary and not (isinstance(tokenizer_config, dict) and tokenizer_config.get("auto_map")):
-        refuse(f"{folder} has tokenizer settings but no vocabulary ({', '.join(VOCABULARY_FILES)}); save the whole "
-               "tokenizer beside the model (tokenizer.save_pretrained)")
+        raise error(f"{folder} has tokenizer settings but no vocabulary ({', '.join(VOCABULARY_FILES)}); save the "
+                    "whole tokenizer beside the model (tokenizer.save_pretrained)", exit_status=1)
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
@@ -183,8 +191,8 @@ def check_model_files(folder: Path, *, deep: bool = False, error: type[Diffembed
             Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as err:  # noqa: BLE001 - the Rust library raises a plain Exception for any bad file
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            refuse(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library can read ({reason}); "
-                   "copy it again from where the model came from")
+            raise error(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library can read ({reason}); "
+                        "copy it again from where the model came from", exit_status=1) from None
 
 
 def _check_safetensors_header(path: Path, refuse) -> None:
