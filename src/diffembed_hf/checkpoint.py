@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import DiffembedError, UntrustedFolderError, UsageError
+from .errors import DiffembedError, ModelFilesError, UntrustedFolderError, UsageError
 
 CONFIG = "config.json"
 CONVERSION_RECORD = "diffembed_conversion.json"  # written by `diffembed convert`; read for the card
@@ -124,6 +124,86 @@ def weight_files(folder: Path, error: type[DiffembedError] = DiffembedError) -> 
         raise error(f"{folder} has only pickled weights (pytorch_model*.bin); re-save them with save_pretrained() "
                     "(safetensors)")
     raise error(f"{folder} has no weights (model.safetensors or {WEIGHT_INDEX})")
+
+
+# The tokenizer files that hold a vocabulary (tokenizer_config.json and special_tokens_map.json only configure one).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "merges.txt")
+
+
+def check_model_files(folder: Path, *, deep: bool = False, error: type[DiffembedError] = ModelFilesError) -> None:
+    """Refuse a full model folder whose files cannot load, naming the file: every JSON file the loaders read must
+    parse, every safetensors weight file must have a whole header (offsets covering the file), and there must be
+    a tokenizer. These checks read no weights and take milliseconds; run before a model loads, they replace
+    what transformers would report only after loading every weight ("Unrecognized processing class", a
+    SafetensorError naming no file).
+
+    `deep=True` also reads tokenizer.json with the tokenizers library (a fraction of a second for a large
+    vocabulary): after a load failed, to name the file at fault, and before a job that copies the tokenizer
+    without loading it (export). Raises `error` with exit status 1: the folder is damaged, the job cannot run."""
+    folder = Path(folder)
+
+    def refuse(message: str):
+        raise error(message, exit_status=1)
+
+    def parse(name: str) -> Any:
+        try:
+            return json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            refuse(f"{folder / name} cannot be read as JSON ({err}); the folder is damaged: copy that file again "
+                   "from where the model came from")
+
+    json_files = [CONFIG, "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json", *SENTENCE_TRANSFORMERS_FILES]
+    found = {name: parse(name) for name in json_files if (folder / name).is_file()}
+    for module in found.get("modules.json") if isinstance(found.get("modules.json"), list) else []:
+        path = module.get("path") if isinstance(module, dict) else None
+        if isinstance(path, str) and path and (folder / path / CONFIG).is_file():
+            parse(f"{path}/{CONFIG}")  # a module's settings (1_Pooling/config.json)
+    try:
+        weights = weight_files(folder, error)
+    except error as err:
+        refuse(str(err))
+    for name in weights:
+        if name.endswith(".safetensors"):
+            _check_safetensors_header(folder / name, refuse)
+    if not any(True for pattern in (*TOKENIZER_FILES, *TOKENIZER_PATTERNS) for _ in folder.glob(pattern)):
+        refuse(f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the tokenizer "
+               "beside the model (tokenizer.save_pretrained), from the model it was converted or trained from")
+    if deep:
+        check_tokenizer(folder, error)
+
+
+def check_tokenizer(folder: Path, error: type[DiffembedError] = ModelFilesError) -> None:
+    """Name the tokenizer file that keeps a tokenizer from loading: a vocabulary is there (or the tokenizer's own
+    code builds one), tokenizer_config.json parses, and tokenizer.json is one the tokenizers library reads (a
+    fraction of a second for a large vocabulary). transformers reports all of these as "Unrecognized processing
+    class" or a bare KeyError. Raises `error` with exit status 1."""
+    folder = Path(folder)
+    tokenizer_config = read_json_or_empty(folder / "tokenizer_config.json", error)
+    vocabulary = any(True for pattern in (*VOCABULARY_FILES, "*.tiktoken") for _ in folder.glob(pattern))
+    if not vocabulary and not (isinstance(tokenizer_config, dict) and tokenizer_config.get("auto_map")):
+        raise error(f"{folder} has tokenizer settings but no vocabulary ({', '.join(VOCABULARY_FILES)}); save the "
+                    "whole tokenizer beside the model (tokenizer.save_pretrained)", exit_status=1)
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as err:  # noqa: BLE001 - the Rust library raises a plain Exception for any bad file
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise error(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library can read ({reason}); "
+                        "copy it again from where the model came from", exit_status=1) from None
+
+
+def _check_safetensors_header(path: Path, refuse) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass  # opening checks the header: JSON, dtypes, offsets covering the file exactly
+    except (SafetensorError, OSError) as err:
+        refuse(f"{path} is not a readable safetensors file ({err}); the weights are damaged or cut short: copy them "
+               "again from where the model came from")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,11 +317,10 @@ def check_model_folder(folder: Path, *, trust_remote_code: bool = False,
     Returns its config.json."""
     kind = folder_kind(folder, error)
     if kind == "adapter":
-        raise error(f"{folder} is a LoRA adapter, which embeds only on top of its base model: merge it first "
-                    f"(diffembed push {folder} ORG/NAME --merge --dry-run shows the merge, or train without "
-                    "--adapter-only)")
+        raise error(f"{folder} is a LoRA adapter, which embeds only on top of its base model: load it with "
+                    "diffembed_hf.encoding.load_encoder (or diffembed encode), which merges it into its base")
     check_folder(folder)
-    config = read_json(folder / CONFIG, error)
+    config = read_json(folder / CONFIG, ModelFilesError)  # damaged: exit status 1, as for any damaged file
     if not isinstance(config, dict) or config.get("model_type") != "diffembed":
         model_type = config.get("model_type") if isinstance(config, dict) else None
         own = " and its own code (auto_map)" if isinstance(config, dict) and config.get("auto_map") else ""
@@ -250,6 +329,7 @@ def check_model_folder(folder: Path, *, trust_remote_code: bool = False,
     # in this process DiffEmbed's classes are this package's (registered: the folder's copy never runs); what a
     # load would run of the folder's own is a tokenizer's code
     check_remote_code(folder, trust_remote_code, sources=("tokenizer_config.json",))
+    check_model_files(folder)
     return config
 
 

@@ -29,9 +29,17 @@ from .batching import (
     unknown_prompt,
     warn_truncated,
 )
+from .checkpoint import (
+    ADAPTER_CONFIG,
+    CONFIG,
+    check_model_files,
+    check_model_folder,
+    folder_kind,
+    local_folder,
+    read_json,
+)
 from .compact import CalibrationRanges, Compaction, CompactError, check_truncate_dim
-from .checkpoint import ADAPTER_CONFIG, check_model_folder, folder_kind, local_folder, read_json
-from .errors import DiffembedError, UsageError, require_extra
+from .errors import DiffembedError, ModelFilesError, UsageError, one_line, require_extra
 from .files import staged_file
 
 logger = logging.getLogger(__name__)
@@ -118,6 +126,7 @@ def load_encoder(
     if folder is not None:
         config = check_model_folder(folder, trust_remote_code=trust_remote_code)
         check_max_seq_length(max_seq_length, config.get("max_position_embeddings"))
+        _check_weights(folder, config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quantize == "fp8":
         from .fp8 import check_fp8_support
@@ -129,13 +138,8 @@ def load_encoder(
     try:
         model = SentenceTransformer(model_name_or_path, device=device, trust_remote_code=trust_remote_code,
                                     model_kwargs=model_kwargs, **kwargs)
-    except OSError as err:  # a Hub id out of reach, a folder without a tokenizer...: one line, not a traceback
-        raise DiffembedError(f"cannot load the model {model_name_or_path!r}: {err}") from None
-    except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise UsageError(f"{model_name_or_path} needs its own code to load; read it, then pass "
-                             "--trust-remote-code (trust_remote_code=True)") from None
-        raise DiffembedError(f"cannot load the model {model_name_or_path!r}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - whatever the libraries raise, the user reads one line
+        raise _load_failure(model_name_or_path, folder, err) from err
     model_type = getattr(backbone(model).config, "model_type", None)
     if model_type != "diffembed":  # a Hub id: checked once downloaded, before any text is embedded
         raise UsageError(f"{model_name_or_path} is not a DiffEmbed model (model_type {model_type!r}); convert it "
@@ -179,6 +183,32 @@ def _stored_truncate_dim(name: str) -> int | None:
         return json.loads(path.read_text(encoding="utf-8")).get("truncate_dim")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _check_weights(folder: Path, config: dict) -> None:
+    """The weights hold exactly the tensors config.json implies (from their headers): transformers would
+    initialise a missing one at random, report it, and the folder would embed wrongly without an error."""
+    from .convert.weights import check_weights_match
+    from .modeling.configuration_diffembed import DiffEmbedConfig
+
+    try:
+        diffembed_config = DiffEmbedConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise ModelFilesError(f"{folder / CONFIG}: {err}") from None
+    check_weights_match(folder, diffembed_config, ModelFilesError)
+
+
+def _load_failure(name: str, folder: Path | None, err: Exception) -> DiffembedError:
+    """One clear error for a model that did not load: for a local folder, the damaged file when one can be
+    named (transformers reports a bad tokenizer as "Unrecognized processing class", after loading the weights);
+    else what the library said, on one line (a Hub id out of reach, a folder needing its own code)."""
+    if folder is not None:
+        check_model_files(folder, deep=True)  # raises ModelFilesError naming the file at fault
+    if isinstance(err, ValueError) and "trust_remote_code" in str(err):
+        return UsageError(f"{name} needs its own code to load; read it, then pass --trust-remote-code "
+                          "(trust_remote_code=True)")
+    reason = str(err) if isinstance(err, (OSError, ValueError)) and str(err) else one_line(err)
+    return DiffembedError(f"cannot load the model {name!r}: {' '.join(reason.split())}")
 
 
 def _load_adapter(folder: Path, **options) -> SentenceTransformer:
@@ -243,11 +273,12 @@ def encode(
     return result[0] if single else result
 
 
-def save_embeddings(embeddings: np.ndarray, output: str | Path) -> Path:
+def save_embeddings(embeddings: np.ndarray, output: str | Path, *, overwrite: bool = True) -> Path:
     """Write `.npy` or `.safetensors` (key "embeddings") whole, so a reader never sees a half-written file; the
-    file gets the user's umask like any other."""
+    file gets the user's umask like any other. `overwrite=False` never replaces a file that exists by the time
+    the embeddings are written (`OutputExistsError`)."""
     output = Path(output)
-    with staged_file(output) as partial:
+    with staged_file(output, replace=overwrite) as partial:
         if output.suffix == ".npy":
             with open(partial, "wb") as handle:
                 np.save(handle, embeddings)
@@ -330,10 +361,6 @@ def encode_file(
         calibration.check(identity.as_dict(), st_model.truncate_dim or embedding_width(st_model))
     embeddings = encode(st_model, texts, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
                         show_progress_bar=show_progress_bar, precision=precision, calibration=calibration)
-    if not overwrite and (output.exists() or output.is_symlink()):  # made by someone else while we embedded
-        from .errors import OutputExistsError
-
-        raise OutputExistsError(f"{output} appeared while the texts were embedded; pass --overwrite to replace it "
-                                "(nothing was written)")
-    save_embeddings(embeddings, output)
+    # without --overwrite, a file that appeared while the texts were embedded is refused, never replaced
+    save_embeddings(embeddings, output, overwrite=overwrite)
     return output, embeddings.shape

@@ -46,6 +46,11 @@ class UntrustedFolderError(UsageError, ValueError):
     without the user's opt-in (--trust-remote-code)."""
 
 
+class ModelFilesError(DiffembedError, ValueError):
+    """A file a model folder needs is missing or damaged (a JSON file that does not parse, weights cut short, no
+    tokenizer); the message names the file."""
+
+
 class PromptNameError(UsageError, ValueError):
     """A prompt name the model does not store."""
 
@@ -120,6 +125,16 @@ class CompactError(UsageError, ValueError):
 
 class CalibrationMismatch(CompactError):
     """Calibration ranges that belong to another model or another dimension."""
+
+
+def one_line(error: BaseException) -> str:
+    """What a user reads for `error`: our own errors' message; for a file system error (a full disk, a denied
+    permission) the file and the reason; the type and message of anything else."""
+    if isinstance(error, DiffembedError):
+        return str(error)
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return f"{type(error).__name__}: {error}"
 
 
 # The optional extras of setup.cfg and the modules each one provides.

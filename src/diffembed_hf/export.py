@@ -32,15 +32,15 @@ from .checkpoint import (
     TOKENIZER_FILES,
     TOKENIZER_PATTERNS,
     check_folder,
+    check_model_files,
     inside,
     read_json,
     read_json_or_empty,
 )
-from .convert.weights import read_source_tensors
-from .errors import ConversionError, ExportError
+from .convert.weights import check_weights_match
+from .errors import ExportError, ModelFilesError
 from .files import final_path, output_lock, staged_folder, write_json
 from .modeling.configuration_diffembed import DiffEmbedConfig
-from .modeling.modeling_diffembed import DiffEmbedForEmbedding
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, pooling_modes, write_sentence_transformer_files
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,10 @@ def _diffembed_config(folder: Path) -> DiffEmbedConfig:
         adapter = (folder / "adapter_config.json").is_file()
         hint = " (a LoRA adapter: merge it into its base model first)" if adapter else ""
         raise ExportError(f"{folder} has no config.json{hint}; pass a DiffEmbed model folder")
-    raw = _read_json(path)
-    if raw.get("model_type") != "diffembed":
-        raise ExportError(f"{path}: model_type {raw.get('model_type')!r} is not 'diffembed'; convert the checkpoint "
+    raw = read_json(path, ModelFilesError)  # damaged: exit status 1, as in every command
+    if not isinstance(raw, dict) or raw.get("model_type") != "diffembed":
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        raise ExportError(f"{path}: model_type {model_type!r} is not 'diffembed'; convert the checkpoint "
                           "first (diffembed convert), then export the DiffEmbed folder")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -103,28 +104,6 @@ def _vllm_architecture(config: DiffEmbedConfig, path: Path) -> str:
         raise ExportError(f"{path}: q/k/v biases with head_dim {config.head_dim} != hidden_size / heads; vLLM's "
                           "Qwen2Model derives the head size from hidden_size and would run it wrong")
     return "Qwen2Model"
-
-
-def _check_weights(folder: Path, config: DiffEmbedConfig) -> list[Path]:
-    """The weight files (and index), after checking that they hold exactly DiffEmbed's tensors and shapes."""
-    try:
-        tensors = read_source_tensors(folder, allow_pickle=False)
-    except ConversionError as err:
-        raise ExportError(str(err)) from err
-    with torch.device("meta"):
-        expected = {name: tuple(p.shape) for name, p in DiffEmbedForEmbedding(config).state_dict().items()}
-    found = {t.name: t for t in tensors}
-    if found.keys() != expected.keys():
-        extra, missing = sorted(found.keys() - expected.keys()), sorted(expected.keys() - found.keys())
-        raise ExportError(f"{folder}: the weights do not match config.json (unexpected: {extra[:3]}, "
-                          f"missing: {missing[:3]})")
-    for name, shape in expected.items():
-        if found[name].shape != shape:
-            raise ExportError(f"{folder}: tensor {name} has shape {list(found[name].shape)}, config.json implies "
-                              f"{list(shape)}")
-    files = sorted({t.file for t in tensors})
-    index = folder / "model.safetensors.index.json"
-    return files + [index] if index.is_file() else files
 
 
 def _pooling(folder: Path) -> tuple[bool, dict]:
@@ -264,10 +243,12 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
         raise ExportError(f"{out} exists and is not a folder")
     config = _diffembed_config(folder)
     check_folder(folder)  # untrusted: no index, module path or link may lead the export outside it
+    # the export copies the tokenizer without loading it: a damaged one is named here, not by vLLM later
+    check_model_files(folder, deep=True, error=ExportError)
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise ExportError(f"the output {out} must not contain the model folder {folder}")
     architecture = _vllm_architecture(config, folder / "config.json")
-    weights = _check_weights(folder, config)
+    weights = check_weights_match(folder, config, ExportError)
     normalize, st_config = _pooling(folder)
     tokenizer_files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
     tokenizer_files += [path for pattern in TOKENIZER_PATTERNS for path in folder.glob(pattern)]

@@ -145,19 +145,42 @@ def partial_folder(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def staged_file(out: Path) -> Iterator[Path]:
+def staged_file(out: Path, *, replace: bool = True) -> Iterator[Path]:
     """Write a file for `out` and publish it whole: yields a hidden sibling path to write, renamed to `out` when
-    the block ends without error (with the user's umask), removed when it raises."""
+    the block ends without error (with the user's umask), removed when it raises.
+
+    `replace=False` (no --overwrite) publishes only where nothing is at `out` by then, checked and created in one
+    step (a hard link), so a file that another process made while this job ran is never replaced: that raises
+    `OutputExistsError` (exit status 1: the work was done, and is not kept)."""
     out = final_path(out)
     tmp = temporary_sibling(out, "partial")
     try:
         yield tmp
         with open(tmp, "rb+") as handle:  # on disk before it gets its final name
             os.fsync(handle.fileno())
-        move_into_place(tmp, out)
+        if replace:
+            move_into_place(tmp, out)
+        else:
+            _publish_new(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _publish_new(tmp: Path, out: Path) -> None:
+    apply_umask(tmp)
+    appeared = OutputExistsError(f"{out} appeared while this command ran, so nothing was written; pass --overwrite "
+                                 "to replace it", exit_status=1)
+    try:
+        os.link(tmp, out)  # fails if `out` exists, whoever made it and whenever
+    except FileExistsError:
+        raise appeared from None
+    except OSError:  # a file system without hard links: the check and the rename are two steps there
+        if out.exists() or out.is_symlink():
+            raise appeared from None
+        os.rename(tmp, out)
+        return
+    tmp.unlink()
 
 
 def remove_stale_temp_folders(out: Path) -> None:
@@ -166,7 +189,7 @@ def remove_stale_temp_folders(out: Path) -> None:
     for path in out.parent.glob(f".{out.name}.tmp-*"):
         match = re.match(rf"\.{re.escape(out.name)}\.tmp-(\d+)-", path.name)
         if match and not _process_alive(int(match.group(1))):
-            logger.info("Removing %s, left by an interrupted run.", path)
+            logger.info("Removing the unfinished output of an interrupted run beside %s.", out)
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -78,7 +78,11 @@ with open(out, "w") as handle:
 
 
 class HubUserLoadError(DiffembedError):
-    """The folder does not load (or does not embed) as a Hub user would load it; the message says which step."""
+    """The folder does not load (or does not embed) as a Hub user would load it; `reason` says which step."""
+
+    def __init__(self, folder: str | Path, reason: str):
+        super().__init__(f"{folder} does not load as a Hub user would load it: {reason}")
+        self.reason = reason
 
 
 @dataclass
@@ -100,18 +104,20 @@ def embed_as_hub_user(folder: str | Path, texts: list[str], *, base_model_path: 
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp) / "mods"))
         command = [sys.executable, "-c", _SCRIPT, str(folder), str(base_model_path or ""), json.dumps(texts),
                    str(max_length or ""), str(out)]
-        logger.info("Loading %s in a fresh process (AutoModel and SentenceTransformer, offline)", folder)
+        # DEBUG: `folder` may be a staging folder whose temporary name means nothing to a user (push names its own)
+        logger.debug("Loading %s in a fresh process (AutoModel and SentenceTransformer, offline)", folder)
         try:
             result = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
                                     timeout=timeout)
         except subprocess.TimeoutExpired as err:
-            raise HubUserLoadError(f"loading {folder} as a Hub user did not finish in {timeout:.0f} s") from err
+            raise HubUserLoadError(folder, f"loading it did not finish in {timeout:.0f} s") from err
         if result.returncode:
-            lines = result.stderr.strip().splitlines()
+            lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
             logger.debug("Output of the fresh process:\n%s", result.stderr)
-            reason = next((line for line in reversed(lines) if line.startswith("LOAD FAILED")), None)
-            raise HubUserLoadError(f"{folder} does not load as a Hub user would load it: "
-                                   + (reason.removeprefix("LOAD FAILED: ") if reason else "\n" + "\n".join(lines[-25:])))
+            reason = next((line.removeprefix("LOAD FAILED: ") for line in reversed(lines)
+                           if line.startswith("LOAD FAILED")), None)
+            raise HubUserLoadError(folder, reason or f"the fresh process exited with status {result.returncode}"
+                                   + (f" ({lines[-1].strip()})" if lines else ""))
         payload = json.loads(out.read_text())
     return HubUserEmbeddings(torch.tensor(payload["auto_model"]), torch.tensor(payload["sentence_transformer"]),
                              payload["module"], payload["dtype"])

@@ -136,7 +136,8 @@ def write_sentence_transformer_files(
     )
     if normalize:
         (folder / "2_Normalize").mkdir(exist_ok=True)
-    logger.info("Wrote sentence-transformers files to %s (max_seq_length=%d)", folder, max_seq_length)
+    # DEBUG: the folder is usually a job's staging folder, whose temporary name means nothing to a user
+    logger.debug("Wrote sentence-transformers files to %s (max_seq_length=%d)", folder, max_seq_length)
 
 
 def save_sentence_transformer(

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -31,6 +30,7 @@ from transformers import TrainerCallback
 
 from . import register_auto_classes
 from .checkpoint import TRAINING_RECORD
+from .corpus.distributed import current
 from .data import ColumnMapping, load_training_data
 from .encoding import backbone, check_max_seq_length, load_encoder, set_backbone
 from .errors import ConfigError, NonFiniteLossError, OutputExistsError, TrainingError
@@ -266,7 +266,12 @@ def _add_lora(model: SentenceTransformer, config: TrainingConfig) -> None:
 
 class _Trainer(SentenceTransformerTrainer):
     """Resumes LoRA runs: a checkpoint then holds only the adapter, which sentence-transformers cannot reload
-    as a model, so the adapter weights are put back into the model in training directly."""
+    as a model, so the adapter weights are put back into the model in training directly; collects no model card
+    data (the card is ours)."""
+
+    def add_model_card_callback(self, default_args_dict) -> None:
+        """None: `train` writes its own model card (model_card.py). sentence-transformers' card data would
+        compute widget examples over the training rows at start-up, behind a progress bar of its own."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from peft import PeftModel, set_peft_model_state_dict
@@ -292,7 +297,7 @@ def auto_matryoshka_dims(width: int) -> list[int]:
 def _make_loss(model: SentenceTransformer, config: TrainingConfig) -> torch.nn.Module:
     # gather_across_devices: under torchrun every rank scores its queries against every rank's documents (in one
     # process there is nothing to gather, and sentence-transformers would warn that it cannot).
-    gather = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    gather = current().world_size > 1
     if config.gradcache_mini_batch_size:
         loss = CachedMultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=gather,
                                                   mini_batch_size=config.gradcache_mini_batch_size)
@@ -381,7 +386,7 @@ def build_trainer(model: SentenceTransformer, train_dataset, config: TrainingCon
     loss = _make_loss(model, config)
     on_cuda = model.device.type == "cuda"
     checkpointing = on_cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = current().world_size > 1
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
         max_steps=config.max_steps,
@@ -435,10 +440,11 @@ def train(
     """
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
+    ranks = current()  # a stray RANK or WORLD_SIZE (no torchrun) is refused before any work, naming it
     # --resume never licenses replacing a folder: the output is only ever written at the end of a run.
     check_output_folder(output_dir, overwrite=overwrite)
     # one run per output: a second `train` into the same OUT (or its checkpoints) is refused, naming this one
-    lock = output_lock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    lock = output_lock(output_dir) if ranks.is_main else contextlib.nullcontext()
     with lock:
         return _run(model_name_or_path, data, output_dir, config, mapping=mapping, eval_data=eval_data,
                     overwrite=overwrite, resume=resume, device=device, callbacks=callbacks,
@@ -453,14 +459,14 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
         group_by_instruction=config.group_by_instruction, default_prompt=config.query_prompt, seed=config.seed,
     )
     rows = sum(map(len, data_split.train.values())) if isinstance(data_split.train, dict) else len(data_split.train)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = current().world_size
     if rows < config.batch_size * world:
         raise TrainingError(f"{data}: {rows} training rows, fewer than one batch of {config.batch_size * world} "
                             "(--batch-size per device x devices); lower --batch-size or add rows")
     checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints"
     resume_from = None
     if resume:
-        resume_from = _last_complete_checkpoint(checkpoints, remove_incomplete=int(os.environ.get("RANK", "0")) == 0)
+        resume_from = _last_complete_checkpoint(checkpoints, remove_incomplete=current().is_main)
         if resume_from is None:
             logger.warning("--resume: no complete checkpoint in %s; training from the start.", checkpoints)
         else:

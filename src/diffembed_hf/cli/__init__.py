@@ -17,7 +17,7 @@ import traceback
 import warnings
 
 from .. import __version__
-from ..errors import DiffembedError
+from ..errors import DiffembedError, one_line
 from . import convert, demo, encode, evaluate, export, push, reasonaug, train
 from .common import ArgumentParser, add_output_options, byte_size, fraction, positive_float, positive_int
 
@@ -75,6 +75,7 @@ def _configure_output(verbose: bool) -> None:
     root.setLevel(logging.INFO)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if not verbose:
+        _quiet_library_progress_bars()
         # torchao (the [fp8] extra), which PEFT and transformers import whenever it is installed, logs at import
         # that kernels its CPU build lacks failed to load and that torch deprecated a registration it makes:
         # nothing a user can act on.
@@ -88,10 +89,37 @@ def _configure_output(verbose: bool) -> None:
                                 category=FutureWarning)
 
 
+def _quiet_library_progress_bars() -> None:
+    """The libraries' own progress bars (transformers' "Loading weights" and "Writing model shards", datasets'
+    "Generating train split") only with -v; the job's bars (embedding, training steps) and the downloads' stay.
+
+    Set before transformers or datasets is imported (the commands import them when they run): transformers
+    decides once, at import, from huggingface_hub's global switch, which is turned off here and then on again for
+    huggingface_hub's own groups (the download bars); datasets reads its environment variable."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" not in sys.modules:
+        disable_progress_bars()
+        enable_progress_bars("huggingface_hub")
+
+
+def _other_rank() -> str:
+    """" (rank K of N)" on a torchrun rank other than 0, so that a line from it says where it comes from; "" in
+    one process, on rank 0, and where the variables do not describe a torchrun job (the job refuses those)."""
+    env = os.environ
+    rank, world = env.get("RANK", ""), env.get("WORLD_SIZE", "")
+    launched = all(env.get(name) for name in ("MASTER_ADDR", "MASTER_PORT"))
+    if launched and rank.isdigit() and world.isdigit() and 0 < int(rank) < int(world):
+        return f" (rank {rank} of {world})"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.verbose)
     command = " ".join(["diffembed", args.command] + ([args.engine] if getattr(args, "engine", None) else []))
+    command += _other_rank()
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
@@ -105,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a failure we did not foresee: still one line, traceback on request
         if args.debug:
             traceback.print_exc()
-        print(f"{command}: error: {type(err).__name__}: {err}" + ("" if args.debug else
+        # the file system refusing (a full disk, a denied permission) is no bug: the file and the reason suffice
+        foreseen = args.debug or isinstance(err, OSError) and bool(err.strerror)
+        print(f"{command}: error: {one_line(err)}" + ("" if foreseen else
               " (run again with --debug for the traceback)"), file=sys.stderr)
         return 1
 

@@ -5,6 +5,7 @@ the checks of a model source or device that need no model loaded."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from ..errors import DiffembedError, UsageError
 
@@ -93,13 +94,24 @@ def add_trust_option(parser: argparse.ArgumentParser, what: str = "the model fol
 
 
 def check_model_source(name: str, option: str = "MODEL") -> None:
-    """A local folder, or something that can be a Hub id; a missing local path is named as such."""
-    from ..checkpoint import local_folder
+    """A local folder, or something that can be a Hub id; a missing local path is named as such. A DiffEmbed
+    folder's files are checked too (`checkpoint.check_model_files`), so that a damaged one is named in a
+    second, before torch is imported; everything else about the folder is checked where it loads."""
+    from ..checkpoint import CONFIG, check_folder, check_model_files, local_folder
 
     try:
-        local_folder(name)
+        folder = local_folder(name)
     except UsageError as err:
         raise UsageError(f"{option} {err}") from None
+    if folder is None or not (folder / CONFIG).is_file():
+        return
+    check_folder(folder)  # nothing is read through a link that leads out of it
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {"model_type": "diffembed"}  # damaged: check_model_files names it
+    if isinstance(config, dict) and config.get("model_type") == "diffembed":
+        check_model_files(folder)
 
 
 def check_device(name: str | None) -> None:

@@ -6,10 +6,10 @@ use (`encoding.check_mode_options`)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import traceback
 
-from ..errors import DiffembedError
+from ..errors import DiffembedError, UsageError
 from .common import add_trust_option, check_device, check_model_source, positive_int
 
 
@@ -73,17 +73,22 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_source(args.model)  # before the heavy imports: a missing or damaged folder is named at once
     from ..encoding import check_mode_options, is_folder_output
 
     check_mode_options(args.output, vars(args))
-    check_model_source(args.model)
     check_device(args.device)
     from ..compact import load_calibration
 
     calibration = load_calibration(args.calibration) if args.calibration else None
     if is_folder_output(args.output):
         return _corpus(args, calibration)
+    from ..corpus.distributed import current
     from ..encoding import encode_file
+
+    if current().world_size > 1:  # every rank would embed every text into the same file
+        raise UsageError("file mode (a .npy or .safetensors --output) runs in one process; under torchrun give "
+                         "--output a folder (corpus mode), whose shards the ranks share")
 
     output, shape = encode_file(
         args.model, args.input, args.output, field=args.field, prompt_name=args.prompt_name,
@@ -100,8 +105,9 @@ def _corpus(args: argparse.Namespace, calibration) -> int:
     """Corpus mode: shards + manifest in a folder, resumable; under torchrun every rank runs this."""
     from ..compact import DEFAULT_CALIBRATION_ROWS
     from ..corpus import DEFAULT_SHARD_SIZE, encode_corpus
+    from ..corpus.distributed import current
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank = current().rank  # a stray RANK or WORLD_SIZE is refused here, naming it
     try:  # the library checks the options before it touches a model or a file
         result = encode_corpus(
             args.model, args.input, args.output, field=args.field or "text", id_field=args.id_field,
@@ -113,8 +119,10 @@ def _corpus(args: argparse.Namespace, calibration) -> int:
             truncate_dim=args.truncate_dim, precision=args.precision, calibration=calibration,
             calibration_rows=args.calibration_rows or DEFAULT_CALIBRATION_ROWS)
     except DiffembedError as err:
-        if rank == 0:  # under torchrun every rank meets the same error: one of them says it
+        if rank == 0:  # under torchrun a failure on any rank is reported once, by rank 0
             raise
+        if args.debug:
+            traceback.print_exc()
         return err.exit_status
     if rank == 0:
         kept = result.shards - len(result.computed)

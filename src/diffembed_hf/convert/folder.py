@@ -34,8 +34,17 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .. import __version__, register_auto_classes
-from ..checkpoint import CONFIG, CONVERSION_RECORD, LICENSE_PATTERNS, TOKENIZER_FILES, check_folder, is_hub_id
-from ..errors import ConversionError, UsageError
+from ..checkpoint import (
+    CONFIG,
+    CONVERSION_RECORD,
+    LICENSE_PATTERNS,
+    TOKENIZER_FILES,
+    check_folder,
+    check_tokenizer,
+    is_hub_id,
+    read_json_or_empty,
+)
+from ..errors import ConversionError, UsageError, one_line
 from ..files import check_parent_writable, output_lock, parse_size, staged_folder, write_json
 from ..model_card import write_model_card
 from ..modeling import configuration_diffembed, modeling_diffembed
@@ -62,7 +71,7 @@ def _load_tokenizer(folder: Path, source_config: dict, trust_remote_code: bool) 
         logger.warning("%s has no tokenizer files; the converted folder will have no tokenizer.", folder)
         return None
     config_path = folder / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    tokenizer_config = read_json_or_empty(config_path, ConversionError)
     auto_map = tokenizer_config.get("auto_map") or {}
     remote = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map  # a list: legacy format
     if remote and not trust_remote_code:
@@ -83,8 +92,9 @@ def _load_tokenizer(folder: Path, source_config: dict, trust_remote_code: bool) 
     model_config = AutoConfig.for_model(model_type) if model_type in CONFIG_MAPPING else PretrainedConfig()
     try:
         return AutoTokenizer.from_pretrained(folder, config=model_config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as err:
-        raise ConversionError(f"{folder}: cannot load the tokenizer ({err})") from err
+    except Exception as err:  # noqa: BLE001 - a damaged file surfaces as KeyError, ValueError, OSError...
+        check_tokenizer(folder, ConversionError)  # names the file at fault, if it can
+        raise ConversionError(f"{folder}: cannot load the tokenizer ({one_line(err)})") from err
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, config: DiffEmbedConfig):

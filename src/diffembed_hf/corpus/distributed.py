@@ -3,6 +3,12 @@
 Shard k belongs to rank k % WORLD_SIZE. Ranks talk only through torch.distributed's gloo backend (small
 Python objects: the plan from rank 0, the shard list back to it), so the same code runs on CPU-only and GPU
 machines; the GPUs only compute. A rank waits for the others in a collective, hence the long timeout.
+
+A job that fails on one rank must end on every rank with one message: each step that all ranks take ends in
+`settle`, where the ranks tell each other whether they failed. Rank 0 then raises the failure (its own, or
+"rank K of N failed: ..."), the other ranks raise `OtherRankFailed`, which the CLI does not print. Without it
+the surviving ranks would wait in their next collective until the failed process is gone and then report a
+lost connection, which names neither the rank nor the cause.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..errors import DiffembedError, UsageError, one_line
 
 # A rank that finished its shards waits in a collective for the slowest one; torchrun ends the whole job when a
 # rank dies, so a long timeout only matters for a rank that hangs.
@@ -34,10 +42,42 @@ class Ranks:
         return shard % self.world_size == self.rank
 
 
+class OtherRankFailed(DiffembedError):
+    """Raised on a rank other than 0 when some rank failed: rank 0 says which and why, this rank stays quiet."""
+
+
+_LAUNCH = "run the command under torchrun (torchrun --nproc-per-node N -m diffembed_hf ...), which sets them"
+
+
 def current() -> Ranks:
-    """This process's place in a torchrun job (one process alone: rank 0 of 1)."""
+    """This process's place in a torchrun job (one process alone: rank 0 of 1). `RANK`, `WORLD_SIZE` and
+    `LOCAL_RANK` must make sense together, and several ranks need `MASTER_ADDR` and `MASTER_PORT`: a variable
+    left over in the shell would otherwise make this process wait for ranks that never start, or fail inside
+    torch.distributed with a message that does not name it."""
     env = os.environ
-    return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = env.get(name, "").strip()
+        if not text:
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise UsageError(f"the environment variable {name}={env[name]!r} is not an integer; {_LAUNCH}, or "
+                             f"unset {name}") from None
+    rank, world, local = values.get("RANK", 0), values.get("WORLD_SIZE", 1), values.get("LOCAL_RANK", 0)
+    shown = ", ".join(f"{name}={value}" for name, value in values.items())
+    if world < 1 or not 0 <= rank < world or local < 0:
+        unset = " ".join(values)
+        raise UsageError(f"the environment says {shown}, which is not a rank of a torchrun job (RANK runs from 0 "
+                         f"to WORLD_SIZE - 1); {_LAUNCH}, or unset {unset} to run in one process")
+    if world > 1:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name, "").strip()]
+        if missing:
+            raise UsageError(f"the environment says {shown} but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not set, so the ranks cannot meet; {_LAUNCH}, "
+                             f"or unset {' '.join(values)} to run in one process")
+    return Ranks(rank, world, local)
 
 
 def device_for(ranks: Ranks, requested: str | None) -> str | None:
@@ -77,3 +117,35 @@ def gather(obj, ranks: Ranks) -> list:
     boxes = [None] * ranks.world_size
     dist.all_gather_object(boxes, obj)
     return boxes
+
+
+def settle(ranks: Ranks, error: BaseException | None) -> None:
+    """The end of a step every rank takes: if any rank failed (`error` is this rank's failure, or None), every
+    rank raises. Rank 0 raises its own failure, or a `DiffembedError` "rank K of N failed: ..." for the first
+    rank that failed (with that failure's exit status); the other ranks raise `OtherRankFailed` (chained to
+    their own failure, if any, for --debug). One process alone just raises its own failure."""
+    if ranks.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    report = None if error is None else (one_line(error), getattr(error, "exit_status", 1))
+    failed = [(rank, found) for rank, found in enumerate(gather(report, ranks)) if found is not None]
+    if not failed:
+        return
+    if ranks.is_main:
+        if error is not None:
+            raise error
+        rank, (message, status) = failed[0]
+        raise DiffembedError(f"rank {rank} of {ranks.world_size} failed: {message}", exit_status=status)
+    raise OtherRankFailed(f"rank {failed[0][0]} failed; rank 0 reports it") from error
+
+
+@contextlib.contextmanager
+def together(ranks: Ranks):
+    """A step every rank takes: a failure on any rank ends the step on every rank (see `settle`)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - any failure: the other ranks must hear of it
+        settle(ranks, err)
+        raise
+    settle(ranks, None)

@@ -24,10 +24,9 @@ from ..checkpoint import model_identity, settings_digest
 from ..compact import DEFAULT_CALIBRATION_ROWS, PRECISIONS, SCALAR, CalibrationRanges, Compaction, calibrate, \
     calibration_sample, resolve_precision, truncate
 from ..encoding import check_max_seq_length, check_prompt_name, load_encoder
-from ..errors import DiffembedError
 from ..files import output_lock
 from . import distributed
-from .read import CorpusError, CorpusSource, ShardPlan, iter_rows, scan
+from .read import CorpusError, CorpusSource, ShardPlan, check_first_row, iter_rows, scan
 from .shards import ShardInfo, finish_manifest, prepare_folder, read_manifest, verify_shard, write_shard
 
 logger = logging.getLogger(__name__)
@@ -256,6 +255,7 @@ def encode_corpus(
     source = as_source(source, field, id_field, title_field, split, subset)
     output_dir = Path(output_dir).expanduser().absolute()
     check_locations(source, output_dir)
+    check_first_row(source, skip_bad_rows=skip_bad_rows)  # a wrong --input or --field, before the model loads
     options = dict(prompt=prompt, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
                    max_seq_length=max_seq_length, quantize=quantize, trust_remote_code=trust_remote_code,
                    truncate_dim=truncate_dim)
@@ -272,38 +272,33 @@ def encode_corpus(
                                  show_progress_bar=show_progress_bar, num_actors=num_actors)
     ranks = distributed.current()
     with distributed.process_group(ranks), contextlib.ExitStack() as held:
-        job = error = None
-        if ranks.is_main:  # one job per output folder: a second one is refused, naming this one
-            try:
+        # Each step ends with every rank learning whether another failed (distributed.together): a failure on
+        # one rank is reported once, by rank 0, and no rank waits for a rank that is gone.
+        with distributed.together(ranks):
+            if ranks.is_main:  # one job per output folder: a second one is refused, naming this one
                 held.enter_context(output_lock(output_dir))
-            except DiffembedError as err:
-                error = err
-        error = distributed.broadcast(error, ranks)
-        if error is not None:
-            raise error
-        st_model, encoder = load(model, device=distributed.device_for(ranks, device), **options)
-        if ranks.is_main:
-            try:
+        with distributed.together(ranks):
+            st_model, encoder = load(model, device=distributed.device_for(ranks, device), **options)
+        job = None
+        with distributed.together(ranks):
+            if ranks.is_main:
                 job = plan_job(model, st_model, encoder, source, output_dir, **job_options)
-            except DiffembedError as err:
-                error = err
-        job, error = distributed.broadcast((job, error), ranks)
-        if error is not None:
-            raise error
+        job = distributed.broadcast(job, ranks)
 
         mine = [k for k in range(job.plan.num_shards) if ranks.owns(k)]
-        infos = {k: job.verified(k) for k in mine}
-        pending = [k for k in mine if infos[k] is None]
-        logger.info("rank %d: %d of its %d shards to compute", ranks.rank, len(pending), len(mine))
-        total = sum(job.plan.shard_rows[k] for k in pending)
-        description = "embedding" if ranks.world_size == 1 else f"rank 0/{ranks.world_size} embedding"
-        progress = progress_bar(total, show_progress_bar if ranks.is_main else False, description)
-        try:
-            for k in pending:
-                infos[k] = job.compute(k, encoder, progress)
-        finally:
-            if progress is not None:
-                progress.close()
+        with distributed.together(ranks):
+            infos = {k: job.verified(k) for k in mine}
+            pending = [k for k in mine if infos[k] is None]
+            logger.info("rank %d: %d of its %d shards to compute", ranks.rank, len(pending), len(mine))
+            total = sum(job.plan.shard_rows[k] for k in pending)
+            description = "embedding" if ranks.world_size == 1 else f"rank 0/{ranks.world_size} embedding"
+            progress = progress_bar(total, show_progress_bar if ranks.is_main else False, description)
+            try:
+                for k in pending:
+                    infos[k] = job.compute(k, encoder, progress)
+            finally:
+                if progress is not None:
+                    progress.close()
         everyone = [info for part in distributed.gather(list(infos.values()), ranks) for info in part]
         manifest = None
         if ranks.is_main:

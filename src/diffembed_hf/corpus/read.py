@@ -11,6 +11,7 @@ skipped) or a Hub dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -241,7 +242,7 @@ def scan(source: CorpusSource, shard_size: int, *, skip_bad_rows: bool = False) 
                     raise _mistyped(row, *row.absent)
                 first_absent = first_absent or row
             if not skip_bad_rows:
-                raise CorpusError(f"{row.where}: {row.problem} (pass --skip-bad-rows to leave such rows out)")
+                raise _bad_row(source, row, any_good=plan.good_rows > 0)
             plan.skipped += 1
             if len(plan.skipped_examples) < 20:
                 plan.skipped_examples.append(f"{row.where}: {row.problem}")
@@ -272,6 +273,45 @@ def _mistyped(row: Row, name: str, option: str, note: str = "") -> CorpusError:
     """The error for a field that the first rows lack: the option names a field the corpus does not have, and
     --skip-bad-rows would skip every row, so the advice is to name another."""
     return CorpusError(f"{row.where}: {no_field(name, row.fields, option)}{note}")
+
+
+def check_first_row(source: CorpusSource, *, skip_bad_rows: bool) -> None:
+    """Before the model loads, the mistakes a first row shows: a missing input, a file type this reader does not
+    read, a text column or field that is not there (a Hub dataset is read only once the job runs)."""
+    if source.dataset is not None or is_hub_dataset(source.path):
+        return
+    first = next(iter_rows(source), None)
+    if first is not None and first.problem is not None and not skip_bad_rows:
+        raise _mistyped(first, *first.absent) if first.absent else _bad_row(source, first, any_good=False)
+
+
+LOOK_AHEAD_ROWS = 100_000  # rows read past a bad first row to see whether --skip-bad-rows would leave any
+
+
+def _bad_row(source: CorpusSource, row: Row, *, any_good: bool) -> CorpusError:
+    """The error for a bad row, with advice that works when followed: --skip-bad-rows only if some row would be
+    left to embed; when no row can be embedded (a mistyped --field or --id-field), the option to fix."""
+    if not any_good:
+        ahead = dataclasses.replace(source, id_field=row.id_field)
+        read = 0
+        for later in iter_rows(ahead, row.position, row.index):
+            if later.problem is None:
+                any_good = True
+                break
+            read += 1
+            if read >= LOOK_AHEAD_ROWS:
+                break
+    if any_good:
+        return CorpusError(f"{row.where}: {row.problem} (pass --skip-bad-rows to leave such rows out)")
+    if row.problem.startswith("text field"):
+        fix = f"is the text in another field? name it with --field (now {source.field!r})"
+    elif row.problem.startswith("id field"):
+        fix = f"are the ids in another field? name it with --id-field (now {row.id_field!r})"
+    else:
+        fix = "fix the input"
+    scope = "no row of the corpus" if read < LOOK_AHEAD_ROWS else f"none of the first {read} rows"
+    return CorpusError(f"{row.where}: {row.problem}, and {scope} can be embedded (--skip-bad-rows would leave "
+                       f"nothing); {fix}")
 
 
 def _id_hash(identifier: str) -> int:

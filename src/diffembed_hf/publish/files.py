@@ -23,6 +23,7 @@ from ..checkpoint import (
     TOKENIZER_PATTERNS,
     TRAINING_RECORD,
     check_folder,
+    check_model_files,
     code_files,
     inside,
     read_json,
@@ -75,6 +76,7 @@ def _model_files(folder: Path) -> list[str]:
     if missing_code:
         raise PublishError(f"{folder} lacks the remote-code file(s) {', '.join(missing_code)}; "
                            "save_pretrained() with diffembed_hf imported copies them")
+    check_model_files(folder, error=PublishError)  # JSON files that parse, whole weight headers, a tokenizer
     files = ["config.json", *_present(folder, ("generation_config.json",)), *REMOTE_CODE_FILES,
              *_code_files(folder, auto_map, "config.json"), *weight_files(folder, PublishError)]
 

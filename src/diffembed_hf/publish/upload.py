@@ -45,6 +45,7 @@ from ..checkpoint import (
     TOKENIZER_FILES,
     TRAINING_RECORD,
     check_folder,
+    check_model_files,
     check_remote_code,
     inside,
     is_hub_id,
@@ -267,7 +268,14 @@ def prepare_push(
             for code_folder in (source, base_path):
                 if code_folder is not None:
                     check_remote_code(code_folder, trust_remote_code, action="validating it before the push")
-            validation = validate_folder(staging, base_model_path=base_path)
+            try:
+                validation = validate_folder(staging, base_model_path=base_path, name=folder)
+            except PublishError:
+                # the fresh process reports what its loader raised; name the damaged file where there is one
+                for loaded in (source, base_path):
+                    if loaded is not None and folder_kind(loaded) == "model":
+                        check_model_files(loaded, deep=True, error=PublishError)
+                raise
         return PushPlan(folder, repo_id, kind, staging, model_card, generated, validation, notes, tmp)
     except BaseException:
         tmp.cleanup()

@@ -21,17 +21,22 @@ logger = logging.getLogger(__name__)
 TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France."]
 
 
-def validate_folder(folder: str | Path, *, base_model_path: str | Path | None = None, timeout: float = 3600) -> dict:
+def validate_folder(folder: str | Path, *, base_model_path: str | Path | None = None, timeout: float = 3600,
+                    name: str | Path | None = None) -> dict:
     """Load `folder` as a Hub user would and refuse it unless it works: both loaders give finite unit vectors
     that agree (1e-5 in float32, 2e-2 in lower precision). For an adapter folder, `base_model_path` is its base
-    model's local folder, loaded first with the adapter applied by PEFT.
+    model's local folder, loaded first with the adapter applied by PEFT. `name` is what messages call the folder
+    (the user's folder, when `folder` stages it).
 
     Returns what was checked (remote-code module, dtype, dimension, largest difference); raises PublishError.
     """
+    name = name or folder
+    logger.info("Validating %s: loading it in a fresh offline process with AutoModel and SentenceTransformer", name)
     try:
         loaded = embed_as_hub_user(folder, TEXTS, base_model_path=base_model_path, timeout=timeout)
     except HubUserLoadError as err:
-        raise PublishError(f"{err}; it was not pushed") from None
+        raise PublishError(f"{name} does not load as a Hub user would load it, so it was not pushed: "
+                           f"{err.reason}") from None
     auto, sentence = loaded.auto_model, loaded.sentence_transformer
     problem = None
     if not (torch.isfinite(auto).all() and torch.isfinite(sentence).all()):
@@ -46,6 +51,6 @@ def validate_folder(folder: str | Path, *, base_model_path: str | Path | None = 
         elif difference > tolerance:
             problem = f"AutoModel and SentenceTransformer disagree by {difference:.2e} (> {tolerance:g})"
     if problem is not None:
-        raise PublishError(f"{folder} does not load as a Hub user would load it, so it was not pushed: {problem}")
+        raise PublishError(f"{name} does not load as a Hub user would load it, so it was not pushed: {problem}")
     return {"module": loaded.module, "dtype": loaded.dtype, "dimension": sentence.shape[1],
             "max_difference": difference}
