@@ -323,7 +323,7 @@ def test_a_mistyped_field_is_not_answered_with_skip_bad_rows(model, inputs, tmp_
     that fixes it (before the model loads), and --skip-bad-rows is offered only where it leaves rows to embed."""
     out = tmp_path / "out"
     wrong = cli("encode", model, "-i", inputs / "corpus.jsonl", "-o", f"{out}/", "--field", "body", "-v")
-    line = assert_one_error_line(wrong, "diffembed encode", 2, "text field 'body' is missing", "_id, text", "--field")
+    line = assert_one_error_line(wrong, "diffembed encode", 2, "no field 'body'", "_id, text", "--field")
     assert "pass --skip-bad-rows" not in line
     assert "Loading weights" not in wrong.stderr and not out.exists()  # -v shows the bar had the model loaded
 
@@ -380,7 +380,7 @@ def test_encode_evaluate_export_and_push_are_quiet(model, inputs, tmp_path):
         "push": ["push", model, "user/tiny", "--dry-run"],
     }
     allowed = {
-        "encode": [ATTENTION, re.escape(f"3 embeddings of dimension 64 -> {tmp_path / 'e.npy'}")],
+        "encode": [ATTENTION, re.escape(f"3 embeddings (float32, 64 values per row) -> {tmp_path / 'e.npy'}")],
         "corpus": [ATTENTION, r"rank 0: 1 of its 1 shards to compute",
                    re.escape(f"12 embeddings in 1 shards (1 computed now, 0 kept from before; 0 bad rows skipped) -> "
                              f"{tmp_path / 'corpus'}")],
@@ -406,7 +406,10 @@ def test_train_is_quiet(model, inputs, tmp_path):
                  "--device", "cpu", "--eval-fraction", "0", "--max-seq-length", "64")
     assert result.returncode == 0, result.stderr[-3000:]
     bar = r"\d+%\|.*"  # the trainer's step bar, frame by frame
+    settings = r"Training on cpu: max_seq_length 64 \(as set\); gradient checkpointing off .*"  # why, once
+    saved = r"The saved model will carry max_seq_length \d+ .*"
     assert_quiet(result.stderr, [ATTENTION, r"Training rows: 12 \(negatives per row: 0\); held-out rows: 0", bar,
+                                 settings, saved,
                                  re.escape(f"Fine-tuned model written to {tmp_path / 'trained'}") + r" in \d+ s"])
     assert result.stdout.strip().splitlines()[-1] == f"2 training steps; model written to {tmp_path / 'trained'}"
 

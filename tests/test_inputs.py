@@ -289,9 +289,10 @@ def test_a_resumed_run_inside_a_compressed_corpus_equals_an_uninterrupted_one(fo
     result = encode_corpus(str(folder), source, tmp_path / "resumed", shard_size=10, device="cpu",
                            show_progress_bar=False)
     assert result.computed == [3, 4, 5]  # started at byte offsets inside the compressed file
-    # one pass to scan, one to embed: shard 3 decompresses up to its start, shards 4 and 5 continue where the one
-    # before stopped instead of decompressing from the start again (that would be 4 passes)
-    assert opens == ["corpus.jsonl.gz"] * 2
+    # its first row read before the model loads (a wrong --field is named at once), one pass to scan, one to
+    # embed: shard 3 decompresses up to its start, shards 4 and 5 continue where the one before stopped instead of
+    # decompressing from the start again (that would be 5 opens)
+    assert opens == ["corpus.jsonl.gz"] * 3
     (ids, vectors), (whole_ids, whole_vectors) = read_output(tmp_path / "resumed"), read_output(tmp_path / "whole")
     assert ids == whole_ids == [r["_id"] for r in corpus_rows(60, seed=3)]
     assert np.array_equal(vectors, whole_vectors)

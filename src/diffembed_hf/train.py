@@ -198,7 +198,7 @@ def resolve_warmup(config: TrainingConfig) -> int:
         steps = config.warmup_steps
     else:
         steps = min(RECIPE_WARMUP_STEPS, math.ceil(WARMUP_CAP * config.max_steps))
-    if steps >= config.max_steps / 2:
+    if steps > config.max_steps / 2:  # most of the run
         logger.warning("Warm-up takes %d of the %d steps: the learning rate reaches %g only at step %d, and most of "
                        "the run trains below it; lower --warmup-steps or use --warmup-ratio.", steps, config.max_steps,
                        config.learning_rate, min(steps, config.max_steps))
