@@ -16,6 +16,16 @@ from diffembed_hf import DiffEmbedConfig, DiffEmbedForEmbedding  # noqa: E402
 
 hf_logging.disable_progress_bar()
 
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on 2 shared cores, two OpenMP threads whose partner core is busy spin and run
+    many times slower (modules that embed many texts use it: `pytestmark = pytest.mark.usefixtures(...)`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 TINY = dict(
     vocab_size=128,
     hidden_size=64,

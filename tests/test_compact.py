@@ -9,13 +9,12 @@ import json
 import numpy as np
 import pytest
 import sentence_transformers
-import torch
 from corpus_helpers import build_folder
 from sentence_transformers import SentenceTransformer, quantize_embeddings
 
 from diffembed_hf import compact
 from diffembed_hf.cli import main as cli_main
-from diffembed_hf.compact import CalibrationMismatch, CalibrationRanges, Compaction, CompactError
+from diffembed_hf.compact import CalibrationMismatch, Compaction, CompactError
 from diffembed_hf.encoding import encode, load_encoder
 from diffembed_hf.sentence_transformer import write_sentence_transformer_files
 
@@ -27,12 +26,7 @@ TEXTS = ["how do plants make energy?", "Photosynthesis converts light into chemi
 MODEL = {"model": "/models/a", "revision": None, "model_sha256": "a" * 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from corpus_helpers import build_folder, corpus_rows, launch, write_jsonl
 from sentence_transformers import quantize_embeddings
 from test_compact import SCALAR_OK, needs_scalar
@@ -26,12 +25,7 @@ ROWS = corpus_rows(500, seed=7)
 DISTRIBUTED = Path(__file__).with_name("test_corpus_distributed.py")  # its script mode SIGKILLs a run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

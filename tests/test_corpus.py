@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from corpus_helpers import MAX_LEN, build_folder, corpus_rows, read_output, write_jsonl
 from sentence_transformers import SentenceTransformer
 
@@ -24,13 +23,7 @@ ROWS = corpus_rows(600, seed=1)
 TEXTS = ["", " ", "短い文", "word " * 200, *(join_title(r["title"], r["text"]) for r in ROWS)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On 2 shared cores, two OpenMP threads whose partner core is busy spin and run many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

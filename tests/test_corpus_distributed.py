@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from corpus_helpers import WORDS, build_folder, corpus_rows, launch, read_output, write_jsonl
 
 from diffembed_hf.corpus import encode_corpus
@@ -28,14 +27,6 @@ pytestmark = pytest.mark.slow  # torchrun / Ray / the whole demo: run by CI, ski
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return build_folder(tmp_path_factory.mktemp("corpus") / "model")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank runs (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _free_port() -> int:

@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 import ray
-import torch
 from corpus_helpers import build_folder, clean_env, corpus_rows, launch, read_output, write_jsonl
 
 from diffembed_hf.corpus import embed_dataset, embed_texts, encode_corpus, join_title
@@ -38,14 +37,6 @@ def cluster():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_ray_cli_writes_what_one_process_writes(folder, cluster, tmp_path, one_thread):

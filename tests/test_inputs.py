@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from corpus_helpers import build_folder, corpus_rows, read_output, write_jsonl
 
 from diffembed_hf.cli import main
@@ -31,12 +30,7 @@ from diffembed_hf.evaluation.local import beir_task
 BOM = b"\xef\xbb\xbf"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on 2 shared cores spin and run many times slower
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ from diffembed_hf.files import lock_path, output_lock
 from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT, save_sentence_transformer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
