@@ -24,6 +24,7 @@ def stdlib_scores(model_folder, out, capsys):
     return stored_scores(out, "StdlibHeldOutRetrieval")
 
 
+@pytest.mark.slow  # the whole demo first
 def test_suite_stdlib_reproduces_the_demo_numbers(demo, tmp_path, capsys):
     tuned = stdlib_scores(demo.folder, tmp_path / "tuned", capsys)
     untrained = stdlib_scores(demo.folder.parent / "untrained", tmp_path / "untrained", capsys)

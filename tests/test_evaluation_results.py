@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from corpus_helpers import clean_env
@@ -192,10 +193,13 @@ def test_summary_keeps_every_settings_group_of_the_model(models, sets, tmp_path,
     scores = [r["scores"]["ndcg_at_10"] for r in results]
     assert len(set(scores)) == 3  # three settings, three different results
     # the printed table names each result's settings
-    assert rows[header].split() == ["task", "settings", "metric", "ours", "study"]
-    assert rows[header + 2].split()[1:] == ["64", "tokens,", "query", "prompt", "''", "ndcg_at_10", f"{100 * scores[1]:.2f}"]
+    assert rows[header].split() == ["task", "settings", "metric", "ours", "study", "bytes/vector"]
+    assert rows[header + 2].split()[1:-1] == ["64", "tokens,", "query", "prompt", "''", "ndcg_at_10",
+                                              f"{100 * scores[1]:.2f}"]
     assert rows[header + 3].startswith("Locala  16 tokens, query prompt 'Given a web search query, …  ndcg_at_10")
-    assert rows[header + 3].split()[-1] == f"{100 * scores[2]:.2f}"
+    assert rows[header + 3].split()[-2] == f"{100 * scores[2]:.2f}"
+    width = json.loads((Path(models[0]) / "config.json").read_text())["hidden_size"]
+    assert {rows[header + k].split()[-1] for k in (1, 2, 3)} == {f"{4 * width:,}"}  # float32 bytes per vector
 
     # the same settings again replace their own result (from mteb's cache: nothing encoded), never add a fourth
     recorder = Recorder(monkeypatch)

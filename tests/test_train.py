@@ -94,6 +94,7 @@ RELOAD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh-process load
 def test_lora_run_merges_and_reloads_in_a_fresh_process(base, task, tmp_path):
     result = train(base, task[0], tmp_path / "lora", TrainingConfig(max_steps=12, lora=True, **FAST),
                    eval_data=task[1])
