@@ -60,7 +60,8 @@ MANPAGE_INSTRUCTION = "Given a description of a C library function or Linux syst
 # steps, batch, max_seq_length, learning rate, held-out queries per set (None: all). The CPU budget from measurements
 # on 2 cores: an fp32 step of 4 rows at 128 tokens took 4-5 s idle (8 rows: about 9 s), 60-70 s at load average 4-5;
 # a bf16 frozen base was slower than fp32 (train_throughput_cpu.py); 100 queries per set keep both evaluations of the
-# 135M model to a few minutes. About 10 minutes on idle cores; the same held-out rows for every row of the table.
+# 135M model to a few minutes. Estimated 10-12 minutes on idle cores (not measured idle); the same held-out rows for
+# every row of the table.
 MODES = {
     "cpu-budget": (30, 8, 128, 3e-4, 100),
     "full": (1000, 32, 512, 1e-4, None),
