@@ -1,5 +1,5 @@
 """Matryoshka training on a real pretrained model: nDCG@10 at each truncation and precision, SmolLM2-135M fine-tuned
-with and without `--matryoshka-dims` (same steps, same data, same seed), on two held-out sets.
+with and without `--matryoshka-dims` (same steps, same data, same seed), on three held-out sets.
 
     python benchmarks/compact_real_model.py            # CPU: 30 steps of 8 rows at 128 tokens each, 300 queries per set
     python benchmarks/compact_real_model.py --steps 100 --work ./compact-real   # longer; trained models are reused
@@ -9,8 +9,10 @@ fine-tuned by `train()` with quality.py's CPU recipe (LoRA r16, lr 3e-4, batch 8
 standard-library training rows, once plain and once with `matryoshka_dims=[576, 288, 144, 72]` (what a bare
 `--matryoshka-dims` gives for a 576-wide model: the width halved down to 64).
 
-Held-out sets (quality.py's): the demo's standard-library task (modules training never sees; pool: every held-out
-positive and hard negative) and the Linux man pages of sections 2 and 3 (Debian's `manpages-dev`, prose about C).
+Held-out sets: quality.py's two — the demo's standard-library task (modules training never sees; pool: every
+held-out positive and hard negative) and the Linux man pages of sections 2 and 3 (Debian's `manpages-dev`, prose
+about C) — and compact.py's third-party code: the same kind of rows (docstring summary -> function) from the
+installed `huggingface_hub` and `datasets`, code written by other people that neither model saw.
 
 Scoring: each model embeds each set's queries and documents once (float32, `corpus.embed_texts`, the package's
 encoder); every row of the table is computed from those same vectors through the package's compact path:
@@ -26,17 +28,16 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import MODES, manpage_rows, rows_dataset
-from real_model import converted_smollm2
+from quality import MODES, prepare_task, rows_dataset
 
 WIDTH = 576
 MATRYOSHKA_DIMS = [576, 288, 144, 72]
+THIRD_PARTY = ("huggingface_hub", "datasets")  # compact.py's third-party held-out code
 RESCORE = 40  # binary candidates rescored per query (4 x the 10 that nDCG@10 reads)
 SETTINGS = (
     [("float32", None, "float32", None)]
@@ -110,18 +111,15 @@ def main() -> None:
     from datasets.utils.logging import disable_progress_bar
     from sentence_transformers import SentenceTransformer
 
-    from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
+    from diffembed_hf.builtin_task import build_rows
     from diffembed_hf.checkpoint import model_identity
     from diffembed_hf.compact import bytes_per_vector
 
     disable_progress_bar()
     start, load_start = time.perf_counter(), os.getloadavg()
-    work = Path(args.work or tempfile.mkdtemp(prefix="diffembed-compact-real-"))
-    work.mkdir(parents=True, exist_ok=True)
-    base = converted_smollm2(work / "smollm2")
-    train_file = work / "train.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in build_rows(TRAIN_MODULES)), encoding="utf-8")
-    sets = {"stdlib": build_rows(HELD_OUT_MODULES)[:args.queries], "manpages": manpage_rows(args.queries)}
+    base, train_file, sets = prepare_task(args.work, "diffembed-compact-real-", args.queries)
+    sets["third-party"] = build_rows(THIRD_PARTY)[:args.queries]
+    work = base.parent
 
     models = train_models(base, train_file, work, args.steps)
     trained_at = time.perf_counter()
@@ -147,8 +145,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("; ".join(f"{name}: {q} queries, {d} documents" for name, (q, d) in sizes.items()))
     print("ratio: nDCG@10 / the same model's float32 full-width nDCG@10 (the peer, from the same vectors)\n")
-    header = ("| vectors | bytes/vector | stdlib plain | stdlib MRL | ratio plain | ratio MRL "
-              "| manpages plain | manpages MRL | ratio plain | ratio MRL |")
+    header = "| vectors | bytes/vector | " + " | ".join(f"{name} plain | {name} MRL | ratio plain | ratio MRL"
+                                                      for name in sets) + " |"
     print(header)
     print("|" + "|".join("---" if i == 0 else "---:" for i in range(header.count("|") - 1)) + "|")
     for label, dim, precision, _ in SETTINGS:

@@ -193,6 +193,19 @@ def evaluate_sets(model, sets: dict[str, list[dict]], with_instruction: bool, la
     return scores, time.perf_counter() - start
 
 
+def prepare_task(work: str | None, prefix: str, queries: int | None) -> tuple[Path, Path, dict[str, list[dict]]]:
+    """(the converted SmolLM2 folder, the demo's training rows as a file, the two held-out sets) in `work` (a new
+    temporary folder when None; a converted model already there is reused)."""
+    from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
+
+    work = Path(work or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    base = converted_smollm2(work / "smollm2")
+    train_file = work / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in build_rows(TRAIN_MODULES)), encoding="utf-8")
+    return base, train_file, {"stdlib": build_rows(HELD_OUT_MODULES)[:queries], "manpages": manpage_rows(queries)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-budget", action="store_true", help="the CPU setting (under 20 minutes on 2 cores)")
@@ -210,7 +223,6 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
-    from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
     from diffembed_hf.evaluation.heldout import evaluate_bm25
     from diffembed_hf.train import TrainingConfig, train
 
@@ -221,13 +233,7 @@ def main() -> None:
     steps, queries = args.steps or steps, args.queries or queries
     device = "cpu" if args.cpu_budget or not torch.cuda.is_available() else "cuda"
     total, load_start = time.perf_counter(), os.getloadavg()
-    work = Path(args.work or tempfile.mkdtemp(prefix="diffembed-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
-    base = converted_smollm2(work / "smollm2")
-
-    train_file = work / "train.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in build_rows(TRAIN_MODULES)), encoding="utf-8")
-    sets = {"stdlib": build_rows(HELD_OUT_MODULES)[:queries], "manpages": manpage_rows(queries)}
+    base, train_file, sets = prepare_task(args.work, "diffembed-quality-", queries)
     results, times = {}, {}
 
     model = SentenceTransformer(str(base), device=device, trust_remote_code=True)
@@ -239,7 +245,7 @@ def main() -> None:
     counter = TokenCounter()
     config = TrainingConfig(max_steps=steps, batch_size=batch, max_seq_length=length, learning_rate=learning_rate,
                             eval_fraction=0.0, save_steps=10**9, logging_steps=5)
-    trained = train(str(base), str(train_file), work / "fine-tuned", config, overwrite=True, device=device,
+    trained = train(str(base), str(train_file), base.parent / "fine-tuned", config, overwrite=True, device=device,
                     callbacks=[counter.callback])
     model = SentenceTransformer(str(trained.output_dir), device=device, trust_remote_code=True)
     model.max_seq_length = length
@@ -272,7 +278,7 @@ def main() -> None:
         print(line)
     print(f"total wall time {time.perf_counter() - total:.0f} s (conversion, {steps} training steps of {batch} rows, "
           f"every evaluation); load average (1/5/15 min) {' '.join(f'{x:.1f}' for x in load_start)} at the start, "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; models in {work}")
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; models in {base.parent}")
     print(f"training: {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f} (first and last logged loss), "
           f"{trained.seconds / max(1, trained.steps):.1f} s per step with merge and save")
 
