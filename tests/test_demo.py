@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -28,7 +29,12 @@ def test_demo_command_trains_evaluates_and_writes_a_hub_ready_folder(tmp_path, c
     config = json.loads((model / "config.json").read_text())
     assert config["model_type"] == "diffembed" and config["vocab_size"] == DEFAULT_CONFIG["vocab_size"]
     assert (folder / "data" / "train.jsonl").stat().st_size > 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # one summary of the rows, from training (the held-out file and the final count are not "training rows")
+    summaries = [line for line in captured.err.splitlines() if "Training rows:" in line]
+    assert len(summaries) == 1 and re.fullmatch(r"Training rows: \d+ \(negatives per row: 1\); held-out rows: 40",
+                                                summaries[0]), summaries
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
             if line.split() and line.split()[0] in ("untrained", "fine-tuned", "BM25")}
     assert set(rows) == {"untrained", "fine-tuned", "BM25"}

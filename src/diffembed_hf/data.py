@@ -7,7 +7,6 @@ Every problem is reported with the file and the 1-based row, before anything is 
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ from .checkpoint import is_hub_id
 from .errors import DataError
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, instruction_prompt
 
-logger = logging.getLogger(__name__)
 
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # Column names recognised without a mapping. ReasonAug (siyue/ReasonAug): user_query, positive_document,
@@ -174,6 +172,7 @@ class TrainingData:
     source: str
     mapping: ColumnMapping
     instructions: list[str] = field(default_factory=list)  # the distinct instructions of the rows ("" for none)
+    negatives_per_row: int = 0
 
 
 def load_training_data(
@@ -214,7 +213,5 @@ def load_training_data(
         )
     else:
         train = dataset.remove_columns("_instruction")
-    logger.info("Training rows: %d (negatives per row: %d); held-out rows: %d",
-                len(dataset), len(rows) - 2, 0 if held_out is None else len(held_out))
     return TrainingData(train=train, eval=held_out, source=source, mapping=mapping,
-                        instructions=sorted({(i or "").strip() for i in instructions}))
+                        instructions=sorted({(i or "").strip() for i in instructions}), negatives_per_row=len(rows) - 2)

@@ -143,5 +143,4 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
         raise RuntimeError("SentenceTransformer and AutoModel embed the saved folder differently.")
     metrics = {"untrained": result.metrics_before, "fine-tuned": result.metrics_after, "BM25": bm25}
     apply_umask(train_file.parent)  # untrained/ and model/ already have them (published by staged_folder)
-    return DemoResult(result.output_dir, metrics, len(load_training_data(str(train_file)).train), len(heldout),
-                      seconds, result.losses, result.steps)
+    return DemoResult(result.output_dir, metrics, result.rows, len(heldout), seconds, result.losses, result.steps)

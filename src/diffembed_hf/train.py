@@ -182,6 +182,7 @@ class TrainingResult:
     seconds: float
     steps: int = 0  # optimizer steps that ran (with a resumed run's earlier ones)
     resumed_from: str | None = None  # the checkpoint a resumed run started from
+    rows: int = 0  # training rows (after any held-out split)
 
 
 RECIPE_WARMUP_STEPS = 100
@@ -459,6 +460,8 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
         group_by_instruction=config.group_by_instruction, default_prompt=config.query_prompt, seed=config.seed,
     )
     rows = sum(map(len, data_split.train.values())) if isinstance(data_split.train, dict) else len(data_split.train)
+    logger.info("Training rows: %d (negatives per row: %d); held-out rows: %d", rows, data_split.negatives_per_row,
+                0 if data_split.eval is None else len(data_split.eval))
     world = current().world_size
     if rows < config.batch_size * world:
         raise TrainingError(f"{data}: {rows} training rows, fewer than one batch of {config.batch_size * world} "
@@ -542,7 +545,8 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
         _write_output(model, output_dir, config, metadata)
         shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
-    return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None)
+    return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None,
+                          rows)
 
 
 def _remove_if_no_complete_checkpoint(checkpoints: Path) -> None:
