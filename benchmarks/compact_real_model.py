@@ -38,6 +38,8 @@ from quality import MODES, prepare_task, rows_dataset
 WIDTH = 576
 MATRYOSHKA_DIMS = [576, 288, 144, 72]
 THIRD_PARTY = ("huggingface_hub", "datasets")  # compact.py's third-party held-out code
+# what a model found in --work must have been trained with, to be reused
+CHOSEN = ("max_steps", "batch_size", "max_seq_length", "learning_rate", "matryoshka_dims")
 RESCORE = 40  # binary candidates rescored per query (4 x the 10 that nDCG@10 reads)
 SETTINGS = (
     [("float32", None, "float32", None)]
@@ -49,7 +51,8 @@ SETTINGS = (
 
 
 def train_models(base: Path, train_file: Path, work: Path, steps: int) -> dict[str, tuple[str, float, list]]:
-    """{name: (folder, training seconds, logged losses)}; a model already trained in `work` is reused."""
+    """{name: (folder, training seconds, logged losses)}; a model already trained in `work` with these settings is
+    reused, one trained with others is refused (its figures would be printed under this run's settings)."""
     from diffembed_hf.train import TrainingConfig, train
 
     _, batch, length, learning_rate, _ = MODES["cpu-budget"]
@@ -57,12 +60,15 @@ def train_models(base: Path, train_file: Path, work: Path, steps: int) -> dict[s
     for name, extra in (("plain", {}), ("matryoshka", {"matryoshka_dims": MATRYOSHKA_DIMS})):
         out = work / name
         record = out / "diffembed_training.json"
+        config = TrainingConfig(max_steps=steps, batch_size=batch, max_seq_length=length, learning_rate=learning_rate,
+                                eval_fraction=0.0, save_steps=10**9, logging_steps=5, **extra)
         if not record.is_file():
-            config = TrainingConfig(max_steps=steps, batch_size=batch, max_seq_length=length,
-                                    learning_rate=learning_rate, eval_fraction=0.0, save_steps=10**9,
-                                    logging_steps=5, **extra)
             train(str(base), str(train_file), out, config, device="cpu", overwrite=True)
         recorded = json.loads(record.read_text())
+        wanted = {key: getattr(config, key) for key in CHOSEN}
+        trained = {key: recorded["hyperparameters"].get(key) for key in CHOSEN}
+        if trained != wanted:
+            raise SystemExit(f"{out} was trained with {trained}, not {wanted}: use another --work")
         models[name] = (str(out), recorded["training_time_seconds"],
                         [entry["loss"] for entry in recorded["training"]["losses"]])
     return models
