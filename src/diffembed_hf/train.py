@@ -62,6 +62,8 @@ register_auto_classes()
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINING_METADATA = TRAINING_RECORD  # the name earlier releases exported from here
 CHECKPOINT_COMPLETE = "diffembed_checkpoint_complete"  # written into a checkpoint folder once it is whole
+# the learning-rate schedules after warm-up, by transformers' names (constant: "constant_with_warmup")
+LR_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 @dataclass
@@ -71,6 +73,7 @@ class TrainingConfig:
     max_steps: int = 1000
     batch_size: int = 4  # per device; the study used 4 per GPU x 4 GPUs
     learning_rate: float = 1e-4
+    lr_scheduler: str = "linear"  # after warm-up: "linear" decay to 0, "cosine", or "constant"
     warmup_steps: int | None = None  # None: the recipe's 100, capped at WARMUP_CAP of the run (or warmup_ratio)
     warmup_ratio: float | None = None  # warm-up as a share of max_steps (instead of warmup_steps)
     scale: float = 50.0  # cosine x 50, i.e. temperature 0.02
@@ -129,6 +132,8 @@ class TrainingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ConfigError(f"{option} must be a number > 0, got {value!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         if not isinstance(self.eval_fraction, (int, float)) or not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must be a number in [0, 1), got {self.eval_fraction!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
@@ -394,7 +399,7 @@ def build_trainer(model: SentenceTransformer, train_dataset, config: TrainingCon
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         warmup_steps=resolve_warmup(config),
-        lr_scheduler_type="linear",
+        lr_scheduler_type=LR_SCHEDULERS[config.lr_scheduler],
         **_checkpointing_arguments(checkpointing),
         bf16=on_cuda if config.bf16 is None else config.bf16,
         use_cpu=not on_cuda,

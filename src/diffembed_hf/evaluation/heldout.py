@@ -39,12 +39,18 @@ def retrieval_task(dataset: Dataset) -> tuple[dict[str, str], dict[str, str], di
 
 
 def build_evaluator(dataset: Dataset, name: str = "held-out", batch_size: int = 32) -> InformationRetrievalEvaluator:
-    queries, corpus, relevant = retrieval_task(dataset)
-    # Anchors already carry their instruction: empty prompts stop sentence-transformers 6 from adding the
-    # model's stored query prompt on top (it encodes with encode_query / encode_document).
+    return task_evaluator(*retrieval_task(dataset), name=name, batch_size=batch_size)
+
+
+def task_evaluator(queries: dict[str, str], corpus: dict[str, str], relevant: dict[str, set[str]],
+                   query_prompt: str = "", name: str = "held-out", batch_size: int = 32) -> InformationRetrievalEvaluator:
+    """The evaluator of a retrieval task given as ids -> texts. `query_prompt` goes before every query; the default
+    empty prompt also stops sentence-transformers 6 from adding the model's stored query prompt on top (anchors of
+    held-out rows already carry their instruction)."""
     return InformationRetrievalEvaluator(
-        queries, corpus, relevant, name=name, batch_size=batch_size, write_csv=False, query_prompt="", corpus_prompt="",
-        ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1, 10], precision_recall_at_k=[1, 5, 10], map_at_k=[10],
+        queries, corpus, relevant, name=name, batch_size=batch_size, write_csv=False, query_prompt=query_prompt,
+        corpus_prompt="", ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1, 10], precision_recall_at_k=[1, 5, 10],
+        map_at_k=[10],
     )
 
 
@@ -68,18 +74,31 @@ def strip_prompt(anchor: str) -> str:
     return anchor.split(":\n", 1)[-1]
 
 
+def evaluate_task(model: SentenceTransformer, queries: dict[str, str], corpus: dict[str, str],
+                  relevant: dict[str, set[str]], query_prompt: str = "", batch_size: int = 32) -> dict[str, float]:
+    """The model's retrieval metrics on a task given as ids -> texts (a BEIR folder's queries, corpus and qrels)."""
+    return _pick(task_evaluator(queries, corpus, relevant, query_prompt, batch_size=batch_size)(model))
+
+
 def evaluate_bm25(dataset: Dataset) -> dict[str, float]:
     """BM25's retrieval metrics on the same held-out task (queries without their instruction)."""
+    queries, corpus, relevant = retrieval_task(dataset)
+    return evaluate_bm25_task({key: strip_prompt(text) for key, text in queries.items()}, corpus, relevant)
+
+
+def evaluate_bm25_task(queries: dict[str, str], corpus: dict[str, str],
+                       relevant: dict[str, set[str]]) -> dict[str, float]:
+    """BM25's (`bm25s`, its default tokenizer and parameters) retrieval metrics on a task given as ids -> texts,
+    through the evaluator's metric code."""
     import bm25s
 
-    evaluator = build_evaluator(dataset)
-    queries, corpus, _ = retrieval_task(dataset)
+    evaluator = task_evaluator(queries, corpus, relevant)
     doc_ids, doc_texts = list(corpus), list(corpus.values())
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(doc_texts, show_progress=False), show_progress=False)
     k = min(100, len(doc_ids))
     hits, scores = retriever.retrieve(
-        bm25s.tokenize([strip_prompt(q) for q in queries.values()], show_progress=False), k=k, show_progress=False
+        bm25s.tokenize(list(queries.values()), show_progress=False), k=k, show_progress=False
     )
     results = [
         [{"corpus_id": doc_ids[int(i)], "score": float(s)} for i, s in zip(row_hits, row_scores)]
