@@ -80,17 +80,17 @@ def build_rows(modules: tuple[str, ...], seed: int = 0, max_chars: int = 1500) -
 
 
 def write_task(folder: str | Path, *, max_train: int | None = None, max_eval: int | None = None,
-               seed: int = 0) -> tuple[Path, Path]:
-    """Write train.jsonl and heldout.jsonl (disjoint modules) into `folder`; return their paths."""
+               seed: int = 0, train: bool = True) -> tuple[Path, Path]:
+    """Write train.jsonl (unless not `train`) and heldout.jsonl (disjoint modules) into `folder`; return their
+    paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, modules, limit in (("train", TRAIN_MODULES, max_train), ("heldout", HELD_OUT_MODULES, max_eval)):
+    parts = (("train", TRAIN_MODULES, max_train),) if train else ()
+    for name, modules, limit in (*parts, ("heldout", HELD_OUT_MODULES, max_eval)):
         rows = build_rows(modules, seed)[:limit]
         if not rows:
             raise RuntimeError(f"No documented functions found in the standard library modules {modules}")
         path = folder / f"{name}.jsonl"
         write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
         logger.info("%s: %d rows from %d modules", path, len(rows), len(modules))
-        paths.append(path)
-    return paths[0], paths[1]
+    return folder / "train.jsonl", folder / "heldout.jsonl"

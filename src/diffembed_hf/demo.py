@@ -143,14 +143,15 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
     `output_dir` must be new or empty unless `overwrite`, which replaces the demo's own data/, untrained/ and
     model/ in it (nothing else there is touched)."""
     from . import reasoning_task
-    from .files import apply_umask, check_output_folder, staged_folder
+    from .files import apply_umask, check_output_folder, staged_folder, write_text
 
     if tiny and base is not None:
         raise UsageError("--tiny builds the small random model; --base names a pretrained one: give one of them")
     output_dir = Path(output_dir)
     check_output_folder(output_dir, overwrite=overwrite)
     base = None if tiny else (base or default_base())
-    train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout or (300 if tiny else BASE_HELDOUT))
+    train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout or (300 if tiny else BASE_HELDOUT),
+                                          train=tiny)
     untrained = output_dir / "untrained"
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     if tiny:
@@ -161,7 +162,13 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
         if untrained.exists():  # only with overwrite (checked above): the demo's own earlier folder
             shutil.rmtree(untrained)
         untrained = prepare_base(base, untrained)
-        settings, train_file = BASE_TRAINING, reasoning_task.TRAIN_FILE
+        settings = BASE_TRAINING
+        # the reasoning rows, in the columns of the held-out file that `train` scores alongside (one column mapping
+        # serves both files)
+        write_text(train_file, "".join(json.dumps({"instruction": r["task"], "query": r["user_query"],
+                                                   "positive": r["positive_document"],
+                                                   "negative": r["hard_negative_document"]}) + "\n"
+                                        for r in reasoning_task.training_rows()))
         task = reasoning_task.held_out_task()
         metrics["reasoning"] = {"untrained": _score_reasoning(untrained),
                                 "BM25": evaluate_bm25_task(task.queries, task.corpus, task.relevant)}
