@@ -1,10 +1,10 @@
 """Contrastive fine-tuning with the DiffEmbed recipe, on sentence-transformers' trainer and PEFT.
 
-Defaults are the study's (RECIPE.md): LoRA r=16, alpha 32, dropout 0.05 on q/k/v/o/gate/up/down; InfoNCE over
+Defaults are the DiffEmbed study's: LoRA r=16, alpha 32, dropout 0.05 on q/k/v/o/gate/up/down; InfoNCE over
 cosine x 50 with in-batch and hard negatives, gathered across ranks under torchrun / accelerate; lr 1e-4 with
 100 warm-up steps (capped at a tenth of a shorter run); on CUDA gradient checkpointing, bf16 and 4096 tokens. On a
-CPU the length, checkpointing, precision and threads left to "auto" are chosen to fit it (`device_settings`), and
-the log says what was chosen and why. The output folder only ever holds a
+CPU the length, checkpointing, precision, the layers LoRA trains and threads left to "auto" are chosen to fit it
+(`device_settings`), and the log says what was chosen and why. The output folder only ever holds a
 finished model: checkpoints live beside it (`.<name>.checkpoints`, for `resume=True`) and are removed on success.
 A checkpoint counts as complete only once the trainer has finished writing it (a marker file is written last), so
 a run killed in the middle of a save resumes from the checkpoint before.

@@ -1,7 +1,7 @@
 """The study's benchmark suites as mteb 2.x task names, with its per-task instructions and published numbers.
 
 Facts from the DiffEmbed study (arXiv:2505.15045 v1, tables for DiffEmbed = Dream 7B, bidirectional, mean
-pooled) and its public evaluation script, as checked in ../shared/design/EVALUATION.md. Nothing here imports
+pooled) and its public evaluation script, checked against both. Nothing here imports
 mteb: names are checked against mteb's registry in `run`, and the model card reads the numbers without it.
 """
 
