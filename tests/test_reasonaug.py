@@ -301,6 +301,70 @@ def test_problem_answers_are_read_or_named(content, finish, expected):
     assert (parsed.sections if isinstance(expected, tuple) else parsed.failure) == expected
 
 
+@pytest.mark.parametrize("problem, concept", [
+    ("Use Bayes\u2019 theorem to update the belief.", "Bayes' Theorem"),
+    ("Count them with the inclusion\u2013exclusion principle.", "Inclusion-Exclusion Principle"),
+    ("Count them by inclusion exclusion principles.", "Inclusion-Exclusion Principle"),
+    ("Apply BAYES\u2019S THEOREM.", "Bayes' Theorem"),
+    ("Run Dijkstra\u2019s algorithm from the depot.", "Dijkstra's Algorithm"),
+    ("Run Dijkstra algorithms from the depot.", "Dijkstra's Algorithm"),
+    ("Keep a union\u2014find of the islands.", "Union-Find"),
+    ("Keep a unionfind of the islands.", "Union-Find"),
+    ("Use two-pointers over the array.", "Two Pointers"),
+    ("By Vieta\u2019s formula the sum is 3.", "Vieta's Formulas"),
+    ("Use the B\u00e9zout identity.", "Bezout's Identity"),
+    ("A \uff24\uff26\uff33 over the maze.", "Depth First Search (DFS)"),  # full-width letters (NFKC)
+    ("Keep an LRU cache.", "LRU Caches"),
+])
+def test_a_problem_naming_its_concept_in_another_spelling_is_unusable(problem, concept):
+    from diffembed_hf.reasonaug.answers import names_concept, parse_problem
+
+    assert names_concept(problem, concept)
+    parsed = parse_problem({"content": f"**Problem**\n{problem}\n**Solution**\nok", "finish_reason": "stop"}, concept)
+    assert parsed.failure == "names_concept"
+
+
+@pytest.mark.parametrize("problem, concept", [
+    ("Sort the heapsort output.", "Heap"), ("Sum a prefix array.", "Prefix Sum"), ("A search party.", "A* Search"),
+    ("The bay theorem of the harbour.", "Bayes' Theorem"),
+])
+def test_other_words_are_not_the_concept(problem, concept):
+    from diffembed_hf.reasonaug.answers import names_concept
+
+    assert not names_concept(problem, concept)
+
+
+def test_spellings_of_a_concept_never_reach_train_and_are_one_concept_in_the_concepts_file(concepts, tmp_path):
+    """A problem that names its concept in another spelling is asked again, then dropped, at every stage: the run's
+    plan, the concepts file and the duplicate problems all compare names one way."""
+    from diffembed_hf.reasonaug.dataset import _norm_text
+
+    leaks = {"Dijkstra's Algorithm": "Route the vans with Dijkstra\u2019s algorithm.",
+             "Union-Find": "Merge the islands with a union\u2013find.",
+             "Vieta's Formulas": "By VIETA\u2019S FORMULA, the roots sum to 3."}
+    responder = responder_for(concepts)
+
+    def answer(body: dict) -> str:
+        if responder.stage(body) == "problem" and responder.concept(body)[1] in leaks:
+            return f"**Problem**\n{leaks[responder.concept(body)[1]]}\n**Solution**\nok"
+        return responder(body)
+
+    with ChatServer(answer) as chat_server:
+        result = generate(concepts, tmp_path / "out", chat_server, heldout_fraction=0.0)
+    assert result.summary["unusable_answers"]["problem"] == {"names_concept": 3 * 3 * 2}  # 3 problems, 2 tries each
+    assert result.summary["dropped"]["problem"] == {"names_concept": 3 * 3}
+    train = (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8")
+    assert not any(json.dumps(leak)[1:-1] in train for leak in leaks.values())
+    assert {d["concept"] for d in jsonl(tmp_path / "out" / "dropped.jsonl")} == set(leaks)
+
+    path = tmp_path / "spellings.yaml"
+    path.write_text("domains:\n  math:\n    question_type: math\n    concepts: [Bayes' Theorem, Law of Cosines, "
+                    "\"Bayes\u2019 theorem\"]\n", encoding="utf-8")
+    with pytest.raises(ConceptsError, match="the concept 'Bayes\u2019 theorem' .* is listed twice: \"Bayes' Theorem\""):
+        load_concepts(path)
+    assert _norm_text("Find the \u201cfast\u201d path \u2014 quickly.") == _norm_text('find the "fast" path - quickly.')
+
+
 @pytest.mark.parametrize("content, coding, expected", [
     ("YES.", False, ("orig",)), ("**Yes**, correct.", False, ("orig",)), ("No, wrong.", False, "checker_no"),
     ("The solution is right.", False, "checker_no"), ("NO", True, "checker_no"),
