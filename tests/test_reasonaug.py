@@ -464,6 +464,21 @@ def test_a_request_failing_for_good_stops_the_run_and_a_rerun_sends_only_the_res
     assert result.traffic["replayed"] == len(first)
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_stop_message_counts_the_journaled_answers_with_or_without_a_progress_bar(concepts, tmp_path, progress):
+    """The count comes from the journal: a progress bar switched off (stderr not a terminal) counts nothing."""
+    out = tmp_path / "out"
+    with ChatServer(responder_for(concepts)) as chat_server:
+        chat_server.fail("500", _is('"Prefix Sum"'))
+        with pytest.raises(ServerError) as error:
+            generate(concepts, out, chat_server, max_retries=0, show_progress=progress)
+    arrived, other = map(int, re.search(r"the (\d+) answers that arrived .* send the other (\d+)$",
+                                        str(error.value)).groups())
+    with Journal(out) as journal:
+        assert arrived == len(journal.answers) > 0
+    assert arrived + other == 11 + 11 * 3  # the first wave: a definition and 3 problems per concept
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. SIGKILL mid-run, rerun: no answered request is sent again, and the outputs equal an uninterrupted run's
 # ----------------------------------------------------------------------------------------------------------------

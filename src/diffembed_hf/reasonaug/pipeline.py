@@ -209,9 +209,11 @@ def _send(client, pending: list[Request], journal: Journal, show_progress: bool 
         try:
             client.run([(r.key, r.body) for r in pending], on_answer)
         except RequestFailed as err:
-            raise ServerError(f"a request failed after {client.max_retries} retries ({err}); the {bar.n} answers "
+            # counted from the journal, not the bar: a disabled bar (stderr not a terminal: logs, CI) counts nothing
+            arrived = sum(request.key in journal.answers for request in pending)
+            raise ServerError(f"a request failed after {client.max_retries} retries ({err}); the {arrived} answers "
                               f"that arrived are in {journal.path}: run the same command again to send the other "
-                              f"{len(pending) - bar.n}") from None
+                              f"{len(pending) - arrived}") from None
 
 
 def _ingest_batch(path: Path, planner: Planner, journal: Journal, traffic: dict) -> None:
