@@ -429,6 +429,36 @@ def test_unusable_answers_are_asked_again_with_a_new_seed_then_dropped(concepts,
     assert [d["reason"] for d in jsonl(tmp_path / "out" / "dropped.jsonl")] == ["refusal"]
 
 
+def test_each_file_holds_what_the_readme_says_of_unusable_and_dropped_answers(concepts, tmp_path):
+    """dropped.jsonl: what never made it; an answer asked again and then answered only counted in run.json, its
+    text in journal.jsonl. The README's description of the OUT files says exactly that."""
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert "`dropped.jsonl` (every unusable answer" not in readme
+    for claim in ("`dropped.jsonl` holds one line (`stage, domain, concept, index, reason, answer`) per definition, "
+                  "problem or check that never made it", "An unusable answer that was asked again and then answered "
+                  "is not in it: it is counted in `run.json` (`summary.unusable_answers`",
+                  "its text stays in `journal.jsonl`, which holds every answer"):
+        assert claim in readme, claim
+    out = tmp_path / "out"
+    with ChatServer(responder_for(concepts)) as chat_server:
+        chat_server.fail("empty", _is('reference entry for the algorithm "Binary Search"'), times=1)  # then answered
+        chat_server.fail("refusal", _is('reference entry for the math theorem "Stars and Bars"'))  # never answered
+        chat_server.fail("no", lambda body: body["messages"][0]["content"].startswith("You are a strict")
+                         and "Report the value for case" in body["messages"][-1]["content"], times=1)
+        generate(concepts, out, chat_server, heldout_fraction=0.0)
+    dropped = jsonl(out / "dropped.jsonl")
+    assert [list(d) for d in dropped] == [["stage", "domain", "concept", "index", "reason", "answer"]] * 2
+    assert sorted((d["stage"], d["reason"], d["index"] is None) for d in dropped) == [
+        ("check", "checker_no", False), ("definition", "refusal", True)]
+    assert not any(d["concept"] == "Binary Search" and d["stage"] == "definition" for d in dropped)
+    summary = json.loads((out / "run.json").read_text(encoding="utf-8"))["summary"]
+    assert summary["unusable_answers"]["definition"] == {"empty": 1, "refusal": 2}
+    assert summary["dropped"] == {"definition": {"refusal": 1}, "check": {"checker_no": 1}}
+    asked = [r["answer"]["content"] for r in jsonl(out / "journal.jsonl")
+             if r["stage"] == "definition" and '"Binary Search"' in r["body"]["messages"][-1]["content"]]
+    assert len(asked) == 2 and "" in asked  # the unusable answer and the one that replaced it
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

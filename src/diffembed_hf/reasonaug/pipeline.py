@@ -117,9 +117,11 @@ def generate_reasonaug(
 
     Writes, once every request is answered: OUT/train.jsonl (rows `diffembed train` reads as they are),
     OUT/corpus.jsonl (every concept's definition), OUT/heldout/ (a BEIR folder of held-out concepts for
-    `diffembed evaluate --data`), OUT/dropped.jsonl (every unusable answer and why) and OUT/run.json (prompts,
-    model, sampling settings, package version, counts). With `batch_file`, the pending requests are written there
-    as a Batch API input file instead of being sent; `from_batch_output` journals a batch's results first.
+    `diffembed evaluate --data`), OUT/dropped.jsonl (each definition, problem or check that never made it, and
+    why; an unusable answer that a re-ask replaced is only counted, in run.json's summary.unusable_answers) and
+    OUT/run.json (prompts, model, sampling settings, package version, counts). With `batch_file`, the pending
+    requests are written there as a Batch API input file instead of being sent; `from_batch_output` journals a
+    batch's results first.
     """
     require_extra("reasonaug")
     concept_set = concepts if isinstance(concepts, ConceptSet) else load_concepts(concepts)
