@@ -639,6 +639,119 @@ def test_batch_file_then_batch_output_gives_the_same_dataset(concepts, server, t
     assert outputs(out) == outputs(tmp_path / "direct")
 
 
+def batch_args(concepts: Path, out: Path, *extra) -> list[str]:
+    return ["reasonaug", str(concepts), str(out), "--model", "test-model", "--problems-per-concept", "3",
+            "--heldout-fraction", "0.2", *map(str, extra)]
+
+
+def test_a_batch_output_line_with_an_error_text_is_counted_and_asked_again(concepts, tmp_path, capsys):
+    """vLLM's run_batch writes `error` as a string: the line is a failed one, its request goes into the next file."""
+    out = tmp_path / "out"
+    assert main(batch_args(concepts, out, "--batch-file", tmp_path / "batch-0.jsonl")) == 0
+    first, second = [json.loads(line)["custom_id"] for line in
+                     (tmp_path / "batch-0.jsonl").read_text().splitlines()[:2]]
+    results = tmp_path / "results-0.jsonl"
+    results.write_text(json.dumps({"custom_id": first, "response": None, "error": "rate limited"}) + "\n"
+                       + json.dumps({"custom_id": second, "response": {"status_code": 400, "body": None},
+                                     "error": "the prompt is too long\nat line 3"}) + "\n")
+    capsys.readouterr()
+    assert main(batch_args(concepts, out, "--from-batch-output", results, "--batch-file",
+                           tmp_path / "batch-1.jsonl")) == 0
+    assert "failed lines: rate limited 1, HTTP 400 1" in capsys.readouterr().err
+    again = [json.loads(line)["custom_id"] for line in (tmp_path / "batch-1.jsonl").read_text().splitlines()]
+    assert first in again and second in again
+
+
+def _completion_line(key: str, **changes) -> dict:
+    body = {"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                       "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    line = {"custom_id": key, "response": {"status_code": 200, "body": body}, "error": None}
+    for path, value in changes.items():
+        *parents, last = path.split(".")
+        target = line
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        target[last] = value
+    return line
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"response": "oops"}, "line 2: response is a string 'oops', not a JSON object or null"),
+    ({"error": ["x"]}, "line 2: error is a list, not a JSON object, a string or null"),
+    ({"response.body": "text"}, "line 2: response.body is a string 'text', not a JSON object"),
+    ({"response.body.choices": {"0": 1}}, "line 2: response.body.choices is an object, not a list"),
+    ({"response.body.choices": ["hi"]}, "line 2: response.body.choices[0] is a string 'hi', not a JSON object"),
+    ({"response.body.choices.0.message": "hi"}, "line 2: response.body.choices[0].message is a string 'hi'"),
+    ({"response.body.choices.0.message.content": 5}, "line 2: response.body.choices[0].message.content is a number"),
+    ({"response.body.usage": {"prompt_tokens": "12"}}, "line 2: response.body.usage.prompt_tokens is a string '12'"),
+    ({"custom_id": None}, "line 2: not a Batch API output line (no custom_id)"),
+])
+def test_a_batch_output_line_of_another_shape_is_named_by_file_and_line(concepts, tmp_path, capsys, changes, message):
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(_completion_line("a" * 64)) + "\n" + json.dumps(_completion_line("b" * 64, **changes))
+                       + "\n")
+    status = main(batch_args(concepts, tmp_path / "out", "--from-batch-output", results, "--batch-file",
+                             tmp_path / "next.jsonl"))
+    err = capsys.readouterr().err
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"diffembed reasonaug: error: {results} {message}")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "next.jsonl").exists()
+
+
+def test_a_batch_output_that_is_not_utf8_is_named_by_file_line_and_byte(concepts, tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    data = (json.dumps(_completion_line("a" * 64)) + "\n").encode() + b'{"custom_id": "k", "error": "caf\xe9"}\n'
+    results.write_bytes(data)
+    status = main(batch_args(concepts, tmp_path / "out", "--from-batch-output", results, "--batch-file",
+                             tmp_path / "next.jsonl"))
+    err = capsys.readouterr().err
+    assert status == 1 and err.strip() == (f"diffembed reasonaug: error: {results} line 2: not UTF-8 (byte 0xe9 at "
+                                           f"byte offset {data.index(0xe9)}); save the file as UTF-8")
+
+
+LATIN_YAML = b"domains:\n  law:\n    question_type: legal\n    concepts: [Estoppel, Caf\xe9 Rule]\n"
+LATIN_JSON = b'{"domains": {"law": {"question_type": "legal", "concepts": ["Caf\xe9"]}}}'
+LAUGHS = ("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"  # "billion laughs", 5 levels deep (9 ** 5 lols)
+          + "".join(f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcd", "bcde"))
+          + "domains: {x: {question_type: m, concepts: *e}}\n")
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("concepts.yaml", LATIN_YAML, f"line 4: not UTF-8 (byte 0xe9 at byte offset {LATIN_YAML.index(0xe9)}); save the "
+     "file as UTF-8"),
+    ("concepts.json", LATIN_JSON, f"line 1: not UTF-8 (byte 0xe9 at byte offset {LATIN_JSON.index(0xe9)})"),
+    ("concepts.yaml", LAUGHS.encode(), "line 2: a YAML alias (*a); a concepts file cannot use aliases"),
+    ("concepts.yaml", b"domains:\n  x: &x {question_type: math, concepts: [A, B]}\n  y: *x\n",
+     "line 3: a YAML alias (*x); a concepts file cannot use aliases"),
+    ("concepts.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply to be a concepts file"),
+    ("concepts.yaml", b"\xef\xbb\xbfdomains:\n  x:\n    question_type: math\n    concepts: [A, B]\n", None),  # BOM
+])
+def test_concepts_files_that_cannot_be_read_are_named(tmp_path, capsys, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    if message is None:
+        assert [d.concepts for d in load_concepts(path)] == [("A", "B")]
+        return
+    with pytest.raises(ConceptsError) as error:
+        load_concepts(path)
+    assert str(error.value).startswith(f"{path} {message}" if message.startswith("line") else f"{path}: {message}")
+    status = main(["reasonaug", str(path), str(tmp_path / "out"), "--model", "m", "--base-url",
+                   "http://127.0.0.1:9/v1"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.strip() == f"diffembed reasonaug: error: {error.value}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_files_that_cannot_be_read_are_named(tmp_path):
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_bytes(b"problem:\n  system: Caf\xe9\n")
+    with pytest.raises(PromptsError, match=r"prompts.yaml line 2: not UTF-8 \(byte 0xe9 at byte offset 22\)"):
+        load_prompts(prompts)
+    prompts.write_text("topics:\n  coding: &t [a game]\n  other: *t\n")
+    with pytest.raises(PromptsError, match=r"prompts.yaml line 3: a YAML alias \(\*t\); a prompts file cannot"):
+        load_prompts(prompts)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 7. Bad input: named before any work, one line, exit 2; nothing written
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import re
 import unicodedata
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConceptsError
+from ..readers import read_lines
 
 _DOMAIN_KEYS = {"question_type", "concepts", "topics", "references"}
 
@@ -181,28 +183,69 @@ def parse_concepts(data, source: str = "concepts", sha256: str = "") -> ConceptS
     return ConceptSet(domains=tuple(domains), source=source, sha256=sha256)
 
 
+class _AliasFound(Exception):
+    """A YAML alias (*name), raised by `_yaml_loader` before the alias is resolved."""
+
+    def __init__(self, anchor: str, line: int):
+        super().__init__(anchor, line)
+        self.anchor, self.line = anchor, line
+
+
+@functools.lru_cache(maxsize=1)
+def _yaml_loader():
+    """PyYAML's safe loader, refusing aliases: a few hundred bytes of nested aliases ("billion laughs") expand to
+    gigabytes, and a concepts or prompts file has no use for them."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise _AliasFound(event.anchor, event.start_mark.line + 1)
+            return super().compose_node(parent, index)
+
+    return Loader
+
+
+def _text(path: Path, error: type[Exception]) -> str:
+    """The file as UTF-8 text (a byte-order mark dropped); other bytes are refused naming the file, line and byte,
+    as every input file is read (`readers`)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        bad = next(line for line in read_lines(io.BytesIO(data), path) if line.problem is not None)
+        raise error(f"{bad.where(path)}: {bad.problem}") from None
+
+
 def read_structured_file(path: Path, what: str, error: type[Exception]):
     """A .yaml / .yml / .json file's content (PyYAML comes with transformers); errors name the file and line."""
     if not path.is_file():
         raise error(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
-    text = path.read_text(encoding="utf-8")
+    text = _text(path, error)
     if not text.strip():
         raise error(f"{path}: the {what} file is empty")
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise error(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
-    if path.suffix.lower() not in (".yaml", ".yml"):
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
         raise error(f"{path}: a {what} file is .yaml, .yml or .json, got {path.suffix or 'no suffix'}")
-    import yaml
-
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise error(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        if path.suffix.lower() == ".json":
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as err:
+                raise error(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+        import yaml
+
+        try:
+            return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader that also refuses aliases
+        except _AliasFound as alias:
+            raise error(f"{path} line {alias.line}: a YAML alias (*{alias.anchor}); a {what} file cannot use "
+                        "aliases (a few bytes of them can expand to gigabytes): write the value out") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise error(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    except RecursionError:
+        raise error(f"{path}: nested too deeply to be a {what} file") from None
 
 
 def load_concepts(path: str | Path) -> ConceptSet:
