@@ -698,6 +698,21 @@ def test_a_batch_output_line_of_another_shape_is_named_by_file_and_line(concepts
     assert not (tmp_path / "out").exists() and not (tmp_path / "next.jsonl").exists()
 
 
+@pytest.mark.parametrize("second", [dict(), dict(error={"code": "server_error"}, response=None)])
+def test_a_custom_id_on_two_lines_of_a_batch_output_is_refused(concepts, tmp_path, capsys, second):
+    """Two answers to one request: which one a user meant is not ours to guess (the last one won silently)."""
+    results = tmp_path / "results.jsonl"
+    lines = [_completion_line("a" * 64), _completion_line("b" * 64), {**_completion_line("a" * 64), **second}]
+    results.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    status = main(batch_args(concepts, tmp_path / "out", "--from-batch-output", results, "--batch-file",
+                             tmp_path / "next.jsonl"))
+    err = capsys.readouterr().err
+    assert status == 1 and err.strip() == (f"diffembed reasonaug: error: {results} line 3: custom_id {'a' * 64} is on "
+                                           f"{results} line 1 too; a batch output holds one line per request: give "
+                                           "each batch's output file to a run of its own")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_batch_output_that_is_not_utf8_is_named_by_file_line_and_byte(concepts, tmp_path, capsys):
     results = tmp_path / "results.jsonl"
     data = (json.dumps(_completion_line("a" * 64)) + "\n").encode() + b'{"custom_id": "k", "error": "caf\xe9"}\n'
@@ -799,6 +814,53 @@ def test_json_concepts_and_prompt_overrides(tmp_path):
     prompts.write_text("checks:\n  other: x\n")
     with pytest.raises(PromptsError, match="unknown key 'checks'"):
         load_prompts(prompts)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("definition:\n  other: 'Define the {domain} \"{concpet}\".'\n",
+     "definition.other: {concpet} is not a field (did you mean {concept}?); it would reach the model as written. "
+     "The fields of definition.other: {domain}, {question_type}, {concept}"),
+    ("definition:\n  coding: 'Define {concept} in the setting of {topic}.'\n",
+     "definition.coding: {topic} is not filled in there; it would reach the model as written. The fields of "
+     "definition.coding: {domain}, {question_type}, {concept}"),
+    ("check:\n  other: '{problem} {solution} Is it right for {reference}?'\n", "check.other: {reference} is not "
+     "filled in there; it would reach the model as written. The fields of check.other: {domain}, {question_type}, "
+     "{concept}, {problem}, {solution}"),
+    ("problem:\n  other: 'A {question type} problem on {concept}.'\n",
+     "problem.other: {question type} is not a field (did you mean {question_type}?)"),
+    ("problem:\n  other: 'A problem on {Concept}.'\n", "problem.other: {Concept} is not a field (did you mean "
+     "{concept}?)"),
+    ("problem:\n  system: 'You write {domain} problems.'\n", "problem.system: {domain} is not filled in there; it "
+     "would reach the model as written. The fields of problem.system: none (it is sent as written)"),
+    ("instructions:\n  p2i: 'Given a problem, retrieve its {concept}'\n", "instructions.p2i: {concept} is not "
+     "filled in there; it would reach the model as written. The fields of instructions.p2i: {domain}, {question_type}"),
+    ("topics:\n  other: ['a {topics} setting']\n", "topics.other: {topics} is not a field (did you mean {topic}?)"),
+])
+def test_a_prompt_field_that_would_reach_the_model_as_written_is_refused(tmp_path, capsys, text, message):
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(text)
+    with pytest.raises(PromptsError) as error:
+        load_prompts(prompts)
+    assert str(error.value).startswith(f"{prompts}: {message}")
+    concepts_path = tmp_path / "concepts.yaml"
+    concepts_path.write_text(CONCEPTS)
+    status = main(["reasonaug", str(concepts_path), str(tmp_path / "out"), "--model", "m", "--prompts", str(prompts),
+                   "--base-url", "http://127.0.0.1:9/v1"])
+    assert status == 2 and capsys.readouterr().err.strip() == f"diffembed reasonaug: error: {error.value}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_code_and_latex_braces_and_the_default_prompts_pass_the_field_check(tmp_path):
+    from diffembed_hf.reasonaug.prompts import _check, _default_data
+
+    _check(_default_data(), "prompts.yaml")  # the package's own prompts
+    _check(load_prompts(ROOT / "tests" / "engines" / "reasonaug_tiny_prompts.yaml").data, "tiny")
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("problem:\n  other: |\n    A {question_type} case on {concept} in {topic}, as in {reference}.\n"
+                       "    $\\begin{align} x_{i} &= \\frac{a}{b} \\text{cm} \\end{align}$ {selection} {option}\n"
+                       "    ```python\n    d = {key: value for key in keys}\n    ```\n")
+    loaded = load_prompts(prompts)
+    assert "\\begin{align}" in loaded.data["problem"]["other"] and "{selection}" in loaded.data["problem"]["other"]
 
 
 def test_request_fields_of_the_prompts_file_reach_the_server_as_given(concepts, tmp_path):

@@ -3,7 +3,8 @@
 Input lines: {"custom_id": KEY, "method": "POST", "url": "/v1/chat/completions", "body": {...}}, where KEY is the
 request's journal key, so an output line finds its request whatever order the results come in. Output lines:
 {"custom_id", "response": {"status_code", "body": <chat completion>}, "error"}; a line with an error or a status
-other than 200 is counted and not journaled (the request stays pending and goes into the next batch file).
+other than 200 is counted and not journaled (the request stays pending and goes into the next batch file). A
+custom_id on two lines is refused: which answer a user meant is not ours to guess.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def read_batch_output(path: Path) -> BatchResults:
     if not path.is_file():
         raise UsageError(f"--from-batch-output {path}: no such file")
     results = BatchResults()
+    first_seen: dict[str, str] = {}  # custom_id -> where its line is
     with open_input(path, BatchError) as handle:
         for record in json_records(read_lines(handle, path, error=BatchError), path):
             if record.problem is not None:
@@ -129,6 +131,11 @@ def read_batch_output(path: Path) -> BatchResults:
             line, where = record.data, record.where
             if not isinstance(line.get("custom_id"), str):
                 raise BatchError(f"{where}: not a Batch API output line (no custom_id)")
+            key = line["custom_id"]
+            if key in first_seen:  # which of two answers to keep is not ours to guess
+                raise BatchError(f"{where}: custom_id {key} is on {first_seen[key]} too; a batch output holds one "
+                                 "line per request: give each batch's output file to a run of its own")
+            first_seen[key] = where
             response = _object(line.get("response"), "response", where, null=True)
             error = line.get("error")
             if error is not None and not isinstance(error, (dict, str)):
@@ -138,7 +145,7 @@ def read_batch_output(path: Path) -> BatchResults:
                 continue
             completion = _completion(_object(response.get("body"), "response.body", where), where)
             try:
-                results.answers[line["custom_id"]] = answer_of(completion)
+                results.answers[key] = answer_of(completion)
             except ValueError:  # no choices
                 results.failed["no choices"] += 1
     return results
