@@ -301,6 +301,70 @@ def test_problem_answers_are_read_or_named(content, finish, expected):
     assert (parsed.sections if isinstance(expected, tuple) else parsed.failure) == expected
 
 
+@pytest.mark.parametrize("problem, concept", [
+    ("Use Bayes\u2019 theorem to update the belief.", "Bayes' Theorem"),
+    ("Count them with the inclusion\u2013exclusion principle.", "Inclusion-Exclusion Principle"),
+    ("Count them by inclusion exclusion principles.", "Inclusion-Exclusion Principle"),
+    ("Apply BAYES\u2019S THEOREM.", "Bayes' Theorem"),
+    ("Run Dijkstra\u2019s algorithm from the depot.", "Dijkstra's Algorithm"),
+    ("Run Dijkstra algorithms from the depot.", "Dijkstra's Algorithm"),
+    ("Keep a union\u2014find of the islands.", "Union-Find"),
+    ("Keep a unionfind of the islands.", "Union-Find"),
+    ("Use two-pointers over the array.", "Two Pointers"),
+    ("By Vieta\u2019s formula the sum is 3.", "Vieta's Formulas"),
+    ("Use the B\u00e9zout identity.", "Bezout's Identity"),
+    ("A \uff24\uff26\uff33 over the maze.", "Depth First Search (DFS)"),  # full-width letters (NFKC)
+    ("Keep an LRU cache.", "LRU Caches"),
+])
+def test_a_problem_naming_its_concept_in_another_spelling_is_unusable(problem, concept):
+    from diffembed_hf.reasonaug.answers import names_concept, parse_problem
+
+    assert names_concept(problem, concept)
+    parsed = parse_problem({"content": f"**Problem**\n{problem}\n**Solution**\nok", "finish_reason": "stop"}, concept)
+    assert parsed.failure == "names_concept"
+
+
+@pytest.mark.parametrize("problem, concept", [
+    ("Sort the heapsort output.", "Heap"), ("Sum a prefix array.", "Prefix Sum"), ("A search party.", "A* Search"),
+    ("The bay theorem of the harbour.", "Bayes' Theorem"),
+])
+def test_other_words_are_not_the_concept(problem, concept):
+    from diffembed_hf.reasonaug.answers import names_concept
+
+    assert not names_concept(problem, concept)
+
+
+def test_spellings_of_a_concept_never_reach_train_and_are_one_concept_in_the_concepts_file(concepts, tmp_path):
+    """A problem that names its concept in another spelling is asked again, then dropped, at every stage: the run's
+    plan, the concepts file and the duplicate problems all compare names one way."""
+    from diffembed_hf.reasonaug.dataset import _norm_text
+
+    leaks = {"Dijkstra's Algorithm": "Route the vans with Dijkstra\u2019s algorithm.",
+             "Union-Find": "Merge the islands with a union\u2013find.",
+             "Vieta's Formulas": "By VIETA\u2019S FORMULA, the roots sum to 3."}
+    responder = responder_for(concepts)
+
+    def answer(body: dict) -> str:
+        if responder.stage(body) == "problem" and responder.concept(body)[1] in leaks:
+            return f"**Problem**\n{leaks[responder.concept(body)[1]]}\n**Solution**\nok"
+        return responder(body)
+
+    with ChatServer(answer) as chat_server:
+        result = generate(concepts, tmp_path / "out", chat_server, heldout_fraction=0.0)
+    assert result.summary["unusable_answers"]["problem"] == {"names_concept": 3 * 3 * 2}  # 3 problems, 2 tries each
+    assert result.summary["dropped"]["problem"] == {"names_concept": 3 * 3}
+    train = (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8")
+    assert not any(json.dumps(leak)[1:-1] in train for leak in leaks.values())
+    assert {d["concept"] for d in jsonl(tmp_path / "out" / "dropped.jsonl")} == set(leaks)
+
+    path = tmp_path / "spellings.yaml"
+    path.write_text("domains:\n  math:\n    question_type: math\n    concepts: [Bayes' Theorem, Law of Cosines, "
+                    "\"Bayes\u2019 theorem\"]\n", encoding="utf-8")
+    with pytest.raises(ConceptsError, match="the concept 'Bayes\u2019 theorem' .* is listed twice: \"Bayes' Theorem\""):
+        load_concepts(path)
+    assert _norm_text("Find the \u201cfast\u201d path \u2014 quickly.") == _norm_text('find the "fast" path - quickly.')
+
+
 @pytest.mark.parametrize("content, coding, expected", [
     ("YES.", False, ("orig",)), ("**Yes**, correct.", False, ("orig",)), ("No, wrong.", False, "checker_no"),
     ("The solution is right.", False, "checker_no"), ("NO", True, "checker_no"),
@@ -365,6 +429,36 @@ def test_unusable_answers_are_asked_again_with_a_new_seed_then_dropped(concepts,
     assert [d["reason"] for d in jsonl(tmp_path / "out" / "dropped.jsonl")] == ["refusal"]
 
 
+def test_each_file_holds_what_the_readme_says_of_unusable_and_dropped_answers(concepts, tmp_path):
+    """dropped.jsonl: what never made it; an answer asked again and then answered only counted in run.json, its
+    text in journal.jsonl. The README's description of the OUT files says exactly that."""
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert "`dropped.jsonl` (every unusable answer" not in readme
+    for claim in ("`dropped.jsonl` holds one line (`stage, domain, concept, index, reason, answer`) per definition, "
+                  "problem or check that never made it", "An unusable answer that was asked again and then answered "
+                  "is not in it: it is counted in `run.json` (`summary.unusable_answers`",
+                  "its text stays in `journal.jsonl`, which holds every answer"):
+        assert claim in readme, claim
+    out = tmp_path / "out"
+    with ChatServer(responder_for(concepts)) as chat_server:
+        chat_server.fail("empty", _is('reference entry for the algorithm "Binary Search"'), times=1)  # then answered
+        chat_server.fail("refusal", _is('reference entry for the math theorem "Stars and Bars"'))  # never answered
+        chat_server.fail("no", lambda body: body["messages"][0]["content"].startswith("You are a strict")
+                         and "Report the value for case" in body["messages"][-1]["content"], times=1)
+        generate(concepts, out, chat_server, heldout_fraction=0.0)
+    dropped = jsonl(out / "dropped.jsonl")
+    assert [list(d) for d in dropped] == [["stage", "domain", "concept", "index", "reason", "answer"]] * 2
+    assert sorted((d["stage"], d["reason"], d["index"] is None) for d in dropped) == [
+        ("check", "checker_no", False), ("definition", "refusal", True)]
+    assert not any(d["concept"] == "Binary Search" and d["stage"] == "definition" for d in dropped)
+    summary = json.loads((out / "run.json").read_text(encoding="utf-8"))["summary"]
+    assert summary["unusable_answers"]["definition"] == {"empty": 1, "refusal": 2}
+    assert summary["dropped"] == {"definition": {"refusal": 1}, "check": {"checker_no": 1}}
+    asked = [r["answer"]["content"] for r in jsonl(out / "journal.jsonl")
+             if r["stage"] == "definition" and '"Binary Search"' in r["body"]["messages"][-1]["content"]]
+    assert len(asked) == 2 and "" in asked  # the unusable answer and the one that replaced it
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -398,6 +492,21 @@ def test_a_request_failing_for_good_stops_the_run_and_a_rerun_sends_only_the_res
         again = chat_server.answered_keys()
     assert result.status == "complete" and again and first.isdisjoint(again)
     assert result.traffic["replayed"] == len(first)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_stop_message_counts_the_journaled_answers_with_or_without_a_progress_bar(concepts, tmp_path, progress):
+    """The count comes from the journal: a progress bar switched off (stderr not a terminal) counts nothing."""
+    out = tmp_path / "out"
+    with ChatServer(responder_for(concepts)) as chat_server:
+        chat_server.fail("500", _is('"Prefix Sum"'))
+        with pytest.raises(ServerError) as error:
+            generate(concepts, out, chat_server, max_retries=0, show_progress=progress)
+    arrived, other = map(int, re.search(r"the (\d+) answers that arrived .* send the other (\d+)$",
+                                        str(error.value)).groups())
+    with Journal(out) as journal:
+        assert arrived == len(journal.answers) > 0
+    assert arrived + other == 11 + 11 * 3  # the first wave: a definition and 3 problems per concept
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,6 +639,134 @@ def test_batch_file_then_batch_output_gives_the_same_dataset(concepts, server, t
     assert outputs(out) == outputs(tmp_path / "direct")
 
 
+def batch_args(concepts: Path, out: Path, *extra) -> list[str]:
+    return ["reasonaug", str(concepts), str(out), "--model", "test-model", "--problems-per-concept", "3",
+            "--heldout-fraction", "0.2", *map(str, extra)]
+
+
+def test_a_batch_output_line_with_an_error_text_is_counted_and_asked_again(concepts, tmp_path, capsys):
+    """vLLM's run_batch writes `error` as a string: the line is a failed one, its request goes into the next file."""
+    out = tmp_path / "out"
+    assert main(batch_args(concepts, out, "--batch-file", tmp_path / "batch-0.jsonl")) == 0
+    first, second = [json.loads(line)["custom_id"] for line in
+                     (tmp_path / "batch-0.jsonl").read_text().splitlines()[:2]]
+    results = tmp_path / "results-0.jsonl"
+    results.write_text(json.dumps({"custom_id": first, "response": None, "error": "rate limited"}) + "\n"
+                       + json.dumps({"custom_id": second, "response": {"status_code": 400, "body": None},
+                                     "error": "the prompt is too long\nat line 3"}) + "\n")
+    capsys.readouterr()
+    assert main(batch_args(concepts, out, "--from-batch-output", results, "--batch-file",
+                           tmp_path / "batch-1.jsonl")) == 0
+    assert "failed lines: rate limited 1, HTTP 400 1" in capsys.readouterr().err
+    again = [json.loads(line)["custom_id"] for line in (tmp_path / "batch-1.jsonl").read_text().splitlines()]
+    assert first in again and second in again
+
+
+def _completion_line(key: str, **changes) -> dict:
+    body = {"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                       "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    line = {"custom_id": key, "response": {"status_code": 200, "body": body}, "error": None}
+    for path, value in changes.items():
+        *parents, last = path.split(".")
+        target = line
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        target[last] = value
+    return line
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"response": "oops"}, "line 2: response is a string 'oops', not a JSON object or null"),
+    ({"error": ["x"]}, "line 2: error is a list, not a JSON object, a string or null"),
+    ({"response.body": "text"}, "line 2: response.body is a string 'text', not a JSON object"),
+    ({"response.body.choices": {"0": 1}}, "line 2: response.body.choices is an object, not a list"),
+    ({"response.body.choices": ["hi"]}, "line 2: response.body.choices[0] is a string 'hi', not a JSON object"),
+    ({"response.body.choices.0.message": "hi"}, "line 2: response.body.choices[0].message is a string 'hi'"),
+    ({"response.body.choices.0.message.content": 5}, "line 2: response.body.choices[0].message.content is a number"),
+    ({"response.body.usage": {"prompt_tokens": "12"}}, "line 2: response.body.usage.prompt_tokens is a string '12'"),
+    ({"custom_id": None}, "line 2: not a Batch API output line (no custom_id)"),
+])
+def test_a_batch_output_line_of_another_shape_is_named_by_file_and_line(concepts, tmp_path, capsys, changes, message):
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(_completion_line("a" * 64)) + "\n" + json.dumps(_completion_line("b" * 64, **changes))
+                       + "\n")
+    status = main(batch_args(concepts, tmp_path / "out", "--from-batch-output", results, "--batch-file",
+                             tmp_path / "next.jsonl"))
+    err = capsys.readouterr().err
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"diffembed reasonaug: error: {results} {message}")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "next.jsonl").exists()
+
+
+@pytest.mark.parametrize("second", [dict(), dict(error={"code": "server_error"}, response=None)])
+def test_a_custom_id_on_two_lines_of_a_batch_output_is_refused(concepts, tmp_path, capsys, second):
+    """Two answers to one request: which one a user meant is not ours to guess (the last one won silently)."""
+    results = tmp_path / "results.jsonl"
+    lines = [_completion_line("a" * 64), _completion_line("b" * 64), {**_completion_line("a" * 64), **second}]
+    results.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    status = main(batch_args(concepts, tmp_path / "out", "--from-batch-output", results, "--batch-file",
+                             tmp_path / "next.jsonl"))
+    err = capsys.readouterr().err
+    assert status == 1 and err.strip() == (f"diffembed reasonaug: error: {results} line 3: custom_id {'a' * 64} is on "
+                                           f"{results} line 1 too; a batch output holds one line per request: give "
+                                           "each batch's output file to a run of its own")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_output_that_is_not_utf8_is_named_by_file_line_and_byte(concepts, tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    data = (json.dumps(_completion_line("a" * 64)) + "\n").encode() + b'{"custom_id": "k", "error": "caf\xe9"}\n'
+    results.write_bytes(data)
+    status = main(batch_args(concepts, tmp_path / "out", "--from-batch-output", results, "--batch-file",
+                             tmp_path / "next.jsonl"))
+    err = capsys.readouterr().err
+    assert status == 1 and err.strip() == (f"diffembed reasonaug: error: {results} line 2: not UTF-8 (byte 0xe9 at "
+                                           f"byte offset {data.index(0xe9)}); save the file as UTF-8")
+
+
+LATIN_YAML = b"domains:\n  law:\n    question_type: legal\n    concepts: [Estoppel, Caf\xe9 Rule]\n"
+LATIN_JSON = b'{"domains": {"law": {"question_type": "legal", "concepts": ["Caf\xe9"]}}}'
+LAUGHS = ("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"  # "billion laughs", 5 levels deep (9 ** 5 lols)
+          + "".join(f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcd", "bcde"))
+          + "domains: {x: {question_type: m, concepts: *e}}\n")
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("concepts.yaml", LATIN_YAML, f"line 4: not UTF-8 (byte 0xe9 at byte offset {LATIN_YAML.index(0xe9)}); save the "
+     "file as UTF-8"),
+    ("concepts.json", LATIN_JSON, f"line 1: not UTF-8 (byte 0xe9 at byte offset {LATIN_JSON.index(0xe9)})"),
+    ("concepts.yaml", LAUGHS.encode(), "line 2: a YAML alias (*a); a concepts file cannot use aliases"),
+    ("concepts.yaml", b"domains:\n  x: &x {question_type: math, concepts: [A, B]}\n  y: *x\n",
+     "line 3: a YAML alias (*x); a concepts file cannot use aliases"),
+    ("concepts.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply to be a concepts file"),
+    ("concepts.yaml", b"\xef\xbb\xbfdomains:\n  x:\n    question_type: math\n    concepts: [A, B]\n", None),  # BOM
+])
+def test_concepts_files_that_cannot_be_read_are_named(tmp_path, capsys, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    if message is None:
+        assert [d.concepts for d in load_concepts(path)] == [("A", "B")]
+        return
+    with pytest.raises(ConceptsError) as error:
+        load_concepts(path)
+    assert str(error.value).startswith(f"{path} {message}" if message.startswith("line") else f"{path}: {message}")
+    status = main(["reasonaug", str(path), str(tmp_path / "out"), "--model", "m", "--base-url",
+                   "http://127.0.0.1:9/v1"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.strip() == f"diffembed reasonaug: error: {error.value}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_files_that_cannot_be_read_are_named(tmp_path):
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_bytes(b"problem:\n  system: Caf\xe9\n")
+    with pytest.raises(PromptsError, match=r"prompts.yaml line 2: not UTF-8 \(byte 0xe9 at byte offset 22\)"):
+        load_prompts(prompts)
+    prompts.write_text("topics:\n  coding: &t [a game]\n  other: *t\n")
+    with pytest.raises(PromptsError, match=r"prompts.yaml line 3: a YAML alias \(\*t\); a prompts file cannot"):
+        load_prompts(prompts)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 7. Bad input: named before any work, one line, exit 2; nothing written
 # ----------------------------------------------------------------------------------------------------------------
@@ -577,6 +814,53 @@ def test_json_concepts_and_prompt_overrides(tmp_path):
     prompts.write_text("checks:\n  other: x\n")
     with pytest.raises(PromptsError, match="unknown key 'checks'"):
         load_prompts(prompts)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("definition:\n  other: 'Define the {domain} \"{concpet}\".'\n",
+     "definition.other: {concpet} is not a field (did you mean {concept}?); it would reach the model as written. "
+     "The fields of definition.other: {domain}, {question_type}, {concept}"),
+    ("definition:\n  coding: 'Define {concept} in the setting of {topic}.'\n",
+     "definition.coding: {topic} is not filled in there; it would reach the model as written. The fields of "
+     "definition.coding: {domain}, {question_type}, {concept}"),
+    ("check:\n  other: '{problem} {solution} Is it right for {reference}?'\n", "check.other: {reference} is not "
+     "filled in there; it would reach the model as written. The fields of check.other: {domain}, {question_type}, "
+     "{concept}, {problem}, {solution}"),
+    ("problem:\n  other: 'A {question type} problem on {concept}.'\n",
+     "problem.other: {question type} is not a field (did you mean {question_type}?)"),
+    ("problem:\n  other: 'A problem on {Concept}.'\n", "problem.other: {Concept} is not a field (did you mean "
+     "{concept}?)"),
+    ("problem:\n  system: 'You write {domain} problems.'\n", "problem.system: {domain} is not filled in there; it "
+     "would reach the model as written. The fields of problem.system: none (it is sent as written)"),
+    ("instructions:\n  p2i: 'Given a problem, retrieve its {concept}'\n", "instructions.p2i: {concept} is not "
+     "filled in there; it would reach the model as written. The fields of instructions.p2i: {domain}, {question_type}"),
+    ("topics:\n  other: ['a {topics} setting']\n", "topics.other: {topics} is not a field (did you mean {topic}?)"),
+])
+def test_a_prompt_field_that_would_reach_the_model_as_written_is_refused(tmp_path, capsys, text, message):
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(text)
+    with pytest.raises(PromptsError) as error:
+        load_prompts(prompts)
+    assert str(error.value).startswith(f"{prompts}: {message}")
+    concepts_path = tmp_path / "concepts.yaml"
+    concepts_path.write_text(CONCEPTS)
+    status = main(["reasonaug", str(concepts_path), str(tmp_path / "out"), "--model", "m", "--prompts", str(prompts),
+                   "--base-url", "http://127.0.0.1:9/v1"])
+    assert status == 2 and capsys.readouterr().err.strip() == f"diffembed reasonaug: error: {error.value}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_code_and_latex_braces_and_the_default_prompts_pass_the_field_check(tmp_path):
+    from diffembed_hf.reasonaug.prompts import _check, _default_data
+
+    _check(_default_data(), "prompts.yaml")  # the package's own prompts
+    _check(load_prompts(ROOT / "tests" / "engines" / "reasonaug_tiny_prompts.yaml").data, "tiny")
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("problem:\n  other: |\n    A {question_type} case on {concept} in {topic}, as in {reference}.\n"
+                       "    $\\begin{align} x_{i} &= \\frac{a}{b} \\text{cm} \\end{align}$ {selection} {option}\n"
+                       "    ```python\n    d = {key: value for key in keys}\n    ```\n")
+    loaded = load_prompts(prompts)
+    assert "\\begin{align}" in loaded.data["problem"]["other"] and "{selection}" in loaded.data["problem"]["other"]
 
 
 def test_request_fields_of_the_prompts_file_reach_the_server_as_given(concepts, tmp_path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .concepts import find_name, name_pattern
+
 # Why an answer (or what was made from it) was not used. Counted per stage in the run's summary.
 FAILURES = {
     "empty": "an empty answer",
@@ -87,10 +89,10 @@ def parse_definition(answer: dict) -> Parsed:
 
 
 def names_concept(text: str, concept: str) -> bool:
-    """Whether the text names the concept (its name without a parenthesised part, or that part, e.g. DFS)."""
+    """Whether the text names the concept (its name without a parenthesised part, or that part, e.g. DFS), in any
+    spelling (`concepts.name_pattern`: "Bayes’ theorem" names "Bayes' Theorem")."""
     names = [re.sub(r"\s*\(.*?\)\s*", " ", concept).strip()] + re.findall(r"\((.*?)\)", concept)
-    return any(len(name) > 2 and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE)
-               for name in names)
+    return any(len(name) > 2 and find_name(name_pattern(name), text) for name in names)
 
 
 def parse_problem(answer: dict, concept: str) -> Parsed:

@@ -1,8 +1,9 @@
 """The dataset a finished run writes: train.jsonl, corpus.jsonl, heldout/ (BEIR) and dropped.jsonl, each whole.
 
-Problems are de-duplicated (the same text, spacing and case aside, is kept once, first in file order); the held-out
-concepts' checked problems become the BEIR folder's queries (with their p2i instruction in front, as `diffembed
-train` puts instructions on its anchors), every definition its corpus; the other concepts make the training rows.
+Problems are de-duplicated (the same text, spacing, case and typography aside, is kept once, first in file
+order); the held-out concepts' checked problems become the BEIR folder's queries (with their p2i instruction in
+front, as `diffembed train` puts instructions on its anchors), every definition its corpus; the other concepts make
+the training rows.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from ..errors import DiffembedError
 from ..files import move_into_place, temporary_sibling
+from .concepts import fold
 from .planner import Plan, Planner
 from .prompts import STAGES
 from .rows import ConceptData, RowBuilder
@@ -23,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 def _norm_text(text: str) -> str:
-    return " ".join(text.split()).casefold()
+    """The form two problems are compared in: `concepts.fold` (case, Unicode, typographic quotes and dashes),
+    runs of white space as one space."""
+    return " ".join(fold(text).split())
 
 
 def format_query(query: str, instruction: str) -> str:
@@ -71,7 +75,7 @@ def write_dataset(out: Path, planner: Planner, plan: Plan, answers: dict) -> dic
     """train.jsonl, corpus.jsonl, dropped.jsonl and heldout/, each written whole; returns the dataset's counts."""
     settings, prompts = planner.settings, planner.prompts
     heldout = set(planner.heldout())
-    # duplicates: the same problem text (spacing and case aside) is kept once, first in file order
+    # duplicates: the same problem text (spacing, case and typography aside) is kept once, first in file order
     seen: set[str] = set()
     items, held_items = [], []
     for domain in planner.concepts:

@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import OutputExistsError, UsageError, require_extra
@@ -23,6 +24,9 @@ from .dataset import write_dataset
 from .journal import JOURNAL, Journal, canonical_json
 from .planner import Planner, Request, Settings
 from .prompts import Prompts, load_prompts
+
+if TYPE_CHECKING:
+    from .batch import BatchResults
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +121,11 @@ def generate_reasonaug(
 
     Writes, once every request is answered: OUT/train.jsonl (rows `diffembed train` reads as they are),
     OUT/corpus.jsonl (every concept's definition), OUT/heldout/ (a BEIR folder of held-out concepts for
-    `diffembed evaluate --data`), OUT/dropped.jsonl (every unusable answer and why) and OUT/run.json (prompts,
-    model, sampling settings, package version, counts). With `batch_file`, the pending requests are written there
-    as a Batch API input file instead of being sent; `from_batch_output` journals a batch's results first.
+    `diffembed evaluate --data`), OUT/dropped.jsonl (each definition, problem or check that never made it, and
+    why; an unusable answer that a re-ask replaced is only counted, in run.json's summary.unusable_answers) and
+    OUT/run.json (prompts, model, sampling settings, package version, counts). With `batch_file`, the pending
+    requests are written there as a Batch API input file instead of being sent; `from_batch_output` journals a
+    batch's results first.
     """
     require_extra("reasonaug")
     concept_set = concepts if isinstance(concepts, ConceptSet) else load_concepts(concepts)
@@ -136,6 +142,11 @@ def generate_reasonaug(
         api_key = _api_key(base_url, api_key)
     if batch_file is not None and Path(batch_file).exists() and not overwrite:
         raise OutputExistsError(f"--batch-file {batch_file} exists; pass --overwrite to replace it")
+    batch_results = None
+    if from_batch_output is not None:  # a batch output file that cannot be read is refused before OUT is touched
+        from .batch import read_batch_output
+
+        batch_results = read_batch_output(Path(from_batch_output))
     identity = _identity(settings, prompt_set, concept_set)
     _prepare_output(out, identity, overwrite=overwrite)
     planner = Planner(concept_set, prompt_set, settings)
@@ -150,8 +161,8 @@ def generate_reasonaug(
             logger.info("The journal's last line was torn by an interrupted run and was dropped.")
         if not (out / RUN_RECORD).is_file():  # a run of other settings (--overwrite) keeps its record until the end,
             _write_run_record(out, record)     # when its outputs are replaced: the folder never mixes two runs
-        if from_batch_output is not None:
-            _ingest_batch(Path(from_batch_output), planner, journal, traffic)
+        if batch_results is not None:
+            _ingest_batch(Path(from_batch_output), batch_results, planner, journal, traffic)
         while True:
             plan = planner.plan(journal.answers)
             if not plan.pending:
@@ -209,16 +220,16 @@ def _send(client, pending: list[Request], journal: Journal, show_progress: bool 
         try:
             client.run([(r.key, r.body) for r in pending], on_answer)
         except RequestFailed as err:
-            raise ServerError(f"a request failed after {client.max_retries} retries ({err}); the {bar.n} answers "
+            # counted from the journal, not the bar: a disabled bar (stderr not a terminal: logs, CI) counts nothing
+            arrived = sum(request.key in journal.answers for request in pending)
+            raise ServerError(f"a request failed after {client.max_retries} retries ({err}); the {arrived} answers "
                               f"that arrived are in {journal.path}: run the same command again to send the other "
-                              f"{len(pending) - bar.n}") from None
+                              f"{len(pending) - arrived}") from None
 
 
-def _ingest_batch(path: Path, planner: Planner, journal: Journal, traffic: dict) -> None:
-    """Journal the answers of a batch output file to the requests this run has pending (in plan order)."""
-    from .batch import read_batch_output
-
-    results = read_batch_output(path)
+def _ingest_batch(path: Path, results: BatchResults, planner: Planner, journal: Journal, traffic: dict) -> None:
+    """Journal the answers of a batch output file (`results`, read from `path`) to the requests this run has
+    pending (in plan order)."""
     traffic["batch_lines_failed"] = dict(results.failed)
     while True:  # an answer can make the next wave's requests pending (a re-ask in the same file is not possible)
         plan = planner.plan(journal.answers)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -16,6 +17,12 @@ ROW_KINDS = ("p2i", "p2ps", "ps2ps", "i2ps")
 _FIELDS = ("domain", "question_type", "concept", "topic", "reference", "problem", "solution")
 # What a prompt cannot do without: the concept it is about, and for the checker the pair it judges.
 _REQUIRED = {"definition": ("concept",), "problem": ("concept",), "check": ("problem", "solution")}
+# The fields each text is filled with (`Prompts.messages`, `Prompts.instruction`); system prompts are sent as written.
+ALLOWED_FIELDS = {"definition": ("domain", "question_type", "concept"),
+                  "problem": ("domain", "question_type", "concept", "topic", "reference"),
+                  "check": ("domain", "question_type", "concept", "problem", "solution"),
+                  "instructions": ("domain", "question_type")}
+_BRACED = re.compile(r"\{([A-Za-z][\w \-]{0,40})\}")  # what could be meant as a field: {concpet}, {question type}
 CORE_FIELDS = ("model", "messages", "temperature", "max_completion_tokens", "seed")  # set by the run
 _FIELD = re.compile(r"\{(" + "|".join(_FIELDS) + r")\}")
 
@@ -58,12 +65,33 @@ def _default_data() -> dict:
     return yaml.safe_load(resources.files(__package__).joinpath("prompts.yaml").read_text(encoding="utf-8"))
 
 
+def _check_fields(text: str, allowed: tuple[str, ...], where: str, source: str) -> None:
+    """Refuse a {name} that would reach the model as written: a field not filled in at `where` (another stage's)
+    or a misspelt one ({concpet}, {Concept}, {question type}). Other braces ({x}, \\begin{align}) are code or LaTeX."""
+    for match in _BRACED.finditer(text):
+        name = match.group(1)
+        if name in allowed:
+            continue
+        key = re.sub(r"[\s\-]+", "_", name.strip().lower())
+        near = [f for f in _FIELDS if key in (f, f + "s")] or difflib.get_close_matches(key, _FIELDS, n=1, cutoff=0.75)
+        if not near:
+            continue
+        problem = (f"{{{name}}} is not filled in there" if name in _FIELDS else
+                   f"{{{name}}} is not a field (did you mean {{{near[0]}}}?)")
+        fields = ", ".join("{" + f + "}" for f in allowed) or "none (it is sent as written)"
+        raise PromptsError(f"{source}: {where}: {problem}; it would reach the model as written. The fields of "
+                           f"{where}: {fields}")
+
+
 def _check(data: dict, source: str) -> None:
     for stage in STAGES:
         for form in ("system", "coding", "other"):
             value = data[stage].get(form)
             if not isinstance(value, str) or not value.strip():
                 raise PromptsError(f"{source}: {stage}.{form} must be a non-empty text")
+        for form in ("system", "coding", "other"):  # a misspelt field first: it says why a required one is missing
+            _check_fields(data[stage][form], ALLOWED_FIELDS[stage] if form != "system" else (), f"{stage}.{form}",
+                          source)
         for form in ("coding", "other"):
             missing = [f for f in _REQUIRED[stage] if "{" + f + "}" not in data[stage][form]]
             if missing:
@@ -73,9 +101,12 @@ def _check(data: dict, source: str) -> None:
             items = data[group].get(form)
             if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
                 raise PromptsError(f"{source}: {group}.{form} must be a non-empty list of texts")
+            for item in items:  # put into a problem prompt as they are
+                _check_fields(item, (), f"{group}.{form}", source)
     for kind in ROW_KINDS:
         if not isinstance(data["instructions"].get(kind), str) or not data["instructions"][kind].strip():
             raise PromptsError(f"{source}: instructions.{kind} must be a non-empty text")
+        _check_fields(data["instructions"][kind], ALLOWED_FIELDS["instructions"], f"instructions.{kind}", source)
     for stage in STAGES:
         fields = data["request"].get(stage)
         if fields is not None and not isinstance(fields, dict):
