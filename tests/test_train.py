@@ -1,11 +1,13 @@
 """Contrastive fine-tuning: it learns, it writes a reloadable Hub-ready folder, and bad data is refused early."""
 
+import dataclasses
 import json
 import os
 import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +309,205 @@ def test_train_writes_the_model_card(trained):
     assert "## Evaluation" in card and f"| ndcg@10 | {trained.metrics_before['ndcg@10']:.6g} |" in card
     assert "SentenceTransformer(\"model\", trust_remote_code=True)" in card and "zhang-etal-2025-diffusion" in card
     assert is_generated_card(card) and not is_generated_card(card.replace("| max_steps | 40 |", "| max_steps | 41 |"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trust, round three (issue 31): an adapter means one base; a resume is the run it continues; every step trains
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tiny_base(folder, seed):
+    torch.manual_seed(seed)
+    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
+    return save_sentence_transformer(model, load_dream_tokenizer(), folder, max_seq_length=64)
+
+
+def test_an_adapter_means_one_base_wherever_it_is_used(task, tmp_path, monkeypatch):
+    """`train --adapter-only m-dream`: the adapter names its base by absolute path, so it embeds alike from a
+    folder where "m-dream" is another model; its identity (corpus resume, evaluate's results and cache) covers its
+    base, also for an adapter that names its base relatively (earlier versions wrote those)."""
+    import shutil
+
+    from diffembed_hf.checkpoint import content_digest, model_identity
+    from diffembed_hf.encoding import encode, load_encoder
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    _tiny_base(here / "m-dream", seed=0), _tiny_base(elsewhere / "m-dream", seed=1)
+    monkeypatch.chdir(here)
+    adapter = train("m-dream", task[0], tmp_path / "adapter", TrainingConfig(
+        max_steps=2, lora=True, adapter_only=True, eval_fraction=0.0, **FAST)).output_dir
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((here / "m-dream").resolve())
+    texts = ["alpha beta gamma", "some other words here"]
+    vectors = encode(load_encoder(str(adapter), device="cpu"), texts)
+    identity = model_identity(adapter)
+    legacy = Path(shutil.copytree(adapter, tmp_path / "legacy"))
+    (legacy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "m-dream"}))
+    legacy_here = content_digest(legacy)
+
+    monkeypatch.chdir(elsewhere)  # where "m-dream" is another model
+    np.testing.assert_allclose(encode(load_encoder(str(adapter), device="cpu"), texts), vectors, rtol=0, atol=1e-6)
+    assert model_identity(adapter) == identity
+    assert content_digest(legacy) != legacy_here  # the same adapter files on another base: another model
+    shutil.copy(elsewhere / "m-dream" / "model.safetensors", here / "m-dream" / "model.safetensors")
+    assert model_identity(adapter).sha256 != identity.sha256  # its base changed under it: so did it
+
+
+def test_a_resume_must_be_the_interrupted_run(base, task, tmp_path, capsys):
+    """`train --resume` with another base, other rows or another setting is refused, naming each difference
+    (it ran at the checkpoint's learning rate, or merged the first base's LoRA into another, and recorded what was
+    asked); the checkpoints stay, and the same run resumes from them."""
+    from diffembed_hf.cli import main
+    from diffembed_hf.errors import ConfigError
+
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps(dict(FAST, max_steps=4, lora=False, eval_fraction=0.0, save_steps=2)))
+    config = TrainingConfig.from_file(settings)
+    out, checkpoints = tmp_path / "out", tmp_path / ".out.checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        train(base, task[0], out, config, callbacks=[_StopAt(3)])
+    kept = sorted(p.relative_to(tmp_path) for p in checkpoints.rglob("*"))
+    assert any(p.name == "checkpoint-2" for p in checkpoints.iterdir())
+
+    capsys.readouterr()
+    status = main(["train", base, task[0], str(out), "--config", str(settings), "--resume", "--learning-rate", "0.05"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert "--learning-rate was 0.001, now 0.05" in err.strip().splitlines()[-1] and "--overwrite" in err
+    other_base = str(_tiny_base(tmp_path / "other-base", seed=3))
+    with pytest.raises(ConfigError, match=r"the base model was .*/m \(sha256 .*\), now .*other-base") as refused:
+        train(other_base, task[0], out, config, resume=True)
+    assert "learning-rate" not in str(refused.value)  # only what differs is named
+    with pytest.raises(ConfigError, match=r"the training rows were those of .*train.jsonl.*now of .*heldout.jsonl"):
+        train(base, task[1], out, config, resume=True)
+    with pytest.raises(ConfigError, match=r"--max-steps was 4, now 6; scale \(a --config setting\) was 50.0, now 20"):
+        train(base, task[0], out, dataclasses.replace(config, max_steps=6, scale=20.0), resume=True)
+    assert sorted(p.relative_to(tmp_path) for p in checkpoints.rglob("*")) == kept  # nothing touched
+
+    result = train(base, task[0], out, config, resume=True)
+    assert result.steps == 4 and result.resumed_from == str(checkpoints / "checkpoint-2")
+
+
+def test_every_step_trains_and_warm_up_warnings_say_what_happens(base, task, tmp_path, caplog):
+    """`--max-steps 1` trained nothing: its automatic warm-up of 1 step ran the only step at learning rate 0
+    (transformers' warm-up starts at 0), under a warning that the rate "reaches 0.0001 at step 1". Warm-up now
+    covers the whole run only when asked (--warmup-steps), every step trains (rate > 0), and the warning states
+    what will happen, advising only the option the user gave."""
+    from safetensors.torch import load_file
+
+    from diffembed_hf.train import resolve_warmup
+
+    quick = dict(FAST, warmup_steps=None, logging_steps=1)
+    with caplog.at_level("WARNING", logger="diffembed_hf.train"):
+        one = train(base, task[0], tmp_path / "one",
+                    TrainingConfig(max_steps=1, lora=False, eval_fraction=0.0, **quick))
+    ran = json.loads((one.output_dir / TRAINING_METADATA).read_text())["training"]
+    assert ran["warmup_steps"] == 0 and [e["learning_rate"] for e in ran["losses"]] == [pytest.approx(1e-3)]
+    before, after = load_file(f"{base}/model.safetensors"), load_file(one.output_dir / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # the step trained
+    assert "Warm-up" not in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffembed_hf.train"):
+        long = train(base, task[0], tmp_path / "long", TrainingConfig(
+            max_steps=4, lora=False, eval_fraction=0.0, **dict(quick, warmup_steps=10**9)))
+    rates = [e["learning_rate"] for e in json.loads((long.output_dir / TRAINING_METADATA).read_text())[
+        "training"]["losses"]]
+    assert len(rates) == 4 and 0 < rates[0] < rates[1] < rates[2] < rates[3] < 1e-3  # asked: all warm-up, all train
+    assert ("Warm-up (--warmup-steps 1000000000) is longer than the run's 4 steps: every step trains below the "
+            "learning rate 0.001" in caplog.text and "never reaches it; give --warmup-steps below 4" in caplog.text)
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffembed_hf.train"):
+        assert resolve_warmup(TrainingConfig(max_steps=2, warmup_ratio=0.9)) == 1  # a ratio < 1 is never the run
+        assert resolve_warmup(TrainingConfig(max_steps=10, warmup_ratio=0.7)) == 7
+    assert "Warm-up takes 7 of the 10 steps (--warmup-ratio 0.7)" in caplog.text
+    assert "lower --warmup-ratio" in caplog.text
+    assert "--warmup-steps" not in caplog.text  # only the option the user gave is advised
+    from diffembed_hf.train import lr_factor
+
+    for schedule in ("linear", "cosine", "constant"):  # every step of a run, warm-up or not, trains
+        for warmup, total in ((0, 1), (1, 1), (3, 10), (100, 1000), (10, 4)):
+            assert all(lr_factor(s, warmup=warmup, total=total, schedule=schedule) > 0 for s in range(total))
+
+
+def test_a_warm_up_flag_overrides_the_config_files_warm_up(tmp_path):
+    """`--config` with a warmup_ratio and `--warmup-steps` on the command line: the flag wins (it failed as
+    "give one, not both"); both forms given as flags are still refused."""
+    from diffembed_hf.errors import ConfigError
+
+    path = tmp_path / "settings.json"
+    path.write_text('{"max_steps": 40, "warmup_ratio": 0.5}')
+    config = TrainingConfig.from_file(path, warmup_steps=3)
+    assert (config.warmup_steps, config.warmup_ratio, config.max_steps) == (3, None, 40)
+    path.write_text('{"max_steps": 40, "warmup_steps": 30}')
+    config = TrainingConfig.from_file(path, warmup_ratio=0.25)
+    assert (config.warmup_steps, config.warmup_ratio) == (None, 0.25)
+    assert TrainingConfig.from_file(path).warmup_steps == 30  # no flag: the file's
+    with pytest.raises(ConfigError, match="--warmup-steps or --warmup-ratio, not both"):
+        TrainingConfig.from_file(path, warmup_steps=3, warmup_ratio=0.1)
+
+
+def test_adapter_only_refuses_truncate_dim_which_encoding_an_adapter_honours(base, task, tmp_path, capsys):
+    """`--adapter-only --truncate-dim` was silently ignored (an adapter has no sentence-transformers files): it is
+    refused in one line, and the truncate_dim that message points to, given when encoding an adapter, is honoured
+    (load_encoder dropped it for adapter folders)."""
+    from peft import LoraConfig, get_peft_model
+
+    from diffembed_hf.cli import main
+    from diffembed_hf.encoding import backbone, encode, load_encoder
+
+    capsys.readouterr()
+    status = main(["train", base, task[0], str(tmp_path / "out"), "--adapter-only", "--truncate-dim", "16",
+                   "--max-steps", "1", "--eval-fraction", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert "--truncate-dim" in err[0] and "--adapter-only" in err[0]
+    assert not (tmp_path / "out").exists()
+
+    model = load_encoder(base, device="cpu")
+    adapter = tmp_path / "adapter"
+    get_peft_model(backbone(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(adapter)
+    model.tokenizer.save_pretrained(adapter)
+    texts = ["alpha beta gamma", "some other words here"]
+    full = encode(load_encoder(str(adapter), device="cpu"), texts)
+    cut = encode(load_encoder(str(adapter), device="cpu", truncate_dim=16), texts)
+    assert full.shape == (2, 64) and cut.shape == (2, 16)
+    np.testing.assert_allclose(cut, full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True), atol=1e-5)
+
+
+def test_a_matryoshka_models_default_evaluation_goes_on_its_card(tmp_path):
+    """A model trained with --truncate-dim stores it, so `diffembed evaluate MODEL --output MODEL/eval` scores its
+    default (truncated) vectors; the card refused those as "compact vectors (--truncate-dim / --precision)",
+    options the user never gave. They are the model's own vectors and go on the card; results of other vectors
+    are left off with a message naming only the options that made them."""
+    from diffembed_hf.checkpoint import model_identity
+    from diffembed_hf.evaluation.card import card_results
+    from diffembed_hf.errors import EvaluationError
+    from diffembed_hf.publish import build_model_card
+
+    folder = _tiny_base(tmp_path / "model", seed=0)
+    stored = json.loads((folder / "config_sentence_transformers.json").read_text())
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({**stored, "truncate_dim": 32}))
+    identity = model_identity(folder)
+
+    def results(compact):
+        out = tmp_path / f"eval-{compact['truncate_dim']}-{compact['precision']}"
+        settings = {"max_seq_length": 64, "query_prompt": "q", "document_prompt": "",
+                    "compact": {**compact, "rescore": None, "calibration": None, "calibration_rows": 10000}}
+        out.mkdir()
+        (out / "summary.json").write_text(json.dumps({
+            "format": "diffembed-evaluate-summary", "version": 2, "model": {**identity.as_dict(), "key": identity.key},
+            "results": [{"task": "SciFact", "settings": settings, "settings_key": "0", "mteb_version": "2.26.24",
+                         "type": "Retrieval", "dataset": "mteb/scifact", "splits": ["test"], "subsets": ["default"],
+                         "scores": {"main_score": 0.4321, "metric": "ndcg_at_10", "ndcg_at_10": 0.4321}}]}))
+        return out
+
+    default = results({"truncate_dim": 32, "precision": "float32"})  # what evaluate writes with no option
+    card = build_model_card(folder, "me/matryoshka", evaluation=default)
+    assert "| SciFact | ndcg_at_10 | 43.21 |" in card.text and "first 32 dimensions" in card.text
+    binary = results({"truncate_dim": 32, "precision": "binary"})  # evaluate --precision binary
+    with pytest.raises(EvaluationError, match=r"only results of compact vectors \(32 dims, binary\), not of the "
+                                              r"model's own \(its first 32 dimensions, float32\); evaluate it "
+                                              r"without --precision for the card$"):
+        card_results(binary, folder, strict=True)

@@ -7,13 +7,17 @@ CPU the length, checkpointing, precision, the layers LoRA trains and threads lef
 (`device_settings`), and the log says what was chosen and why. The output folder only ever holds a
 finished model: checkpoints live beside it (`.<name>.checkpoints`, for `resume=True`) and are removed on success.
 A checkpoint counts as complete only once the trainer has finished writing it (a marker file is written last), so
-a run killed in the middle of a save resumes from the checkpoint before.
+a run killed in the middle of a save resumes from the checkpoint before. The checkpoints folder also records what
+the run is (base model identity, training rows digest, every setting): a resume that differs is refused, naming
+the difference, so that the finished model's record describes the run that happened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -29,7 +33,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from transformers import TrainerCallback
 
 from . import register_auto_classes
-from .checkpoint import TRAINING_RECORD
+from .checkpoint import TRAINING_RECORD, base_reference, model_identity, read_json
 from .corpus.distributed import current
 from .data import ColumnMapping, load_training_data
 from .encoding import backbone, check_max_seq_length, load_encoder, set_backbone
@@ -62,6 +66,7 @@ register_auto_classes()
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINING_METADATA = TRAINING_RECORD  # the name earlier releases exported from here
 CHECKPOINT_COMPLETE = "diffembed_checkpoint_complete"  # written into a checkpoint folder once it is whole
+RUN_RECORD = "diffembed_run.json"  # in the checkpoints folder: what the run is, for --resume to compare
 # the learning-rate schedules after warm-up, by transformers' names (constant: "constant_with_warmup")
 LR_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -154,6 +159,10 @@ class TrainingConfig:
         truncate = self.truncate_dim
         if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1):
             raise ConfigError(f"--truncate-dim must be an integer >= 1, got {truncate!r}")
+        if truncate is not None and self.adapter_only:  # it would be silently dropped
+            raise ConfigError("--truncate-dim is stored in a full model's sentence-transformers files, which "
+                              "--adapter-only does not write: drop --adapter-only, or give --truncate-dim when "
+                              "encoding with the adapter")
 
     def resolve_dims(self, width: int) -> None:
         """Check the dimensions against the model's width (and pick them for "auto"), before any training."""
@@ -168,7 +177,8 @@ class TrainingConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainingConfig:
-        """Read a JSON file of field values; unknown keys are an error, not silently ignored."""
+        """Read a JSON file of field values; unknown keys are an error, not silently ignored. `overrides` (the
+        command line's flags) win over the file; a warm-up given either way replaces the file's other form."""
         try:
             values = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
@@ -181,6 +191,9 @@ class TrainingConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown training settings {unknown}; known: {sorted(known)}")
+        warmup = {"warmup_steps", "warmup_ratio"}
+        if warmup & set(overrides):  # a warm-up flag replaces the file's warm-up, in whichever form it is given
+            values = {name: value for name, value in values.items() if name not in warmup}
         return cls(**{**values, **overrides})
 
 
@@ -202,19 +215,45 @@ WARMUP_CAP = 0.1  # automatic warm-up: at most this share of the run
 
 def resolve_warmup(config: TrainingConfig) -> int:
     """Warm-up steps: --warmup-ratio of the run, --warmup-steps as given, else the recipe's 100 capped at a tenth
-    of the run (8 steps warm up for 1, so that a short run trains at its learning rate). Warns when warm-up covers
-    most of the run, where the learning rate stays far below the one asked for."""
+    of the run. Only --warmup-steps may cover the whole run: automatic and ratio warm-ups end before the last step,
+    so that the run trains at its learning rate (a 1-step run has none). Warns, saying what will happen, when
+    warm-up covers most of the run (`lr_factor`: warm-up step k of W trains at k/(W+1) of the rate)."""
+    total, rate = config.max_steps, config.learning_rate
     if config.warmup_ratio is not None:
-        steps = math.ceil(config.warmup_ratio * config.max_steps)
+        steps = min(math.ceil(config.warmup_ratio * total), total - 1)
+        option, given = "--warmup-ratio", f"--warmup-ratio {config.warmup_ratio:g}"
     elif config.warmup_steps is not None:
-        steps = config.warmup_steps
+        steps, option = config.warmup_steps, "--warmup-steps"
+        given = f"--warmup-steps {steps}"
     else:
-        steps = min(RECIPE_WARMUP_STEPS, math.ceil(WARMUP_CAP * config.max_steps))
-    if steps > config.max_steps / 2:  # most of the run
-        logger.warning("Warm-up takes %d of the %d steps: the learning rate reaches %g only at step %d, and most of "
-                       "the run trains below it; lower --warmup-steps or use --warmup-ratio.", steps, config.max_steps,
-                       config.learning_rate, min(steps, config.max_steps))
+        steps = min(RECIPE_WARMUP_STEPS, math.ceil(WARMUP_CAP * total), total - 1)
+        option, given = "--warmup-steps", "automatic"
+    if steps >= total:
+        logger.warning("Warm-up (%s) is longer than the run's %d steps: every step trains below the learning rate "
+                       "%g, from %.3g at step 1 to %.3g at step %d, and never reaches it; give --warmup-steps below "
+                       "%d for the run to reach it.", given, total, rate, rate / (steps + 1),
+                       rate * total / (steps + 1), total, total)
+    elif steps > total / 2:  # most of the run
+        logger.warning("Warm-up takes %d of the %d steps (%s): the learning rate rises from %.3g at step 1 and "
+                       "reaches %g only at step %d%s; lower %s for more of the run at that rate.", steps, total,
+                       given, rate / (steps + 1), rate, steps + 1, ", the last" if steps + 1 == total else "",
+                       option)
     return steps
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """The share of the learning rate that optimizer step `step` (0-based) trains at. transformers' warm-up gives
+    step/warmup, so its first step trains at 0 (a 1-step run with 1 warm-up step learns nothing); here warm-up step
+    k (1-based) trains at k/(warmup+1), and the full rate comes at step warmup+1, as in transformers. After
+    warm-up: transformers' linear decay (to 1/(total-warmup) at the last step, never 0), cosine, or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
 
 
 def resolve_logging_steps(config: TrainingConfig) -> int:
@@ -284,7 +323,20 @@ def _add_lora(model: SentenceTransformer, config: TrainingConfig) -> None:
 class _Trainer(SentenceTransformerTrainer):
     """Resumes LoRA runs: a checkpoint then holds only the adapter, which sentence-transformers cannot reload
     as a model, so the adapter weights are put back into the model in training directly; collects no model card
-    data (the card is ours)."""
+    data (the card is ours); schedules the learning rate with `lr_factor`, so that every step trains."""
+
+    def __init__(self, *args, lr_schedule: str = "linear", **kwargs):
+        self.lr_schedule = lr_schedule  # a key of LR_SCHEDULERS
+        super().__init__(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """`lr_factor` in place of transformers' schedules, whose warm-up runs the first step at rate 0."""
+        if self.lr_scheduler is None:
+            factor = functools.partial(lr_factor, warmup=self.args.get_warmup_steps(num_training_steps),
+                                       total=num_training_steps, schedule=self.lr_schedule)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+            self._created_lr_scheduler = True  # transformers resets it between calls to train() by this flag
+        return self.lr_scheduler
 
     def add_model_card_callback(self, default_args_dict) -> None:
         """None: `train` writes its own model card (model_card.py). sentence-transformers' card data would
@@ -364,23 +416,31 @@ def _last_complete_checkpoint(folder: Path, remove_incomplete: bool = False) -> 
     return last
 
 
-def _merge_adapter(model: SentenceTransformer, base: str, config: TrainingConfig, device: str | None,
-                   trust_remote_code: bool):
-    """Merge the trained LoRA weights into a fresh copy of the base model (PEFT's merge_and_unload)."""
+def _merge_adapter(model: SentenceTransformer, base: tuple[str, str | None], config: TrainingConfig,
+                   device: str | None, trust_remote_code: bool):
+    """Merge the trained LoRA weights into a fresh copy of the base model (PEFT's merge_and_unload): the one it
+    was trained on (`base`: path, or Hub id and commit)."""
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as adapter_dir:
         backbone(model).save_pretrained(adapter_dir)  # the adapter alone
-        merged = load_encoder(base, device=device, trust_remote_code=trust_remote_code)
+        merged = load_encoder(base[0], device=device, trust_remote_code=trust_remote_code,
+                              **({"revision": base[1]} if base[1] else {}))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=QUIET_FUTURE_WARNING, category=FutureWarning)
             set_backbone(merged, PeftModel.from_pretrained(backbone(merged), adapter_dir).merge_and_unload())
     return merged
 
 
-def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict) -> None:
+def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict,
+                  base: tuple[str, str | None]) -> None:
     """Write the finished model (with its model card) and publish it whole; an existing `output_dir`
-    (overwrite=True) is replaced only then."""
+    (overwrite=True) is replaced only then. An adapter names its `base` (`checkpoint.base_reference`) as PEFT
+    would not: by absolute path or Hub id and commit, never as typed (a relative path would load whatever folder
+    of that name the working directory holds when it is used)."""
+    if config.adapter_only:
+        peft_config = backbone(model).peft_config["default"]
+        peft_config.base_model_name_or_path, peft_config.revision = base
     with staged_folder(output_dir) as staging:
         backbone(model).save_pretrained(staging)  # the merged model, or the adapter alone
         model.tokenizer.save_pretrained(staging)
@@ -429,7 +489,7 @@ def build_trainer(model: SentenceTransformer, train_dataset, config: TrainingCon
     if not hasattr(args, "save_safetensors"):  # transformers 5 removed it; sentence-transformers 5.2 saves with it
         args.save_safetensors = True
     trainer = _Trainer(model=model, args=args, train_dataset=train_dataset, loss=loss,
-                       callbacks=[_MarkCompleteCheckpoints(), *(callbacks or [])])
+                       callbacks=[_MarkCompleteCheckpoints(), *(callbacks or [])], lr_schedule=config.lr_scheduler)
     _stop_on_non_finite_loss(loss, trainer)
     return trainer
 
@@ -497,15 +557,23 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
         shutil.rmtree(checkpoints)
     start = time.perf_counter()
     model = load_encoder(model_name_or_path, device=device, trust_remote_code=trust_remote_code)
+    base = base_reference(model_name_or_path, getattr(backbone(model).config, "_commit_hash", None))
     limit = getattr(backbone(model).config, "max_position_embeddings", None)
     check_max_seq_length(config.max_seq_length, limit)
     check_max_seq_length(config.saved_max_seq_length, limit, option="--saved-max-seq-length")
     config.resolve_dims(backbone(model).config.hidden_size)
     config, settings_record = _resolve_settings(config, model, data_split, limit)
+    record = _run_record(model_name_or_path, model, [data] + ([eval_data] if eval_data else []), data_split, config,
+                         world)
+    if resume_from is not None:
+        _check_resume(checkpoints, record)
     model.max_seq_length = config.max_seq_length
     before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     trainer = build_trainer(model, data_split.train, config, checkpoints, callbacks=callbacks)
     try:
+        if resume_from is None and current().is_main:  # a new run: what --resume will compare
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            write_json(checkpoints / RUN_RECORD, record)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except FloatingPointError as err:  # from the loss check above, or the model's own non-finite check
         _remove_if_no_complete_checkpoint(checkpoints)
@@ -530,13 +598,13 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
         logger.warning("Training ended after %d of %d steps: the data gave no further batch.", steps, config.max_steps)
 
     if config.lora and not config.adapter_only:
-        model = _merge_adapter(model, model_name_or_path, config, device, trust_remote_code)
+        model = _merge_adapter(model, base, config, device, trust_remote_code)
         model.max_seq_length = config.max_seq_length  # evaluated as before training: at the training length
     after = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     seconds = time.perf_counter() - start
     if trainer.is_world_process_zero():
         metadata = {
-            "base_model": model_name_or_path,
+            "base_model": base[0], "base_model_revision": base[1],
             "datasets": [data] + ([eval_data] if eval_data else []),
             "hyperparameters": dataclasses.asdict(config),
             # what ran, not what was asked for: steps, epochs over the rows, samples seen, first and last logged loss
@@ -558,11 +626,86 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
             },
             "training_time_seconds": round(seconds, 1),
         }
-        _write_output(model, output_dir, config, metadata)
+        _write_output(model, output_dir, config, metadata, base)
         shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
     return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None,
                           rows)
+
+
+# The CLI option that sets each setting, for messages; the others are set in a --config file only.
+SETTING_OPTIONS = {
+    "max_steps": "--max-steps", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
+    "max_seq_length": "--max-seq-length", "saved_max_seq_length": "--saved-max-seq-length",
+    "warmup_steps": "--warmup-steps", "warmup_ratio": "--warmup-ratio",
+    "gradient_checkpointing": "--[no-]gradient-checkpointing", "bf16": "--[no-]bf16",
+    "gradcache_mini_batch_size": "--gradcache", "matryoshka_dims": "--matryoshka-dims",
+    "truncate_dim": "--truncate-dim", "lora": "--full", "adapter_only": "--adapter-only",
+    "group_by_instruction": "--group-by-instruction", "eval_fraction": "--eval-fraction",
+}
+
+
+def _rows_digest(data_split) -> str:
+    """sha256 of the rows training and held-out evaluation read (after column mapping, prompts and the split):
+    the same rows from a moved or renamed file give the same digest."""
+    digest = hashlib.sha256()
+    for part, data in (("train", data_split.train), ("eval", data_split.eval)):
+        groups = sorted(data.items()) if isinstance(data, dict) else [("", data)] if data is not None else []
+        for name, dataset in groups:
+            digest.update(f"{part}\x00{name}\x00{len(dataset)}\x00".encode("utf-8"))
+            for column in dataset.column_names:
+                digest.update(column.encode("utf-8") + b"\x00")
+                for value in dataset[column]:
+                    data_bytes = str(value).encode("utf-8")
+                    digest.update(len(data_bytes).to_bytes(8, "little") + data_bytes)
+    return digest.hexdigest()
+
+
+def _run_record(model_name_or_path: str, model: SentenceTransformer, sources: list[str], data_split,
+                config: TrainingConfig, world: int) -> dict:
+    """What the run is: the base's identity, the rows' digest, every setting (as resolved) and the devices."""
+    identity = model_identity(model_name_or_path, getattr(backbone(model).config, "_commit_hash", None))
+    return {"base_model": {**identity.as_dict(), "key": identity.key},
+            "data": {"sources": sources, "sha256": _rows_digest(data_split)},
+            "settings": json.loads(json.dumps(dataclasses.asdict(config))), "devices": world}
+
+
+def _check_resume(checkpoints: Path, record: dict) -> None:
+    """Refuse to resume the checkpoints of another run (another base, other rows, any other setting): the
+    trainer would restore the checkpoint's optimizer and schedule, or merge its adapter into another base, and the
+    finished model's record would describe a run that did not happen. Names every difference."""
+    path = checkpoints / RUN_RECORD
+    if not path.is_file():
+        logger.warning("--resume: %s has no record of its run (made by an earlier version), so nothing checks that "
+                       "this run's base, data and settings are the interrupted run's; they must be.", checkpoints)
+        return
+    before = read_json(path, TrainingError)
+    differences = []
+    then, now = before.get("base_model") or {}, record["base_model"]
+    if then.get("key") != now["key"]:
+        differences.append(f"the base model was {_describe_base(then)}, now {_describe_base(now)}")
+    then, now = before.get("data") or {}, record["data"]
+    if then.get("sha256") != now["sha256"]:
+        differences.append(f"the training rows were those of {', '.join(then.get('sources') or ['?'])} (sha256 "
+                           f"{str(then.get('sha256'))[:12]}), now of {', '.join(now['sources'])} (sha256 "
+                           f"{now['sha256'][:12]})")
+    then, now = before.get("settings") or {}, record["settings"]
+    for name in [*now, *(k for k in then if k not in now)]:
+        if then.get(name) != now.get(name):
+            option = SETTING_OPTIONS.get(name, f"{name} (a --config setting)")
+            differences.append(f"{option} was {then.get(name)!r}, now {now.get(name)!r}")
+    if before.get("devices") != record["devices"]:
+        differences.append(f"the run had {before.get('devices')} device(s), now {record['devices']}")
+    if differences:
+        raise ConfigError(f"--resume: the checkpoints in {checkpoints} are of another run: {'; '.join(differences)}. "
+                          "Resume with that run's base, data and settings, or start again without --resume and with "
+                          "--overwrite (which deletes them)")
+
+
+def _describe_base(identity: dict) -> str:
+    if identity.get("model_sha256"):
+        return f"{identity.get('model')} (sha256 {identity['model_sha256'][:12]})"
+    return f"{identity.get('model')} at {identity.get('revision') or 'an unknown revision'}"
 
 
 def _remove_if_no_complete_checkpoint(checkpoints: Path) -> None:
