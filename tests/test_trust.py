@@ -162,6 +162,52 @@ def test_a_tokenizer_with_its_own_code_needs_opt_in(folder, tmp_path, capsys):
     assert "my_tokenizer.py" in line and "--trust-remote-code" in line and not marker.exists()
 
 
+def _add_evil_module(folder: Path, marker: Path) -> None:
+    """A tokenizer-named file that no auto_map names, run through a modules.json type (issue 31)."""
+    (folder / "tokenization_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\nimport torch\n"
+        "class Evil(torch.nn.Module):\n    @classmethod\n    def load(cls, *args, **kwargs):\n        return cls()\n"
+        "    def forward(self, features):\n        return features\n")
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.append({"idx": len(modules), "name": str(len(modules)), "path": "", "type": "tokenization_evil.Evil"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+
+
+def test_every_python_file_and_foreign_module_type_is_folder_code(folder, tmp_path, capsys, monkeypatch):
+    """Push (validated or not), encode and evaluate refuse a folder's own code that no auto_map names."""
+    marker = tmp_path / "ran"
+    _add_evil_module(folder, marker)
+    monkeypatch.setenv("HF_TOKEN", "x")
+    (tmp_path / "texts.txt").write_text("one\n")
+    from evaluation_helpers import write_beir
+
+    beir = write_beir(tmp_path / "beir", {"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}})
+    commands = {
+        "push": ["push", str(folder), "me/x", "--dry-run"],
+        "push unvalidated": ["push", str(folder), "me/x", "--dry-run", "--skip-validation"],
+        "encode": ["encode", str(folder), "-i", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "e.npy")],
+        "evaluate": ["evaluate", str(folder), "--data", beir, "--output", str(tmp_path / "eval")],
+    }
+    for what, command in commands.items():
+        assert cli_main(command) == 2, what
+        line = error_line(capsys)
+        assert "tokenization_evil.py" in line and "tokenization_evil.Evil" in line, (what, line)
+        assert "--trust-remote-code" in line and not marker.exists(), what
+    assert not (tmp_path / "e.npy").exists() and not (tmp_path / "eval").exists()
+    # a Python file alone, whatever its name, is code too; the folder's own DiffEmbed code stays allowed
+    (folder / "tokenization_evil.py").rename(folder / "helpers.py")
+    modules = json.loads((folder / "modules.json").read_text())[:-1]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert cli_main(commands["push unvalidated"]) == 2 and "helpers.py" in error_line(capsys)
+    (folder / "helpers.py").unlink()
+    assert cli_main(commands["push unvalidated"]) == 0
+    assert "modeling_diffembed.py" in capsys.readouterr().out
+    # opted in: the user's choice is honoured (the listing shows the code that would be pushed)
+    _add_evil_module(folder, marker)
+    assert cli_main([*commands["push unvalidated"], "--trust-remote-code"]) == 0
+    assert "tokenization_evil.py" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # A folder's identity: what changes its vectors, and nothing else
 # --------------------------------------------------------------------------------------------------------------
