@@ -362,6 +362,44 @@ def test_locks_name_other_hosts_and_never_take_them_over(tmp_path):
     assert lock_path(out).exists()
 
 
+def test_an_export_finished_meanwhile_is_never_replaced_without_overwrite(folder, model_folder, tmp_path,
+                                                                          monkeypatch):
+    """A second export into OUT that finishes while this one works (issue 31): this one used to check OUT at its
+    start, lock OUT at its end and replace the other's folder with exit 0; now it locks first."""
+    import diffembed_hf.export as export_module
+    from conftest import run_before_the_lock
+    from diffembed_hf.errors import ExportError
+
+    out = tmp_path / "export"
+    other = run_before_the_lock(monkeypatch, export_module, lambda: export_vllm(model_folder, out))
+    (folder / "NOTICE").write_text("this run's own licence notice")
+    with pytest.raises(ExportError, match="already exists"):
+        export_vllm(folder, out)
+    assert other == [out] and not (out / "NOTICE").exists()  # the other run's folder, kept
+
+
+def test_a_second_file_mode_encode_into_a_file_being_written_is_refused(folder, tmp_path, monkeypatch, capsys):
+    """Two `--overwrite` encodes into one file used to both succeed, the last one's file winning (issue 31)."""
+    import diffembed_hf.encoding as encoding_module
+
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    (tmp_path / "b.txt").write_text("three\n")
+    out = tmp_path / "e.npy"
+    real_load, other = encoding_module.load_encoder, []
+
+    def load_while_another_run_starts(*args, **kwargs):
+        if not other:  # the other run starts while this one loads its model
+            other.append(cli_main(["encode", str(folder), "-i", str(tmp_path / "b.txt"), "-o", str(out),
+                                   "--overwrite"]))
+            other.append(error_line(capsys))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(encoding_module, "load_encoder", load_while_another_run_starts)
+    assert cli_main(["encode", str(folder), "-i", str(tmp_path / "a.txt"), "-o", str(out), "--overwrite"]) == 0
+    assert other[0] == 2 and f"pid {os.getpid()}" in other[1] and "being written" in other[1]
+    assert np.load(out).shape == (2, 64) and not lock_path(out).exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Options honoured or refused; the length checked before any work
 # --------------------------------------------------------------------------------------------------------------

@@ -105,10 +105,19 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
 
     `output_dir` must be new or empty unless `overwrite`, which replaces the demo's own data/, untrained/ and
     model/ in it (nothing else there is touched)."""
-    from .files import apply_umask, check_output_folder, staged_folder
+    from .files import check_output_folder, output_lock
 
     output_dir = Path(output_dir)
-    check_output_folder(output_dir, overwrite=overwrite)
+    with output_lock(output_dir):  # first: only a check made under the lock holds while the demo writes
+        check_output_folder(output_dir, overwrite=overwrite)
+        return _run_demo(output_dir, max_steps, max_heldout, overwrite, base)
+
+
+def _run_demo(output_dir: Path, max_steps: int | None, max_heldout: int, overwrite: bool,
+              base: str | Path | None) -> DemoResult:
+    """`run_demo` while it holds the output folder's lock."""
+    from .files import apply_umask, staged_folder
+
     train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout)
     untrained = output_dir / "untrained"
     if base is None:

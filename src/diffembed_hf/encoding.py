@@ -340,13 +340,30 @@ def encode_file(
     ranges of this model, e.g. from its corpus's manifest); returns the file and the array's shape. Everything
     that can be checked without the model (output, options, prompt name of a local folder, the input itself) is
     checked first."""
-    from .checkpoint import model_identity
-    from .compact import SCALAR, resolve_precision
-    from .files import check_output_file
-    from .readers import read_texts
+    from .files import check_output_file, output_lock
 
     output = Path(output)
-    check_output_file(output, overwrite=overwrite, suffixes=OUTPUT_SUFFIXES)
+    check_output_file(output, overwrite=overwrite, suffixes=OUTPUT_SUFFIXES)  # at once, before the lock
+    # one run per file, --overwrite or not: a second run into a file being written is refused, naming this one
+    with output_lock(output):
+        check_output_file(output, overwrite=overwrite)  # again under the lock: what a run finished meanwhile left
+        return _encode_file(model, source, output, field=field, prompt_name=prompt_name,
+                            max_seq_length=max_seq_length, max_tokens_per_batch=max_tokens_per_batch, dtype=dtype,
+                            device=device, quantize=quantize, overwrite=overwrite,
+                            show_progress_bar=show_progress_bar, trust_remote_code=trust_remote_code,
+                            truncate_dim=truncate_dim, precision=precision, calibration=calibration)
+
+
+def _encode_file(model: str, source: str, output: Path, *, field: str | None, prompt_name: str | None,
+                 max_seq_length: int | None, max_tokens_per_batch: int, dtype: str, device: str | None,
+                 quantize: str | None, overwrite: bool, show_progress_bar: bool | None, trust_remote_code: bool,
+                 truncate_dim: int | None, precision: str | None,
+                 calibration: CalibrationRanges | None) -> tuple[Path, tuple[int, int]]:
+    """`encode_file` while it holds the output's lock."""
+    from .checkpoint import model_identity
+    from .compact import SCALAR, resolve_precision
+    from .readers import read_texts
+
     precision = resolve_precision(dtype, precision)
     if precision in SCALAR and calibration is None:
         raise CompactError(f"--precision {precision} in file mode needs --calibration (ranges of this model: a corpus "

@@ -237,10 +237,16 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
     token, and an existing `out` unless `overwrite` (then replaced only once the new folder is complete).
     """
     folder, out = Path(model_folder).expanduser().absolute(), final_path(Path(out))
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
+    with output_lock(out):  # first: only a check made under the lock holds until the folder is published
+        if out.exists() and not overwrite:
+            raise ExportError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"{out} exists and is not a folder")
+        return _export(folder, out, overwrite)
+
+
+def _export(folder: Path, out: Path, overwrite: bool) -> Path:
+    """The export itself, run while `export_vllm` holds the output's lock (OUT already checked)."""
     config = _diffembed_config(folder)
     check_folder(folder)  # untrusted: no index, module path or link may lead the export outside it
     # the export copies the tokenizer without loading it: a damaged one is named here, not by vLLM later
@@ -260,7 +266,7 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
 
     prompts, default_prompt_name = _prompts(folder)
     max_seq_length = st_config.get("max_seq_length", config.max_position_embeddings)
-    with output_lock(out), staged_folder(out) as tmp:
+    with staged_folder(out, replace=overwrite) as tmp:
         write_json(tmp / CONFIG, stock)
         _check_written_config(tmp, architecture, config)
         linked = [_link_or_copy(path, tmp / path.name) for path in weights]

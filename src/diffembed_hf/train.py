@@ -367,10 +367,11 @@ def _merge_adapter(model: SentenceTransformer, base: str, config: TrainingConfig
     return merged
 
 
-def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict) -> None:
+def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict,
+                  overwrite: bool) -> None:
     """Write the finished model (with its model card) and publish it whole; an existing `output_dir`
     (overwrite=True) is replaced only then."""
-    with staged_folder(output_dir) as staging:
+    with staged_folder(output_dir, replace=overwrite) as staging:
         backbone(model).save_pretrained(staging)  # the merged model, or the adapter alone
         model.tokenizer.save_pretrained(staging)
         if not config.adapter_only:
@@ -447,11 +448,12 @@ def train(
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
     ranks = current()  # a stray RANK or WORLD_SIZE (no torchrun) is refused before any work, naming it
-    # --resume never licenses replacing a folder: the output is only ever written at the end of a run.
-    check_output_folder(output_dir, overwrite=overwrite)
-    # one run per output: a second `train` into the same OUT (or its checkpoints) is refused, naming this one
+    # one run per output: a second `train` into the same OUT (or its checkpoints) is refused, naming this one;
+    # taken first, so that the check below still holds when the model is published
     lock = output_lock(output_dir) if ranks.is_main else contextlib.nullcontext()
     with lock:
+        # --resume never licenses replacing a folder: the output is only ever written at the end of a run.
+        check_output_folder(output_dir, overwrite=overwrite)
         return _run(model_name_or_path, data, output_dir, config, mapping=mapping, eval_data=eval_data,
                     overwrite=overwrite, resume=resume, device=device, callbacks=callbacks,
                     trust_remote_code=trust_remote_code)
@@ -547,7 +549,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
             },
             "training_time_seconds": round(seconds, 1),
         }
-        _write_output(model, output_dir, config, metadata)
+        _write_output(model, output_dir, config, metadata, overwrite)
         shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
     return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None,
