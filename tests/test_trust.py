@@ -23,7 +23,7 @@ from diffembed_hf.checkpoint import content_digest, identity_files
 from diffembed_hf.cli import main as cli_main
 from diffembed_hf.corpus import encode_corpus
 from diffembed_hf.encoding import load_encoder
-from diffembed_hf.errors import OutputLockedError, UntrustedFolderError, UsageError
+from diffembed_hf.errors import ModelFilesError, OutputLockedError, UntrustedFolderError, UsageError
 from diffembed_hf.export import export_vllm
 from diffembed_hf.files import lock_path, output_lock
 from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT, save_sentence_transformer
@@ -458,6 +458,50 @@ def test_an_adapter_folder_embeds_exactly_as_its_merged_model(folder, tmp_path):
     np.testing.assert_allclose(got, merged_vectors, rtol=0, atol=1e-5)
     untouched = load_encoder(str(folder), device="cpu").encode(texts)
     assert np.abs(got - untouched).max() > 1e-3  # control: the adapter changes the vectors
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 31: what a folder or a data set stores is checked where it is read, before any work
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_stored_length_above_the_positions_is_refused_at_load(folder, tmp_path, capsys):
+    """sentence_bert_config.json storing 4096 over 512 positions: corpus encode wrote shards, then failed with a
+    ValueError on the first long text (only --max-seq-length was checked). Now refused at load, naming the file."""
+    settings = json.loads((folder / "sentence_bert_config.json").read_text())
+    (folder / "sentence_bert_config.json").write_text(json.dumps({**settings, "max_seq_length": 4096}))
+    source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(30))
+    command = ["encode", str(folder), "-i", str(source), "-o", f"{tmp_path / 'shards'}/", "--shard-size", "10"]
+    assert cli_main(command) == 1
+    line = error_line(capsys)
+    assert "sentence_bert_config.json" in line and "4096" in line and "max_position_embeddings (512)" in line
+    assert not (tmp_path / "shards").exists()
+    with pytest.raises(ModelFilesError, match="sentence_bert_config.json stores max_seq_length 4096"):
+        load_encoder(str(folder), device="cpu")
+    assert cli_main([*command, "--max-seq-length", "64"]) == 0  # a length that fits is the way out
+
+
+def test_a_qrels_score_out_of_range_is_refused_when_read(folder, tmp_path, capsys):
+    """A score of 99999999999999999999 reached pytrec_eval (SystemError) after the embedding work."""
+    from evaluation_helpers import write_beir
+
+    beir = Path(write_beir(tmp_path / "beir", {"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}}))
+    with open(beir / "qrels" / "test.tsv", "a") as handle:
+        handle.write("q1\td2\t99999999999999999999\n")
+    assert cli_main(["evaluate", str(folder), "--data", str(beir), "--output", str(tmp_path / "eval")]) == 2
+    line = error_line(capsys)
+    assert "qrels/test.tsv line 3" in line and "99999999999999999999 is out of range" in line
+    assert not (tmp_path / "eval").exists()
+
+
+def test_demo_base_with_a_damaged_config_names_the_file(tmp_path, capsys):
+    """`demo --base` on a folder with a broken config.json said JSONDecodeError, naming no file."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "diffembed",')
+    assert cli_main(["demo", "--output", str(tmp_path / "out"), "--base", str(base)]) == 1
+    line = error_line(capsys)
+    assert str(base / "config.json") in line and "JSON" in line
 
 
 # --------------------------------------------------------------------------------------------------------------

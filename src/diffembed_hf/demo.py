@@ -24,7 +24,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from . import register_auto_classes
 from .builtin_task import write_task
+from .checkpoint import read_json
 from .data import load_training_data
+from .errors import ModelFilesError
 from .evaluation.heldout import evaluate_bm25
 from .hub_user import embed_as_hub_user
 from .modeling.configuration_diffembed import DiffEmbedConfig
@@ -69,7 +71,8 @@ def prepare_base(base: str | Path, folder: Path) -> Path:
     from .convert import convert_checkpoint
 
     config = Path(base).expanduser() / "config.json"
-    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "diffembed":
+    settings = read_json(config, ModelFilesError) if config.is_file() else {}  # a damaged one is named
+    if isinstance(settings, dict) and settings.get("model_type") == "diffembed":
         return Path(base).expanduser()
     return convert_checkpoint(base, folder)
 

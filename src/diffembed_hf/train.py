@@ -360,7 +360,8 @@ def _merge_adapter(model: SentenceTransformer, base: str, config: TrainingConfig
 
     with tempfile.TemporaryDirectory() as adapter_dir:
         backbone(model).save_pretrained(adapter_dir)  # the adapter alone
-        merged = load_encoder(base, device=device, trust_remote_code=trust_remote_code)
+        merged = load_encoder(base, device=device, trust_remote_code=trust_remote_code,
+                              max_seq_length=config.saved_max_seq_length)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=QUIET_FUTURE_WARNING, category=FutureWarning)
             set_backbone(merged, PeftModel.from_pretrained(backbone(merged), adapter_dir).merge_and_unload())
@@ -487,7 +488,9 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
                                     "continue it, or --overwrite to start again (they are then deleted)")
         shutil.rmtree(checkpoints)
     start = time.perf_counter()
-    model = load_encoder(model_name_or_path, device=device, trust_remote_code=trust_remote_code)
+    # a base whose stored length exceeds its positions is refused at load, unless the saved length is given
+    model = load_encoder(model_name_or_path, device=device, trust_remote_code=trust_remote_code,
+                         max_seq_length=config.saved_max_seq_length)
     limit = getattr(backbone(model).config, "max_position_embeddings", None)
     check_max_seq_length(config.max_seq_length, limit)
     check_max_seq_length(config.saved_max_seq_length, limit, option="--saved-max-seq-length")
