@@ -242,6 +242,14 @@ def test_folder_holding_only_a_gguf_converts(tmp_path, tiny_ggufs, capsys):
     assert json.loads((tmp_path / "out" / "diffembed_conversion.json").read_text())["gguf"]["file"] == path.name
 
 
+def test_folder_holding_an_upper_case_gguf_converts(tmp_path):
+    """A folder holding `MODEL.GGUF` said 'no config.json' (a file of that name was taken, a folder's was not)."""
+    (tmp_path / "src").mkdir()
+    write_gguf(tmp_path / "src" / "MODEL.GGUF", "qwen2")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "diffembed_conversion.json").read_text())["gguf"]["file"] == "MODEL.GGUF"
+
+
 def test_folder_of_several_ggufs_is_a_usage_error(tmp_path, tiny_ggufs, capsys):
     for name in ("a.gguf", "b.gguf"):
         (tmp_path / "src").mkdir(exist_ok=True)

@@ -435,20 +435,7 @@ def test_a_length_above_the_models_positions_is_refused_before_any_work(folder, 
 
 
 def test_an_adapter_folder_embeds_exactly_as_its_merged_model(folder, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    from diffembed_hf.encoding import backbone
-
-    base = load_encoder(str(folder), device="cpu")
-    torch.manual_seed(0)
-    peft_model = get_peft_model(backbone(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)  # a trained-looking adapter: B starts at zero
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
-    load_dream_tokenizer().save_pretrained(adapter)
+    base, peft_model, adapter = _trained_adapter(folder, tmp_path)
     texts = ["a query about rivers", "a document about mountains and rivers"]
     merged = peft_model.merge_and_unload()
     merged_vectors = torch.nn.functional.normalize(
@@ -502,6 +489,125 @@ def test_demo_base_with_a_damaged_config_names_the_file(tmp_path, capsys):
     assert cli_main(["demo", "--output", str(tmp_path / "out"), "--base", str(base)]) == 1
     line = error_line(capsys)
     assert str(base / "config.json") in line and "JSON" in line
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 31: smaller things
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_an_output_reached_through_a_link_in_the_input_is_refused(folder, tmp_path, capsys):
+    """The input folder's reading follows its links: an output where one leads would be read back as input."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", corpus_rows(10))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (corpus / "more").symlink_to(elsewhere)
+    assert cli_main(["encode", str(folder), "-i", str(corpus), "-o", f"{elsewhere / 'out'}/"]) == 2
+    line = error_line(capsys)
+    assert "inside the input folder" in line and "through a link" in line and not (elsewhere / "out").exists()
+
+
+def test_a_dangling_link_given_as_out_is_followed(folder, tmp_path, capsys):
+    """A link the user made for OUT, to a folder not made yet, gave 'File exists'."""
+    source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(10))
+    (tmp_path / "out").symlink_to(tmp_path / "disk" / "out")
+    assert cli_main(["encode", str(folder), "-i", str(source), "-o", f"{tmp_path / 'out'}/"]) == 0
+    assert (tmp_path / "out").is_symlink() and (tmp_path / "disk" / "out" / ".diffembed-manifest.json").is_file()
+
+
+def test_demo_base_that_cannot_be_used_leaves_nothing_in_out(tmp_path, capsys):
+    """`demo --base` with a bad base left OUT/data behind."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    assert cli_main(["demo", "--output", str(tmp_path / "out"), "--base", str(base)]) != 0
+    error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_tasks_of_one_name_never_replace_each_other_and_instructions_are_recorded(folder, tmp_path, capsys):
+    """Two BEIR folders of the same name: the second evaluate replaced the first's result. And an --instructions
+    entry for a --data task was recorded as coming from 'local task: query prompt'."""
+    from evaluation_helpers import stored_results, write_beir
+
+    data = ({"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}})
+    first, second = write_beir(tmp_path / "a" / "set", *data), write_beir(tmp_path / "b" / "set", *data)
+    (tmp_path / "instructions.json").write_text(json.dumps({"Localset": "Find the passage"}))
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", str(folder), "--data", first, "--output", str(out),
+                     "--instructions", str(tmp_path / "instructions.json")]) == 0
+    capsys.readouterr()
+    [result] = stored_results(out)
+    assert result["prompts"]["source"] == "instruction file" and result["prompts"]["instruction"] == "Find the passage"
+    assert result["prompts"]["query"] == "Find the passage:\n"
+    assert cli_main(["evaluate", str(folder), "--data", second, "--output", str(out)]) == 2
+    line = error_line(capsys)
+    assert "same task name" in line and str(Path(first).resolve()) in line
+    assert stored_results(out) == [result]  # the first folder's result, kept
+
+
+def test_another_calibration_rows_is_refused_before_the_sample_is_embedded(folder, tmp_path, monkeypatch):
+    import diffembed_hf.corpus.encode as corpus_encode
+    from diffembed_hf.corpus import CorpusError
+
+    source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(30))
+    out = tmp_path / "out"
+    encode_corpus(str(folder), source, out, shard_size=10, device="cpu", precision="int8", calibration_rows=10)
+    samples, real = [], corpus_encode._calibrate
+    monkeypatch.setattr(corpus_encode, "_calibrate", lambda *args, **kwargs: samples.append(1) or real(*args, **kwargs))
+    with pytest.raises(CorpusError, match="calibration"):
+        encode_corpus(str(folder), source, out, shard_size=10, device="cpu", precision="int8", calibration_rows=20)
+    assert samples == []  # refused before embedding a sample
+    assert encode_corpus(str(folder), source, out, shard_size=10, device="cpu", precision="int8",
+                         calibration_rows=10).computed == []  # control: the same settings resume
+
+
+def test_calibration_ranges_beyond_unit_vectors_are_refused():
+    """Ranges of +-3e38 passed and every vector got the same codes."""
+    from diffembed_hf.compact import CALIBRATION_FORMAT, CalibrationRanges
+    from diffembed_hf.errors import CompactError
+
+    ranges = {"format": CALIBRATION_FORMAT, "model": "m", "dim": 2, "rows": 10}
+    with pytest.raises(CompactError, match=r"reach 3e\+38.*\[-1, 1\]"):
+        CalibrationRanges.from_dict({**ranges, "min": [-3e38, -3e38], "max": [3e38, 3e38]})
+    assert CalibrationRanges.from_dict({**ranges, "min": [-1.0, -0.2], "max": [0.3, 1.0]}).dim == 2  # control
+
+
+def _trained_adapter(folder: Path, tmp_path: Path):
+    """A LoRA adapter on `folder` with non-zero weights, saved with its tokenizer; (base, peft model, folder)."""
+    from peft import LoraConfig, get_peft_model
+
+    from diffembed_hf.encoding import backbone
+
+    base = load_encoder(str(folder), device="cpu")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(backbone(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # a trained-looking adapter: B starts at zero
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    load_dream_tokenizer().save_pretrained(adapter)
+    return base, peft_model, adapter
+
+
+def test_an_adapter_folder_exports_merged_into_its_base(folder, tmp_path):
+    """`export vllm` of an adapter said "merge it first", with no command that merges an adapter locally."""
+    from safetensors.torch import load_file
+
+    _, peft_model, adapter = _trained_adapter(folder, tmp_path)
+    merged = {name.removeprefix("model."): t for name, t in peft_model.merge_and_unload().state_dict().items()}
+    out = export_vllm(adapter, tmp_path / "export")
+    exported = {name.removeprefix("model."): t for name, t in load_file(out / "model.safetensors").items()}
+    base = load_file(folder / "model.safetensors")
+    name = "layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(exported[name], merged[name], rtol=0, atol=1e-6)
+    assert (exported[name] - base.get(f"model.{name}", base.get(name))).abs().max() > 1e-3  # the adapter is in it
+    assert "`adapter`" in (out / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "export", "model"]  # no merge folder left
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -66,15 +66,16 @@ DEMO_TRAINING = dict(max_steps=400, batch_size=16, learning_rate=1e-3, warmup_st
 BASE_TRAINING = dict(max_steps=60, batch_size=8, learning_rate=3e-4, max_seq_length=128, save_steps=10**9)
 
 
-def prepare_base(base: str | Path, folder: Path) -> Path:
-    """A DiffEmbed folder for `base`: used as it is if it already is one, else converted into `folder`."""
+def prepare_base(base: str | Path, folder: Path, overwrite: bool = False) -> Path:
+    """A DiffEmbed folder for `base`: used as it is if it already is one, else converted into `folder` (an earlier
+    one replaced only once the new one is whole, with `overwrite`)."""
     from .convert import convert_checkpoint
 
     config = Path(base).expanduser() / "config.json"
     settings = read_json(config, ModelFilesError) if config.is_file() else {}  # a damaged one is named
     if isinstance(settings, dict) and settings.get("model_type") == "diffembed":
         return Path(base).expanduser()
-    return convert_checkpoint(base, folder)
+    return convert_checkpoint(base, folder, overwrite=overwrite)
 
 
 def build_default_model(seed: int = 0) -> DiffEmbedForEmbedding:
@@ -108,12 +109,18 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
 
     `output_dir` must be new or empty unless `overwrite`, which replaces the demo's own data/, untrained/ and
     model/ in it (nothing else there is touched)."""
-    from .files import check_output_folder, output_lock
+    from .files import check_output_folder, final_path, output_lock
 
-    output_dir = Path(output_dir)
+    output_dir = final_path(Path(output_dir))  # a link the user made for OUT is followed, even to a new folder
     with output_lock(output_dir):  # first: only a check made under the lock holds while the demo writes
         check_output_folder(output_dir, overwrite=overwrite)
-        return _run_demo(output_dir, max_steps, max_heldout, overwrite, base)
+        created = not output_dir.exists()
+        try:
+            return _run_demo(output_dir, max_steps, max_heldout, overwrite, base)
+        except BaseException:
+            if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+                output_dir.rmdir()  # a demo that wrote nothing leaves no folder either
+            raise
 
 
 def _run_demo(output_dir: Path, max_steps: int | None, max_heldout: int, overwrite: bool,
@@ -121,17 +128,17 @@ def _run_demo(output_dir: Path, max_steps: int | None, max_heldout: int, overwri
     """`run_demo` while it holds the output folder's lock."""
     from .files import apply_umask, staged_folder
 
-    train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout)
     untrained = output_dir / "untrained"
     if base is None:
         with staged_folder(untrained) as staging:  # replaces the demo's own earlier folder (overwrite, checked above)
             save_sentence_transformer(build_default_model(), load_dream_tokenizer(), staging, max_seq_length=128)
         settings = DEMO_TRAINING
-    else:
-        if untrained.exists():  # only with overwrite (checked above): the demo's own earlier folder
+    else:  # first: a base that cannot be used leaves nothing behind in OUT (its data/ included)
+        used = prepare_base(base, untrained, overwrite=overwrite)
+        if used.resolve() != untrained.resolve() and untrained.exists():  # an earlier run's (overwrite, checked)
             shutil.rmtree(untrained)
-        untrained = prepare_base(base, untrained)
-        settings = BASE_TRAINING
+        untrained, settings = used, BASE_TRAINING
+    train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout)
     steps = max_steps or settings["max_steps"]
     config = TrainingConfig(**{**settings, "max_steps": steps, "logging_steps": max(1, min(50, steps // 4))})
     heldout = load_training_data(str(heldout_file), default_prompt=config.query_prompt).train

@@ -79,7 +79,8 @@ def find_gguf_file(src: str | Path, gguf_file: str | None = None) -> Path | None
                              "MODEL.gguf file")
         return path
     if path.is_dir() and not (path / "config.json").is_file():
-        candidates = sorted(path.glob("*.gguf"))
+        # any case, as a single file is taken (X.GGUF): a folder holding one is that file
+        candidates = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
         if len(candidates) == 1:
             return candidates[0]
         if candidates:

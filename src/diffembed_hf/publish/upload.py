@@ -65,7 +65,7 @@ STALE_ON_HUB = {
 }
 
 
-def _local_base_path(base: str) -> Path | None:
+def local_base_path(base: str) -> Path | None:
     """A base model folder available without the network: a local folder, or a Hub id in the local cache."""
     if Path(base).expanduser().is_dir():
         return Path(base).expanduser()
@@ -132,9 +132,10 @@ class PushPlan:
         self.cleanup()
 
 
-def _merge(adapter_folder: Path, base_path: Path, output: Path) -> None:
+def merge_adapter(adapter_folder: Path, base_path: Path, output: Path) -> None:
     """Merge a LoRA adapter into its base (PEFT's merge_and_unload) and save a standalone DiffEmbed folder:
-    the base folder's tokenizer and sentence-transformers files, then the adapter folder's own, then the model."""
+    the base folder's tokenizer and sentence-transformers files, then the adapter folder's own, then the model.
+    What `push --merge` pushes and `export vllm` exports for an adapter."""
     from peft import PeftModel
 
     from .. import register_auto_classes
@@ -204,7 +205,7 @@ def prepare_push(
         source = folder
         if kind == "adapter":
             adapter = read_json(folder / ADAPTER_CONFIG, PublishError)
-            base_path = _local_base_path(adapter["base_model_name_or_path"])
+            base_path = local_base_path(adapter["base_model_name_or_path"])
             if merge_adapter:
                 if base_path is None:
                     raise PublishError(f"Cannot merge: the adapter's base {adapter['base_model_name_or_path']!r} "
@@ -213,7 +214,7 @@ def prepare_push(
                     raise PublishError(f"Cannot merge: the adapter's base {base_path} is not a DiffEmbed model")
                 source = Path(tmp.name) / "merged"
                 source.mkdir()
-                _merge(folder, base_path, source)
+                merge_adapter(folder, base_path, source)
                 kind, base_path = "model", None
                 notes.append(f"merged: the adapter was merged into {adapter['base_model_name_or_path']}")
             else:

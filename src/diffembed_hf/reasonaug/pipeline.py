@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import OutputExistsError, UsageError, require_extra
-from ..files import check_parent_writable, move_into_place, output_lock, temporary_sibling
+from ..files import check_parent_writable, final_path, move_into_place, output_lock, temporary_sibling
 from .concepts import ConceptSet, load_concepts
 from .dataset import write_dataset
 from .journal import JOURNAL, Journal, canonical_json
@@ -129,7 +129,7 @@ def generate_reasonaug(
     settings = Settings(model=model, problems_per_concept=problems_per_concept, seed=seed, temperature=temperature,
                         max_tokens=max_tokens, answer_retries=answer_retries, heldout_fraction=heldout_fraction,
                         max_pairs=max_pairs)
-    out = Path(out)
+    out = final_path(Path(out))  # a link the user made for OUT is followed, even to a folder not made yet
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
     if batch_file is None and from_batch_output is None:  # a live run: its key is checked before any work
