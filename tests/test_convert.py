@@ -599,6 +599,22 @@ def test_existing_output_is_kept_unless_overwrite(sources, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_a_conversion_finished_meanwhile_is_never_replaced_without_overwrite(sources, tmp_path, monkeypatch):
+    """A second conversion into OUT that finishes while this one works (issue 31): this one used to check OUT at
+    its start, lock OUT at its end, and replace the other's folder with exit 0; now it locks first."""
+    import diffembed_hf.convert.folder as folder_module
+    from conftest import run_before_the_lock
+
+    out = tmp_path / "out"
+    other = run_before_the_lock(monkeypatch, folder_module,
+                                lambda: convert_checkpoint(sources["qwen2"].folder, out))
+    with pytest.raises(ConversionError, match="already exists.*--overwrite"):
+        convert_checkpoint(sources["llama"].folder, out)
+    assert other == [out]  # the other run finished, and its folder is kept
+    assert json.loads((out / "diffembed_conversion.json").read_text())["family"] == "qwen2"
+    assert leftovers(tmp_path) == []
+
+
 def test_error_while_writing_leaves_nothing(sources, tmp_path, monkeypatch):
     """A failure after the first shard (disk full, say) removes the temporary folder; an old OUT survives."""
     import diffembed_hf.convert.weights as convert

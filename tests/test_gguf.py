@@ -67,15 +67,17 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.we
               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
 
 
-def write_gguf(path: Path, architecture: str, quantize: bool = True) -> dict[str, np.ndarray]:
+def write_gguf(path: Path, architecture: str, quantize: bool = True, *, drop: tuple[str, ...] = (),
+               block_count: int | None = None, tokenizer: bool = True, merges: bool = True) -> dict[str, np.ndarray]:
     """A GGUF file of a random reference model; returns each HF tensor name -> the values a reader dequantizes
-    (the Q8_0 round trip of the matrices, the exact norms and biases)."""
+    (the Q8_0 round trip of the matrices, the exact norms and biases). `drop` leaves those GGUF tensors out,
+    `block_count` states another layer count, `tokenizer=False` / `merges=False` leave that metadata out."""
     tokens = tokenizer_vocabulary()
     model = reference_model(architecture, len(tokens))
     config = model.config
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name(f"tiny-{architecture}")
-    writer.add_block_count(config.num_hidden_layers)
+    writer.add_block_count(block_count or config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -84,13 +86,15 @@ def write_gguf(path: Path, architecture: str, quantize: bool = True) -> dict[str
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if token == SPECIAL else 1 for token in tokens])
-    writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(len(tokens) - 1)
-    writer.add_eos_token_id(len(tokens) - 1)
+    if tokenizer:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if token == SPECIAL else 1 for token in tokens])
+        if merges:
+            writer.add_token_merges(MERGES)
+        writer.add_bos_token_id(len(tokens) - 1)
+        writer.add_eos_token_id(len(tokens) - 1)
     expected = {}
     for name, tensor in model.state_dict().items():
         values = tensor.numpy().astype(np.float32)
@@ -101,6 +105,8 @@ def write_gguf(path: Path, architecture: str, quantize: bool = True) -> dict[str
         else:
             _, layer, rest = name.split(".", 2)
             gguf_name = f"blk.{layer}.{GGUF_NAMES[rest]}"
+        if gguf_name in drop:
+            continue
         stored = values
         if architecture == "llama" and rest_is(name, "q_proj.weight"):
             stored = llama_permute(values, config.num_attention_heads)
@@ -236,6 +242,14 @@ def test_folder_holding_only_a_gguf_converts(tmp_path, tiny_ggufs, capsys):
     assert json.loads((tmp_path / "out" / "diffembed_conversion.json").read_text())["gguf"]["file"] == path.name
 
 
+def test_folder_holding_an_upper_case_gguf_converts(tmp_path):
+    """A folder holding `MODEL.GGUF` said 'no config.json' (a file of that name was taken, a folder's was not)."""
+    (tmp_path / "src").mkdir()
+    write_gguf(tmp_path / "src" / "MODEL.GGUF", "qwen2")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "diffembed_conversion.json").read_text())["gguf"]["file"] == "MODEL.GGUF"
+
+
 def test_folder_of_several_ggufs_is_a_usage_error(tmp_path, tiny_ggufs, capsys):
     for name in ("a.gguf", "b.gguf"):
         (tmp_path / "src").mkdir(exist_ok=True)
@@ -277,6 +291,93 @@ def test_a_file_that_is_not_gguf(tmp_path):
     fake.write_bytes(b"not a gguf file at all")
     with pytest.raises(ConversionError, match="not a readable GGUF file"):
         convert_checkpoint(fake, tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# An untrusted file (issue 31): refused by name, before transformers allocates what its header says
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture, missing", [
+    ("llama", "blk.1.ffn_down.weight"), ("qwen2", "blk.0.attn_k.bias"), ("llama", "output_norm.weight"),
+])
+def test_a_gguf_file_missing_a_tensor_is_refused(architecture, missing, tmp_path, capsys):
+    """It used to convert, exit 0, with random values (or zeros, for a bias) in the tensor's place."""
+    path = tmp_path / "src" / "model.gguf"
+    path.parent.mkdir()
+    write_gguf(path, architecture, drop=(missing,))
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"lacking the tensor {missing}" in line and str(path) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no hidden folder, no lock
+
+
+def _set_u64(path: Path, at: int, value: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at:at + 8] = value.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+def _array_count_offset(path: Path, key: str) -> int:
+    """Where the element count of the metadata array `key` is stored (after the key, its type and element type)."""
+    return path.read_bytes().index(key.encode()) + len(key) + 4 + 4
+
+
+def _damage(path: Path, case: str) -> str:
+    """Damage a good tiny GGUF file as `case` says; returns what the one-line error must name."""
+    size = path.stat().st_size
+    if case == "array-length-2^40":
+        _set_u64(path, _array_count_offset(path, "tokenizer.ggml.token_type"), 2**40)
+        return "the length of tokenizer.ggml.token_type is 1,099,511,627,776"
+    if case == "string-array-length-2^40":
+        _set_u64(path, _array_count_offset(path, "tokenizer.ggml.tokens"), 2**40)
+        return "the length of tokenizer.ggml.tokens is 1,099,511,627,776"
+    if case == "tensor-count-2^40":
+        _set_u64(path, 8, 2**40)
+        return "the tensor count is 1,099,511,627,776"
+    if case == "metadata-count-2^40":
+        _set_u64(path, 16, 2**40)
+        return "the metadata count is 1,099,511,627,776"
+    if case == "cut-in-header":
+        path.write_bytes(path.read_bytes()[:300])
+        return "cut short"
+    if case == "cut-in-tensors":
+        path.write_bytes(path.read_bytes()[:size - 1000])
+        return "past the end of the file"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["array-length-2^40", "string-array-length-2^40", "tensor-count-2^40",
+                                  "metadata-count-2^40", "cut-in-header", "cut-in-tensors"])
+def test_a_damaged_gguf_header_is_refused_by_file_and_field(case, tmp_path, capsys):
+    """An array length of 2^40 ran 84 s and took 7.4 GB before failing; counts of 2^40 or a file cut inside its
+    header gave a bare IndexError. Each is now one line naming the file and the field, before any allocation."""
+    path = tmp_path / "model.gguf"
+    write_gguf(path, "qwen2")
+    expected = _damage(path, case)
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert str(path) in err and "not a readable GGUF file" in err and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("block-count-100000", "lacking the tensor blk.2.attn_norm.weight, which its metadata implies "
+                           "(llama.block_count 100000)"),
+    ("no-tokenizer", "no tokenizer in its metadata (tokenizer.ggml.model is missing)"),
+    ("no-merges", "neither tokenizer.ggml.merges nor tokenizer.ggml.scores"),
+])
+def test_gguf_metadata_is_checked_against_the_tensors_before_loading(case, expected, tmp_path, capsys):
+    """block_count 100000 over 2 layers of tensors grew past 2.4 GB (a model of 100000 layers built before any
+    tensor was read); a missing tokenizer gave a raw KeyError: 'scores' or RuntimeError naming no tokenizer."""
+    path = tmp_path / "model.gguf"
+    write_gguf(path, "llama", block_count=100000 if case == "block-count-100000" else None,
+               tokenizer=case != "no-tokenizer", merges=case != "no-merges")
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and str(path) in err and expected in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def smollm2_gguf() -> Path | None:

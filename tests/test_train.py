@@ -180,6 +180,22 @@ def test_existing_output_is_refused(base, task, tmp_path):
         train(base, task[0], tmp_path / "taken", TrainingConfig(max_steps=1, **FAST))
 
 
+def test_a_model_finished_meanwhile_is_never_replaced_without_overwrite(base, task, tmp_path, monkeypatch):
+    """A second run into OUT that finishes between this run's check and its lock (issue 31): this one used to
+    replace that model with exit 0; now it locks first, checks under the lock, and is refused."""
+    import diffembed_hf.train as train_module
+    from conftest import run_before_the_lock
+
+    from diffembed_hf.errors import OutputExistsError
+
+    out, config = tmp_path / "out", TrainingConfig(max_steps=1, lora=False, eval_fraction=0.0, **FAST)
+    other = run_before_the_lock(monkeypatch, train_module, lambda: train(base, task[0], out, config))
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        train(base, task[1], out, config)
+    assert other[0].output_dir == out  # the other run finished, and its model is kept
+    assert json.loads((out / TRAINING_METADATA).read_text())["datasets"] == [task[0]]
+
+
 def test_config_file_rejects_unknown_settings(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"max_steps": 7, "lora_rank": 8}')

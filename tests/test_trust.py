@@ -23,7 +23,7 @@ from diffembed_hf.checkpoint import content_digest, identity_files
 from diffembed_hf.cli import main as cli_main
 from diffembed_hf.corpus import encode_corpus
 from diffembed_hf.encoding import load_encoder
-from diffembed_hf.errors import OutputLockedError, UntrustedFolderError, UsageError
+from diffembed_hf.errors import ModelFilesError, OutputLockedError, UntrustedFolderError, UsageError
 from diffembed_hf.export import export_vllm
 from diffembed_hf.files import lock_path, output_lock
 from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT, save_sentence_transformer
@@ -160,6 +160,52 @@ def test_a_tokenizer_with_its_own_code_needs_opt_in(folder, tmp_path, capsys):
     assert cli_main(["encode", str(folder), "-i", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "e.npy")]) == 2
     line = error_line(capsys)
     assert "my_tokenizer.py" in line and "--trust-remote-code" in line and not marker.exists()
+
+
+def _add_evil_module(folder: Path, marker: Path) -> None:
+    """A tokenizer-named file that no auto_map names, run through a modules.json type (issue 31)."""
+    (folder / "tokenization_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\nimport torch\n"
+        "class Evil(torch.nn.Module):\n    @classmethod\n    def load(cls, *args, **kwargs):\n        return cls()\n"
+        "    def forward(self, features):\n        return features\n")
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.append({"idx": len(modules), "name": str(len(modules)), "path": "", "type": "tokenization_evil.Evil"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+
+
+def test_every_python_file_and_foreign_module_type_is_folder_code(folder, tmp_path, capsys, monkeypatch):
+    """Push (validated or not), encode and evaluate refuse a folder's own code that no auto_map names."""
+    marker = tmp_path / "ran"
+    _add_evil_module(folder, marker)
+    monkeypatch.setenv("HF_TOKEN", "x")
+    (tmp_path / "texts.txt").write_text("one\n")
+    from evaluation_helpers import write_beir
+
+    beir = write_beir(tmp_path / "beir", {"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}})
+    commands = {
+        "push": ["push", str(folder), "me/x", "--dry-run"],
+        "push unvalidated": ["push", str(folder), "me/x", "--dry-run", "--skip-validation"],
+        "encode": ["encode", str(folder), "-i", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "e.npy")],
+        "evaluate": ["evaluate", str(folder), "--data", beir, "--output", str(tmp_path / "eval")],
+    }
+    for what, command in commands.items():
+        assert cli_main(command) == 2, what
+        line = error_line(capsys)
+        assert "tokenization_evil.py" in line and "tokenization_evil.Evil" in line, (what, line)
+        assert "--trust-remote-code" in line and not marker.exists(), what
+    assert not (tmp_path / "e.npy").exists() and not (tmp_path / "eval").exists()
+    # a Python file alone, whatever its name, is code too; the folder's own DiffEmbed code stays allowed
+    (folder / "tokenization_evil.py").rename(folder / "helpers.py")
+    modules = json.loads((folder / "modules.json").read_text())[:-1]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert cli_main(commands["push unvalidated"]) == 2 and "helpers.py" in error_line(capsys)
+    (folder / "helpers.py").unlink()
+    assert cli_main(commands["push unvalidated"]) == 0
+    assert "modeling_diffembed.py" in capsys.readouterr().out
+    # opted in: the user's choice is honoured (the listing shows the code that would be pushed)
+    _add_evil_module(folder, marker)
+    assert cli_main([*commands["push unvalidated"], "--trust-remote-code"]) == 0
+    assert "tokenization_evil.py" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -316,6 +362,44 @@ def test_locks_name_other_hosts_and_never_take_them_over(tmp_path):
     assert lock_path(out).exists()
 
 
+def test_an_export_finished_meanwhile_is_never_replaced_without_overwrite(folder, model_folder, tmp_path,
+                                                                          monkeypatch):
+    """A second export into OUT that finishes while this one works (issue 31): this one used to check OUT at its
+    start, lock OUT at its end and replace the other's folder with exit 0; now it locks first."""
+    import diffembed_hf.export as export_module
+    from conftest import run_before_the_lock
+    from diffembed_hf.errors import ExportError
+
+    out = tmp_path / "export"
+    other = run_before_the_lock(monkeypatch, export_module, lambda: export_vllm(model_folder, out))
+    (folder / "NOTICE").write_text("this run's own licence notice")
+    with pytest.raises(ExportError, match="already exists"):
+        export_vllm(folder, out)
+    assert other == [out] and not (out / "NOTICE").exists()  # the other run's folder, kept
+
+
+def test_a_second_file_mode_encode_into_a_file_being_written_is_refused(folder, tmp_path, monkeypatch, capsys):
+    """Two `--overwrite` encodes into one file used to both succeed, the last one's file winning (issue 31)."""
+    import diffembed_hf.encoding as encoding_module
+
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    (tmp_path / "b.txt").write_text("three\n")
+    out = tmp_path / "e.npy"
+    real_load, other = encoding_module.load_encoder, []
+
+    def load_while_another_run_starts(*args, **kwargs):
+        if not other:  # the other run starts while this one loads its model
+            other.append(cli_main(["encode", str(folder), "-i", str(tmp_path / "b.txt"), "-o", str(out),
+                                   "--overwrite"]))
+            other.append(error_line(capsys))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(encoding_module, "load_encoder", load_while_another_run_starts)
+    assert cli_main(["encode", str(folder), "-i", str(tmp_path / "a.txt"), "-o", str(out), "--overwrite"]) == 0
+    assert other[0] == 2 and f"pid {os.getpid()}" in other[1] and "being written" in other[1]
+    assert np.load(out).shape == (2, 64) and not lock_path(out).exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Options honoured or refused; the length checked before any work
 # --------------------------------------------------------------------------------------------------------------
@@ -351,6 +435,148 @@ def test_a_length_above_the_models_positions_is_refused_before_any_work(folder, 
 
 
 def test_an_adapter_folder_embeds_exactly_as_its_merged_model(folder, tmp_path):
+    base, peft_model, adapter = _trained_adapter(folder, tmp_path)
+    texts = ["a query about rivers", "a document about mountains and rivers"]
+    merged = peft_model.merge_and_unload()
+    merged_vectors = torch.nn.functional.normalize(
+        merged(**base.tokenizer(texts, padding=True, return_tensors="pt")).embeddings, dim=-1).detach().numpy()
+    got = load_encoder(str(adapter), device="cpu").encode(texts)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)  # not the unnormalised ~11 of before
+    np.testing.assert_allclose(got, merged_vectors, rtol=0, atol=1e-5)
+    untouched = load_encoder(str(folder), device="cpu").encode(texts)
+    assert np.abs(got - untouched).max() > 1e-3  # control: the adapter changes the vectors
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 31: what a folder or a data set stores is checked where it is read, before any work
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_stored_length_above_the_positions_is_refused_at_load(folder, tmp_path, capsys):
+    """sentence_bert_config.json storing 4096 over 512 positions: corpus encode wrote shards, then failed with a
+    ValueError on the first long text (only --max-seq-length was checked). Now refused at load, naming the file."""
+    settings = json.loads((folder / "sentence_bert_config.json").read_text())
+    (folder / "sentence_bert_config.json").write_text(json.dumps({**settings, "max_seq_length": 4096}))
+    source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(30))
+    command = ["encode", str(folder), "-i", str(source), "-o", f"{tmp_path / 'shards'}/", "--shard-size", "10"]
+    assert cli_main(command) == 1
+    line = error_line(capsys)
+    assert "sentence_bert_config.json" in line and "4096" in line and "max_position_embeddings (512)" in line
+    assert not (tmp_path / "shards").exists()
+    with pytest.raises(ModelFilesError, match="sentence_bert_config.json stores max_seq_length 4096"):
+        load_encoder(str(folder), device="cpu")
+    assert cli_main([*command, "--max-seq-length", "64"]) == 0  # a length that fits is the way out
+
+
+def test_a_qrels_score_out_of_range_is_refused_when_read(folder, tmp_path, capsys):
+    """A score of 99999999999999999999 reached pytrec_eval (SystemError) after the embedding work."""
+    from evaluation_helpers import write_beir
+
+    beir = Path(write_beir(tmp_path / "beir", {"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}}))
+    with open(beir / "qrels" / "test.tsv", "a") as handle:
+        handle.write("q1\td2\t99999999999999999999\n")
+    assert cli_main(["evaluate", str(folder), "--data", str(beir), "--output", str(tmp_path / "eval")]) == 2
+    line = error_line(capsys)
+    assert "qrels/test.tsv line 3" in line and "99999999999999999999 is out of range" in line
+    assert not (tmp_path / "eval").exists()
+
+
+def test_demo_base_with_a_damaged_config_names_the_file(tmp_path, capsys):
+    """`demo --base` on a folder with a broken config.json said JSONDecodeError, naming no file."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "diffembed",')
+    assert cli_main(["demo", "--output", str(tmp_path / "out"), "--base", str(base)]) == 1
+    line = error_line(capsys)
+    assert str(base / "config.json") in line and "JSON" in line
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 31: smaller things
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_an_output_reached_through_a_link_in_the_input_is_refused(folder, tmp_path, capsys):
+    """The input folder's reading follows its links: an output where one leads would be read back as input."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", corpus_rows(10))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (corpus / "more").symlink_to(elsewhere)
+    assert cli_main(["encode", str(folder), "-i", str(corpus), "-o", f"{elsewhere / 'out'}/"]) == 2
+    line = error_line(capsys)
+    assert "inside the input folder" in line and "through a link" in line and not (elsewhere / "out").exists()
+
+
+def test_a_dangling_link_given_as_out_is_followed(folder, tmp_path, capsys):
+    """A link the user made for OUT, to a folder not made yet, gave 'File exists'."""
+    source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(10))
+    (tmp_path / "out").symlink_to(tmp_path / "disk" / "out")
+    assert cli_main(["encode", str(folder), "-i", str(source), "-o", f"{tmp_path / 'out'}/"]) == 0
+    assert (tmp_path / "out").is_symlink() and (tmp_path / "disk" / "out" / ".diffembed-manifest.json").is_file()
+
+
+def test_demo_base_that_cannot_be_used_leaves_nothing_in_out(tmp_path, capsys):
+    """`demo --base` with a bad base left OUT/data behind."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    assert cli_main(["demo", "--output", str(tmp_path / "out"), "--base", str(base)]) != 0
+    error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_tasks_of_one_name_never_replace_each_other_and_instructions_are_recorded(folder, tmp_path, capsys):
+    """Two BEIR folders of the same name: the second evaluate replaced the first's result. And an --instructions
+    entry for a --data task was recorded as coming from 'local task: query prompt'."""
+    from evaluation_helpers import stored_results, write_beir
+
+    data = ({"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}})
+    first, second = write_beir(tmp_path / "a" / "set", *data), write_beir(tmp_path / "b" / "set", *data)
+    (tmp_path / "instructions.json").write_text(json.dumps({"Localset": "Find the passage"}))
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", str(folder), "--data", first, "--output", str(out),
+                     "--instructions", str(tmp_path / "instructions.json")]) == 0
+    capsys.readouterr()
+    [result] = stored_results(out)
+    assert result["prompts"]["source"] == "instruction file" and result["prompts"]["instruction"] == "Find the passage"
+    assert result["prompts"]["query"] == "Find the passage:\n"
+    assert cli_main(["evaluate", str(folder), "--data", second, "--output", str(out)]) == 2
+    line = error_line(capsys)
+    assert "same task name" in line and str(Path(first).resolve()) in line
+    assert stored_results(out) == [result]  # the first folder's result, kept
+
+
+def test_another_calibration_rows_is_refused_before_the_sample_is_embedded(folder, tmp_path, monkeypatch):
+    import diffembed_hf.corpus.encode as corpus_encode
+    from diffembed_hf.corpus import CorpusError
+
+    source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(30))
+    out = tmp_path / "out"
+    encode_corpus(str(folder), source, out, shard_size=10, device="cpu", precision="int8", calibration_rows=10)
+    samples, real = [], corpus_encode._calibrate
+    monkeypatch.setattr(corpus_encode, "_calibrate", lambda *args, **kwargs: samples.append(1) or real(*args, **kwargs))
+    with pytest.raises(CorpusError, match="calibration"):
+        encode_corpus(str(folder), source, out, shard_size=10, device="cpu", precision="int8", calibration_rows=20)
+    assert samples == []  # refused before embedding a sample
+    assert encode_corpus(str(folder), source, out, shard_size=10, device="cpu", precision="int8",
+                         calibration_rows=10).computed == []  # control: the same settings resume
+
+
+def test_calibration_ranges_beyond_unit_vectors_are_refused():
+    """Ranges of +-3e38 passed and every vector got the same codes."""
+    from diffembed_hf.compact import CALIBRATION_FORMAT, CalibrationRanges
+    from diffembed_hf.errors import CompactError
+
+    ranges = {"format": CALIBRATION_FORMAT, "model": "m", "dim": 2, "rows": 10}
+    with pytest.raises(CompactError, match=r"reach 3e\+38.*\[-1, 1\]"):
+        CalibrationRanges.from_dict({**ranges, "min": [-3e38, -3e38], "max": [3e38, 3e38]})
+    assert CalibrationRanges.from_dict({**ranges, "min": [-1.0, -0.2], "max": [0.3, 1.0]}).dim == 2  # control
+
+
+def _trained_adapter(folder: Path, tmp_path: Path):
+    """A LoRA adapter on `folder` with non-zero weights, saved with its tokenizer; (base, peft model, folder)."""
     from peft import LoraConfig, get_peft_model
 
     from diffembed_hf.encoding import backbone
@@ -365,15 +591,23 @@ def test_an_adapter_folder_embeds_exactly_as_its_merged_model(folder, tmp_path):
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     load_dream_tokenizer().save_pretrained(adapter)
-    texts = ["a query about rivers", "a document about mountains and rivers"]
-    merged = peft_model.merge_and_unload()
-    merged_vectors = torch.nn.functional.normalize(
-        merged(**base.tokenizer(texts, padding=True, return_tensors="pt")).embeddings, dim=-1).detach().numpy()
-    got = load_encoder(str(adapter), device="cpu").encode(texts)
-    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)  # not the unnormalised ~11 of before
-    np.testing.assert_allclose(got, merged_vectors, rtol=0, atol=1e-5)
-    untouched = load_encoder(str(folder), device="cpu").encode(texts)
-    assert np.abs(got - untouched).max() > 1e-3  # control: the adapter changes the vectors
+    return base, peft_model, adapter
+
+
+def test_an_adapter_folder_exports_merged_into_its_base(folder, tmp_path):
+    """`export vllm` of an adapter said "merge it first", with no command that merges an adapter locally."""
+    from safetensors.torch import load_file
+
+    _, peft_model, adapter = _trained_adapter(folder, tmp_path)
+    merged = {name.removeprefix("model."): t for name, t in peft_model.merge_and_unload().state_dict().items()}
+    out = export_vllm(adapter, tmp_path / "export")
+    exported = {name.removeprefix("model."): t for name, t in load_file(out / "model.safetensors").items()}
+    base = load_file(folder / "model.safetensors")
+    name = "layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(exported[name], merged[name], rtol=0, atol=1e-6)
+    assert (exported[name] - base.get(f"model.{name}", base.get(name))).abs().max() > 1e-3  # the adapter is in it
+    assert "`adapter`" in (out / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "export", "model"]  # no merge folder left
 
 
 # --------------------------------------------------------------------------------------------------------------

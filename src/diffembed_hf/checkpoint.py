@@ -15,8 +15,9 @@ takes these facts from here, so they cannot drift apart:
     with its commit, never a path that depends on the reader's working directory), and how that name is read;
   * `inside` / `check_folder`: a folder is untrusted input. A path its metadata names (modules.json, a weight
     index, an auto_map) must stay inside it, and a symbolic link in it must not lead out of it (Hugging Face
-    cache snapshots, whose files link to the repository's blobs, excepted); `check_remote_code` refuses to run a
-    folder's own Python code unless the user opted in.
+    cache snapshots, whose files link to the repository's blobs, excepted); `check_remote_code` refuses a
+    folder's own code (every Python file in it, every modules.json type outside sentence-transformers) unless
+    the user opted in, for every job that loads, validates or pushes a folder.
 """
 
 from __future__ import annotations
@@ -289,29 +290,57 @@ def code_files(folder: Path, auto_map: Any, source: str) -> list[str]:
     return sorted(names)
 
 
-def own_code(folder: Path, sources: tuple[str, ...] = (CONFIG, "tokenizer_config.json")) -> list[str]:
-    """The folder's Python files that the auto_maps of `sources` name (what loading it with remote code would
-    run) and that are not byte-identical to this package's own remote code."""
+SENTENCE_TRANSFORMERS_MODULES = "sentence_transformers."  # the module types sentence-transformers itself provides
+
+
+def foreign_code(folder: Path, *, in_process: bool = False) -> list[str]:
+    """What of `folder` is its own code, which a load with remote code allowed may run: every Python file in it
+    (any name, any subfolder: transformers and sentence-transformers import files that no auto_map names, such
+    as a modules.json type `tokenization_x.Class`) that is not byte-identical to this package's own remote code,
+    and every modules.json type outside sentence-transformers' own modules. `in_process=True` leaves out
+    `configuration_diffembed.py` / `modeling_diffembed.py` at the top: in this process DiffEmbed's classes are
+    this package's (registered), so the folder's copy never runs. Also refuses an auto_map naming a path
+    outside the folder."""
     from .modeling import configuration_diffembed, modeling_diffembed
 
+    folder = Path(folder)
     ours = {Path(m.__file__).name: Path(m.__file__).read_bytes() for m in (configuration_diffembed, modeling_diffembed)}
-    names = set()
-    for source in sources:
+    for source in (CONFIG, "tokenizer_config.json"):
         if (folder / source).is_file():
-            names.update(code_files(folder, read_json(folder / source).get("auto_map") or {}, source))
-    return sorted(n for n in names if (folder / n).is_file() and ours.get(n) != (folder / n).read_bytes())
+            settings = read_json(folder / source, ModelFilesError)
+            code_files(folder, settings.get("auto_map") or {} if isinstance(settings, dict) else {}, source)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # links to folders are not followed (check_folder)
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not name.endswith(".py") or not path.is_file():
+                continue
+            relative = path.relative_to(folder).as_posix()
+            if relative in ours and (in_process or ours[relative] == path.read_bytes()):
+                continue
+            found.append(relative)
+    modules = folder / "modules.json"
+    entries = read_json(modules, ModelFilesError) if modules.is_file() else []
+    for module in entries if isinstance(entries, list) else []:
+        kind = module.get("type") if isinstance(module, dict) else module
+        if not (isinstance(kind, str) and kind.startswith(SENTENCE_TRANSFORMERS_MODULES)):
+            found.append(f"the modules.json type {kind!r}")
+    return found
 
 
 def check_remote_code(folder: Path, trust_remote_code: bool, *, action: str = "loading it",
-                      sources: tuple[str, ...] = (CONFIG, "tokenizer_config.json")) -> None:
-    """Refuse a folder whose own Python code `action` would run, unless the user opted in (--trust-remote-code),
-    as `diffembed convert` asks. DiffEmbed's own remote-code files, identical to this package's, need no opt-in."""
+                      in_process: bool = False) -> None:
+    """Refuse a folder holding code of its own (`foreign_code`) unless the user opted in (--trust-remote-code).
+    Every job that loads a folder, pushes it or validates it asks here, so that what counts as a folder's code
+    is decided once. DiffEmbed's own remote-code files, identical to this package's, need no opt-in."""
     if trust_remote_code:
         return
-    foreign = own_code(Path(folder), sources)
+    foreign = foreign_code(Path(folder), in_process=in_process)
     if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise UntrustedFolderError(
-            f"{folder} holds its own Python code ({', '.join(foreign)}) that {action} would run; read it, then pass "
+            f"{folder} holds its own Python code ({shown}) that {action} would run; read it, then pass "
             "--trust-remote-code (trust_remote_code=True) to allow it")
 
 
@@ -331,9 +360,7 @@ def check_model_folder(folder: Path, *, trust_remote_code: bool = False,
         own = " and its own code (auto_map)" if isinstance(config, dict) and config.get("auto_map") else ""
         raise error(f"{folder / CONFIG} has model_type {model_type!r}{own}: not a DiffEmbed folder; convert it "
                     "first (diffembed convert)")
-    # in this process DiffEmbed's classes are this package's (registered: the folder's copy never runs); what a
-    # load would run of the folder's own is a tokenizer's code
-    check_remote_code(folder, trust_remote_code, sources=("tokenizer_config.json",))
+    check_remote_code(folder, trust_remote_code, in_process=True)
     check_model_files(folder)
     return config
 

@@ -146,6 +146,9 @@ def same_model(a: dict, b: dict) -> bool:
     return a.get("model") == b.get("model") and a.get("revision") == b.get("revision")
 
 
+CALIBRATION_SLACK = 1e-3  # rounding beyond a unit vector's [-1, 1] that ranges may carry
+
+
 @dataclass(frozen=True, eq=False)  # compare with digest(): arrays have no single truth value
 class CalibrationRanges:
     """Per-dimension minimum and maximum of a corpus sample's (truncated) embeddings, for int8/uint8, with the
@@ -190,6 +193,12 @@ class CalibrationRanges:
             raise CompactError(f"{where}: calibration ranges must hold {dim} finite minima and maxima")
         if (maximum < minimum).any():
             raise CompactError(f"{where}: a calibration maximum is below its minimum")
+        # the vectors are unit vectors (truncated ones renormalised): a range reaching far beyond [-1, 1] maps every
+        # value to one code, which would store constant vectors without an error
+        reach = float(max(np.abs(minimum).max(initial=0.0), np.abs(maximum).max(initial=0.0)))
+        if reach > 1 + CALIBRATION_SLACK:
+            raise CompactError(f"{where}: calibration ranges reach {reach:.3g}; the components of unit vectors lie "
+                               "within [-1, 1], so these ranges are not a sample of this model's embeddings")
         model = {k: values.get(k) for k in ("model", "revision", "model_sha256")}
         return cls(minimum, maximum, model, rows, source)
 

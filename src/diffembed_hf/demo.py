@@ -27,8 +27,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from . import register_auto_classes
 from .builtin_task import write_task
+from .checkpoint import read_json
 from .data import load_training_data
-from .errors import UsageError
+from .errors import ModelFilesError, UsageError
 from .evaluation.heldout import evaluate_bm25, evaluate_bm25_task, evaluate_task
 from .hub_user import embed_as_hub_user
 from .modeling.configuration_diffembed import DiffEmbedConfig
@@ -89,14 +90,16 @@ def default_base() -> Path:
     return found[0]
 
 
-def prepare_base(base: str | Path, folder: Path) -> Path:
-    """A DiffEmbed folder for `base`: used as it is if it already is one, else converted into `folder`."""
+def prepare_base(base: str | Path, folder: Path, overwrite: bool = False) -> Path:
+    """A DiffEmbed folder for `base`: used as it is if it already is one, else converted into `folder` (an earlier
+    one replaced only once the new one is whole, with `overwrite`)."""
     from .convert import convert_checkpoint
 
     config = Path(base).expanduser() / "config.json"
-    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "diffembed":
+    settings = read_json(config, ModelFilesError) if config.is_file() else {}  # a damaged one is named
+    if isinstance(settings, dict) and settings.get("model_type") == "diffembed":
         return Path(base).expanduser()
-    return convert_checkpoint(base, folder)
+    return convert_checkpoint(base, folder, overwrite=overwrite)
 
 
 def build_default_model(seed: int = 0) -> DiffEmbedForEmbedding:
@@ -142,27 +145,44 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
 
     `output_dir` must be new or empty unless `overwrite`, which replaces the demo's own data/, untrained/ and
     model/ in it (nothing else there is touched)."""
-    from . import reasoning_task
-    from .files import apply_umask, check_output_folder, staged_folder, write_text
+    from .files import check_output_folder, final_path, output_lock
 
     if tiny and base is not None:
         raise UsageError("--tiny builds the small random model; --base names a pretrained one: give one of them")
-    output_dir = Path(output_dir)
-    check_output_folder(output_dir, overwrite=overwrite)
-    base = None if tiny else (base or default_base())
-    train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout or (300 if tiny else BASE_HELDOUT),
-                                          train=tiny)
+    base = None if tiny else (base or default_base())  # a missing default is named before anything is written
+    output_dir = final_path(Path(output_dir))  # a link the user made for OUT is followed, even to a new folder
+    with output_lock(output_dir):  # first: only a check made under the lock holds while the demo writes
+        check_output_folder(output_dir, overwrite=overwrite)
+        created = not output_dir.exists()
+        try:
+            return _run_demo(output_dir, max_steps, max_heldout, overwrite, base)
+        except BaseException:
+            if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+                output_dir.rmdir()  # a demo that wrote nothing leaves no folder either
+            raise
+
+
+def _run_demo(output_dir: Path, max_steps: int | None, max_heldout: int | None, overwrite: bool,
+              base: str | Path | None) -> DemoResult:
+    """`run_demo` while it holds the output folder's lock; `base` None: the tiny random model."""
+    from . import reasoning_task
+    from .files import apply_umask, staged_folder, write_text
+
+    tiny = base is None
     untrained = output_dir / "untrained"
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     if tiny:
         with staged_folder(untrained) as staging:  # replaces the demo's own earlier folder (overwrite, checked above)
             save_sentence_transformer(build_default_model(), load_dream_tokenizer(), staging, max_seq_length=128)
         settings = DEMO_TRAINING
-    else:
-        if untrained.exists():  # only with overwrite (checked above): the demo's own earlier folder
+    else:  # first: a base that cannot be used leaves nothing behind in OUT (its data/ included)
+        used = prepare_base(base, untrained, overwrite=overwrite)
+        if used.resolve() != untrained.resolve() and untrained.exists():  # an earlier run's (overwrite, checked)
             shutil.rmtree(untrained)
-        untrained = prepare_base(base, untrained)
-        settings = BASE_TRAINING
+        untrained, settings = used, BASE_TRAINING
+    train_file, heldout_file = write_task(output_dir / "data", max_eval=max_heldout or (300 if tiny else BASE_HELDOUT),
+                                          train=tiny)
+    if not tiny:
         # the reasoning rows, in the columns of the held-out file that `train` scores alongside (one column mapping
         # serves both files)
         write_text(train_file, "".join(json.dumps({"instruction": r["task"], "query": r["user_query"],

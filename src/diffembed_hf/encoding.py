@@ -37,6 +37,7 @@ from .checkpoint import (
     folder_kind,
     local_folder,
     read_json,
+    read_json_or_empty,
 )
 from .compact import CalibrationRanges, Compaction, CompactError, check_truncate_dim
 from .errors import DiffembedError, ModelFilesError, UsageError, one_line, require_extra
@@ -71,6 +72,21 @@ def check_max_seq_length(max_seq_length: int | None, limit: int | None, option: 
     if limit and max_seq_length > limit:
         raise UsageError(f"{option} {max_seq_length} exceeds the model's max_position_embeddings ({limit}); "
                          f"pass {limit} or less")
+
+
+def check_stored_length(name: str, stored: int | None, limit: int | None, where: str) -> None:
+    """A folder's stored max_seq_length (sentence_bert_config.json) must fit its positions too: a larger one is
+    what every text is cut to, and the first text longer than the positions would fail mid-run, after shards or
+    results were written. Checked at load, whatever the entry point, when no length is given."""
+    if stored is None or not limit:
+        return
+    if isinstance(stored, bool) or not isinstance(stored, int) or stored < 1:
+        raise ModelFilesError(f"{where} stores max_seq_length {stored!r}, not a positive whole number; correct it, "
+                              "or pass --max-seq-length (max_seq_length=)")
+    if stored > limit:
+        raise ModelFilesError(f"{where} stores max_seq_length {stored}, more than {name}'s max_position_embeddings "
+                              f"({limit}); give a length of {limit} or less (encode, evaluate: --max-seq-length; "
+                              "train: --saved-max-seq-length), or correct the file")
 
 
 def stored_prompts(model_name_or_path: str) -> dict[str, str] | None:
@@ -126,6 +142,10 @@ def load_encoder(
     if folder is not None:
         config = check_model_folder(folder, trust_remote_code=trust_remote_code)
         check_max_seq_length(max_seq_length, config.get("max_position_embeddings"))
+        if max_seq_length is None:
+            stored = read_json_or_empty(folder / "sentence_bert_config.json", ModelFilesError)
+            check_stored_length(str(folder), stored.get("max_seq_length") if isinstance(stored, dict) else None,
+                                config.get("max_position_embeddings"), str(folder / "sentence_bert_config.json"))
         _check_weights(folder, config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quantize == "fp8":
@@ -144,9 +164,13 @@ def load_encoder(
     if model_type != "diffembed":  # a Hub id: checked once downloaded, before any text is embedded
         raise UsageError(f"{model_name_or_path} is not a DiffEmbed model (model_type {model_type!r}); convert it "
                          "first (diffembed convert)")
+    positions = getattr(backbone(model).config, "max_position_embeddings", None)
     if max_seq_length is not None:
-        check_max_seq_length(max_seq_length, getattr(backbone(model).config, "max_position_embeddings", None))
+        check_max_seq_length(max_seq_length, positions)
         model.max_seq_length = max_seq_length
+    else:  # a Hub id's stored length, known only now (a local folder's was checked before loading)
+        check_stored_length(model_name_or_path, model.max_seq_length, positions,
+                            f"{model_name_or_path} (sentence_bert_config.json)")
     set_truncate_dim(model, model_name_or_path, truncate_dim)
     if quantize == "fp8":
         from .fp8 import quantize_fp8
@@ -340,13 +364,30 @@ def encode_file(
     ranges of this model, e.g. from its corpus's manifest); returns the file and the array's shape. Everything
     that can be checked without the model (output, options, prompt name of a local folder, the input itself) is
     checked first."""
-    from .checkpoint import model_identity
-    from .compact import SCALAR, resolve_precision
-    from .files import check_output_file
-    from .readers import read_texts
+    from .files import check_output_file, output_lock
 
     output = Path(output)
-    check_output_file(output, overwrite=overwrite, suffixes=OUTPUT_SUFFIXES)
+    check_output_file(output, overwrite=overwrite, suffixes=OUTPUT_SUFFIXES)  # at once, before the lock
+    # one run per file, --overwrite or not: a second run into a file being written is refused, naming this one
+    with output_lock(output):
+        check_output_file(output, overwrite=overwrite)  # again under the lock: what a run finished meanwhile left
+        return _encode_file(model, source, output, field=field, prompt_name=prompt_name,
+                            max_seq_length=max_seq_length, max_tokens_per_batch=max_tokens_per_batch, dtype=dtype,
+                            device=device, quantize=quantize, overwrite=overwrite,
+                            show_progress_bar=show_progress_bar, trust_remote_code=trust_remote_code,
+                            truncate_dim=truncate_dim, precision=precision, calibration=calibration)
+
+
+def _encode_file(model: str, source: str, output: Path, *, field: str | None, prompt_name: str | None,
+                 max_seq_length: int | None, max_tokens_per_batch: int, dtype: str, device: str | None,
+                 quantize: str | None, overwrite: bool, show_progress_bar: bool | None, trust_remote_code: bool,
+                 truncate_dim: int | None, precision: str | None,
+                 calibration: CalibrationRanges | None) -> tuple[Path, tuple[int, int]]:
+    """`encode_file` while it holds the output's lock."""
+    from .checkpoint import model_identity
+    from .compact import SCALAR, resolve_precision
+    from .readers import read_texts
+
     precision = resolve_precision(dtype, precision)
     if precision in SCALAR and calibration is None:
         raise CompactError(f"--precision {precision} in file mode needs --calibration (ranges of this model: a corpus "

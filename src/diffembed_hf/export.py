@@ -17,10 +17,12 @@ The folder is built in a hidden temporary folder beside OUT and renamed into pla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,8 +40,8 @@ from .checkpoint import (
     read_json_or_empty,
 )
 from .convert.weights import check_weights_match
-from .errors import ExportError, ModelFilesError
-from .files import final_path, output_lock, staged_folder, write_json
+from .errors import ExportError, ModelFilesError, require_extra
+from .files import final_path, output_lock, staged_folder, temporary_sibling, write_json
 from .modeling.configuration_diffembed import DiffEmbedConfig
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, pooling_modes, write_sentence_transformer_files
 
@@ -65,9 +67,8 @@ def _diffembed_config(folder: Path) -> DiffEmbedConfig:
         raise ExportError(f"{folder} is not a folder; pass a DiffEmbed model folder (diffembed convert / train)")
     path = folder / CONFIG
     if not path.is_file():
-        adapter = (folder / "adapter_config.json").is_file()
-        hint = " (a LoRA adapter: merge it into its base model first)" if adapter else ""
-        raise ExportError(f"{folder} has no config.json{hint}; pass a DiffEmbed model folder")
+        raise ExportError(f"{folder} has no config.json; pass a DiffEmbed model folder (or a LoRA adapter folder "
+                          "whose base is one)")
     raw = read_json(path, ModelFilesError)  # damaged: exit status 1, as in every command
     if not isinstance(raw, dict) or raw.get("model_type") != "diffembed":
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
@@ -230,17 +231,52 @@ def _readme(out: Path, source: Path, architecture: str, dtype: str, query_prompt
 
 
 def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a folder that vLLM serves as an embedding model with no remote code, from a DiffEmbed folder.
+    """Write a folder that vLLM serves as an embedding model with no remote code, from a DiffEmbed folder (or a
+    LoRA adapter folder, merged into its base first, as `push --merge` merges it).
 
     Refused with an `ExportError`, leaving no `out`: a folder that is not a DiffEmbed model, a causal-ablation
     config (`is_causal: true`), a scaled RoPE, a head size vLLM's kernels lack, pooling other than mean over every
     token, and an existing `out` unless `overwrite` (then replaced only once the new folder is complete).
     """
     folder, out = Path(model_folder).expanduser().absolute(), final_path(Path(out))
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
+    with output_lock(out):  # first: only a check made under the lock holds until the folder is published
+        if out.exists() and not overwrite:
+            raise ExportError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"{out} exists and is not a folder")
+        if (folder / "adapter_config.json").is_file() and not (folder / CONFIG).is_file():
+            with _merged_adapter(folder, out) as merged:  # as `push --merge` merges it
+                return _export(merged, out, overwrite, source=folder)
+        return _export(folder, out, overwrite)
+
+
+@contextlib.contextmanager
+def _merged_adapter(adapter: Path, out: Path) -> Iterator[Path]:
+    """A LoRA adapter folder merged into its base (a local DiffEmbed folder or a cached Hub id), in a hidden folder
+    beside `out` (same file system: the export hard-links its weights), removed afterwards."""
+    from .publish.upload import local_base_path, merge_adapter
+
+    check_folder(adapter)
+    base = read_json(adapter / "adapter_config.json", ExportError).get("base_model_name_or_path")
+    base_path = local_base_path(base) if isinstance(base, str) and base else None
+    if base_path is None or not (base_path / CONFIG).is_file():
+        raise ExportError(f"{adapter} is a LoRA adapter whose base {base!r} is not a DiffEmbed folder here (a local "
+                          "folder or a Hub id in the Hugging Face cache); download the base, then export again")
+    _diffembed_config(base_path)
+    require_extra("train", ("peft",), what=f"exporting the LoRA adapter {adapter}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged = temporary_sibling(out, "merge")
+    merged.mkdir()
+    try:
+        merge_adapter(adapter, base_path, merged)
+        yield merged
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+
+
+def _export(folder: Path, out: Path, overwrite: bool, source: Path | None = None) -> Path:
+    """The export itself, run while `export_vllm` holds the output's lock (OUT already checked); `source` is the
+    folder the user named, where `folder` is a merged copy of it."""
     config = _diffembed_config(folder)
     check_folder(folder)  # untrusted: no index, module path or link may lead the export outside it
     # the export copies the tokenizer without loading it: a damaged one is named here, not by vLLM later
@@ -260,7 +296,7 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
 
     prompts, default_prompt_name = _prompts(folder)
     max_seq_length = st_config.get("max_seq_length", config.max_position_embeddings)
-    with output_lock(out), staged_folder(out) as tmp:
+    with staged_folder(out, replace=overwrite) as tmp:
         write_json(tmp / CONFIG, stock)
         _check_written_config(tmp, architecture, config)
         linked = [_link_or_copy(path, tmp / path.name) for path in weights]
@@ -269,7 +305,8 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
         write_sentence_transformer_files(tmp, max_seq_length=max_seq_length, prompts=prompts,
                                          default_prompt_name=default_prompt_name, normalize=normalize,
                                          dimension=config.hidden_size)
-        readme = _readme(out, folder, architecture, stock["dtype"], prompts.get("query", DEFAULT_QUERY_PROMPT),
+        query_prompt = prompts.get("query", DEFAULT_QUERY_PROMPT)
+        readme = _readme(out, source or folder, architecture, stock["dtype"], query_prompt,
                          max_seq_length, config.num_attention_heads, remote_tokenizer)
         (tmp / "README.md").write_text(readme, encoding="utf-8")
     logger.info("Wrote %s (%s; %d of %d weight files hard-linked)", out, architecture, sum(linked), len(linked))

@@ -115,13 +115,19 @@ def final_path(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, *, resumable: bool = False) -> Iterator[Path]:
+def staged_folder(out: Path, *, resumable: bool = False, replace: bool = True) -> Iterator[Path]:
     """Build a folder for `out` and publish it whole: yields an empty hidden sibling folder to fill, renamed to
     `out` (replacing the old one only then) when the block ends without error, removed when it raises.
+
+    The job must hold `output_lock` on `out` (or a folder above it), taken before it checked `out`: a check made
+    without the lock says nothing about what another run publishes meanwhile. `replace=False` (no --overwrite)
+    also refuses, at publication, an `out` that is there by then (`OutputExistsError`, exit status 1).
 
     `resumable=True` uses a stable name (`.OUT.partial`) that a failed or killed run leaves in place for the
     next run to continue from (the caller decides what in it can be kept)."""
     out = final_path(out)
+    if not holds_lock(out):
+        raise RuntimeError(f"internal error: {out} is published without its output lock (files.output_lock)")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_folders(out)
     if resumable:
@@ -132,6 +138,9 @@ def staged_folder(out: Path, *, resumable: bool = False) -> Iterator[Path]:
         work.mkdir()
     try:
         yield work
+        if not replace and (out.is_symlink() or out.exists() and not (out.is_dir() and not any(out.iterdir()))):
+            raise OutputExistsError(f"{out} appeared while this command ran, so nothing was written; pass --overwrite "
+                                    "to replace it", exit_status=1)
         move_into_place(work, out)
     except BaseException:
         if not resumable:
@@ -257,6 +266,16 @@ def lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
+_HELD: set[Path] = set()  # the outputs whose lock this process holds (`output_lock`)
+
+
+def holds_lock(out: Path) -> bool:
+    """Whether this process holds the lock of `out` or of a folder above it (a job's output holding the
+    outputs of its steps, as the demo's folder holds its model)."""
+    out = final_path(out)
+    return any(path in _HELD for path in (out, *out.parents))
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks (Linux), which tells a live holder from a new process that got
     its pid; None where /proc is not available."""
@@ -281,7 +300,10 @@ def _holder_alive(holder: dict) -> bool:
 def output_lock(out: Path) -> Iterator[None]:
     """Hold `.OUT.lock` (beside OUT) while a job writes OUT: a second run into the same output is refused at
     once, naming the holder (pid, host, command). A lock whose process is gone (same host) is stale: it is
-    removed with a warning and taken over."""
+    removed with a warning and taken over.
+
+    Take it before checking OUT (exists, --overwrite): only a check made under the lock still holds when the
+    job publishes; a run that checked first could replace the output another run finished meanwhile."""
     out = final_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_path(out)
@@ -313,9 +335,11 @@ def output_lock(out: Path) -> Iterator[None]:
         break
     else:
         raise OutputLockedError(f"could not take the lock {lock}; another run keeps taking it")
+    _HELD.add(out)
     try:
         yield
     finally:
+        _HELD.discard(out)
         with contextlib.suppress(OSError, ValueError):
             if json.loads(lock.read_text(encoding="utf-8")).get("pid") == os.getpid():
                 lock.unlink()

@@ -104,13 +104,8 @@ def list_inputs(path: str | os.PathLike, error: Error = DiffembedError) -> tuple
         return [root], []
     if not root.is_dir():
         raise error(f"{path}: no such file or folder")
-    inputs, others, seen = [], [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):  # linked folders are read, each once
-        if os.path.realpath(folder) in seen:
-            subfolders[:] = []
-            continue
-        seen.add(os.path.realpath(folder))
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+    inputs, others = [], []
+    for folder, names in _walk(root):
         for name in names:
             if not name.startswith("."):
                 candidate = Path(folder, name)
@@ -119,6 +114,25 @@ def list_inputs(path: str | os.PathLike, error: Error = DiffembedError) -> tuple
         raise error(f"{root}/ holds no .jsonl, .ndjson, .jsonlines, .csv or .parquet file (compressed or not)"
                     + (f"; it holds {describe_files(others, root)}" if others else ""))
     return sorted(inputs), sorted(others)
+
+
+def _walk(root: Path):
+    """(folder, file names) of every folder an input folder's reading visits: hidden folders left out, linked
+    folders followed, each real folder once."""
+    seen = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):  # linked folders are read, each once
+        if os.path.realpath(folder) in seen:
+            subfolders[:] = []
+            continue
+        seen.add(os.path.realpath(folder))
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        yield folder, names
+
+
+def read_folders(root: str | os.PathLike) -> list[Path]:
+    """The real paths of the folders that reading the input folder `root` visits, those its links lead to
+    included: an output in any of them would be read back as input by the next run."""
+    return [Path(os.path.realpath(folder)) for folder, _ in _walk(Path(root))]
 
 
 def describe_files(paths: list[Path], root: Path, limit: int = 5) -> str:

@@ -425,7 +425,7 @@ def _merge_adapter(model: SentenceTransformer, base: tuple[str, str | None], con
     with tempfile.TemporaryDirectory() as adapter_dir:
         backbone(model).save_pretrained(adapter_dir)  # the adapter alone
         merged = load_encoder(base[0], device=device, trust_remote_code=trust_remote_code,
-                              **({"revision": base[1]} if base[1] else {}))
+                              max_seq_length=config.saved_max_seq_length, **({"revision": base[1]} if base[1] else {}))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=QUIET_FUTURE_WARNING, category=FutureWarning)
             set_backbone(merged, PeftModel.from_pretrained(backbone(merged), adapter_dir).merge_and_unload())
@@ -433,7 +433,7 @@ def _merge_adapter(model: SentenceTransformer, base: tuple[str, str | None], con
 
 
 def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict,
-                  base: tuple[str, str | None]) -> None:
+                  base: tuple[str, str | None], overwrite: bool) -> None:
     """Write the finished model (with its model card) and publish it whole; an existing `output_dir`
     (overwrite=True) is replaced only then. An adapter names its `base` (`checkpoint.base_reference`) as PEFT
     would not: by absolute path or Hub id and commit, never as typed (a relative path would load whatever folder
@@ -441,7 +441,7 @@ def _write_output(model: SentenceTransformer, output_dir: Path, config: Training
     if config.adapter_only:
         peft_config = backbone(model).peft_config["default"]
         peft_config.base_model_name_or_path, peft_config.revision = base
-    with staged_folder(output_dir) as staging:
+    with staged_folder(output_dir, replace=overwrite) as staging:
         backbone(model).save_pretrained(staging)  # the merged model, or the adapter alone
         model.tokenizer.save_pretrained(staging)
         if not config.adapter_only:
@@ -518,11 +518,12 @@ def train(
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
     ranks = current()  # a stray RANK or WORLD_SIZE (no torchrun) is refused before any work, naming it
-    # --resume never licenses replacing a folder: the output is only ever written at the end of a run.
-    check_output_folder(output_dir, overwrite=overwrite)
-    # one run per output: a second `train` into the same OUT (or its checkpoints) is refused, naming this one
+    # one run per output: a second `train` into the same OUT (or its checkpoints) is refused, naming this one;
+    # taken first, so that the check below still holds when the model is published
     lock = output_lock(output_dir) if ranks.is_main else contextlib.nullcontext()
     with lock:
+        # --resume never licenses replacing a folder: the output is only ever written at the end of a run.
+        check_output_folder(output_dir, overwrite=overwrite)
         return _run(model_name_or_path, data, output_dir, config, mapping=mapping, eval_data=eval_data,
                     overwrite=overwrite, resume=resume, device=device, callbacks=callbacks,
                     trust_remote_code=trust_remote_code)
@@ -556,7 +557,9 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
                                     "continue it, or --overwrite to start again (they are then deleted)")
         shutil.rmtree(checkpoints)
     start = time.perf_counter()
-    model = load_encoder(model_name_or_path, device=device, trust_remote_code=trust_remote_code)
+    # a base whose stored length exceeds its positions is refused at load, unless the saved length is given
+    model = load_encoder(model_name_or_path, device=device, trust_remote_code=trust_remote_code,
+                         max_seq_length=config.saved_max_seq_length)
     base = base_reference(model_name_or_path, getattr(backbone(model).config, "_commit_hash", None))
     limit = getattr(backbone(model).config, "max_position_embeddings", None)
     check_max_seq_length(config.max_seq_length, limit)
@@ -626,7 +629,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
             },
             "training_time_seconds": round(seconds, 1),
         }
-        _write_output(model, output_dir, config, metadata, base)
+        _write_output(model, output_dir, config, metadata, base, overwrite)
         shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
     return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None,

@@ -15,7 +15,8 @@ def add_parser(commands) -> None:
     engines = export.add_subparsers(dest="engine", required=True, metavar="ENGINE")
     vllm = engines.add_parser("vllm", help="a folder vLLM serves as an embedding model with no remote code "
                               "(stock Qwen2/Llama config, is_causal false, weights hard-linked)")
-    vllm.add_argument("model", help="a DiffEmbed folder (diffembed convert / train)")
+    vllm.add_argument("model", help="a DiffEmbed folder (diffembed convert / train), or a LoRA adapter folder "
+                      "(train --adapter-only), merged into its local base first")
     vllm.add_argument("output", help="the folder to create")
     vllm.add_argument("--overwrite", action="store_true", help="replace OUTPUT once the new folder is complete")
     add_output_options(vllm)  # the engine's parser is the one that reads the rest of the command line

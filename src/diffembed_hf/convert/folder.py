@@ -205,10 +205,6 @@ def convert_checkpoint(
     Returns the output folder. Raises `ConversionError` (naming the file, key or tensor) and leaves no `out`.
     """
     out = Path(out).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it", exit_status=2)
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{out} exists and is not a folder", exit_status=2)
     if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
                                        or max_seq_length < 1):
         raise ConversionError(f"max_seq_length (--max-seq-length) must be an integer >= 1, got {max_seq_length!r}",
@@ -221,14 +217,31 @@ def convert_checkpoint(
         shard_bytes = parse_size(max_shard_size)
     except UsageError as err:
         raise ConversionError(str(err), exit_status=2) from None
-    gguf_path = find_gguf_file(src, gguf_file)
-    if gguf_path is not None:
+    with output_lock(out):  # first: only a check made under the lock holds until the folder is published
+        if out.exists() and not overwrite:
+            raise ConversionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it",
+                                  exit_status=2)
+        if out.exists() and not out.is_dir():
+            raise ConversionError(f"{out} exists and is not a folder", exit_status=2)
+        gguf_path = find_gguf_file(src, gguf_file)
+        if gguf_path is None:
+            return _convert(src, out, family=family, overwrite=overwrite, shard_bytes=shard_bytes,
+                            max_seq_length=max_seq_length, allow_pickle=allow_pickle,
+                            ignore_sliding_window=ignore_sliding_window, trust_remote_code=trust_remote_code,
+                            revision=revision, dtype=dtype, provenance=provenance)
         with dequantized_checkpoint(gguf_path, out, dtype) as (checkpoint, info):
             record = {"source": str(src), "options": {"--gguf-file": gguf_file, "--dtype": dtype},
                       "gguf": info.record(dtype or DEFAULT_GGUF_DTYPE)}
-            return convert_checkpoint(checkpoint, out, family=family, overwrite=overwrite,
-                                      max_shard_size=max_shard_size, max_seq_length=max_seq_length,
-                                      ignore_sliding_window=ignore_sliding_window, provenance=record)
+            return _convert(checkpoint, out, family=family, overwrite=overwrite, shard_bytes=shard_bytes,
+                            max_seq_length=max_seq_length, allow_pickle=False,
+                            ignore_sliding_window=ignore_sliding_window, trust_remote_code=False, revision=None,
+                            dtype=None, provenance=record)
+
+
+def _convert(src: str | Path, out: Path, *, family: Optional[str], overwrite: bool, shard_bytes: int,
+             max_seq_length: Optional[int], allow_pickle: bool, ignore_sliding_window: bool, trust_remote_code: bool,
+             revision: Optional[str], dtype: Optional[str], provenance: Optional[dict]) -> Path:
+    """The conversion itself, run while `convert_checkpoint` holds the output's lock (OUT already checked)."""
     if dtype is not None:
         raise UsageError(f"--dtype {dtype} applies to GGUF sources only; {src}'s weights keep their dtype")
     folder, hub_id = _resolve_source(src, revision, allow_pickle)
@@ -263,7 +276,7 @@ def convert_checkpoint(
         raise ConversionError(f"max_seq_length must be in [1, {config.max_position_embeddings}], got {max_seq_length}")
     tokenizer = _load_tokenizer(folder, source_config, trust_remote_code)
 
-    with output_lock(out), staged_folder(out) as tmp:
+    with staged_folder(out, replace=overwrite) as tmp:
         if tokenizer is not None:
             _prepare_tokenizer(tokenizer, config)
             tokenizer.save_pretrained(tmp)

@@ -24,10 +24,11 @@ from ..checkpoint import model_identity, settings_digest
 from ..compact import DEFAULT_CALIBRATION_ROWS, PRECISIONS, SCALAR, CalibrationRanges, Compaction, calibrate, \
     calibration_sample, resolve_precision, truncate
 from ..encoding import check_max_seq_length, check_prompt_name, load_encoder
-from ..files import output_lock
+from ..files import final_path, output_lock
 from . import distributed
 from .read import CorpusError, CorpusSource, ShardPlan, check_first_row, iter_rows, scan
-from .shards import ShardInfo, finish_manifest, prepare_folder, read_manifest, verify_shard, write_shard
+from .shards import (ShardInfo, check_settings_early, finish_manifest, prepare_folder, read_manifest, verify_shard,
+                     write_shard)
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +122,14 @@ def check_locations(source: CorpusSource, output_dir: Path) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise CorpusError(f"{output_dir} exists and is not a folder")
     if source.dataset is None and Path(source.path).is_dir():
-        root, out = Path(source.path).resolve(), output_dir.resolve()
-        if out == root or root in out.parents:
-            raise CorpusError(f"the output folder {output_dir} lies inside the input folder {source.path}; choose "
-                              "an output outside it")
+        from ..readers import read_folders
+
+        out = output_dir.resolve()
+        for root in read_folders(source.path):  # the input folder and every folder its links lead to
+            if out == root or root in out.parents:
+                through = "" if root == Path(source.path).resolve() else f" (through a link to {root})"
+                raise CorpusError(f"the output folder {output_dir} lies inside the input folder {source.path}"
+                                  f"{through}; choose an output outside it")
 
 
 def load(model: str, *, device: str | None = None, prompt: str | None, prompt_name: str | None,
@@ -162,8 +167,11 @@ def plan_job(model_name: str, model: SentenceTransformer, encoder: Encoder, sour
     source = dataclasses.replace(source, id_field=plan.id_field)
     if dtype in SCALAR:
         if compaction.calibration is None:
-            ranges = _earlier_ranges(output_dir, settings, calibration_rows) or _calibrate(
-                encoder, source, plan, compaction.truncate_dim, identity, calibration_rows)
+            ranges = _earlier_ranges(output_dir, settings, calibration_rows)
+            if ranges is None:  # other settings (another --calibration-rows...) are refused before the sample
+                check_settings_early(output_dir, {**settings, "calibration_rows": calibration_rows},
+                                     overwrite=overwrite, pending=("calibration",))
+                ranges = _calibrate(encoder, source, plan, compaction.truncate_dim, identity, calibration_rows)
             compaction = dataclasses.replace(compaction, calibration=ranges)
         settings["calibration"] = compaction.calibration.digest()
         settings["calibration_rows"] = calibration_rows
@@ -253,7 +261,7 @@ def encode_corpus(
     check_max_seq_length(max_seq_length, None)
     check_prompt_name(model, prompt_name)
     source = as_source(source, field, id_field, title_field, split, subset)
-    output_dir = Path(output_dir).expanduser().absolute()
+    output_dir = final_path(Path(output_dir))  # a link the user made for OUT is followed, even to a new folder
     check_locations(source, output_dir)
     check_first_row(source, skip_bad_rows=skip_bad_rows)  # a wrong --input or --field, before the model loads
     options = dict(prompt=prompt, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,

@@ -46,6 +46,7 @@ SETTING_NAMES = {
     "prompt": "prompt", "max_seq_length": "max sequence length", "normalized": "normalisation",
     "include_prompt": "prompt pooling", "weights_dtype": "compute dtype", "quantize": "quantization",
     "dtype": "precision", "truncate_dim": "truncate dim", "calibration": "calibration ranges",
+    "calibration_rows": "calibration sample rows (--calibration-rows)",
     "dim": "embedding dimension", "shard_size": "shard size", "input": "input", "field": "text field",
     "id_field": "id field", "title_field": "title field", "split": "split", "subset": "subset",
     "skip_bad_rows": "--skip-bad-rows", "rows": "number of input rows", "input_digest": "input contents",
@@ -168,6 +169,32 @@ def _ours(path: Path) -> bool:
             or _temporary(path))
 
 
+def _refuse_other_settings(folder: Path, previous: dict, settings: dict) -> None:
+    key = next(k for k in [*SETTING_NAMES, *sorted(set(previous) | set(settings))]
+               if previous.get(k) != settings.get(k))
+    raise CorpusError(
+        f"{folder}/ holds embeddings made with {SETTING_NAMES.get(key, key)} {_show(previous.get(key))}, "
+        f"this run asks for {_show(settings.get(key))}; rerun with the same settings to resume, or pass "
+        "--overwrite to replace them")
+
+
+def check_settings_early(folder: Path, settings: dict, *, overwrite: bool, pending: tuple[str, ...]) -> None:
+    """Refuse, before costly work, a run whose settings differ from those of the embeddings in `folder` in
+    anything but the `pending` settings (not known yet: what that work computes, such as calibration ranges),
+    as `prepare_folder` would refuse it afterwards. A missing or unreadable manifest is left to `prepare_folder`."""
+    if overwrite or not folder.is_dir():
+        return
+    try:
+        manifest = read_manifest(folder)
+    except CorpusError:
+        return
+    previous = (manifest or {}).get("settings")
+    if isinstance(previous, dict):
+        previous = {k: v for k, v in previous.items() if k not in pending}
+        if previous != settings:
+            _refuse_other_settings(folder, previous, settings)
+
+
 def prepare_folder(folder: Path, settings: dict, *, overwrite: bool, extra: dict | None = None) -> dict[int, str]:
     """Check the folder against this run's settings and write the opening manifest (with `extra` fields); return
     the shard digests an earlier manifest with the same settings recorded (shard index -> sha256), for
@@ -192,12 +219,7 @@ def prepare_folder(folder: Path, settings: dict, *, overwrite: bool, extra: dict
     previous = manifest.get("settings", {}) if manifest else None
     if previous is not None and previous != settings:
         if not overwrite:
-            key = next(k for k in [*SETTING_NAMES, *sorted(set(previous) | set(settings))]
-                       if previous.get(k) != settings.get(k))
-            raise CorpusError(
-                f"{folder}/ holds embeddings made with {SETTING_NAMES.get(key, key)} {_show(previous.get(key))}, "
-                f"this run asks for {_show(settings.get(key))}; rerun with the same settings to resume, or pass "
-                "--overwrite to replace them")
+            _refuse_other_settings(folder, previous, settings)
         logger.warning("--overwrite: removing the earlier run's shards from %s", folder)
     known = {}
     if manifest is None or previous != settings:

@@ -98,10 +98,11 @@ class DiffEmbedEncoder(AbsEncoder):
     `instructions`: task name -> instruction (a user's file), over the study's and mteb's defaults.
     `query_prompts`: task name -> the exact text put before each query (local tasks: the model's `query` prompt,
     `--query-prompt`, or '' when queries already carry their instruction); documents then carry nothing.
+    `prompt_sources`: for those tasks, (instruction, where it came from), as the results record them.
     """
 
     def __init__(self, model: SentenceTransformer, meta: ModelMeta, *, instructions: dict[str, str] | None = None,
-                 query_prompts: dict[str, str] | None = None,
+                 query_prompts: dict[str, str] | None = None, prompt_sources: dict[str, tuple[str, str]] | None = None,
                  max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH, source: str | None = None,
                  cache_bytes: int = CACHE_BYTES):
         self.model = model
@@ -109,6 +110,7 @@ class DiffEmbedEncoder(AbsEncoder):
         self.mteb_model_meta = meta
         self.instructions = dict(instructions or {})
         self.query_prompts = dict(query_prompts or {})
+        self.prompt_sources = dict(prompt_sources or {})
         self.max_tokens_per_batch = max_tokens_per_batch
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
@@ -118,8 +120,9 @@ class DiffEmbedEncoder(AbsEncoder):
         """What a task's inputs get: the instruction, where it came from, and the prompt on each side."""
         name = task_metadata.name
         if name in self.query_prompts:
-            return {"instruction": self.query_prompts[name], "source": "local task: query prompt",
-                    "symmetric": False, "query": self.query_prompts[name], "document": ""}
+            instruction, source = self.prompt_sources.get(name, (self.query_prompts[name], "local task: query prompt"))
+            return {"instruction": instruction, "source": source, "symmetric": False,
+                    "query": self.query_prompts[name], "document": ""}
         if name in self.instructions:
             instruction, source = self.instructions[name], "instruction file"
         elif name in STUDY_INSTRUCTIONS:

@@ -28,6 +28,7 @@ from ..readers import COMPRESSIONS, check_id, check_text, lines_at, read_records
 logger = logging.getLogger(__name__)
 
 BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")
+QRELS_SCORES = (-2**31, 2**31 - 1)  # what pytrec_eval, which scores the runs, can hold (a C int)
 STDLIB_TASK = "StdlibHeldOutRetrieval"
 STDLIB_ROWS = 300  # the demo's default --max-heldout
 
@@ -130,6 +131,9 @@ def _qrels(path: Path, queries: dict, corpus: dict) -> dict[str, dict[str, int]]
             value = int(score)
         except ValueError:
             raise EvaluationError(f"{where}: score {score!r} is not an integer") from None
+        if not QRELS_SCORES[0] <= value <= QRELS_SCORES[1]:  # pytrec_eval holds a score in a C int
+            raise EvaluationError(f"{where}: score {score} is out of range; a relevance score is a whole number from "
+                                  f"{QRELS_SCORES[0]} to {QRELS_SCORES[1]}")
         docs = qrels.setdefault(query_id, {})
         if doc_id in docs:
             if docs[doc_id] != value:

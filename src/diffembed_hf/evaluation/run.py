@@ -117,6 +117,21 @@ def _check_output(output: Path) -> None:
                               "give a new or empty folder")
 
 
+def _check_same_data(earlier: Summary | None, task_list: list, output: Path, overwrite: bool) -> None:
+    """Results are kept by task name and settings, and a local task is named after its folder: another folder of
+    the same name would replace the first one's results without a word. Refused unless --overwrite."""
+    if earlier is None or overwrite:
+        return
+    recorded = {r["task"]: r.get("dataset") for r in earlier.results if r.get("dataset")}
+    for task in task_list:
+        name, path = task.metadata.name, task.metadata.dataset.get("path")
+        if recorded.get(name, path) != path:
+            raise EvaluationError(f"--output {output} holds the results of {name} from {recorded[name]}; {path} "
+                                  "gives the same task name (its folder's name), so its results would replace "
+                                  "those: evaluate it into another --output or rename its folder (--overwrite "
+                                  "replaces them)")
+
+
 def _earlier_results(output: Path, overwrite: bool) -> Summary | None:
     """The results already in `output`; a damaged summary.json is refused unless --overwrite replaces it."""
     try:
@@ -298,6 +313,7 @@ def evaluate(
     with output_lock(output):
         _check_output(output)
         earlier = _earlier_results(output, overwrite)
+        _check_same_data(earlier, task_list, output, overwrite)
         folder = local_folder(model)
         identity = None
         if folder is not None:  # a folder's identity is known before loading: another model's output is refused now
@@ -330,19 +346,25 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
     compaction = dataclasses.replace(compaction, truncate_dim=st_model.truncate_dim)  # the stored one by default
     compaction.check(width, identity.as_dict())
     keep_earlier = earlier is not None and same_model(earlier.model, identity)
-    query_prompts = {}
+    query_prompts, prompt_sources = {}, {}  # a local task's query prompt, and (instruction, where it came from)
     if suite == "stdlib":
         query_prompts[STDLIB_TASK] = ""  # the anchors already carry the task's instruction
+        prompt_sources[STDLIB_TASK] = ("", "the task's queries carry their instruction")
     from ..sentence_transformer import instruction_prompt
 
     for task in task_list if data else []:  # one rule for an instruction and --query-prompt (`instruction_prompt`)
-        if task.metadata.name in overrides:
-            query_prompts[task.metadata.name] = instruction_prompt(overrides[task.metadata.name])
+        name = task.metadata.name
+        if name in overrides:
+            query_prompts[name] = instruction_prompt(overrides[name])
+            prompt_sources[name] = (overrides[name], "instruction file")
         elif query_prompt is not None:
-            query_prompts[task.metadata.name] = instruction_prompt(query_prompt)
+            query_prompts[name] = instruction_prompt(query_prompt)
+            prompt_sources[name] = (query_prompt, "--query-prompt")
         else:
-            query_prompts[task.metadata.name] = st_model.prompts.get("query", "")
-    options = dict(instructions=overrides, query_prompts=query_prompts, source=None if device else model,
+            query_prompts[name] = st_model.prompts.get("query", "")
+            prompt_sources[name] = (query_prompts[name], "the model's query prompt")
+    options = dict(instructions=overrides, query_prompts=query_prompts, prompt_sources=prompt_sources,
+                   source=None if device else model,
                    **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
     if compaction.is_identity:
         encoder = DiffEmbedEncoder(st_model, None, **options)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import JournalError
-from ..files import output_lock
+from ..files import holds_lock, output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ class Journal:
         self.close()
 
     def _lock(self) -> None:
-        self._held.enter_context(output_lock(self.path.parent))
+        if not holds_lock(self.path.parent):  # the run took it already, before checking its folder
+            self._held.enter_context(output_lock(self.path.parent))
 
     def _read(self) -> None:
         if not self.path.exists():

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import OutputExistsError, UsageError, require_extra
-from ..files import check_parent_writable, move_into_place, temporary_sibling
+from ..files import check_parent_writable, final_path, move_into_place, output_lock, temporary_sibling
 from .concepts import ConceptSet, load_concepts
 from .dataset import write_dataset
 from .journal import JOURNAL, Journal, canonical_json
@@ -135,7 +135,7 @@ def generate_reasonaug(
     settings = Settings(model=model, problems_per_concept=problems_per_concept, seed=seed, temperature=temperature,
                         max_tokens=max_tokens, answer_retries=answer_retries, heldout_fraction=heldout_fraction,
                         max_pairs=max_pairs)
-    out = Path(out)
+    out = final_path(Path(out))  # a link the user made for OUT is followed, even to a folder not made yet
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
     if batch_file is None and from_batch_output is None:  # a live run: its key is checked before any work
@@ -148,7 +148,20 @@ def generate_reasonaug(
 
         batch_results = read_batch_output(Path(from_batch_output))
     identity = _identity(settings, prompt_set, concept_set)
-    _prepare_output(out, identity, overwrite=overwrite)
+    check_parent_writable(out)
+    with output_lock(out):  # first: only a check made under the lock holds while this run writes
+        _prepare_output(out, identity, overwrite=overwrite)
+        return _generate(out, identity, concept_set, prompt_set, settings, model=model, base_url=base_url,
+                         api_key=api_key, workers=workers, timeout=timeout, max_retries=max_retries,
+                         retry_delay=retry_delay, batch_file=batch_file, from_batch_output=from_batch_output,
+                         overwrite=overwrite, show_progress=show_progress)
+
+
+def _generate(out: Path, identity: str, concept_set: ConceptSet, prompt_set: Prompts, settings: Settings, *,
+              model: str, base_url: str | None, api_key: str | None, workers: int, timeout: float, max_retries: int,
+              retry_delay: float, batch_file: str | Path | None, from_batch_output: str | Path | None,
+              overwrite: bool, show_progress: bool | None) -> ReasonAugResult:
+    """`generate_reasonaug` while it holds OUT's lock (OUT already checked)."""
     planner = Planner(concept_set, prompt_set, settings)
     record = {"format": FORMAT, "diffembed_hf_version": __version__, "identity": identity, "complete": False,
               "model": model, "base_url": base_url, "settings": asdict(settings),
