@@ -214,7 +214,8 @@ def test_learning_rate_schedules(base, rows, tmp_path, schedule):
                    device="cpu")
     record = json.loads((result.output_dir / TRAINING_METADATA).read_text())
     rates = [entry["learning_rate"] for entry in record["training"]["losses"]]
-    assert len(rates) == steps and rates[:2] == [0, pytest.approx(rate / 2)]  # the warm-up of 2 steps
+    # the warm-up of 2 steps: step k of W at k/(W+1) of the rate (`train.lr_factor`: no step trains at 0)
+    assert len(rates) == steps and rates[:2] == [pytest.approx(rate / 3), pytest.approx(2 * rate / 3)]
     after = rates[2:]  # the rate each later step trained at
     if schedule == "constant":
         assert after == [pytest.approx(rate)] * (steps - 2)

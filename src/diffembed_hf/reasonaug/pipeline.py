@@ -154,14 +154,15 @@ def generate_reasonaug(
         return _generate(out, identity, concept_set, prompt_set, settings, model=model, base_url=base_url,
                          api_key=api_key, workers=workers, timeout=timeout, max_retries=max_retries,
                          retry_delay=retry_delay, batch_file=batch_file, from_batch_output=from_batch_output,
-                         overwrite=overwrite, show_progress=show_progress)
+                         batch_results=batch_results, overwrite=overwrite, show_progress=show_progress)
 
 
 def _generate(out: Path, identity: str, concept_set: ConceptSet, prompt_set: Prompts, settings: Settings, *,
               model: str, base_url: str | None, api_key: str | None, workers: int, timeout: float, max_retries: int,
               retry_delay: float, batch_file: str | Path | None, from_batch_output: str | Path | None,
-              overwrite: bool, show_progress: bool | None) -> ReasonAugResult:
-    """`generate_reasonaug` while it holds OUT's lock (OUT already checked)."""
+              batch_results, overwrite: bool, show_progress: bool | None) -> ReasonAugResult:
+    """`generate_reasonaug` while it holds OUT's lock (OUT already checked); `batch_results` is the batch output
+    already read (None without one)."""
     planner = Planner(concept_set, prompt_set, settings)
     record = {"format": FORMAT, "diffembed_hf_version": __version__, "identity": identity, "complete": False,
               "model": model, "base_url": base_url, "settings": asdict(settings),
