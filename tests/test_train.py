@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +308,45 @@ def test_train_writes_the_model_card(trained):
     assert "## Evaluation" in card and f"| ndcg@10 | {trained.metrics_before['ndcg@10']:.6g} |" in card
     assert "SentenceTransformer(\"model\", trust_remote_code=True)" in card and "zhang-etal-2025-diffusion" in card
     assert is_generated_card(card) and not is_generated_card(card.replace("| max_steps | 40 |", "| max_steps | 41 |"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trust, round three (issue 31): an adapter means one base; a resume is the run it continues; every step trains
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tiny_base(folder, seed):
+    torch.manual_seed(seed)
+    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
+    return save_sentence_transformer(model, load_dream_tokenizer(), folder, max_seq_length=64)
+
+
+def test_an_adapter_means_one_base_wherever_it_is_used(task, tmp_path, monkeypatch):
+    """`train --adapter-only m-dream`: the adapter names its base by absolute path, so it embeds alike from a
+    folder where "m-dream" is another model; its identity (corpus resume, evaluate's results and cache) covers its
+    base, also for an adapter that names its base relatively (earlier versions wrote those)."""
+    import shutil
+
+    from diffembed_hf.checkpoint import content_digest, model_identity
+    from diffembed_hf.encoding import encode, load_encoder
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    _tiny_base(here / "m-dream", seed=0), _tiny_base(elsewhere / "m-dream", seed=1)
+    monkeypatch.chdir(here)
+    adapter = train("m-dream", task[0], tmp_path / "adapter", TrainingConfig(
+        max_steps=2, lora=True, adapter_only=True, eval_fraction=0.0, **FAST)).output_dir
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((here / "m-dream").resolve())
+    texts = ["alpha beta gamma", "some other words here"]
+    vectors = encode(load_encoder(str(adapter), device="cpu"), texts)
+    identity = model_identity(adapter)
+    legacy = Path(shutil.copytree(adapter, tmp_path / "legacy"))
+    (legacy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "m-dream"}))
+    legacy_here = content_digest(legacy)
+
+    monkeypatch.chdir(elsewhere)  # where "m-dream" is another model
+    np.testing.assert_allclose(encode(load_encoder(str(adapter), device="cpu"), texts), vectors, rtol=0, atol=1e-6)
+    assert model_identity(adapter) == identity
+    assert content_digest(legacy) != legacy_here  # the same adapter files on another base: another model
+    shutil.copy(elsewhere / "m-dream" / "model.safetensors", here / "m-dream" / "model.safetensors")
+    assert model_identity(adapter).sha256 != identity.sha256  # its base changed under it: so did it

@@ -10,7 +10,9 @@ takes these facts from here, so they cannot drift apart:
   * `folder_kind`: a full model or a PEFT adapter;
   * `content_digest` / `model_identity`: what identifies the vectors a folder makes - its weights, config,
     tokenizer and sentence-transformers files, and nothing else (writing `eval/` or an output inside the
-    folder, or editing its README, leaves the identity unchanged);
+    folder, or editing its README, leaves the identity unchanged); an adapter's identity includes its base's;
+  * `base_reference` / `adapter_base`: how a folder made from a base names it (an absolute path or a Hub id
+    with its commit, never a path that depends on the reader's working directory), and how that name is read;
   * `inside` / `check_folder`: a folder is untrusted input. A path its metadata names (modules.json, a weight
     index, an auto_map) must stay inside it, and a symbolic link in it must not lead out of it (Hugging Face
     cache snapshots, whose files link to the repository's blobs, excepted); `check_remote_code` refuses to run a
@@ -22,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -29,6 +32,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import DiffembedError, ModelFilesError, UntrustedFolderError, UsageError
+
+logger = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 CONVERSION_RECORD = "diffembed_conversion.json"  # written by `diffembed convert`; read for the card
@@ -369,12 +374,62 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def content_digest(folder: Path) -> str:
-    """sha256 over the names and contents of `identity_files(folder)` (about 10 s for 15 GB of weights)."""
+def content_digest(folder: Path, _adapters: tuple[Path, ...] = ()) -> str:
+    """sha256 over the names and contents of `identity_files(folder)` (about 10 s for 15 GB of weights). An
+    adapter folder embeds with its base, so the base's identity is part of its own: the same adapter files on
+    another base (another folder, or another commit of a Hub id) are another model."""
+    folder = Path(folder)
     digest = hashlib.sha256()
-    for name in identity_files(Path(folder)):
-        digest.update(name.encode("utf-8") + b"\x00" + file_sha256(Path(folder) / name).encode() + b"\x00")
+    for name in identity_files(folder):
+        digest.update(name.encode("utf-8") + b"\x00" + file_sha256(folder / name).encode() + b"\x00")
+    if (folder / ADAPTER_CONFIG).is_file() and not (folder / CONFIG).is_file():
+        digest.update(b"base\x00" + _base_digest(folder, _adapters).encode("utf-8") + b"\x00")
     return digest.hexdigest()
+
+
+def _base_digest(adapter: Path, seen: tuple[Path, ...]) -> str:
+    """The identity of the base an adapter loads: a local folder's content digest, else the Hub id and commit."""
+    base, revision = adapter_base(adapter, ModelFilesError)
+    path = Path(base)
+    if path.is_dir():
+        here = adapter.resolve()
+        if path.resolve() in (*seen, here):
+            raise ModelFilesError(f"{adapter / ADAPTER_CONFIG} names {base} as its base, which leads back to the "
+                                  "adapter itself")
+        return content_digest(path, (*seen, here))
+    identity = model_identity(base, revision)
+    return f"{identity.model}@{identity.revision}"
+
+
+def base_reference(name_or_path: str | os.PathLike, revision: str | None = None) -> tuple[str, str | None]:
+    """How a folder made from a base (an adapter, a training record) names it: a local folder by its absolute
+    path, since a relative one names whatever folder of that name the reader's working directory holds; a Hub
+    id with the commit it was loaded at (`revision`), since the id alone names whatever it holds later."""
+    folder = local_folder(name_or_path)
+    if folder is not None:
+        return str(folder.resolve()), None
+    return str(name_or_path), revision
+
+
+def adapter_base(folder: Path, error: type[DiffembedError] = UsageError, *,
+                 warn: bool = False) -> tuple[str, str | None]:
+    """The base an adapter folder loads (adapter_config.json's base_model_name_or_path, and its revision), as the
+    loaders resolve it: a relative path against the working directory (what transformers and PEFT do), made
+    absolute here. Adapters written before `base_reference` stored such paths; `warn` says which folder that is."""
+    config = read_json(Path(folder) / ADAPTER_CONFIG, error)
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise error(f"{Path(folder) / ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    revision = config.get("revision")
+    revision = revision if isinstance(revision, str) and revision else None
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if warn and not path.is_absolute():
+            logger.warning("%s names its base by the relative path %r, which depends on the working directory: "
+                           "using %s. Write that absolute path into its %s to make the adapter mean one model.",
+                           folder, base, path.resolve(), ADAPTER_CONFIG)
+        return str(path.resolve()), revision
+    return base, revision
 
 
 @dataclass(frozen=True)

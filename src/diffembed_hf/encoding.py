@@ -30,8 +30,8 @@ from .batching import (
     warn_truncated,
 )
 from .checkpoint import (
-    ADAPTER_CONFIG,
     CONFIG,
+    adapter_base,
     check_model_files,
     check_model_folder,
     folder_kind,
@@ -219,9 +219,9 @@ def _load_adapter(folder: Path, **options) -> SentenceTransformer:
     require_extra("train", ("peft",), what=f"embedding with the LoRA adapter folder {folder}")
     from peft import PeftModel
 
-    base = read_json(folder / ADAPTER_CONFIG, UsageError).get("base_model_name_or_path")
-    if not isinstance(base, str) or not base:
-        raise UsageError(f"{folder / ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    base, revision = adapter_base(folder, warn=True)  # the base `checkpoint.model_identity` covers
+    if revision is not None:
+        options["revision"] = revision
     try:
         model = load_encoder(base, **options)
     except UsageError as err:

@@ -29,7 +29,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from transformers import TrainerCallback
 
 from . import register_auto_classes
-from .checkpoint import TRAINING_RECORD
+from .checkpoint import TRAINING_RECORD, base_reference
 from .corpus.distributed import current
 from .data import ColumnMapping, load_training_data
 from .encoding import backbone, check_max_seq_length, load_encoder, set_backbone
@@ -353,23 +353,31 @@ def _last_complete_checkpoint(folder: Path, remove_incomplete: bool = False) -> 
     return last
 
 
-def _merge_adapter(model: SentenceTransformer, base: str, config: TrainingConfig, device: str | None,
-                   trust_remote_code: bool):
-    """Merge the trained LoRA weights into a fresh copy of the base model (PEFT's merge_and_unload)."""
+def _merge_adapter(model: SentenceTransformer, base: tuple[str, str | None], config: TrainingConfig,
+                   device: str | None, trust_remote_code: bool):
+    """Merge the trained LoRA weights into a fresh copy of the base model (PEFT's merge_and_unload): the one it
+    was trained on (`base`: path, or Hub id and commit)."""
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as adapter_dir:
         backbone(model).save_pretrained(adapter_dir)  # the adapter alone
-        merged = load_encoder(base, device=device, trust_remote_code=trust_remote_code)
+        merged = load_encoder(base[0], device=device, trust_remote_code=trust_remote_code,
+                              **({"revision": base[1]} if base[1] else {}))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=QUIET_FUTURE_WARNING, category=FutureWarning)
             set_backbone(merged, PeftModel.from_pretrained(backbone(merged), adapter_dir).merge_and_unload())
     return merged
 
 
-def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict) -> None:
+def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict,
+                  base: tuple[str, str | None]) -> None:
     """Write the finished model (with its model card) and publish it whole; an existing `output_dir`
-    (overwrite=True) is replaced only then."""
+    (overwrite=True) is replaced only then. An adapter names its `base` (`checkpoint.base_reference`) as PEFT
+    would not: by absolute path or Hub id and commit, never as typed (a relative path would load whatever folder
+    of that name the working directory holds when it is used)."""
+    if config.adapter_only:
+        peft_config = backbone(model).peft_config["default"]
+        peft_config.base_model_name_or_path, peft_config.revision = base
     with staged_folder(output_dir) as staging:
         backbone(model).save_pretrained(staging)  # the merged model, or the adapter alone
         model.tokenizer.save_pretrained(staging)
@@ -486,6 +494,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
         shutil.rmtree(checkpoints)
     start = time.perf_counter()
     model = load_encoder(model_name_or_path, device=device, trust_remote_code=trust_remote_code)
+    base = base_reference(model_name_or_path, getattr(backbone(model).config, "_commit_hash", None))
     limit = getattr(backbone(model).config, "max_position_embeddings", None)
     check_max_seq_length(config.max_seq_length, limit)
     check_max_seq_length(config.saved_max_seq_length, limit, option="--saved-max-seq-length")
@@ -519,13 +528,13 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
         logger.warning("Training ended after %d of %d steps: the data gave no further batch.", steps, config.max_steps)
 
     if config.lora and not config.adapter_only:
-        model = _merge_adapter(model, model_name_or_path, config, device, trust_remote_code)
+        model = _merge_adapter(model, base, config, device, trust_remote_code)
         model.max_seq_length = config.max_seq_length  # evaluated as before training: at the training length
     after = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     seconds = time.perf_counter() - start
     if trainer.is_world_process_zero():
         metadata = {
-            "base_model": model_name_or_path,
+            "base_model": base[0], "base_model_revision": base[1],
             "datasets": [data] + ([eval_data] if eval_data else []),
             "hyperparameters": dataclasses.asdict(config),
             # what ran, not what was asked for: steps, epochs over the rows, samples seen, first and last logged loss
@@ -547,7 +556,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
             },
             "training_time_seconds": round(seconds, 1),
         }
-        _write_output(model, output_dir, config, metadata)
+        _write_output(model, output_dir, config, metadata, base)
         shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
     return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None,
