@@ -1,5 +1,6 @@
 """Contrastive fine-tuning: it learns, it writes a reloadable Hub-ready folder, and bad data is refused early."""
 
+import dataclasses
 import json
 import os
 import random
@@ -350,3 +351,38 @@ def test_an_adapter_means_one_base_wherever_it_is_used(task, tmp_path, monkeypat
     assert content_digest(legacy) != legacy_here  # the same adapter files on another base: another model
     shutil.copy(elsewhere / "m-dream" / "model.safetensors", here / "m-dream" / "model.safetensors")
     assert model_identity(adapter).sha256 != identity.sha256  # its base changed under it: so did it
+
+
+def test_a_resume_must_be_the_interrupted_run(base, task, tmp_path, capsys):
+    """`train --resume` with another base, other rows or another setting is refused, naming each difference
+    (it ran at the checkpoint's learning rate, or merged the first base's LoRA into another, and recorded what was
+    asked); the checkpoints stay, and the same run resumes from them."""
+    from diffembed_hf.cli import main
+    from diffembed_hf.errors import ConfigError
+
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps(dict(FAST, max_steps=4, lora=False, eval_fraction=0.0, save_steps=2)))
+    config = TrainingConfig.from_file(settings)
+    out, checkpoints = tmp_path / "out", tmp_path / ".out.checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        train(base, task[0], out, config, callbacks=[_StopAt(3)])
+    kept = sorted(p.relative_to(tmp_path) for p in checkpoints.rglob("*"))
+    assert any(p.name == "checkpoint-2" for p in checkpoints.iterdir())
+
+    capsys.readouterr()
+    status = main(["train", base, task[0], str(out), "--config", str(settings), "--resume", "--learning-rate", "0.05"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert "--learning-rate was 0.001, now 0.05" in err.strip().splitlines()[-1] and "--overwrite" in err
+    other_base = str(_tiny_base(tmp_path / "other-base", seed=3))
+    with pytest.raises(ConfigError, match=r"the base model was .*/m \(sha256 .*\), now .*other-base") as refused:
+        train(other_base, task[0], out, config, resume=True)
+    assert "learning-rate" not in str(refused.value)  # only what differs is named
+    with pytest.raises(ConfigError, match=r"the training rows were those of .*train.jsonl.*now of .*heldout.jsonl"):
+        train(base, task[1], out, config, resume=True)
+    with pytest.raises(ConfigError, match=r"--max-steps was 4, now 6; scale \(a --config setting\) was 50.0, now 20"):
+        train(base, task[0], out, dataclasses.replace(config, max_steps=6, scale=20.0), resume=True)
+    assert sorted(p.relative_to(tmp_path) for p in checkpoints.rglob("*")) == kept  # nothing touched
+
+    result = train(base, task[0], out, config, resume=True)
+    assert result.steps == 4 and result.resumed_from == str(checkpoints / "checkpoint-2")

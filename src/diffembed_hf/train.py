@@ -7,13 +7,16 @@ CPU the length, checkpointing, precision and threads left to "auto" are chosen t
 the log says what was chosen and why. The output folder only ever holds a
 finished model: checkpoints live beside it (`.<name>.checkpoints`, for `resume=True`) and are removed on success.
 A checkpoint counts as complete only once the trainer has finished writing it (a marker file is written last), so
-a run killed in the middle of a save resumes from the checkpoint before.
+a run killed in the middle of a save resumes from the checkpoint before. The checkpoints folder also records what
+the run is (base model identity, training rows digest, every setting): a resume that differs is refused, naming
+the difference, so that the finished model's record describes the run that happened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -29,7 +32,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from transformers import TrainerCallback
 
 from . import register_auto_classes
-from .checkpoint import TRAINING_RECORD, base_reference
+from .checkpoint import TRAINING_RECORD, base_reference, model_identity, read_json
 from .corpus.distributed import current
 from .data import ColumnMapping, load_training_data
 from .encoding import backbone, check_max_seq_length, load_encoder, set_backbone
@@ -62,6 +65,7 @@ register_auto_classes()
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINING_METADATA = TRAINING_RECORD  # the name earlier releases exported from here
 CHECKPOINT_COMPLETE = "diffembed_checkpoint_complete"  # written into a checkpoint folder once it is whole
+RUN_RECORD = "diffembed_run.json"  # in the checkpoints folder: what the run is, for --resume to compare
 # the learning-rate schedules after warm-up, by transformers' names (constant: "constant_with_warmup")
 LR_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -500,10 +504,17 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
     check_max_seq_length(config.saved_max_seq_length, limit, option="--saved-max-seq-length")
     config.resolve_dims(backbone(model).config.hidden_size)
     config, settings_record = _resolve_settings(config, model, data_split, limit)
+    record = _run_record(model_name_or_path, model, [data] + ([eval_data] if eval_data else []), data_split, config,
+                         world)
+    if resume_from is not None:
+        _check_resume(checkpoints, record)
     model.max_seq_length = config.max_seq_length
     before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     trainer = build_trainer(model, data_split.train, config, checkpoints, callbacks=callbacks)
     try:
+        if resume_from is None and current().is_main:  # a new run: what --resume will compare
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            write_json(checkpoints / RUN_RECORD, record)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except FloatingPointError as err:  # from the loss check above, or the model's own non-finite check
         _remove_if_no_complete_checkpoint(checkpoints)
@@ -561,6 +572,81 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
     logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
     return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None,
                           rows)
+
+
+# The CLI option that sets each setting, for messages; the others are set in a --config file only.
+SETTING_OPTIONS = {
+    "max_steps": "--max-steps", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
+    "max_seq_length": "--max-seq-length", "saved_max_seq_length": "--saved-max-seq-length",
+    "warmup_steps": "--warmup-steps", "warmup_ratio": "--warmup-ratio",
+    "gradient_checkpointing": "--[no-]gradient-checkpointing", "bf16": "--[no-]bf16",
+    "gradcache_mini_batch_size": "--gradcache", "matryoshka_dims": "--matryoshka-dims",
+    "truncate_dim": "--truncate-dim", "lora": "--full", "adapter_only": "--adapter-only",
+    "group_by_instruction": "--group-by-instruction", "eval_fraction": "--eval-fraction",
+}
+
+
+def _rows_digest(data_split) -> str:
+    """sha256 of the rows training and held-out evaluation read (after column mapping, prompts and the split):
+    the same rows from a moved or renamed file give the same digest."""
+    digest = hashlib.sha256()
+    for part, data in (("train", data_split.train), ("eval", data_split.eval)):
+        groups = sorted(data.items()) if isinstance(data, dict) else [("", data)] if data is not None else []
+        for name, dataset in groups:
+            digest.update(f"{part}\x00{name}\x00{len(dataset)}\x00".encode("utf-8"))
+            for column in dataset.column_names:
+                digest.update(column.encode("utf-8") + b"\x00")
+                for value in dataset[column]:
+                    data_bytes = str(value).encode("utf-8")
+                    digest.update(len(data_bytes).to_bytes(8, "little") + data_bytes)
+    return digest.hexdigest()
+
+
+def _run_record(model_name_or_path: str, model: SentenceTransformer, sources: list[str], data_split,
+                config: TrainingConfig, world: int) -> dict:
+    """What the run is: the base's identity, the rows' digest, every setting (as resolved) and the devices."""
+    identity = model_identity(model_name_or_path, getattr(backbone(model).config, "_commit_hash", None))
+    return {"base_model": {**identity.as_dict(), "key": identity.key},
+            "data": {"sources": sources, "sha256": _rows_digest(data_split)},
+            "settings": json.loads(json.dumps(dataclasses.asdict(config))), "devices": world}
+
+
+def _check_resume(checkpoints: Path, record: dict) -> None:
+    """Refuse to resume the checkpoints of another run (another base, other rows, any other setting): the
+    trainer would restore the checkpoint's optimizer and schedule, or merge its adapter into another base, and the
+    finished model's record would describe a run that did not happen. Names every difference."""
+    path = checkpoints / RUN_RECORD
+    if not path.is_file():
+        logger.warning("--resume: %s has no record of its run (made by an earlier version), so nothing checks that "
+                       "this run's base, data and settings are the interrupted run's; they must be.", checkpoints)
+        return
+    before = read_json(path, TrainingError)
+    differences = []
+    then, now = before.get("base_model") or {}, record["base_model"]
+    if then.get("key") != now["key"]:
+        differences.append(f"the base model was {_describe_base(then)}, now {_describe_base(now)}")
+    then, now = before.get("data") or {}, record["data"]
+    if then.get("sha256") != now["sha256"]:
+        differences.append(f"the training rows were those of {', '.join(then.get('sources') or ['?'])} (sha256 "
+                           f"{str(then.get('sha256'))[:12]}), now of {', '.join(now['sources'])} (sha256 "
+                           f"{now['sha256'][:12]})")
+    then, now = before.get("settings") or {}, record["settings"]
+    for name in [*now, *(k for k in then if k not in now)]:
+        if then.get(name) != now.get(name):
+            option = SETTING_OPTIONS.get(name, f"{name} (a --config setting)")
+            differences.append(f"{option} was {then.get(name)!r}, now {now.get(name)!r}")
+    if before.get("devices") != record["devices"]:
+        differences.append(f"the run had {before.get('devices')} device(s), now {record['devices']}")
+    if differences:
+        raise ConfigError(f"--resume: the checkpoints in {checkpoints} are of another run: {'; '.join(differences)}. "
+                          "Resume with that run's base, data and settings, or start again without --resume and with "
+                          "--overwrite (which deletes them)")
+
+
+def _describe_base(identity: dict) -> str:
+    if identity.get("model_sha256"):
+        return f"{identity.get('model')} (sha256 {identity['model_sha256'][:12]})"
+    return f"{identity.get('model')} at {identity.get('revision') or 'an unknown revision'}"
 
 
 def _remove_if_no_complete_checkpoint(checkpoints: Path) -> None:
