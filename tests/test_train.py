@@ -386,3 +386,46 @@ def test_a_resume_must_be_the_interrupted_run(base, task, tmp_path, capsys):
 
     result = train(base, task[0], out, config, resume=True)
     assert result.steps == 4 and result.resumed_from == str(checkpoints / "checkpoint-2")
+
+
+def test_every_step_trains_and_warm_up_warnings_say_what_happens(base, task, tmp_path, caplog):
+    """`--max-steps 1` trained nothing: its automatic warm-up of 1 step ran the only step at learning rate 0
+    (transformers' warm-up starts at 0), under a warning that the rate "reaches 0.0001 at step 1". Warm-up now
+    covers the whole run only when asked (--warmup-steps), every step trains (rate > 0), and the warning states
+    what will happen, advising only the option the user gave."""
+    from safetensors.torch import load_file
+
+    from diffembed_hf.train import resolve_warmup
+
+    quick = dict(FAST, warmup_steps=None, logging_steps=1)
+    with caplog.at_level("WARNING", logger="diffembed_hf.train"):
+        one = train(base, task[0], tmp_path / "one",
+                    TrainingConfig(max_steps=1, lora=False, eval_fraction=0.0, **quick))
+    ran = json.loads((one.output_dir / TRAINING_METADATA).read_text())["training"]
+    assert ran["warmup_steps"] == 0 and [e["learning_rate"] for e in ran["losses"]] == [pytest.approx(1e-3)]
+    before, after = load_file(f"{base}/model.safetensors"), load_file(one.output_dir / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # the step trained
+    assert "Warm-up" not in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffembed_hf.train"):
+        long = train(base, task[0], tmp_path / "long", TrainingConfig(
+            max_steps=4, lora=False, eval_fraction=0.0, **dict(quick, warmup_steps=10**9)))
+    rates = [e["learning_rate"] for e in json.loads((long.output_dir / TRAINING_METADATA).read_text())[
+        "training"]["losses"]]
+    assert len(rates) == 4 and 0 < rates[0] < rates[1] < rates[2] < rates[3] < 1e-3  # asked: all warm-up, all train
+    assert ("Warm-up (--warmup-steps 1000000000) is longer than the run's 4 steps: every step trains below the "
+            "learning rate 0.001" in caplog.text and "never reaches it; give --warmup-steps below 4" in caplog.text)
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffembed_hf.train"):
+        assert resolve_warmup(TrainingConfig(max_steps=2, warmup_ratio=0.9)) == 1  # a ratio < 1 is never the run
+        assert resolve_warmup(TrainingConfig(max_steps=10, warmup_ratio=0.7)) == 7
+    assert "Warm-up takes 7 of the 10 steps (--warmup-ratio 0.7)" in caplog.text
+    assert "lower --warmup-ratio" in caplog.text
+    assert "--warmup-steps" not in caplog.text  # only the option the user gave is advised
+    from diffembed_hf.train import lr_factor
+
+    for schedule in ("linear", "cosine", "constant"):  # every step of a run, warm-up or not, trains
+        for warmup, total in ((0, 1), (1, 1), (3, 10), (100, 1000), (10, 4)):
+            assert all(lr_factor(s, warmup=warmup, total=total, schedule=schedule) > 0 for s in range(total))

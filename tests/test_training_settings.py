@@ -51,7 +51,8 @@ def test_a_short_run_reaches_its_learning_rate(short_run):
     assert ran["warmup_steps"] == 1  # the recipe's 100, capped at a tenth of 8 steps
     assert ran["peak_learning_rate"] == pytest.approx(QUICK["learning_rate"])
     rates = [entry["learning_rate"] for entry in ran["losses"]]  # the rate each step trained at
-    assert rates[0] == 0 and rates[1] == pytest.approx(QUICK["learning_rate"])  # main: 1e-5 at step 2 of 8
+    # every step trains: warm-up step 1 of 1 at half the rate (transformers' warm-up ran it at 0), then the rate
+    assert rates[0] == pytest.approx(QUICK["learning_rate"] / 2) and rates[1] == pytest.approx(QUICK["learning_rate"])
     assert rates[1:] == sorted(rates[1:], reverse=True)  # then the linear decay
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -200,19 +201,45 @@ WARMUP_CAP = 0.1  # automatic warm-up: at most this share of the run
 
 def resolve_warmup(config: TrainingConfig) -> int:
     """Warm-up steps: --warmup-ratio of the run, --warmup-steps as given, else the recipe's 100 capped at a tenth
-    of the run (8 steps warm up for 1, so that a short run trains at its learning rate). Warns when warm-up covers
-    most of the run, where the learning rate stays far below the one asked for."""
+    of the run. Only --warmup-steps may cover the whole run: automatic and ratio warm-ups end before the last step,
+    so that the run trains at its learning rate (a 1-step run has none). Warns, saying what will happen, when
+    warm-up covers most of the run (`lr_factor`: warm-up step k of W trains at k/(W+1) of the rate)."""
+    total, rate = config.max_steps, config.learning_rate
     if config.warmup_ratio is not None:
-        steps = math.ceil(config.warmup_ratio * config.max_steps)
+        steps = min(math.ceil(config.warmup_ratio * total), total - 1)
+        option, given = "--warmup-ratio", f"--warmup-ratio {config.warmup_ratio:g}"
     elif config.warmup_steps is not None:
-        steps = config.warmup_steps
+        steps, option = config.warmup_steps, "--warmup-steps"
+        given = f"--warmup-steps {steps}"
     else:
-        steps = min(RECIPE_WARMUP_STEPS, math.ceil(WARMUP_CAP * config.max_steps))
-    if steps > config.max_steps / 2:  # most of the run
-        logger.warning("Warm-up takes %d of the %d steps: the learning rate reaches %g only at step %d, and most of "
-                       "the run trains below it; lower --warmup-steps or use --warmup-ratio.", steps, config.max_steps,
-                       config.learning_rate, min(steps, config.max_steps))
+        steps = min(RECIPE_WARMUP_STEPS, math.ceil(WARMUP_CAP * total), total - 1)
+        option, given = "--warmup-steps", "automatic"
+    if steps >= total:
+        logger.warning("Warm-up (%s) is longer than the run's %d steps: every step trains below the learning rate "
+                       "%g, from %.3g at step 1 to %.3g at step %d, and never reaches it; give --warmup-steps below "
+                       "%d for the run to reach it.", given, total, rate, rate / (steps + 1),
+                       rate * total / (steps + 1), total, total)
+    elif steps > total / 2:  # most of the run
+        logger.warning("Warm-up takes %d of the %d steps (%s): the learning rate rises from %.3g at step 1 and "
+                       "reaches %g only at step %d%s; lower %s for more of the run at that rate.", steps, total,
+                       given, rate / (steps + 1), rate, steps + 1, ", the last" if steps + 1 == total else "",
+                       option)
     return steps
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """The share of the learning rate that optimizer step `step` (0-based) trains at. transformers' warm-up gives
+    step/warmup, so its first step trains at 0 (a 1-step run with 1 warm-up step learns nothing); here warm-up step
+    k (1-based) trains at k/(warmup+1), and the full rate comes at step warmup+1, as in transformers. After
+    warm-up: transformers' linear decay (to 1/(total-warmup) at the last step, never 0), cosine, or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
 
 
 def resolve_logging_steps(config: TrainingConfig) -> int:
@@ -277,7 +304,20 @@ def _add_lora(model: SentenceTransformer, config: TrainingConfig) -> None:
 class _Trainer(SentenceTransformerTrainer):
     """Resumes LoRA runs: a checkpoint then holds only the adapter, which sentence-transformers cannot reload
     as a model, so the adapter weights are put back into the model in training directly; collects no model card
-    data (the card is ours)."""
+    data (the card is ours); schedules the learning rate with `lr_factor`, so that every step trains."""
+
+    def __init__(self, *args, lr_schedule: str = "linear", **kwargs):
+        self.lr_schedule = lr_schedule  # a key of LR_SCHEDULERS
+        super().__init__(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """`lr_factor` in place of transformers' schedules, whose warm-up runs the first step at rate 0."""
+        if self.lr_scheduler is None:
+            factor = functools.partial(lr_factor, warmup=self.args.get_warmup_steps(num_training_steps),
+                                       total=num_training_steps, schedule=self.lr_schedule)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+            self._created_lr_scheduler = True  # transformers resets it between calls to train() by this flag
+        return self.lr_scheduler
 
     def add_model_card_callback(self, default_args_dict) -> None:
         """None: `train` writes its own model card (model_card.py). sentence-transformers' card data would
@@ -430,7 +470,7 @@ def build_trainer(model: SentenceTransformer, train_dataset, config: TrainingCon
     if not hasattr(args, "save_safetensors"):  # transformers 5 removed it; sentence-transformers 5.2 saves with it
         args.save_safetensors = True
     trainer = _Trainer(model=model, args=args, train_dataset=train_dataset, loss=loss,
-                       callbacks=[_MarkCompleteCheckpoints(), *(callbacks or [])])
+                       callbacks=[_MarkCompleteCheckpoints(), *(callbacks or [])], lr_schedule=config.lr_scheduler)
     _stop_on_non_finite_loss(loss, trainer)
     return trainer
 

@@ -26,7 +26,7 @@ def add_parser(commands) -> None:
     tr.add_argument("--saved-max-seq-length", type=positive_int, help="the saved model's max_seq_length (default: "
                     "the base model's)")
     tr.add_argument("--warmup-steps", type=non_negative_int, help="learning-rate warm-up steps (default: the "
-                    "recipe's 100, at most a tenth of --max-steps, or --config's)")
+                    "recipe's 100, at most a tenth of --max-steps and ending before its last step, or --config's)")
     tr.add_argument("--warmup-ratio", type=fraction, help="warm-up as a share of --max-steps, instead of "
                     "--warmup-steps (default: none)")
     tr.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
