@@ -429,3 +429,85 @@ def test_every_step_trains_and_warm_up_warnings_say_what_happens(base, task, tmp
     for schedule in ("linear", "cosine", "constant"):  # every step of a run, warm-up or not, trains
         for warmup, total in ((0, 1), (1, 1), (3, 10), (100, 1000), (10, 4)):
             assert all(lr_factor(s, warmup=warmup, total=total, schedule=schedule) > 0 for s in range(total))
+
+
+def test_a_warm_up_flag_overrides_the_config_files_warm_up(tmp_path):
+    """`--config` with a warmup_ratio and `--warmup-steps` on the command line: the flag wins (it failed as
+    "give one, not both"); both forms given as flags are still refused."""
+    from diffembed_hf.errors import ConfigError
+
+    path = tmp_path / "settings.json"
+    path.write_text('{"max_steps": 40, "warmup_ratio": 0.5}')
+    config = TrainingConfig.from_file(path, warmup_steps=3)
+    assert (config.warmup_steps, config.warmup_ratio, config.max_steps) == (3, None, 40)
+    path.write_text('{"max_steps": 40, "warmup_steps": 30}')
+    config = TrainingConfig.from_file(path, warmup_ratio=0.25)
+    assert (config.warmup_steps, config.warmup_ratio) == (None, 0.25)
+    assert TrainingConfig.from_file(path).warmup_steps == 30  # no flag: the file's
+    with pytest.raises(ConfigError, match="--warmup-steps or --warmup-ratio, not both"):
+        TrainingConfig.from_file(path, warmup_steps=3, warmup_ratio=0.1)
+
+
+def test_adapter_only_refuses_truncate_dim_which_encoding_an_adapter_honours(base, task, tmp_path, capsys):
+    """`--adapter-only --truncate-dim` was silently ignored (an adapter has no sentence-transformers files): it is
+    refused in one line, and the truncate_dim that message points to, given when encoding an adapter, is honoured
+    (load_encoder dropped it for adapter folders)."""
+    from peft import LoraConfig, get_peft_model
+
+    from diffembed_hf.cli import main
+    from diffembed_hf.encoding import backbone, encode, load_encoder
+
+    capsys.readouterr()
+    status = main(["train", base, task[0], str(tmp_path / "out"), "--adapter-only", "--truncate-dim", "16",
+                   "--max-steps", "1", "--eval-fraction", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert "--truncate-dim" in err[0] and "--adapter-only" in err[0]
+    assert not (tmp_path / "out").exists()
+
+    model = load_encoder(base, device="cpu")
+    adapter = tmp_path / "adapter"
+    get_peft_model(backbone(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(adapter)
+    model.tokenizer.save_pretrained(adapter)
+    texts = ["alpha beta gamma", "some other words here"]
+    full = encode(load_encoder(str(adapter), device="cpu"), texts)
+    cut = encode(load_encoder(str(adapter), device="cpu", truncate_dim=16), texts)
+    assert full.shape == (2, 64) and cut.shape == (2, 16)
+    np.testing.assert_allclose(cut, full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True), atol=1e-5)
+
+
+def test_a_matryoshka_models_default_evaluation_goes_on_its_card(tmp_path):
+    """A model trained with --truncate-dim stores it, so `diffembed evaluate MODEL --output MODEL/eval` scores its
+    default (truncated) vectors; the card refused those as "compact vectors (--truncate-dim / --precision)",
+    options the user never gave. They are the model's own vectors and go on the card; results of other vectors
+    are left off with a message naming only the options that made them."""
+    from diffembed_hf.checkpoint import model_identity
+    from diffembed_hf.evaluation.card import card_results
+    from diffembed_hf.errors import EvaluationError
+    from diffembed_hf.publish import build_model_card
+
+    folder = _tiny_base(tmp_path / "model", seed=0)
+    stored = json.loads((folder / "config_sentence_transformers.json").read_text())
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({**stored, "truncate_dim": 32}))
+    identity = model_identity(folder)
+
+    def results(compact):
+        out = tmp_path / f"eval-{compact['truncate_dim']}-{compact['precision']}"
+        settings = {"max_seq_length": 64, "query_prompt": "q", "document_prompt": "",
+                    "compact": {**compact, "rescore": None, "calibration": None, "calibration_rows": 10000}}
+        out.mkdir()
+        (out / "summary.json").write_text(json.dumps({
+            "format": "diffembed-evaluate-summary", "version": 2, "model": {**identity.as_dict(), "key": identity.key},
+            "results": [{"task": "SciFact", "settings": settings, "settings_key": "0", "mteb_version": "2.26.24",
+                         "type": "Retrieval", "dataset": "mteb/scifact", "splits": ["test"], "subsets": ["default"],
+                         "scores": {"main_score": 0.4321, "metric": "ndcg_at_10", "ndcg_at_10": 0.4321}}]}))
+        return out
+
+    default = results({"truncate_dim": 32, "precision": "float32"})  # what evaluate writes with no option
+    card = build_model_card(folder, "me/matryoshka", evaluation=default)
+    assert "| SciFact | ndcg_at_10 | 43.21 |" in card.text and "first 32 dimensions" in card.text
+    binary = results({"truncate_dim": 32, "precision": "binary"})  # evaluate --precision binary
+    with pytest.raises(EvaluationError, match=r"only results of compact vectors \(32 dims, binary\), not of the "
+                                              r"model's own \(its first 32 dimensions, float32\); evaluate it "
+                                              r"without --precision for the card$"):
+        card_results(binary, folder, strict=True)

@@ -122,7 +122,7 @@ def load_encoder(
     folder = local_folder(model_name_or_path)
     if folder is not None and folder_kind(folder, UsageError) == "adapter":
         return _load_adapter(folder, device=device, dtype=dtype, max_seq_length=max_seq_length, quantize=quantize,
-                             trust_remote_code=trust_remote_code, **kwargs)
+                             trust_remote_code=trust_remote_code, truncate_dim=truncate_dim, **kwargs)
     if folder is not None:
         config = check_model_folder(folder, trust_remote_code=trust_remote_code)
         check_max_seq_length(max_seq_length, config.get("max_position_embeddings"))

@@ -153,6 +153,10 @@ class TrainingConfig:
         truncate = self.truncate_dim
         if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1):
             raise ConfigError(f"--truncate-dim must be an integer >= 1, got {truncate!r}")
+        if truncate is not None and self.adapter_only:  # it would be silently dropped
+            raise ConfigError("--truncate-dim is stored in a full model's sentence-transformers files, which "
+                              "--adapter-only does not write: drop --adapter-only, or give --truncate-dim when "
+                              "encoding with the adapter")
 
     def resolve_dims(self, width: int) -> None:
         """Check the dimensions against the model's width (and pick them for "auto"), before any training."""
@@ -167,7 +171,8 @@ class TrainingConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainingConfig:
-        """Read a JSON file of field values; unknown keys are an error, not silently ignored."""
+        """Read a JSON file of field values; unknown keys are an error, not silently ignored. `overrides` (the
+        command line's flags) win over the file; a warm-up given either way replaces the file's other form."""
         try:
             values = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
@@ -180,6 +185,9 @@ class TrainingConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown training settings {unknown}; known: {sorted(known)}")
+        warmup = {"warmup_steps", "warmup_ratio"}
+        if warmup & set(overrides):  # a warm-up flag replaces the file's warm-up, in whichever form it is given
+            values = {name: value for name, value in values.items() if name not in warmup}
         return cls(**{**values, **overrides})
 
 

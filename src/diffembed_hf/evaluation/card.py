@@ -15,10 +15,11 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult
 
-from ..checkpoint import is_hub_id, model_identity
+from ..checkpoint import is_hub_id, model_identity, read_json_or_empty
 from ..errors import EvaluationError
 from .suites import STUDY, STUDY_URL
-from .summary import Summary, describe_model, identity_record, read_summary, results_table, same_model, settings_labels
+from .summary import (Summary, compact_label, describe_model, identity_record, read_summary, results_table, same_model,
+                      settings_labels)
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +114,43 @@ def card_results(results_folder: str | Path, model_folder: str | Path, *, strict
                                   "DIR) and give those results")
         logger.warning("%s: left off the card of %s", problem, model_folder)
         return None
-    # a card states what the model's vectors score; those of truncated or quantized copies are in summary.json
-    results = [r for r in summary.results if not r["settings"].get("compact")]
+    # a card states what the model's vectors score: its float vectors at the dimension it stores as its default
+    # (`diffembed evaluate` uses it unless told otherwise); those of other truncations or precisions are in
+    # summary.json
+    default_dim = stored_truncate_dim(Path(model_folder))
+    results = [r for r in summary.results if _default_vectors(r["settings"].get("compact"), default_dim)]
     if not results:
-        problem = f"{results_folder} holds only results of compact vectors (--truncate-dim / --precision)"
+        compact = [r["settings"]["compact"] for r in summary.results]
+        options = [option for option, made in (
+            ("--truncate-dim", any(c.get("truncate_dim") != default_dim for c in compact)),
+            ("--precision", any(c.get("precision", "float32") != "float32" for c in compact)),
+            ("--rescore", any(c.get("rescore") for c in compact))) if made]
+        own = f"its first {default_dim} dimensions" if default_dim else "its full vectors"
+        labels = ", ".join(sorted({compact_label(c) for c in compact}))
+        problem = (f"{results_folder} holds only results of compact vectors ({labels}), not of the model's own "
+                   f"({own}, float32)")
         if strict:
-            raise EvaluationError(f"{problem}, not the model's own; evaluate it without them for the card")
+            raise EvaluationError(f"{problem}; evaluate it without {' / '.join(options)} for the card")
         logger.warning("%s: left off the card of %s", problem, model_folder)
         return None
-    return CardResults(results_lines(results), eval_results(results))
+    lines = results_lines(results)
+    if default_dim:
+        lines[2:2] = [f"Scores of the model's default vectors: their first {default_dim} dimensions (the "
+                      "`truncate_dim` it stores), renormalised.", ""]
+    return CardResults(lines, eval_results(results))
+
+
+def stored_truncate_dim(folder: Path) -> int | None:
+    """The `truncate_dim` a model folder stores (config_sentence_transformers.json): its vectors' default
+    dimension, which sentence-transformers and `diffembed evaluate` use unless told otherwise."""
+    stored = read_json_or_empty(folder / "config_sentence_transformers.json", EvaluationError)
+    value = stored.get("truncate_dim") if isinstance(stored, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _default_vectors(compact: dict | None, default_dim: int | None) -> bool:
+    """Whether a result's vectors are the model's own: float32, uncut or cut to its stored default dimension."""
+    if not compact:
+        return True
+    return (compact.get("truncate_dim") == default_dim and compact.get("precision", "float32") == "float32"
+            and not compact.get("rescore") and not compact.get("calibration"))
