@@ -284,7 +284,7 @@ def test_resume_after_kill_matches_uninterrupted_run(base, tmp_path, lora):
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-6000:]
     checkpoints = tmp_path / ".resumed.checkpoints"
     assert not Path(resumed["out"]).exists()  # no half-written model in the output folder
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3", "diffembed_run.json"]  # + the run record
     # A LoRA checkpoint holds only the adapter (reloaded by train._Trainer._load_from_checkpoint), a full one the model.
     saved = {p.name for p in (checkpoints / "checkpoint-3").iterdir()}
     assert ("adapter_model.safetensors" in saved, "model.safetensors" in saved) == (lora, not lora), saved
