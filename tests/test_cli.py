@@ -128,11 +128,12 @@ BAD_NUMBERS = {  # option -> (bad values, the accepted range as the message stat
     "--warmup-ratio": (["1", "-0.1"], "[0, 1)"),
     "--rescore": (["0", "-10"], "integer >= 1"),
     "--calibration-rows": (["0", "-1"], "integer >= 1"),
+    "--lora-layers": (["0", "-2", "x"], "integer >= 1"),
 }
 COMMANDS = {  # each subcommand's numeric options, and a command line that would otherwise write OUT
     "demo": (["--max-steps", "--max-heldout"], lambda m, d, o: ["demo", "--output", str(o)]),
     "train": (["--max-steps", "--batch-size", "--max-seq-length", "--gradcache", "--learning-rate", "--eval-fraction",
-               "--truncate-dim", "--saved-max-seq-length", "--warmup-steps", "--warmup-ratio"],
+               "--truncate-dim", "--saved-max-seq-length", "--warmup-steps", "--warmup-ratio", "--lora-layers"],
               lambda m, d, o: ["train", str(m), str(d), str(o)]),
     "encode": (["--max-seq-length", "--shard-size", "--max-tokens-per-batch", "--truncate-dim",
                 "--calibration-rows"], lambda m, d, o: ["encode", str(m), "-i", str(d), "-o", str(o)]),

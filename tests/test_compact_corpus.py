@@ -141,7 +141,8 @@ def test_refusals_before_any_shard(folder, source, tmp_path, capsys):
     assert "12 is not a multiple of 8" in capsys.readouterr().err
     other = build_folder(tmp_path / "other")
     (other / "config.json").write_text((other / "config.json").read_text().replace("}", " }", 1))  # other files
-    ranges = compact.calibrate(np.random.default_rng(0).standard_normal((20, 64)),
+    sample = np.random.default_rng(0).standard_normal((20, 64))  # unit vectors, as a model's embeddings are
+    ranges = compact.calibrate(sample / np.linalg.norm(sample, axis=1, keepdims=True),
                                {"model": str(other), "revision": None, "model_sha256": "0" * 64})
     compact.save_calibration(ranges, tmp_path / "other.json")
     capsys.readouterr()

@@ -258,10 +258,12 @@ def test_supported_head_sizes_pass(tmp_path):
 
 
 def test_lora_adapter_folder_is_named(tmp_path):
+    """An adapter is exported merged into its base (test_trust); one whose base is not here is named."""
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
-    with pytest.raises(ExportError, match="a LoRA adapter: merge it into its base model first"):
+    with pytest.raises(ExportError, match="is a LoRA adapter whose base None is not a DiffEmbed folder here"):
         export_vllm(tmp_path / "adapter", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
 def test_existing_output_is_kept_unless_overwrite(exported, tmp_path):

@@ -254,7 +254,7 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
 def _merged_adapter(adapter: Path, out: Path) -> Iterator[Path]:
     """A LoRA adapter folder merged into its base (a local DiffEmbed folder or a cached Hub id), in a hidden folder
     beside `out` (same file system: the export hard-links its weights), removed afterwards."""
-    from .publish.upload import local_base_path, merge_adapter
+    from .publish.upload import local_base_path, merge_adapter_files
 
     check_folder(adapter)
     base = read_json(adapter / "adapter_config.json", ExportError).get("base_model_name_or_path")
@@ -268,7 +268,7 @@ def _merged_adapter(adapter: Path, out: Path) -> Iterator[Path]:
     merged = temporary_sibling(out, "merge")
     merged.mkdir()
     try:
-        merge_adapter(adapter, base_path, merged)
+        merge_adapter_files(adapter, base_path, merged)
         yield merged
     finally:
         shutil.rmtree(merged, ignore_errors=True)

@@ -132,7 +132,7 @@ class PushPlan:
         self.cleanup()
 
 
-def merge_adapter(adapter_folder: Path, base_path: Path, output: Path) -> None:
+def merge_adapter_files(adapter_folder: Path, base_path: Path, output: Path) -> None:
     """Merge a LoRA adapter into its base (PEFT's merge_and_unload) and save a standalone DiffEmbed folder:
     the base folder's tokenizer and sentence-transformers files, then the adapter folder's own, then the model.
     What `push --merge` pushes and `export vllm` exports for an adapter."""
@@ -214,7 +214,7 @@ def prepare_push(
                     raise PublishError(f"Cannot merge: the adapter's base {base_path} is not a DiffEmbed model")
                 source = Path(tmp.name) / "merged"
                 source.mkdir()
-                merge_adapter(folder, base_path, source)
+                merge_adapter_files(folder, base_path, source)
                 kind, base_path = "model", None
                 notes.append(f"merged: the adapter was merged into {adapter['base_model_name_or_path']}")
             else:
