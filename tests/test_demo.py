@@ -71,7 +71,9 @@ def test_demo_from_a_gguf_base(tmp_path, capsys):
     assert "Base model: " in out and "fine-tuning: 2 steps" in out and "20 docstring summaries" in out
     assert "96 problems of concepts no training row mentions" in out  # the reasoning task's held-out set
     assert sum(line.split()[0] in ("untrained", "fine-tuned", "BM25") for line in out.splitlines() if line.split()) == 6
-    assert record["datasets"][0].endswith("reasoning_data/train.jsonl")  # trained on the reasoning rows
+    rows = (folder / "data" / "train.jsonl").read_text().splitlines()  # trained on the reasoning rows
+    assert record["datasets"][0] == str(folder / "data" / "train.jsonl") and len(rows) == 835
+    assert json.loads(rows[0])["instruction"].startswith("Given a problem, retrieve the relevant theorems")
 
 
 def test_demo_base_must_exist(tmp_path, capsys):
