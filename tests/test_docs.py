@@ -86,7 +86,8 @@ def test_ci_runs_the_readme_test_command_and_getting_started_repeats_both_comman
     assert printed == command + "\n"  # what .ci/run executes
     assert "tests/docs_blocks.py test-command README.md" in (ROOT / ".ci" / "run").read_text()
     for marker in ("test-command", "main-command"):
-        assert the_block(ROOT / "docs" / "getting-started.md", marker).code == the_block(ROOT / "README.md", marker).code
+        in_docs = the_block(ROOT / "docs" / "getting-started.md", marker).code
+        assert in_docs == the_block(ROOT / "README.md", marker).code, marker
 
 
 def _hook():

@@ -70,4 +70,5 @@ def test_importing_the_package_and_the_parser_stays_light():
     assert out.strip() == "[]"
     # control: asking for an entry point does load its dependencies, so the check above can fail
     code = "import sys; from diffembed_hf import load_encoder; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"

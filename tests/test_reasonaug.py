@@ -431,8 +431,8 @@ def test_unusable_answers_are_asked_again_with_a_new_seed_then_dropped(concepts,
 
 def test_each_file_holds_what_the_readme_says_of_unusable_and_dropped_answers(concepts, tmp_path):
     """dropped.jsonl: what never made it; an answer asked again and then answered only counted in run.json, its
-    text in journal.jsonl. The README's description of the OUT files says exactly that."""
-    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    text in journal.jsonl. The ReasonAug guide's description of the OUT files says exactly that."""
+    readme = " ".join((ROOT / "docs" / "guides" / "reasonaug.md").read_text(encoding="utf-8").split())
     assert "`dropped.jsonl` (every unusable answer" not in readme
     for claim in ("`dropped.jsonl` holds one line (`stage, domain, concept, index, reason, answer`) per definition, "
                   "problem or check that never made it", "An unusable answer that was asked again and then answered "
