@@ -86,8 +86,8 @@ def cli_reference_markdown() -> str:
         "",
         "Generated from the `diffembed` argument parsers when the site is built (`docs/hooks/generated_pages.py`);",
         "`diffembed COMMAND --help` prints the same options. `python -m diffembed_hf` is the same command (use it",
-        "under `torchrun`). How errors, exit statuses, locks and outputs behave for every command is in",
-        "[Design: resumable outputs](../design/resumable-outputs.md) and [Design: trust rules](../design/trust.md).",
+        "under `torchrun`). What holds for every command (errors and exit statuses, locks, outputs, trust) is on",
+        "[Command-line behaviour](cli-behaviour.md).",
         "",
     ]
     return "\n".join(header + _parser_section(build_parser(), "diffembed", "", 2)) + "\n"
