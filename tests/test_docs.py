@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,19 @@ def test_cli_reference_lists_every_command_option_and_default():
             if (action.option_strings and isinstance(default, (int, float, str)) and not isinstance(default, bool)
                     and default is not argparse.SUPPRESS):
                 assert f"`{default}`" in page, (parser.prog, action.option_strings, default)
+
+
+def test_the_project_cites_only_pages_inside_it():
+    """Code and tests cite docs/ pages that exist, and nothing outside the repository (design notes that a reader
+    of the project alone could not open)."""
+    outside = ("../" + "shared", "shared/" + "design")  # spelt apart, so that this file does not match itself
+    cited = set()
+    for folder in ("src", "modeling", "tests", "benchmarks", "examples", ".ci"):
+        for path in (ROOT / folder).rglob("*"):
+            if not path.is_file() or path.suffix not in (".py", ".md", ".yaml", "") or "__pycache__" in path.parts:
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+            assert not any(name in text for name in outside), path
+            cited |= set(re.findall(r"\bdocs/[\w/.-]+?\.md\b", text))
+    assert "docs/design/evaluation.md" in cited  # control: the search finds the citations there are
+    assert not [page for page in cited if not (ROOT / page).is_file()]
