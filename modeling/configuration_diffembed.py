@@ -17,11 +17,12 @@ class DiffEmbedConfig(PretrainedConfig):
     The backbone fields use the names of transformers' `Qwen2Config`, so a plain Qwen2/Qwen2.5/Dream
     config dict can be passed as keyword arguments (`DiffEmbedConfig(**qwen2_config_dict)`).
 
+    The shape fields (`vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`,
+    `num_attention_heads`, `num_key_value_heads`, `head_dim`, `hidden_act`, `max_position_embeddings`,
+    `rms_norm_eps`, `initializer_range`) mean what they mean in `Qwen2Config`; `pad_token_id`, `bos_token_id` and
+    `eos_token_id` default to Dream's ids (all `<|endoftext|>`, 151643).
+
     Args:
-        vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
-        num_key_value_heads, head_dim, hidden_act, max_position_embeddings, rms_norm_eps,
-        initializer_range: as in `Qwen2Config`.
-        pad_token_id, bos_token_id, eos_token_id: Dream's ids by default (all `<|endoftext|>`, 151643).
         rope_theta (`float`): RoPE base. `rope_parameters` / `rope_scaling` dicts are accepted too; only
             the default (unscaled) RoPE is supported, anything else is refused rather than run wrong.
         attention_bias (`bool`, defaults to `True`): bias on the q/k/v projections (Qwen2 and Dream have one).

@@ -12,7 +12,7 @@ Upstream layout facts reproduced by the tiny sources, and where they come from (
   biases and o_proj none (`DreamAttention` in modeling_dream.py, same copy). The tokenizer is
   `tokenization_dream.DreamTokenizer`: vocab.json + merges.txt (its VOCAB_FILES_NAMES), Qwen2's split regex and
   NFC, eos/pad <|endoftext|> (tokenization_dream.py, same copy); the ids 151643 / 151665 <|beginoftext|> /
-  151666 <|mask|> are the project's docs/ARCHITECTURE.md facts.
+  151666 <|mask|> are the Dream tokenizer facts of docs/reference/compatibility.md.
 * LLaDA (GSAI-ML/LLaDA-8B-Instruct): config.json keys and values as stored in yinj66/support_basis,
   LLaDA-8B-Instruct-B&S-light/config.json (d_model, n_heads, n_kv_heads, n_layers, mlp_hidden_size, mlp_ratio,
   embedding_size, vocab_size, max_sequence_length, rope_theta, rms_norm_eps 1e-05, include_bias,

@@ -1,4 +1,4 @@
-"""The README's main command: a pretrained model (or, with --tiny, the small random one) fine-tuned and evaluated
+"""The README's main command (`diffembed demo`): a pretrained model (or, with --tiny, the small random one) fine-tuned and evaluated
 against BM25 on held-out sets."""
 
 import json

@@ -174,7 +174,7 @@ def test_excluded_ids_are_never_ranked_and_raise_the_score(models, beir, tmp_pat
     assert all(len(ids) == len(dids) for q, ids in task.top_ranked["test"].items() if q != target)
 
 
-# EVALUATION.md: the study's instructions, typo included; STS tasks share one; the rest are mteb's defaults.
+# docs/design/evaluation.md: the study's instructions, typo included; STS tasks share one; the rest are mteb's defaults.
 STUDY = {
     "BrightTheoremQATheoremsRetrieval":
         "Given a problem, retrieve the relevant theorems that help solve the given problem:",

@@ -97,7 +97,7 @@ def test_model_card_lists_every_task_and_passes_huggingface_hub_validation(demo,
     # the model-index survives huggingface_hub's own round trip
     name, again = model_index_to_eval_results(eval_results_to_model_index("diffembed-demo", results))
     assert name == "diffembed-demo" and again == results and all(isinstance(r, EvalResult) for r in again)
-    # the table: ours beside the study's published numbers (EVALUATION.md), every task
+    # the table: ours beside the study's published numbers (docs/design/evaluation.md), every task
     assert "| BrightAopsRetrieval | ndcg_at_10 | 12.34 | 15.40 |" in card.text
     assert "| LEMBPasskeyRetrieval | Acc@1 <=4k | 100.00 | 100.00 |" in card.text
     assert "| LEMBPasskeyRetrieval | Acc@1 >4k | 0.00 | 29.30 |" in card.text

@@ -429,16 +429,16 @@ def test_unusable_answers_are_asked_again_with_a_new_seed_then_dropped(concepts,
     assert [d["reason"] for d in jsonl(tmp_path / "out" / "dropped.jsonl")] == ["refusal"]
 
 
-def test_each_file_holds_what_the_readme_says_of_unusable_and_dropped_answers(concepts, tmp_path):
+def test_each_file_holds_what_the_guide_says_of_unusable_and_dropped_answers(concepts, tmp_path):
     """dropped.jsonl: what never made it; an answer asked again and then answered only counted in run.json, its
-    text in journal.jsonl. The README's description of the OUT files says exactly that."""
-    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
-    assert "`dropped.jsonl` (every unusable answer" not in readme
+    text in journal.jsonl. The ReasonAug guide's description of the OUT files says exactly that."""
+    guide = " ".join((ROOT / "docs" / "guides" / "reasonaug.md").read_text(encoding="utf-8").split())
+    assert "`dropped.jsonl` (every unusable answer" not in guide
     for claim in ("`dropped.jsonl` holds one line (`stage, domain, concept, index, reason, answer`) per definition, "
                   "problem or check that never made it", "An unusable answer that was asked again and then answered "
                   "is not in it: it is counted in `run.json` (`summary.unusable_answers`",
                   "its text stays in `journal.jsonl`, which holds every answer"):
-        assert claim in readme, claim
+        assert claim in guide, claim
     out = tmp_path / "out"
     with ChatServer(responder_for(concepts)) as chat_server:
         chat_server.fail("empty", _is('reference entry for the algorithm "Binary Search"'), times=1)  # then answered

@@ -1,9 +1,15 @@
 """diffembed-hf: diffusion language models (Dream, LLaDA) as text-embedding models for Hugging Face.
 
-Importing the package is light (no torch, no transformers), so that `diffembed --help` is instant. The DiffEmbed
-classes load on first access (`diffembed_hf.DiffEmbedConfig`, ...) and that access registers them with
-`AutoConfig` / `AutoModel` and marks them for `save_pretrained` to copy the remote-code files (`modeling/`) into
-every checkpoint it writes; modules that load models call `register_auto_classes()` themselves.
+Importing the package is light (no torch, no transformers), so that `diffembed --help` is instant. The entry
+points users call (`load_encoder`, `encode`, `convert_checkpoint`, `TrainingConfig`, `encode_corpus`, `evaluate`,
+`push`, `export_vllm`, `generate_reasonaug`, ...) load from their modules on first access, so
+`from diffembed_hf import load_encoder` works without importing the rest. The DiffEmbed classes load the same way
+(`diffembed_hf.DiffEmbedConfig`, ...), and that access registers them with `AutoConfig` / `AutoModel` and marks
+them for `save_pretrained` to copy the remote-code files (`modeling/`) into every checkpoint it writes; modules
+that load models call `register_auto_classes()` themselves.
+
+The training function is `diffembed_hf.train.train`: `diffembed_hf.train` is the module that holds it, and a
+package attribute cannot be both (importing the module binds its name on the package).
 """
 
 from __future__ import annotations
@@ -15,6 +21,22 @@ _MODEL_CLASSES = {
     "DiffEmbedForEmbedding": "modeling_diffembed",
     "DiffEmbedModel": "modeling_diffembed",
     "DiffEmbedPreTrainedModel": "modeling_diffembed",
+}
+# name -> the module (relative to this package) it is defined in
+_ENTRY_POINTS = {
+    "load_encoder": "encoding",
+    "encode": "encoding",
+    "encode_file": "encoding",
+    "save_sentence_transformer": "sentence_transformer",
+    "convert_checkpoint": "convert",
+    "TrainingConfig": "train",
+    "encode_corpus": "corpus",
+    "embed_texts": "corpus",
+    "evaluate": "evaluation",  # its mteb part is imported when it is called
+    "push": "publish",
+    "export_vllm": "export",
+    "generate_reasonaug": "reasonaug",
+    "load_dream_tokenizer": "tokenization",  # the tokenizer builder pulls in tiktoken ranks
 }
 _registered = False
 
@@ -44,18 +66,13 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".modeling.{_MODEL_CLASSES[name]}", __name__), name)
         globals()[name] = value
         return value
-    if name == "load_dream_tokenizer":  # the tokenizer builder pulls in tiktoken ranks
-        from .tokenization import load_dream_tokenizer
+    if name in _ENTRY_POINTS:
+        import importlib
 
-        return load_dream_tokenizer
+        value = getattr(importlib.import_module(f".{_ENTRY_POINTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "DiffEmbedConfig",
-    "DiffEmbedForEmbedding",
-    "DiffEmbedModel",
-    "DiffEmbedPreTrainedModel",
-    "load_dream_tokenizer",
-    "register_auto_classes",
-]
+__all__ = [*_MODEL_CLASSES, *_ENTRY_POINTS, "register_auto_classes"]

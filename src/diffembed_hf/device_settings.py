@@ -5,8 +5,8 @@ works against the user: every text is cut at 4,096 tokens although the data is f
 cost only where there is none: a batch is as long as its longest text), gradient checkpointing recomputes the
 whole forward pass (a third more work) to save memory that a CPU host rarely lacks for a small model, and the
 thread count decides whether two cores are used at all. Two more levers decide how much a CPU minute buys (measured on
-SmolLM2-135M, README "The CPU recipe"): bf16 autocast where AMX multiplies bf16 in hardware, and LoRA on the last
-third of the layers, so that the backward pass stops there. `resolve_device_settings` fills every setting the user
+SmolLM2-135M: docs/benchmarks.md, "The CPU recipe"; the reasons: docs/design/recipe.md): bf16 autocast where AMX
+multiplies bf16 in hardware, and LoRA on the last third of the layers, so that the backward pass stops there. `resolve_device_settings` fills every setting the user
 left to "auto" (None) once, from the device, the model and the training texts, and says what it chose and why.
 Settings the user gave are kept as given.
 """
@@ -27,7 +27,8 @@ LENGTH_QUANTILE = 0.98  # on a CPU, inputs are cut at this quantile of the train
 LENGTH_STEP = 32  # ... rounded up to a multiple of this
 # On a CPU, LoRA trains the last third of the layers unless told otherwise (measured on SmolLM2-135M, 30 layers: a
 # step on the last 10 took 2.7x less time than on all 30; with bf16 autocast it scored 0.612 nDCG@10 on the held-out
-# reasoning set in 10 minutes against 0.580 for every layer in fp32; benchmarks/quality.py, README "The CPU recipe")
+# reasoning set in 10 minutes against 0.580 for every layer in fp32; benchmarks/quality.py, docs/benchmarks.md, "The
+# CPU recipe")
 CPU_LORA_SHARE = 1 / 3
 CPU_LORA_SPEEDUP = "2.7x"
 MEMORY_SHARE = 0.5  # gradient checkpointing goes on where the activations would need more of the free memory

@@ -1,6 +1,6 @@
 """The user's input files, read one way by every command: `diffembed encode` file mode (`read_texts`), corpus mode
 (`corpus.read`) and evaluate's BEIR folders (`evaluation.local`) open, decode, split and check through here, so
-the same file gives the same texts whichever command reads it (README "Input files").
+the same file gives the same texts whichever command reads it (docs/guides/input-files.md).
 
   * Names: `.jsonl`, `.ndjson` and `.jsonlines` are JSON lines, `.csv` is CSV, `.parquet` is parquet, whatever
     the case of the suffix; a `.gz` / `.bz2` / `.xz` ending is decompressed first (not for parquet, which

@@ -241,7 +241,7 @@ def encode_corpus(
     calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
 ) -> CorpusResult:
     """Embed a corpus (a JSON-lines, CSV or parquet file, a folder of them, a Hub dataset id, or a `datasets`
-    dataset; read as README "Input files" says) into `output_dir`: `part-NNNNN.parquet` shards of `shard_size`
+    dataset; read as docs/guides/input-files.md says) into `output_dir`: `part-NNNNN.parquet` shards of `shard_size`
     input rows plus the manifest.
 
     Rerunning resumes (complete shards are verified and kept); other settings are refused unless `overwrite`.

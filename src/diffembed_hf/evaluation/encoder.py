@@ -1,7 +1,7 @@
 """A DiffEmbed model as mteb sees it: an `AbsEncoder` that picks each task's instruction itself.
 
 mteb's automatic SentenceTransformer wrapper never applies the task's default prompt, drops prompt keys for tasks
-outside its registry and puts a bare task prompt on documents too (EVALUATION.md); this wrapper routes the
+outside its registry and puts a bare task prompt on documents too (docs/design/evaluation.md); this wrapper routes the
 study's instruction onto queries (and onto every input of symmetric tasks) and never onto documents, records
 what each task used, and gives mteb a model identity unique to the weights so its result cache cannot hand one
 model another's scores. All encoding goes through `_embed`, one function.

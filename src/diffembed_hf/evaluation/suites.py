@@ -20,7 +20,7 @@ SYMMETRIC_TYPES = frozenset({"STS", "Clustering", "Classification", "PairClassif
                              "MultilabelClassification"})
 
 # The study's own instructions (as written there, the AoPS typo included). Every other suite task uses mteb's
-# default prompt for the task, which is LLM2Vec's instruction for the 15 MTEB tasks (EVALUATION.md).
+# default prompt for the task, which is LLM2Vec's instruction for the 15 MTEB tasks (docs/design/evaluation.md).
 STUDY_INSTRUCTIONS = {
     "BrightTheoremQATheoremsRetrieval":
         "Given a problem, retrieve the relevant theorems that help solve the given problem:",
