@@ -111,14 +111,15 @@ def compiled_worker(args):
             result.setdefault("compile_s", time.perf_counter() - start)
             diff = max((compiled(**b).embeddings - model(**b).embeddings).abs().max().item() for b in batches)
             result["max_diff"] = max(result.get("max_diff", 0.0), diff)
-            for name, run in (("eager", model), ("compiled", compiled)):
-                times = []
-                for _ in range(args.repeats):
+            times = {"eager": [], "compiled": []}
+            for _ in range(args.repeats):  # alternated, so that a change in the machine's load hits both alike
+                for name, run in (("eager", model), ("compiled", compiled)):
                     start = time.perf_counter()
                     for batch in batches:
                         run(**batch)
-                    times.append(time.perf_counter() - start)
-                result[f"{name}_{order}"] = tokens / statistics.median(times)
+                    times[name].append(time.perf_counter() - start)
+            for name, runs in times.items():
+                result[f"{name}_{order}"] = tokens / statistics.median(runs)
     print(json.dumps(result))
 
 
