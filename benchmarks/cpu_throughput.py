@@ -5,6 +5,10 @@ uniformly over 16..512 tokens) and the same fp32 mean pooling. Measured on unsor
 and naive callers send) and on length-sorted batches (what sentence-transformers sends). Each model runs in
 its own subprocess so that peak RSS is its own. Prints a table of medians and ratios last.
 
+A second table puts DiffEmbed under `torch.compile` (fullgraph, dynamic shapes, inductor) beside the same model
+in eager mode, both fed packed batches (`cu_seq_lens_q`) as the package's encoder sends them: tokens/s of each,
+their ratio, the largest vector difference, and the one-off compilation time (not in the rate).
+
     python benchmarks/cpu_throughput.py            # about 3-6 minutes on 2 cores
 """
 
@@ -81,6 +85,44 @@ def build_model(name, config_kwargs):
     return model, embed
 
 
+def packed_batches(batches):
+    """The same texts packed as the encoder sends them: `[1, total]` ids, host cu_seq_lens_q, max_length_q."""
+    packed = []
+    for ids, mask in batches:
+        lengths = mask.sum(1).tolist()
+        cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        packed.append(dict(input_ids=ids[mask.bool()][None], cu_seq_lens_q=cu, max_length_q=max(lengths)))
+    return packed
+
+
+def compiled_worker(args):
+    """Eager and compiled DiffEmbed on packed batches in one process (same weights): rates, compile time, max diff."""
+    torch.set_num_threads(args.threads)
+    model, _ = build_model("diffembed", build_config(args))
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    result = {}
+    with torch.inference_mode():
+        for order in ("unsorted", "sorted"):
+            batches, tokens = make_batches(args, sort=order == "sorted")
+            batches = packed_batches(batches)
+            start = time.perf_counter()
+            for batch in batches:  # compiles once (dynamic shapes), then warm for every length
+                compiled(**batch)
+            result.setdefault("compile_s", time.perf_counter() - start)
+            diff = max((compiled(**b).embeddings - model(**b).embeddings).abs().max().item() for b in batches)
+            result["max_diff"] = max(result.get("max_diff", 0.0), diff)
+            times = {"eager": [], "compiled": []}
+            for _ in range(args.repeats):  # alternated, so that a change in the machine's load hits both alike
+                for name, run in (("eager", model), ("compiled", compiled)):
+                    start = time.perf_counter()
+                    for batch in batches:
+                        run(**batch)
+                    times[name].append(time.perf_counter() - start)
+            for name, runs in times.items():
+                result[f"{name}_{order}"] = tokens / statistics.median(runs)
+    print(json.dumps(result))
+
+
 def peak_rss_mb() -> float:
     """This process's own high-water RSS (VmHWM). Unlike ru_maxrss it does not inherit the parent's peak at exec."""
     with open("/proc/self/status") as status:
@@ -134,18 +176,22 @@ def main():
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", choices=["qwen2", "diffembed", "diffembed-sdpa"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["qwen2", "diffembed", "diffembed-sdpa", "compiled"],
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "compiled":
+        return compiled_worker(args)
     if args.worker:
         return worker(args)
 
     max_diff = check_parity(args)
     forwarded = [a for a in sys.argv[1:]]
     results = {}
-    for name in ("qwen2", "diffembed", "diffembed-sdpa"):
+    for name in ("qwen2", "diffembed", "diffembed-sdpa", "compiled"):
         out = subprocess.run([sys.executable, __file__, *forwarded, "--worker", name], check=True,
                              capture_output=True, text=True).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])
+    compiled = results.pop("compiled")
 
     base = results["qwen2"]
     print(f"\nconfig: {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads, "
@@ -162,6 +208,18 @@ def main():
         print(f"{label:<34}{res['unsorted']:>15.0f}{res['unsorted'] / base['unsorted']:>7.2f}"
               f"{res['sorted']:>14.0f}{res['sorted'] / base['sorted']:>7.2f}"
               f"{res['peak_rss_mb']:>13.0f}{res['peak_rss_mb'] / base['peak_rss_mb']:>7.2f}")
+    print_compiled(compiled)
+
+
+def print_compiled(res):
+    print("\ntorch.compile (fullgraph, dynamic, inductor) against eager, DiffEmbed on packed batches "
+          f"(compilation {res['compile_s']:.0f} s, not counted; max |vector difference| {res['max_diff']:.1e})")
+    header = f"{'order':<10}{'eager tok/s':>13}{'compiled tok/s':>16}{'compiled/eager':>16}"
+    print(header)
+    print("-" * len(header))
+    for order in ("unsorted", "sorted"):
+        eager, compiled = res[f"eager_{order}"], res[f"compiled_{order}"]
+        print(f"{order:<10}{eager:>13.0f}{compiled:>16.0f}{compiled / eager:>16.2f}")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,18 @@ Token layouts. Every layer works on one of two layouts, chosen once per forward:
     before the first layer and re-padded once after the last, so no layer ever computes a padded token.
 Positions always count real tokens only, so left padding, right padding, packing and a text embedded
 alone all give the same embedding.
+
+No host sync on the hot path. A forward never waits for the device to answer a question on the host: the
+token-id range is checked where the ids are still on the host (CPU input here; the package's packed encoder
+before it copies a batch to the device), non-finite embeddings are checked on the host copy the encoder makes,
+and the varlen kernels' self-test runs at load time and after every `.to()`, not in a forward. Both host
+checks come back on an accelerator with `model.set_debug_checks(True)` or `DIFFEMBED_DEBUG_CHECKS=1`. Under
+`torch.compile` the forward is one graph (`fullgraph=True`) for packed and padded input alike.
 """
 
 import functools
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,8 +72,12 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 #   torch_varlen:       packed tokens, `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16)
 #   packed_sdpa:        packed tokens for every token-wise op, SDPA run per text (CPU)
 #   packed_eager:       as packed_sdpa with eager attention (packed input when eager is requested)
+#   packed_masked_sdpa / packed_masked_eager: packed tokens, attention on the texts re-padded per layer under a
+#                       key mask (packed input where the per-text lengths are not on the host: compiled, or
+#                       `cu_seq_lens_q` on an accelerator without a varlen kernel)
 _VARLEN_KERNELS = ("flash_attn_4", "flash_attn_varlen", "torch_varlen")
-_PACKED_BACKENDS = _VARLEN_KERNELS + ("packed_sdpa", "packed_eager")
+_MASKED_PACKED = ("packed_masked_sdpa", "packed_masked_eager")
+_PACKED_BACKENDS = _VARLEN_KERNELS + ("packed_sdpa", "packed_eager") + _MASKED_PACKED
 
 # How far a kernel's probe output may be from the fp32 SDPA reference (largest per-token relative error) and
 # its gradients (relative error of each of dq, dk, dv). SDPA itself in bf16 lands at 2e-3 and 4e-3 on Dream's
@@ -75,6 +87,10 @@ _PROBE_LENGTHS = (5, 1, 12, 3)  # several texts, one of a single token: leaks ac
 
 _kernel_probe_cache: dict = {}
 
+# Host checks of device data (token-id range on an accelerator, non-finite embeddings) block the stream once per
+# call: off unless asked for, per model (`set_debug_checks`) or for the process (this variable).
+_DEBUG_CHECKS = os.environ.get("DIFFEMBED_DEBUG_CHECKS", "").strip().lower() not in ("", "0", "false", "no")
+
 
 def _probe_kernel(name: str, device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
                   head_dim: int, causal: bool = False):
@@ -82,6 +98,11 @@ def _probe_kernel(name: str, device: torch.device, dtype: torch.dtype, num_heads
     disagrees with SDPA (cached). The comparison itself is `_working_gqa_mode`, which runs anywhere."""
     key = (name, device.type, device.index, dtype, num_heads, num_kv_heads, head_dim, causal)
     if key not in _kernel_probe_cache:
+        if torch.compiler.is_compiling():  # a forward + backward self-test cannot be part of a traced graph
+            raise RuntimeError(
+                f"The {name} kernel has not been tested on {device} in {dtype} yet: call model.prepare_attention() "
+                "(done by from_pretrained and .to()) before torch.compile."
+            )
         mode = None
         if _kernel_may_run(name, device, dtype):
             mode = _working_gqa_mode(name, num_heads, num_kv_heads, head_dim, device, dtype, causal)
@@ -243,7 +264,9 @@ class TokenLayout:
 
     padded layout: `key_mask` is `[batch, 1, 1, seq]` (True = real token) or None when nothing is padded.
     packed layout: `cu_seqlens` (int32, on the model's device), `max_seqlen` (host int) and `lengths`
-    (host list, only for `packed_sdpa`, which splits the batch per text).
+    (host list, only for `packed_sdpa`, which splits the batch per text). `packed_masked_*` instead re-pads
+    each layer's q/k/v to `[texts, max_seqlen]` at (`text_index`, `token_position`) of every token and attends
+    under `key_mask` (`[texts, 1, 1, max_seqlen]`): no host list, so one compiled graph serves every batch.
     """
 
     backend: str
@@ -252,6 +275,8 @@ class TokenLayout:
     max_seqlen: int = 0
     lengths: Optional[list] = None
     gqa_mode: Optional[str] = None
+    text_index: Optional[torch.Tensor] = None
+    token_position: Optional[torch.Tensor] = None
 
     @property
     def packed(self) -> bool:
@@ -271,6 +296,12 @@ def attention(q, k, v, layout: TokenLayout, scale: float, causal: bool) -> torch
             for qi, ki, vi in zip(*(x.split(layout.lengths) for x in (q, k, v)))
         ]
         return torch.cat([o[0].transpose(0, 1) for o in outputs])
+    if layout.backend in _MASKED_PACKED:
+        attend = eager_attention if layout.backend == "packed_masked_eager" else sdpa_attention
+        index = (layout.text_index, layout.token_position)
+        shape = (layout.key_mask.shape[0], layout.max_seqlen)
+        q, k, v = (x.new_zeros(*shape, *x.shape[1:]).index_put(index, x).transpose(1, 2) for x in (q, k, v))
+        return attend(q, k, v, layout.key_mask, scale, causal).transpose(1, 2)[index]
     attend = eager_attention if layout.backend == "eager" else sdpa_attention
     out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout.key_mask, scale, causal)
     return out.transpose(1, 2)
@@ -474,6 +505,43 @@ class DiffEmbedPreTrainedModel(PreTrainedModel):
         param = next(self.parameters())
         return _select_backend(self.config, param.device, param.dtype)
 
+    debug_checks: bool = _DEBUG_CHECKS
+
+    def set_debug_checks(self, enabled: bool = True):
+        """Check token ids and embeddings on the host in every forward, wherever the tensors live (one device sync
+        each): for debugging a pipeline that feeds ids built elsewhere, or a dtype that may overflow."""
+        for module in self.modules():
+            if isinstance(module, DiffEmbedPreTrainedModel):
+                module.debug_checks = enabled
+        return self
+
+    def prepare_attention(self):
+        """Self-test every varlen kernel that may run on this model's device and dtype (forward and backward
+        against SDPA, cached per device, dtype and head shape), so that no forward has to.
+
+        It runs here, called at load (`from_pretrained`) and after every device or dtype change (`.to()`,
+        `.cuda()`, `.half()` all pass through `_apply`), because those are the only moments the answer can
+        change, and a forward is the wrong place: the test would be timed as the first batch, would run a
+        backward inside a caller's `inference_mode`, and cannot be traced by `torch.compile`."""
+        param = next(self.parameters(), None)
+        if param is not None:
+            heads = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim,
+                     self.config.is_causal)
+            for kernel in _VARLEN_KERNELS:
+                _probe_kernel(kernel, param.device, param.dtype, *heads)
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self.prepare_attention()
+        return module
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)  # a (model, loading_info) pair if that was asked for
+        (loaded[0] if isinstance(loaded, tuple) else loaded).prepare_attention()
+        return loaded
+
 
 def _select_backend(config: DiffEmbedConfig, device: torch.device, dtype: torch.dtype) -> str:
     """Map the requested `attn_implementation` and the hardware to the path that runs.
@@ -547,12 +615,19 @@ class DiffEmbedModel(DiffEmbedPreTrainedModel):
             device = (input_ids if input_ids is not None else inputs_embeds).device
             return BaseModelOutput(last_hidden_state=torch.zeros(*shape, self.config.hidden_size, device=device))
         if input_ids is not None:
-            _check_token_ids(input_ids, self.config.vocab_size)
+            self._check_token_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
 
+        compiling = torch.compiler.is_compiling()
         cu_seqlens = kwargs.get("cu_seq_lens_q")
-        if cu_seqlens is not None:
+        if cu_seqlens is not None and (compiling or cu_seqlens.device.type != "cpu"):
+            hidden, positions, layout = self._packed_input_on_device(
+                inputs_embeds, cu_seqlens, position_ids, kwargs.get("max_length_q")
+            )
+        elif cu_seqlens is not None:
             hidden, positions, layout = self._packed_input(inputs_embeds, cu_seqlens, position_ids)
+        elif compiling:
+            hidden, positions, layout = self._padded_input_compiled(inputs_embeds, attention_mask, position_ids)
         else:
             hidden, positions, layout, token_index = self._padded_input(inputs_embeds, attention_mask, position_ids)
 
@@ -568,6 +643,44 @@ class DiffEmbedModel(DiffEmbedPreTrainedModel):
             padded = hidden.new_zeros(batch * length, hidden.shape[-1])
             hidden = padded.index_copy_(0, token_index, hidden).view(batch, length, -1)
         return BaseModelOutput(last_hidden_state=hidden)
+
+    def _check_token_ids(self, input_ids: torch.Tensor):
+        """Out-of-range ids give a cryptic IndexError on CPU and a fatal device assert on CUDA: name them, without
+        a device sync. Ids on the host are read there (free); traced, an asynchronous assert carries the message
+        (raised on CPU; on CUDA it is a device assert, like the lookup's own). Ids already on an accelerator are
+        not read back: the encoder checked them before the copy and a tokenizer cannot exceed its vocabulary;
+        `debug_checks` reads them anyway."""
+        vocab_size = self.config.vocab_size
+        if torch.compiler.is_compiling():
+            in_range = ((input_ids >= 0) & (input_ids < vocab_size)).all()
+            torch._assert_async(in_range, f"input_ids must lie in [0, {vocab_size}) (the model's vocab_size); "
+                                          "was the text tokenized with a different tokenizer?")
+        elif input_ids.device.type == "cpu" or self.debug_checks:
+            check_token_ids(input_ids, vocab_size)
+
+    def _padded_input_compiled(self, inputs_embeds, attention_mask, position_ids):
+        """A padded batch under torch.compile: the padded path with a key mask, every step a tensor op.
+
+        Unpadding needs the number of real tokens on the host (a sync, and a size the graph would depend on),
+        so a compiled padded batch attends over its padding, masked; packed input (`cu_seq_lens_q`, what the
+        encoder sends) is the compiled path that computes no padded token. The length limit is checked on the
+        width, the one length known without reading the mask."""
+        batch, length = inputs_embeds.shape[:2]
+        if length > self.config.max_position_embeddings:
+            _raise_too_long(length, self.config.max_position_embeddings)
+        device = inputs_embeds.device
+        backend = "eager" if self.config._attn_implementation == "eager" else "sdpa"
+        key_mask = None
+        if attention_mask is None:
+            if position_ids is None:
+                position_ids = torch.arange(length, device=device).expand(batch, length)
+        else:
+            mask = attention_mask.to(device, torch.bool)
+            if position_ids is None:
+                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            # an empty row attends to its padding instead of nothing (NaN); its output is discarded by pooling
+            key_mask = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]
+        return inputs_embeds, position_ids, TokenLayout(backend, key_mask=key_mask)
 
     def _padded_input(self, inputs_embeds, attention_mask, position_ids):
         """Derive positions and the token layout of a padded batch; unpad it if the backend packs."""
@@ -622,8 +735,43 @@ class DiffEmbedModel(DiffEmbedPreTrainedModel):
         positions = position_ids.reshape(-1).index_select(0, token_index)
         return hidden, positions, layout, token_index
 
+    def _packed_input_on_device(self, inputs_embeds, cu_seqlens, position_ids, max_seqlen):
+        """A packed batch whose text boundaries are not read on the host: traced (torch.compile), or
+        `cu_seq_lens_q` already on an accelerator. `max_length_q` (a host int, as sentence-transformers and the
+        encoder pass it) sizes the kernels; positions and the re-padding index are computed on the device.
+        Boundaries are not validated here (that would read them back): the encoder builds them."""
+        if inputs_embeds.shape[0] != 1:
+            raise ValueError(f"Packed input (cu_seq_lens_q) must have batch size 1, got {inputs_embeds.shape[0]}.")
+        if max_seqlen is None:
+            raise ValueError(
+                "Packed input needs max_length_q (the longest text's token count, a Python int) when cu_seq_lens_q "
+                "is on an accelerator or the model is compiled: reading it from cu_seq_lens_q would sync the device."
+            )
+        if max_seqlen > self.config.max_position_embeddings:
+            _raise_too_long(max_seqlen, self.config.max_position_embeddings)
+        device, total = inputs_embeds.device, inputs_embeds.shape[1]
+        cu = cu_seqlens.to(device, torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        text_index = torch.repeat_interleave(torch.arange(lengths.shape[0], device=device), lengths, output_size=total)
+        token_position = torch.arange(total, device=device) - cu[text_index]
+        if position_ids is None:
+            position_ids = token_position
+        backend = _select_backend(self.config, device, inputs_embeds.dtype)
+        if backend in _VARLEN_KERNELS:
+            heads = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim,
+                     self.config.is_causal)
+            layout = TokenLayout(backend, cu_seqlens=cu.to(torch.int32), max_seqlen=max_seqlen,
+                                 gqa_mode=_probe_kernel(backend, device, inputs_embeds.dtype, *heads))
+        else:
+            backend = "packed_masked_eager" if backend == "eager" else "packed_masked_sdpa"
+            key_mask = torch.arange(max_seqlen, device=device) < lengths[:, None]
+            layout = TokenLayout(backend, key_mask=key_mask[:, None, None, :], max_seqlen=max_seqlen,
+                                 text_index=text_index, token_position=token_position)
+        return inputs_embeds[0], position_ids.reshape(-1), layout
+
     def _packed_input(self, inputs_embeds, cu_seqlens, position_ids):
-        """Accept an already packed `[1, total_tokens]` batch as sentence-transformers 6 sends it."""
+        """Accept an already packed `[1, total_tokens]` batch as sentence-transformers 6 sends it, with its text
+        boundaries on the host (where the encoder leaves them): validated and read there, no device sync."""
         if inputs_embeds.shape[0] != 1:
             raise ValueError(f"Packed input (cu_seq_lens_q) must have batch size 1, got {inputs_embeds.shape[0]}.")
         device = inputs_embeds.device
@@ -664,8 +812,9 @@ def _packed_layout(config, backend: str, lengths: list, device, dtype) -> TokenL
     return TokenLayout(backend, cu_seqlens=cu, max_seqlen=max(lengths), lengths=lengths, gqa_mode=gqa_mode)
 
 
-def _check_token_ids(input_ids: torch.Tensor, vocab_size: int):
-    """Out-of-range ids give a cryptic IndexError on CPU and a fatal device assert on CUDA: name them instead."""
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int):
+    """Out-of-range ids give a cryptic IndexError on CPU and a fatal device assert on CUDA: name them instead (read
+    on the host: free for host ids, a device sync otherwise). The package's encoder calls it before the copy."""
     low, high = torch.aminmax(input_ids.detach())
     low, high = int(low), int(high)
     if low < 0 or high >= vocab_size:
@@ -673,6 +822,20 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int):
             f"input_ids must lie in [0, {vocab_size}) (the model's vocab_size), got values in [{low}, {high}]; "
             "was the text tokenized with a different tokenizer?"
         )
+
+
+def non_finite_message(rows: list, dtype) -> str:
+    """The one wording of a non-finite embedding error (the package's encoder raises it on its host copy)."""
+    return (f"Non-finite embeddings for rows {rows} (weights in {dtype}). In float16, Qwen-family backbones overflow: "
+            "load with dtype=torch.bfloat16 or torch.float32.")
+
+
+def _check_finite(embeddings: torch.Tensor, dtype):
+    finite = torch.isfinite(embeddings).all(-1)
+    if torch.compiler.is_compiling():
+        torch._assert_async(finite.all(), non_finite_message("(see eager mode)", dtype))
+    elif not finite.all():
+        raise FloatingPointError(non_finite_message((~finite).nonzero().flatten().tolist(), dtype))
 
 
 def _raise_too_long(length: int, limit: int):
@@ -723,13 +886,8 @@ class DiffEmbedForEmbedding(DiffEmbedPreTrainedModel):
             embeddings = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         if self.config.normalize_embeddings:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
-        bad = ~torch.isfinite(embeddings).all(-1)
-        if bad.any():
-            raise FloatingPointError(
-                f"Non-finite embeddings for rows {bad.nonzero().flatten().tolist()} (weights in "
-                f"{self.model.embed_tokens.weight.dtype}). In float16, Qwen-family backbones overflow: load with "
-                "dtype=torch.bfloat16 or torch.float32."
-            )
+        if self.debug_checks:  # off by default: reading the result on the host blocks the stream every call
+            _check_finite(embeddings, self.model.embed_tokens.weight.dtype)
         return DiffEmbedOutput(last_hidden_state=hidden, embeddings=embeddings)
 
 

@@ -274,16 +274,6 @@ def test_bf16_within_bf16_tolerance_of_fp32():
     assert_close(half, full, rtol=5e-2, atol=5e-2)
 
 
-def test_fp16_overflow_is_an_error_not_a_nan_embedding():
-    model = tiny_model().to(torch.float16)
-    with torch.no_grad():  # value vectors of ~1000 summed by a large output projection: far beyond 65504
-        model.model.layers[0].self_attn.v_proj.bias.fill_(1000.0)
-        model.model.layers[0].self_attn.o_proj.weight.fill_(100.0)
-    ids, mask = make_batch([6, 4], "right")
-    with pytest.raises(FloatingPointError, match="bfloat16"):
-        our_states(model, ids, mask)
-
-
 def test_bad_inputs_have_clear_errors(tiny):
     ids, mask = make_batch([4, 3], "right")
     with pytest.raises(ValueError, match="vocab_size"):

@@ -12,6 +12,9 @@ Pooling is the model's own (`DiffEmbedForEmbedding` pools packed input per text 
 leaves the prompt out of the mean (`include_prompt=False`) or whose normalisation differs from its
 sentence-transformers modules is pooled by sentence-transformers' own `Pooling` module instead. Results stay on
 the device until the end of a call (or every `HOST_COPY_BYTES`), so a GPU is never stalled once per batch.
+
+The checks the model leaves out of its forward (they would stall the device) are made here, on the host: each
+batch's token ids before they are copied to the device, and every embedding on the host copy, once per copy.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from .errors import PromptNameError
+from .modeling.modeling_diffembed import check_token_ids, non_finite_message
 from .readers import surrogate_problem
 
 logger = logging.getLogger(__name__)
@@ -95,6 +99,7 @@ class Encoder:
         self.normalize = names[-1] == "Normalize"
         self.include_prompt = getattr(model[1], "include_prompt", True)
         self.tokenizer = self.transformer.tokenizer
+        self.vocab_size = config.vocab_size
         self.max_length = model.max_seq_length or config.max_position_embeddings
         self.dim = config.hidden_size
         self.device = next(self.auto_model.parameters()).device
@@ -154,14 +159,14 @@ class Encoder:
             pending.append((batch, embeddings))
             pending_bytes += embeddings.numel() * 4
             if pending_bytes >= HOST_COPY_BYTES:
-                _to_host(pending, out)
+                self._to_host(pending, out)
                 pending, pending_bytes = [], 0
             if progress is not None:
                 tokens_done += sum(lengths[i] for i in batch)
                 progress.update(len(batch))
                 rate = tokens_done / (time.perf_counter() - started)
                 progress.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
-        _to_host(pending, out)
+        self._to_host(pending, out)
         if progress is not None:
             progress.update(lengths.count(0))
         return out
@@ -171,7 +176,9 @@ class Encoder:
         lengths = [len(row) for row in rows]
         cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(lengths).cumsum(0)
-        input_ids = torch.tensor([token for row in rows for token in row], device=self.device)[None]
+        input_ids = torch.tensor([token for row in rows for token in row])[None]
+        check_token_ids(input_ids, self.vocab_size)  # on the host, before the copy: the model no longer reads them back
+        input_ids = input_ids.to(self.device)
         # cu_seq_lens_q stays on the host: the model reads it there (no device sync) and copies it over itself
         output = self.auto_model(input_ids=input_ids, cu_seq_lens_q=cu, max_length_q=max(lengths))
         if self.model_pools:
@@ -200,12 +207,17 @@ class Encoder:
         ids, truncated = self.tokenize(texts)
         return self.embed_ids(ids, progress), truncated
 
-
-def _to_host(pending: list[tuple[list[int], torch.Tensor]], out: np.ndarray) -> None:
-    """One device-to-host copy for every batch finished since the last one."""
-    if pending:
+    def _to_host(self, pending: list[tuple[list[int], torch.Tensor]], out: np.ndarray) -> None:
+        """One device-to-host copy for every batch finished since the last one, checked there: a non-finite
+        vector (float16 overflow) is an error naming the texts, not a row of NaN in the output."""
+        if not pending:
+            return
         host = torch.cat([embeddings for _, embeddings in pending]).cpu().numpy()
-        out[[i for batch, _ in pending for i in batch]] = host
+        rows = [i for batch, _ in pending for i in batch]
+        bad = ~np.isfinite(host).all(axis=1)
+        if bad.any():
+            raise FloatingPointError(non_finite_message(sorted(np.asarray(rows)[bad].tolist()), self.auto_model.dtype))
+        out[rows] = host
 
 
 def _is_mean_pooling(pooling) -> bool:

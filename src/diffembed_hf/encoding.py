@@ -115,6 +115,7 @@ def load_encoder(
     quantize: str | None = None,
     trust_remote_code: bool = False,
     truncate_dim: int | None = None,
+    compile: bool = False,
     **kwargs,
 ) -> SentenceTransformer:
     """Load a DiffEmbed folder or Hub id as a `SentenceTransformer`.
@@ -131,14 +132,14 @@ def load_encoder(
     that cannot run, `QuantizationUnavailable` says why before anything is loaded. `truncate_dim` keeps the first
     dimensions of every vector (a Matryoshka-trained model loses little; `encode` renormalises them); by default the
     one stored in the folder's `config_sentence_transformers.json`, if any. A dimension larger than the model's is
-    refused.
+    refused. `compile=True` compiles the model's forward with `torch.compile` (`compile_backbone`).
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r} is not supported; use one of {QUANTIZATIONS} or None")
     folder = local_folder(model_name_or_path)
     if folder is not None and folder_kind(folder, UsageError) == "adapter":
         return _load_adapter(folder, device=device, dtype=dtype, max_seq_length=max_seq_length, quantize=quantize,
-                             trust_remote_code=trust_remote_code, truncate_dim=truncate_dim, **kwargs)
+                             compile=compile, trust_remote_code=trust_remote_code, truncate_dim=truncate_dim, **kwargs)
     if folder is not None:
         config = check_model_folder(folder, trust_remote_code=trust_remote_code)
         check_max_seq_length(max_seq_length, config.get("max_position_embeddings"))
@@ -176,7 +177,18 @@ def load_encoder(
         from .fp8 import quantize_fp8
 
         quantize_fp8(backbone(model))
+    if compile:
+        compile_backbone(model)
     return model
+
+
+def compile_backbone(model: SentenceTransformer) -> None:
+    """Compile the transformers model's forward in place (`nn.Module.compile`: same module, same weights and
+    state-dict keys) as one graph (`fullgraph=True`: a graph break is an error, not a silent slowdown) with
+    dynamic shapes, so that the packed encoder's batches, each a different token count, text count and longest
+    text, reuse one graph instead of compiling again per batch. The first batch pays the compilation."""
+    backbone(model).compile(fullgraph=True, dynamic=True)
+    logger.info("The model's forward is compiled (torch.compile, fullgraph, dynamic shapes) at its first batch")
 
 
 def embedding_width(model: SentenceTransformer) -> int:
@@ -246,11 +258,14 @@ def _load_adapter(folder: Path, **options) -> SentenceTransformer:
     base, revision = adapter_base(folder, warn=True)  # the base `checkpoint.model_identity` covers
     if revision is not None:
         options["revision"] = revision
+    compile = options.pop("compile", False)  # the merged model is the one to compile
     try:
         model = load_encoder(base, **options)
     except UsageError as err:
         raise UsageError(f"{folder} is a LoRA adapter whose base {base!r} cannot be loaded: {err}") from None
     set_backbone(model, PeftModel.from_pretrained(backbone(model), str(folder)).merge_and_unload())
+    if compile:
+        compile_backbone(model)
     logger.info("Loaded the LoRA adapter %s merged into its base %s", folder, base)
     return model
 
@@ -358,6 +373,7 @@ def encode_file(
     truncate_dim: int | None = None,
     precision: str | None = None,
     calibration: CalibrationRanges | None = None,
+    compile: bool = False,
 ) -> tuple[Path, tuple[int, int]]:
     """Embed the texts of `source` (one per line, or JSON lines; "-" for stdin) into one `.npy` / `.safetensors`
     file, one row per line, in `dtype` (or compact: `truncate_dim`, `precision`, int8/uint8 with `calibration`
@@ -375,14 +391,15 @@ def encode_file(
                             max_seq_length=max_seq_length, max_tokens_per_batch=max_tokens_per_batch, dtype=dtype,
                             device=device, quantize=quantize, overwrite=overwrite,
                             show_progress_bar=show_progress_bar, trust_remote_code=trust_remote_code,
-                            truncate_dim=truncate_dim, precision=precision, calibration=calibration)
+                            truncate_dim=truncate_dim, precision=precision, calibration=calibration,
+                            compile=compile)
 
 
 def _encode_file(model: str, source: str, output: Path, *, field: str | None, prompt_name: str | None,
                  max_seq_length: int | None, max_tokens_per_batch: int, dtype: str, device: str | None,
                  quantize: str | None, overwrite: bool, show_progress_bar: bool | None, trust_remote_code: bool,
                  truncate_dim: int | None, precision: str | None,
-                 calibration: CalibrationRanges | None) -> tuple[Path, tuple[int, int]]:
+                 calibration: CalibrationRanges | None, compile: bool = False) -> tuple[Path, tuple[int, int]]:
     """`encode_file` while it holds the output's lock."""
     from .checkpoint import model_identity
     from .compact import SCALAR, resolve_precision
@@ -396,7 +413,7 @@ def _encode_file(model: str, source: str, output: Path, *, field: str | None, pr
     check_prompt_name(model, prompt_name)
     texts = read_texts(source, field)
     st_model = load_encoder(model, device=device, max_seq_length=max_seq_length, quantize=quantize,
-                            trust_remote_code=trust_remote_code, truncate_dim=truncate_dim)
+                            trust_remote_code=trust_remote_code, truncate_dim=truncate_dim, compile=compile)
     if calibration is not None:  # the ranges must be this model's, at this dimension
         identity = model_identity(model, getattr(st_model[0].auto_model.config, "_commit_hash", None))
         calibration.check(identity.as_dict(), st_model.truncate_dim or embedding_width(st_model))

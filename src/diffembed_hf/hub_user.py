@@ -101,7 +101,9 @@ def embed_as_hub_user(folder: str | Path, texts: list[str], *, base_model_path: 
     folder, loaded first with the adapter applied by PEFT. `max_length` truncates AutoModel's inputs."""
     with tempfile.TemporaryDirectory(prefix="diffembed-hub-user-") as tmp:
         out = Path(tmp) / "embeddings.json"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp) / "mods"))
+        # DIFFEMBED_DEBUG_CHECKS: the model checks ids and vectors on the host here (off in its hot path)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp) / "mods"),
+                   DIFFEMBED_DEBUG_CHECKS="1")
         command = [sys.executable, "-c", _SCRIPT, str(folder), str(base_model_path or ""), json.dumps(texts),
                    str(max_length or ""), str(out)]
         # DEBUG: `folder` may be a staging folder whose temporary name means nothing to a user (push names its own)

@@ -578,7 +578,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
             checkpoints.mkdir(parents=True, exist_ok=True)
             write_json(checkpoints / RUN_RECORD, record)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except FloatingPointError as err:  # from the loss check above, or the model's own non-finite check
+    except FloatingPointError as err:  # from the loss check above (a non-finite embedding makes the loss so)
         _remove_if_no_complete_checkpoint(checkpoints)
         raise NonFiniteLossError(
             f"Training stopped at step {trainer.state.global_step + 1}: {err} No model was written; lower the "

@@ -54,6 +54,8 @@ def add_parser(commands) -> None:
     enc.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     enc.add_argument("--quantize", choices=["fp8"], help="FP8 linear layers (CUDA, compute capability >= 8.9; "
                      "pip install 'diffembed-hf[fp8]'; default: none)")
+    enc.add_argument("--compile", action="store_true", help="compile the model's forward with torch.compile (one "
+                     "graph, dynamic shapes): the first batch pays the compilation, later ones run faster")
     enc.add_argument("--progress", action=argparse.BooleanOptionalAction,
                      help="force the progress bar on/off (default: on from 256 texts)")
     add_trust_option(enc)
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         max_seq_length=args.max_seq_length, max_tokens_per_batch=args.max_tokens_per_batch, dtype=args.dtype,
         device=args.device, quantize=args.quantize, overwrite=args.overwrite, show_progress_bar=args.progress,
         trust_remote_code=args.trust_remote_code, truncate_dim=args.truncate_dim, precision=args.precision,
-        calibration=calibration)
+        calibration=calibration, compile=args.compile)
     precision = args.precision or args.dtype
     print(f"{shape[0]} embeddings ({precision}, {shape[1]} values per row) -> {output}", file=sys.stderr)
     return 0
@@ -117,7 +119,7 @@ def _corpus(args: argparse.Namespace, calibration) -> int:
             skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, show_progress_bar=args.progress,
             device=args.device, quantize=args.quantize, trust_remote_code=args.trust_remote_code, ray=args.ray,
             truncate_dim=args.truncate_dim, precision=args.precision, calibration=calibration,
-            calibration_rows=args.calibration_rows or DEFAULT_CALIBRATION_ROWS)
+            calibration_rows=args.calibration_rows or DEFAULT_CALIBRATION_ROWS, compile=args.compile)
     except DiffembedError as err:
         if rank == 0:  # under torchrun a failure on any rank is reported once, by rank 0
             raise

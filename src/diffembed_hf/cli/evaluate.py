@@ -27,6 +27,8 @@ def add_parser(commands) -> None:
     ev.add_argument("--max-seq-length", type=positive_int, help="default: the suite's protocol, else the model's own")
     ev.add_argument("--max-tokens-per-batch", type=positive_int, default=16384, help="real tokens per forward pass")
     ev.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    ev.add_argument("--compile", action="store_true", help="compile the model's forward with torch.compile (one "
+                    "graph, dynamic shapes): the first batch pays the compilation, later ones run faster")
     ev.add_argument("--max-heldout", type=positive_int, help="--suite stdlib only: held-out rows, as `diffembed demo "
                     "--max-heldout` (default: 300)")
     ev.add_argument("--overwrite", action="store_true", help="recompute this model's results already in --output; "
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, device=args.device, stdlib_rows=args.max_heldout,
         trust_remote_code=args.trust_remote_code, truncate_dim=args.truncate_dim, precision=args.precision,
         rescore=args.rescore, calibration=load_calibration(args.calibration) if args.calibration else None,
-        calibration_rows=args.calibration_rows,
+        calibration_rows=args.calibration_rows, compile=args.compile,
     )
     print(result.table)
     print(f"results (mteb's files, summary.json, run.json): {result.output}")

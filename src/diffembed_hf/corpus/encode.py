@@ -134,10 +134,11 @@ def check_locations(source: CorpusSource, output_dir: Path) -> None:
 
 def load(model: str, *, device: str | None = None, prompt: str | None, prompt_name: str | None,
          max_tokens_per_batch: int, max_seq_length: int | None, quantize: str | None,
-         trust_remote_code: bool, truncate_dim: int | None = None) -> tuple[SentenceTransformer, Encoder]:
+         trust_remote_code: bool, truncate_dim: int | None = None,
+         compile: bool = False) -> tuple[SentenceTransformer, Encoder]:
     """The model and the encoder a process (a rank, a Ray actor) computes shards with."""
     st_model = load_encoder(model, device=device, max_seq_length=max_seq_length, quantize=quantize,
-                            trust_remote_code=trust_remote_code, truncate_dim=truncate_dim)
+                            trust_remote_code=trust_remote_code, truncate_dim=truncate_dim, compile=compile)
     return st_model, Encoder(st_model, prompt=resolve_prompt(st_model, prompt, prompt_name),
                              max_tokens_per_batch=max_tokens_per_batch)
 
@@ -239,6 +240,7 @@ def encode_corpus(
     precision: str | None = None,
     calibration: CalibrationRanges | None = None,
     calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
+    compile: bool = False,
 ) -> CorpusResult:
     """Embed a corpus (a JSON-lines, CSV or parquet file, a folder of them, a Hub dataset id, or a `datasets`
     dataset; read as docs/guides/input-files.md says) into `output_dir`: `part-NNNNN.parquet` shards of `shard_size`
@@ -253,7 +255,8 @@ def encode_corpus(
     `truncate_dim` (default: the model's stored one) keeps the first dimensions, renormalised; `precision`
     (`compact.PRECISIONS`; default `dtype`) stores float16, int8/uint8 codes or packed binary bits. int8/uint8 use
     `calibration` ranges (`compact.load_calibration`, refused if another model's), else ranges computed from an
-    evenly spread sample of `calibration_rows` rows, stored in the manifest for the queries.
+    evenly spread sample of `calibration_rows` rows, stored in the manifest for the queries. `compile` compiles
+    every process's model (`encoding.compile_backbone`); the vectors are the same, so it is no manifest setting.
     """
     dtype = resolve_precision(dtype, precision)
     check_options(shard_size, dtype, max_tokens_per_batch)
@@ -266,7 +269,7 @@ def encode_corpus(
     check_first_row(source, skip_bad_rows=skip_bad_rows)  # a wrong --input or --field, before the model loads
     options = dict(prompt=prompt, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
                    max_seq_length=max_seq_length, quantize=quantize, trust_remote_code=trust_remote_code,
-                   truncate_dim=truncate_dim)
+                   truncate_dim=truncate_dim, compile=compile)
     job_options = dict(shard_size=shard_size, dtype=dtype, skip_bad_rows=skip_bad_rows, overwrite=overwrite,
                        quantize=quantize, truncate_dim=truncate_dim, calibration=calibration,
                        calibration_rows=calibration_rows)

@@ -267,6 +267,7 @@ def evaluate(
     rescore: int | None = None,
     calibration: CalibrationRanges | None = None,
     calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
+    compile: bool = False,
 ) -> EvaluationResult:
     """Evaluate `model` (a DiffEmbed folder or Hub id, loaded as a user would: sentence-transformers with
     `trust_remote_code=True`) and write mteb's result files, `summary.json` and `run.json` under `output`.
@@ -287,6 +288,7 @@ def evaluate(
     `evaluation.compact_search` (int8/uint8 ranges from a `calibration_rows` sample of each corpus, or the given
     `calibration`; binary by Hamming distance, `rescore` = candidates per query rescored with the float query).
     Each setting is a result of its own beside the float one; every result's scores carry `bytes_per_vector`.
+    `compile` compiles the model's forward (`encoding.compile_backbone`).
     """
     mteb = require_mteb()
     compaction = Compaction(truncate_dim, precision, calibration, rescore)
@@ -324,21 +326,21 @@ def evaluate(
                                 data=data, query_prompt=query_prompt, max_seq_length=max_seq_length,
                                 max_tokens_per_batch=max_tokens_per_batch, overwrite=overwrite, device=device,
                                 stdlib_rows=stdlib_rows or STDLIB_ROWS, trust_remote_code=trust_remote_code,
-                                compaction=compaction, calibration_rows=calibration_rows)
+                                compaction=compaction, calibration_rows=calibration_rows, compile=compile)
 
 
 def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: Summary | None, task_list: list,
                      overrides: dict[str, str], *, output: Path, suite: str | None, data: list | None,
                      query_prompt: str | None, max_seq_length: int | None, max_tokens_per_batch: int | None,
                      overwrite: bool, device: str | None, stdlib_rows: int, trust_remote_code: bool,
-                     compaction: Compaction, calibration_rows: int) -> EvaluationResult:
+                     compaction: Compaction, calibration_rows: int, compile: bool = False) -> EvaluationResult:
     from ..encoding import embedding_width, load_encoder
     from .encoder import DiffEmbedEncoder, model_meta, mteb_identity
     from .local import STDLIB_TASK
 
     length = max_seq_length or SUITE_MAX_SEQ_LENGTH.get(suite or "")
     st_model = load_encoder(model, device=device, max_seq_length=length, trust_remote_code=trust_remote_code,
-                            truncate_dim=compaction.truncate_dim)
+                            truncate_dim=compaction.truncate_dim, compile=compile)
     if identity is None:  # a Hub id: the commit just loaded
         identity = model_identity(model, getattr(st_model[0].auto_model.config, "_commit_hash", None))
         _check_same_model(earlier, identity, output, overwrite)
