@@ -16,9 +16,9 @@ alone all give the same embedding.
 
 No host sync on the hot path. A forward never waits for the device to answer a question on the host: the
 token-id range is checked where the ids are still on the host (CPU input here; the package's packed encoder
-before it copies a batch to the device), non-finite embeddings are checked on the host copy the encoder makes,
-and the varlen kernels' self-test runs at load time and after every `.to()`, not in a forward. Both host
-checks come back on an accelerator with `model.set_debug_checks(True)` or `DIFFEMBED_DEBUG_CHECKS=1`. Under
+before it copies a batch to the device), non-finite embeddings by an eager forward on a CPU (host memory, no
+stream) and on an accelerator on the host copy the encoder makes, and the varlen kernels' self-test runs at load
+time and after every `.to()`, not in a forward. Both host checks come back on an accelerator with `model.set_debug_checks(True)` or `DIFFEMBED_DEBUG_CHECKS=1`. Under
 `torch.compile` the forward is one graph (`fullgraph=True`) for packed and padded input alike.
 """
 
@@ -886,7 +886,11 @@ class DiffEmbedForEmbedding(DiffEmbedPreTrainedModel):
             embeddings = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         if self.config.normalize_embeddings:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
-        if self.debug_checks:  # off by default: reading the result on the host blocks the stream every call
+        # On a CPU the check reads memory the host already owns (no stream to block), so eager CPU calls keep it;
+        # on an accelerator it would block the stream every call: there the encoder checks its host copy instead,
+        # and `debug_checks` brings it back for direct calls.
+        on_host = embeddings.device.type == "cpu" and not torch.compiler.is_compiling()
+        if self.debug_checks or on_host:
             _check_finite(embeddings, self.model.embed_tokens.weight.dtype)
         return DiffEmbedOutput(last_hidden_state=hidden, embeddings=embeddings)
 
