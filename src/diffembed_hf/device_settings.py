@@ -158,7 +158,8 @@ def resolve_device_settings(config, device: torch.device, model_config, tokenize
         checkpointing, reasons["gradient_checkpointing"] = True, "the recipe's"
     else:
         need = activation_bytes(ModelShape.from_config(model_config), texts_per_step * length, 2 if bf16 else 4,
-                                layers=lora_layers if config.lora else None, lora=config.lora)
+                                layers=lora_layers if config.lora else None, lora=config.lora,
+                                residual_bytes=4)  # CPU weights are fp32: so is the residual stream
         free = available_memory()
         checkpointing = free is not None and need > MEMORY_SHARE * free
         if checkpointing:

@@ -114,15 +114,20 @@ class ModelShape:
     def trained_layers(self, layers: int | None) -> int:
         return self.num_hidden_layers if layers is None else min(layers, self.num_hidden_layers)
 
-    def activation_values(self, lora: bool) -> int:
-        """Values per token and layer that a backward pass keeps without checkpointing (counted with autograd's
-        saved-tensor hooks on a small model, tests/test_memory_estimate.py). Full fine-tuning: each RMSNorm's input,
-        normalised value and output (6 hidden-sized); q, the attention output and o's input (3 q-sized); k and v; the
-        MLP's gate, activation, up and their product (4 MLP-sized). LoRA adds the dropout output PEFT keeps for each
-        adapted projection's input (q/k/v/gate/up: 5 hidden-sized, o: q-sized, down: MLP-sized)."""
+    def activation_layer_bytes(self, lora: bool, dtype_bytes: int, residual_bytes: int | None = None) -> int:
+        """Bytes per token and layer that a backward pass keeps without checkpointing (counted with autograd's
+        saved-tensor hooks on a small model, tests/test_memory_estimate.py). Full fine-tuning: each RMSNorm's input
+        and normalised value, in float32 whatever the dtype, and its output in the residual stream's dtype (fp32
+        under autocast over fp32 weights); q, the attention output and o's input (3 q-sized), k and v, the MLP's
+        gate, activation, up and their product (4 MLP-sized), in the compute dtype. LoRA adds the dropout output
+        PEFT keeps for each adapted projection's input: q/k/v/gate/up (5 hidden-sized, the residual's dtype), o
+        (q-sized) and down (MLP-sized)."""
         hidden, inter = self.hidden_size, self.intermediate_size
-        full = 6 * hidden + 3 * self.q_size + 2 * self.kv_size + 4 * inter
-        return full + (5 * hidden + self.q_size + inter if lora else 0)
+        residual = residual_bytes or dtype_bytes
+        norms = 4 * hidden * 4 + 2 * hidden * residual
+        compute = (3 * self.q_size + 2 * self.kv_size + 4 * inter) * dtype_bytes
+        adapters = 5 * hidden * residual + (self.q_size + inter) * dtype_bytes if lora else 0
+        return norms + compute + adapters
 
     def layer_working_values(self) -> int:
         """Values per token alive at once inside one layer's forward when nothing is kept for a backward pass:
@@ -132,10 +137,11 @@ class ModelShape:
 
 
 def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, *, layers: int | None = None,
-                     lora: bool = True) -> int:
+                     lora: bool = True, residual_bytes: int | None = None) -> int:
     """Activations a backward pass keeps for `tokens` tokens over the `layers` layers that train (None: all),
-    without gradient checkpointing. `device_settings` decides checkpointing from this."""
-    return tokens * shape.trained_layers(layers) * shape.activation_values(lora) * dtype_bytes
+    without gradient checkpointing; `residual_bytes` 4 for autocast over fp32 weights. `device_settings` decides
+    checkpointing from this."""
+    return tokens * shape.trained_layers(layers) * shape.activation_layer_bytes(lora, dtype_bytes, residual_bytes)
 
 
 @dataclass
@@ -218,6 +224,7 @@ def training_estimate(shape: ModelShape, *, batch_size: int, texts_per_row: int,
     cuda = device.startswith("cuda")
     weight_bytes = 2 if cuda else 4
     act_bytes = 2 if bf16 or cuda else 4
+    residual_bytes = weight_bytes if bf16 and not cuda else act_bytes  # autocast keeps the residual stream fp32
     params = shape.parameters()
     texts = batch_size * texts_per_row
     forward_texts = min(batch_size, gradcache) if gradcache else batch_size
@@ -233,16 +240,13 @@ def training_estimate(shape: ModelShape, *, batch_size: int, texts_per_row: int,
         trainable, state_bytes = params, weight_bytes
     components.append(Component("gradients", trainable * state_bytes))
     components.append(Component("AdamW state", ADAM_MOMENTS * trainable * state_bytes, "two moments"))
-    per_layer = shape.activation_values(lora)
-    if gradcache:  # the step's graph holds one mini-batch at a time; the rest are cached embeddings
-        kept_tokens = forward_tokens
-    else:
-        kept_tokens = tokens
+    per_layer = shape.activation_layer_bytes(lora, act_bytes, residual_bytes)
+    kept_tokens = forward_tokens if gradcache else tokens  # GradCache: one mini-batch's graph at a time
     if gradient_checkpointing:
-        kept = kept_tokens * layers * shape.hidden_size * act_bytes + forward_tokens * per_layer * act_bytes
+        kept = kept_tokens * layers * shape.hidden_size * residual_bytes + forward_tokens * per_layer
         note = f"checkpointed: {layers} layer inputs of {kept_tokens:,} tokens + one layer recomputed"
     else:
-        kept = kept_tokens * layers * per_layer * act_bytes
+        kept = kept_tokens * layers * per_layer
         note = f"{kept_tokens:,} tokens x {layers} layers"
     components.append(Component("activations", kept, note))
     components.append(Component("layer working set", forward_tokens * shape.layer_working_values() * act_bytes,
@@ -387,8 +391,8 @@ def check_training_fits(estimate: MemoryEstimate, memory: int | None, source: st
     """Refuse a run whose estimate exceeds the memory, naming the settings that would bring it under."""
     if memory is None or estimate.fits(memory):
         if memory is not None:
-            logger.info("Estimated training peak %s of %s (%s) %s.", format_bytes(estimate.total),
-                        format_bytes(memory), source, when)
+            logger.info("Memory check (%s): a training peak of about %s, %s available (%s).", when,
+                        format_bytes(estimate.total), format_bytes(memory), source)
         return
     fitting = [f"{label} (about {format_bytes(size)})" for label, size in estimate.remedies if size <= memory]
     if fitting:
@@ -439,7 +443,7 @@ def plan_training(shape: ModelShape, config, *, texts_per_row: int, device: str,
             checkpointing = True
         else:  # device_settings' rule
             need = activation_bytes(shape, config.batch_size * texts_per_row * length, 2 if bf16 else 4,
-                                    layers=lora_layers if config.lora else None, lora=config.lora)
+                                    layers=lora_layers if config.lora else None, lora=config.lora, residual_bytes=4)
             checkpointing = memory is not None and need > MEMORY_SHARE * memory
     estimate = training_estimate(shape, **common, gradient_checkpointing=checkpointing)
     other = training_estimate(shape, **common, gradient_checkpointing=not checkpointing, remedies=False)

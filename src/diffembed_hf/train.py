@@ -688,7 +688,8 @@ def _check_memory(model_name_or_path: str, config: TrainingConfig, data_split, d
             raise
         logger.debug("No memory estimate before loading: %s", err)
         return
-    check_training_fits(estimate, memory, source, when="checked before loading the weights")
+    check_training_fits(estimate, memory, source, when="before loading the weights; automatic settings counted at "
+                        "their most favourable")
 
 
 def _rows_digest(data_split) -> str:
