@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .memory_estimate import ModelShape, activation_bytes
+
 logger = logging.getLogger(__name__)
 
 RECIPE_MAX_SEQ_LENGTH = 4096  # the study's training length
@@ -84,15 +86,6 @@ def token_length_quantile(tokenizer, texts: list[str], quantile: float = LENGTH_
     lengths = sorted(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
     index = min(len(lengths) - 1, math.ceil(quantile * len(lengths)) - 1)
     return lengths[index], lengths[-1]
-
-
-def activation_bytes(config, tokens: int, dtype_bytes: int) -> int:
-    """Rough memory of the activations a LoRA backward pass keeps for `tokens` tokens without checkpointing: per
-    layer and token about 13 hidden-sized vectors (two RMSNorms' inputs and outputs, attention's q/k/v/output, the
-    LoRA dropout outputs of q/k/v/o/gate/up) and 5 MLP-sized ones (gate, activation, up, their product, down's LoRA
-    dropout output)."""
-    per_token_layer = 13 * config.hidden_size + 5 * config.intermediate_size
-    return tokens * config.num_hidden_layers * per_token_layer * dtype_bytes
 
 
 def cpu_has_amx() -> bool:
@@ -165,7 +158,9 @@ def resolve_device_settings(config, device: torch.device, model_config, tokenize
     elif on_cuda:
         checkpointing, reasons["gradient_checkpointing"] = True, "the recipe's"
     else:
-        need = activation_bytes(model_config, texts_per_step * length, 2 if bf16 else 4)
+        need = activation_bytes(ModelShape.from_config(model_config), texts_per_step * length, 2 if bf16 else 4,
+                                layers=lora_layers if config.lora else None, lora=config.lora,
+                                residual_bytes=4)  # CPU weights are fp32: so is the residual stream
         free = available_memory()
         checkpointing = free is not None and need > MEMORY_SHARE * free
         if checkpointing:

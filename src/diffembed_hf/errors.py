@@ -91,6 +91,11 @@ class ConfigError(UsageError, ValueError):
     """A training setting out of its range, or a settings file that cannot be used."""
 
 
+class MemoryLimitError(ConfigError, MemoryError):
+    """Settings whose estimated peak memory (`memory_estimate`) exceeds the device's, refused before loading; the
+    message names the settings that would fit."""
+
+
 class TrainingError(DiffembedError, RuntimeError):
     """Training could not run as asked (no batch to train on, ...); nothing was written."""
 

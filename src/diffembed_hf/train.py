@@ -275,10 +275,9 @@ def _resolve_settings(config: TrainingConfig, model: SentenceTransformer, data_s
                       limit: int | None) -> tuple[TrainingConfig, dict]:
     """The run's concrete settings: the device's (`device_settings`), the saved model's length (the base's unless
     asked) and its query prompt (the training instruction, where every row has the same one). Logged once."""
-    columns = data_split.train.column_names
-    per_row = len(next(iter(columns.values())) if isinstance(columns, dict) else columns)
     settings = resolve_device_settings(config, model.device, backbone(model).config, model.tokenizer,
-                                       _training_texts(data_split.train), config.batch_size * per_row, limit)
+                                       _training_texts(data_split.train), config.batch_size * texts_per_row(data_split),
+                                       limit)
     apply_threads(settings)
     logger.info("%s.", settings.describe())
     base_length = model.max_seq_length or min(limit or DEFAULT_MAX_SEQ_LENGTH, DEFAULT_MAX_SEQ_LENGTH)
@@ -507,13 +506,16 @@ def train(
     device: str | None = None,
     callbacks: list | None = None,
     trust_remote_code: bool = False,
+    device_memory: int | str | None = None,
 ) -> TrainingResult:
     """Fine-tune `model_name_or_path` (a DiffEmbed folder or Hub id) on `data` and write a Hub-ready folder.
 
     Data problems are reported before anything is written. Evaluation on the held-out rows (`eval_data`, or an
     `eval_fraction` of `data`) runs before and after training; its table goes into `diffembed_training.json`,
     which the model card reads. `trust_remote_code` lets a base folder's own Python code (a custom tokenizer)
-    run; DiffEmbed's classes always come from this package.
+    run; DiffEmbed's classes always come from this package. Before the weights load, settings whose estimated peak
+    memory (`memory_estimate`) exceeds the device's (or `device_memory`, bytes or e.g. "80GiB") are refused with
+    `MemoryLimitError`, naming the settings that would fit.
     """
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
@@ -526,12 +528,12 @@ def train(
         check_output_folder(output_dir, overwrite=overwrite)
         return _run(model_name_or_path, data, output_dir, config, mapping=mapping, eval_data=eval_data,
                     overwrite=overwrite, resume=resume, device=device, callbacks=callbacks,
-                    trust_remote_code=trust_remote_code)
+                    trust_remote_code=trust_remote_code, device_memory=device_memory)
 
 
 def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingConfig, *, mapping, eval_data,
          overwrite: bool, resume: bool, device: str | None, callbacks: list | None,
-         trust_remote_code: bool) -> TrainingResult:
+         trust_remote_code: bool, device_memory: int | str | None) -> TrainingResult:
     data_split = load_training_data(
         data, mapping=mapping, eval_source=eval_data, eval_fraction=0.0 if eval_data else config.eval_fraction,
         group_by_instruction=config.group_by_instruction, default_prompt=config.query_prompt, seed=config.seed,
@@ -556,6 +558,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
             raise OutputExistsError(f"{checkpoints} holds the checkpoints of an interrupted run: pass --resume to "
                                     "continue it, or --overwrite to start again (they are then deleted)")
         shutil.rmtree(checkpoints)
+    _check_memory(model_name_or_path, config, data_split, device, world, device_memory)
     start = time.perf_counter()
     # a base whose stored length exceeds its positions is refused at load, unless the saved length is given
     model = load_encoder(model_name_or_path, device=device, trust_remote_code=trust_remote_code,
@@ -646,6 +649,47 @@ SETTING_OPTIONS = {
     "truncate_dim": "--truncate-dim", "lora": "--full", "adapter_only": "--adapter-only",
     "group_by_instruction": "--group-by-instruction", "eval_fraction": "--eval-fraction",
 }
+
+
+def texts_per_row(data_split) -> int:
+    """The texts each training row gives the model (query, positive, negatives): one forward pass each per step."""
+    columns = data_split.train.column_names
+    return len(next(iter(columns.values())) if isinstance(columns, dict) else columns)
+
+
+def training_memory(model_name_or_path: str, config: TrainingConfig, per_row: int, device: str | None,
+                    world: int, device_memory: int | str | None, *, favourable: bool = False):
+    """(the training estimate, the memory it is compared with, where that figure comes from), from config.json."""
+    from .files import parse_size
+    from .memory_estimate import ModelShape, device_memory as memory_of, plan_training, read_model_config, \
+        resolve_device
+
+    device = resolve_device(device)
+    memory, source = memory_of(device, None if device_memory is None else parse_size(device_memory))
+    shape = ModelShape.from_config(read_model_config(model_name_or_path))
+    estimate = plan_training(shape, config, texts_per_row=per_row, device=device, world_size=world, memory=memory,
+                             favourable=favourable)
+    return estimate, memory, source
+
+
+def _check_memory(model_name_or_path: str, config: TrainingConfig, data_split, device: str | None, world: int,
+                  device_memory: int | str | None) -> None:
+    """Refuse, before the weights load, settings whose estimated peak exceeds the device's memory. Automatic
+    settings are counted at their most favourable (`plan_training(favourable=True)`): only a run that cannot fit
+    is refused. A model whose config cannot be read here is left to the loader, which names the problem."""
+    from .errors import ModelFilesError, UsageError
+    from .memory_estimate import check_training_fits
+
+    try:
+        estimate, memory, source = training_memory(model_name_or_path, config, texts_per_row(data_split), device,
+                                                   world, device_memory, favourable=True)
+    except (ModelFilesError, UsageError) as err:
+        if device_memory is not None:
+            raise
+        logger.debug("No memory estimate before loading: %s", err)
+        return
+    check_training_fits(estimate, memory, source, when="before loading the weights; automatic settings counted at "
+                        "their most favourable")
 
 
 def _rows_digest(data_split) -> str:

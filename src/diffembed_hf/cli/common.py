@@ -60,6 +60,44 @@ def byte_size(text: str) -> str:
     return text
 
 
+def memory_size(text: str) -> int:
+    """A memory size in bytes, e.g. 80GiB, 24GB or 512MiB (> 0)."""
+    from ..files import parse_size
+
+    try:
+        value = parse_size(text)
+    except DiffembedError:
+        raise argparse.ArgumentTypeError(f"must be a memory size > 0 such as 80GiB or 512MiB, got {text!r}") from None
+    return value
+
+
+def add_estimate_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """--estimate (print the peak memory from config.json and exit) and --device-memory (what to compare it with)."""
+    parser.add_argument("--estimate", action="store_true", help=f"print the peak memory {what} will need (weights, "
+                        "activations, ...; from config.json, no weight loaded), whether it fits the device, and "
+                        "exit")
+    parser.add_argument("--device-memory", type=memory_size, metavar="SIZE", help="the memory to check the estimate "
+                        "against, e.g. 80GiB (default: the device's free memory, or the host's available memory)")
+
+
+def print_inference_estimate(args: argparse.Namespace, what: str) -> int:
+    """`encode --estimate` / `evaluate --estimate`: the table for the token budget, from config.json alone."""
+    from ..memory_estimate import ModelShape, device_memory, inference_estimate, read_model_config, resolve_device
+
+    device = resolve_device(args.device)
+    shape = ModelShape.from_config(read_model_config(args.model))
+    quantized = getattr(args, "quantize", None) is not None
+    estimate = inference_estimate(shape, max_tokens_per_batch=args.max_tokens_per_batch,
+                                  max_seq_length=args.max_seq_length, device=device,
+                                  dtype_bytes=2 if quantized else None, what=what)
+    if quantized:
+        estimate.notes.append("--quantize fp8: linear weights counted at bf16 (an upper bound)")
+    estimate.notes.append("not counted: the vectors kept in memory (rows x dimension x 4 B), the libraries and data")
+    memory, source = device_memory(device, args.device_memory)
+    print(estimate.table(memory, source))
+    return 0
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Shows every option's default; options whose default depends on something else say so in their help."""
 

@@ -10,7 +10,8 @@ import sys
 import traceback
 
 from ..errors import DiffembedError, UsageError
-from .common import add_trust_option, check_device, check_model_source, positive_int
+from .common import (add_estimate_options, add_trust_option, check_device, check_model_source, positive_int,
+                     print_inference_estimate)
 
 
 class _Retired(argparse.Action):
@@ -59,6 +60,7 @@ def add_parser(commands) -> None:
     enc.add_argument("--progress", action=argparse.BooleanOptionalAction,
                      help="force the progress bar on/off (default: on from 256 texts)")
     add_trust_option(enc)
+    add_estimate_options(enc, "encoding")
     corpus = enc.add_argument_group("corpus mode (--output is a folder)")
     corpus.add_argument("--id-field", help="the id column (default: _id, else id, else the row number)")
     corpus.add_argument("--title-field", help="a title column, joined to the text as mteb does (default: none)")
@@ -75,6 +77,9 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.estimate:  # config.json only: a folder whose weights are absent or damaged still estimates
+        check_device(args.device)
+        return print_inference_estimate(args, "encoding")
     check_model_source(args.model)  # before the heavy imports: a missing or damaged folder is named at once
     from ..encoding import check_mode_options, is_folder_output
 

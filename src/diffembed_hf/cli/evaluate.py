@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import require_extra
-from .common import add_trust_option, check_device, check_model_source, positive_int
+from .common import (add_estimate_options, add_trust_option, check_device, check_model_source, positive_int,
+                     print_inference_estimate)
 
 
 def add_parser(commands) -> None:
@@ -34,6 +35,7 @@ def add_parser(commands) -> None:
     ev.add_argument("--overwrite", action="store_true", help="recompute this model's results already in --output; "
                     "replace another model's (without it, a run into another model's results is refused)")
     add_trust_option(ev)
+    add_estimate_options(ev, "evaluation")
     compact = ev.add_argument_group("compact vectors (each setting a result of its own beside the float one)")
     compact.add_argument("--truncate-dim", type=positive_int, metavar="D", help="score the first D dimensions, "
                          "renormalised (default: the model's stored truncate_dim, else all)")
@@ -50,6 +52,9 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.estimate:  # config.json only; mteb's task data and the corpus vectors are not counted
+        check_device(args.device)
+        return print_inference_estimate(args, "evaluation")
     check_model_source(args.model)
     check_device(args.device)
     require_extra("eval", what="evaluation")

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import require_extra
-from .common import (add_trust_option, check_device, check_model_source, fraction, non_negative_int, positive_float,
-                     positive_int)
+from .common import (add_estimate_options, add_trust_option, check_device, check_model_source, fraction,
+                     non_negative_int, positive_float, positive_int)
 
 FROM_CONFIG = "(default: the recipe's {}, or --config's)"
 
@@ -61,6 +61,7 @@ def add_parser(commands) -> None:
                     "interrupted run (from the start if there is none)")
     tr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     add_trust_option(tr, "the base model folder")
+    add_estimate_options(tr, "training")
     tr.set_defaults(func=run)
 
 
@@ -69,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     from ..files import check_output_folder
 
     # the checks that need no heavy import first: a mistake is reported at once
-    check_output_folder(Path(args.output), overwrite=args.overwrite)
-    check_model_source(args.model)
+    if not args.estimate:  # the estimate writes nothing and reads config.json only
+        check_output_folder(Path(args.output), overwrite=args.overwrite)
+        check_model_source(args.model)
     from ..data import ColumnMapping, check_data_source
 
     check_data_source(args.data)
@@ -92,12 +94,28 @@ def run(args: argparse.Namespace) -> int:
     config = TrainingConfig.from_file(args.config, **overrides) if args.config else TrainingConfig(**overrides)
     mapping = ColumnMapping(query=args.query_column, positive=args.positive_column,
                             negatives=args.negative_column or [], instruction=args.instruction_column)
+    if args.estimate:
+        return _estimate(args, config, mapping)
     result = train(args.model, args.data, args.output, config, mapping=mapping, eval_data=args.eval_data,
                    overwrite=args.overwrite, resume=args.resume, device=args.device,
-                   trust_remote_code=args.trust_remote_code)
+                   trust_remote_code=args.trust_remote_code, device_memory=args.device_memory)
     if result.metrics_after:
         for name, metrics in (("before", result.metrics_before), ("after", result.metrics_after)):
             print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     print(f"{result.steps} training steps" + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
           + f"; model written to {result.output_dir}")
+    return 0
+
+
+def _estimate(args: argparse.Namespace, config, mapping) -> int:
+    """`train --estimate`: the peak of a step from config.json and the rows' columns (texts per row)."""
+    from ..corpus.distributed import current
+    from ..data import load_training_data
+    from ..train import texts_per_row, training_memory
+
+    data_split = load_training_data(args.data, mapping=mapping, group_by_instruction=config.group_by_instruction,
+                                    default_prompt=config.query_prompt, seed=config.seed)
+    estimate, memory, source = training_memory(args.model, config, texts_per_row(data_split), args.device,
+                                               current().world_size, args.device_memory)
+    print(estimate.table(memory, source))
     return 0
