@@ -24,8 +24,10 @@ dimensions: every compaction path); no figure is a measurement.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -147,7 +149,8 @@ def main() -> None:
                         "setting per compaction path, a temporary folder; no figure is a measurement")
     args = parser.parse_args()
     if args.smoke:
-        args.steps, args.heldout_rows, args.work = 1, 16, None
+        args.steps, args.heldout_rows, args.work = 1, 16, tempfile.mkdtemp(prefix="diffembed-compact-smoke-")
+        atexit.register(shutil.rmtree, args.work, True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
 

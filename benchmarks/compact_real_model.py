@@ -29,10 +29,13 @@ pytrec_eval's nDCG@10, as mteb scores it. The peer of each row is the same model
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -122,7 +125,8 @@ def main() -> None:
                         "architecture, 1 step, 8 queries per set, a temporary folder; no figure is a measurement")
     args = parser.parse_args()
     if args.smoke:
-        args.steps, args.queries, args.work = 1, 8, None
+        args.steps, args.queries, args.work = 1, 8, tempfile.mkdtemp(prefix="diffembed-compact-real-smoke-")
+        atexit.register(shutil.rmtree, args.work, True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -162,7 +166,8 @@ def main() -> None:
     model_name = ("a tiny GGUF file of SmolLM2's architecture (--smoke)" if args.smoke
                   else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)")
     print(f"\nnDCG@10 on held-out retrieval; {model_name} fine-tuned {args.steps} "
-          f"steps of {4 if args.smoke else 8} rows at {32 if args.smoke else 128} tokens, plain and Matryoshka {MATRYOSHKA_DIMS}, same data and seed; CPU, "
+          f"steps of {4 if args.smoke else 8} rows at {32 if args.smoke else 128} tokens, plain and Matryoshka "
+          f"{MATRYOSHKA_DIMS}, same data and seed; CPU, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("; ".join(f"{name}: {q} queries, {d} documents" for name, (q, d) in sizes.items()))
     print("ratio: nDCG@10 / the same model's float32 full-width nDCG@10 (the peer, from the same vectors)\n")

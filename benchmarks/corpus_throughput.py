@@ -66,8 +66,8 @@ def main():
     cores = os.cpu_count() or 1
     base_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     base_env["HF_HUB_OFFLINE"] = "1"
-    encode = ["-m", "diffembed_hf", "encode", str(model), "-i", str(work / "corpus.jsonl"), "--shard-size", str(shard_size),
-              "--device", "cpu", "--no-progress"]
+    encode = ["-m", "diffembed_hf", "encode", str(model), "-i", str(work / "corpus.jsonl"), "--shard-size",
+              str(shard_size), "--device", "cpu", "--no-progress"]
     modes = {
         "one process": (lambda out: [sys.executable, *encode, "-o", f"{out}/"], dict(OMP_NUM_THREADS=str(cores))),
         "one process, 1 thread": (lambda out: [sys.executable, *encode, "-o", f"{out}/"], dict(OMP_NUM_THREADS="1")),

@@ -199,7 +199,7 @@ def main():
         longest = {}
         ours.config._attn_implementation = None
         warm = torch.randint(0, 151643, (1, 64 if args.smoke else 1024), device=device)
-        ours(input_ids=warm, attention_mask=torch.ones(warm.shape)), ref(input_ids=warm)  # kernel selection off the clock
+        ours(input_ids=warm, attention_mask=torch.ones(warm.shape)), ref(input_ids=warm)  # kernel selection, unclocked
         for length in (int(x) for x in args.long.split(",")):
             ids = torch.randint(0, 151643, (1, length), device=device)
             for name, fn in (("ours", lambda: ours(input_ids=ids, attention_mask=torch.ones(1, length)).embeddings),

@@ -46,6 +46,7 @@ they are missing (their own dependencies are not needed).
 from __future__ import annotations
 
 import argparse
+import atexit
 import gzip
 import importlib.util
 import json
@@ -54,6 +55,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -438,6 +440,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.smoke:
         args.work = tempfile.mkdtemp(prefix="diffembed-quality-smoke-")
+        atexit.register(shutil.rmtree, args.work, True)
         args.table, args.row, args.full = Path(args.work) / "quality.json", "smoke", False
         args.steps, args.batch, args.length, args.queries, args.eval_length = 2, 4, 32, 8, 64
         args.eval_every, args.lora_layers, args.budget_minutes = 1, 1, 60.0

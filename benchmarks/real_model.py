@@ -46,7 +46,8 @@ def smollm2_gguf(install: bool = True) -> Path:
 
 def tiny_gguf(path: Path) -> Path:
     """--smoke: a GGUF file of SmolLM2's architecture and width (llama: hidden 576, heads 9/3 of 64, MLP 1536) with 2
-    layers, random Q8_0 matrices and a byte-level BPE tokenizer (the 256 byte symbols, a few merges, one end-of-text token)."""
+    layers, random Q8_0 matrices and a byte-level BPE tokenizer (the 256 byte symbols, a few merges, one end-of-text
+    token)."""
     import gguf
     import numpy as np
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -73,6 +74,7 @@ def tiny_gguf(path: Path) -> Path:
     writer.add_token_merges(merges)
     writer.add_bos_token_id(len(tokens) - 1)
     writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_pad_token_id(len(tokens) - 1)
     shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
     for layer in range(layers):
         shapes.update({f"blk.{layer}.{name}": shape for name, shape in (

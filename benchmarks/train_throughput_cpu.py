@@ -33,9 +33,11 @@ same-batch and same-loss checks still stop the run. No figure is a measurement.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -168,6 +170,8 @@ def main() -> None:
     if args.smoke:
         args.rounds, args.steps, args.warmup, args.batch_size, args.max_seq_length = 1, 1, 1, 4, 32
     work = Path(args.work or tempfile.mkdtemp(prefix="diffembed-train-cpu-"))
+    if args.smoke and not args.work:
+        atexit.register(shutil.rmtree, work, True)
     folders = {"diffembed": converted_smollm2(work / "smollm2", smoke=args.smoke),
                "baseline": baseline_folder(work, args.smoke)}
     data = work / "train.jsonl"
