@@ -16,8 +16,8 @@ Held-out sets: (1) the demo's task (`--suite stdlib`: standard-library modules n
 of rows from third-party code the models never saw (`huggingface_hub` and `datasets`, as installed), as a local
 BEIR folder. The peer of each row is the same model's float32 full-width vectors, evaluated in the same run.
 
---smoke runs every part in a temporary folder with 1 training step of 8 rows at 32 tokens, 32 training and 16
-held-out rows, 16 third-party rows and 4 of the 8 settings (float32; int8; binary with rescoring; binary at 64
+--smoke runs every part in a temporary folder with 1 training step of 8 rows at 32 tokens, 32 training rows, 16
+queries of each held-out set read at 32 tokens, and 4 of the 8 settings (float32; int8; binary with rescoring; binary at 64
 dimensions: every compaction path); no figure is a measurement.
 """
 
@@ -110,10 +110,11 @@ def score_table(models: dict[str, str], beir: str, work: Path, smoke: bool = Fal
     results = {}
     for label, options in settings(smoke):
         for name, folder in models.items():
-            for task, where in (("stdlib", dict(suite="stdlib")),
+            for task, where in (("stdlib", dict(suite="stdlib", stdlib_rows=16 if smoke else None)),
                                 ("third-party", dict(data=beir, query_prompt=INSTRUCTION + ":\n"))):
                 out = work / "eval" / f"{name}-{task}-{label.replace(' ', '_').replace(',', '')}"
-                result = evaluate(folder, output=out, device="cpu", max_seq_length=128, **where, **options)
+                result = evaluate(folder, output=out, device="cpu", max_seq_length=32 if smoke else 128, **where,
+                                  **options)
                 (scores,) = result.summary.values()
                 results[(label, name, task)] = (scores["main_score"], scores["bytes_per_vector"])
                 print(f"  {label:<22} {name:<11} {task:<12} nDCG@10 {scores['main_score']:.4f}", file=sys.stderr)
@@ -167,7 +168,7 @@ def main() -> None:
 
     print(f"\nnDCG@10 on held-out retrieval; demo model (128 wide), {args.steps} training steps each, same data and "
           f"seed; {os.cpu_count()} CPU cores, torch {torch.__version__}")
-    print(f"stdlib: the demo's held-out task (300 queries); third-party: {described}")
+    print(f"stdlib: the demo's held-out task ({16 if args.smoke else 300} queries); third-party: {described}")
     print("ratio: nDCG@10 / the same model's float32 full-width nDCG@10 (the peer, measured in this run)\n")
     header = (f"| {'vectors':<22} | bytes/vector | stdlib plain | stdlib MRL | ratio plain | ratio MRL "
               f"| 3rd-party plain | 3rd-party MRL | ratio plain | ratio MRL |")
