@@ -125,6 +125,7 @@ def shard_sizes(model: str, work: Path, smoke: bool = False) -> list[tuple[str, 
     """The corpus mode output of the demo task's documents (train and held-out) at three precisions (`smoke`: 40)."""
     from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
     from diffembed_hf.corpus import encode_corpus
+    from diffembed_hf.corpus.shards import read_manifest
 
     texts = sorted({r[k] for r in build_rows(TRAIN_MODULES + HELD_OUT_MODULES) for k in ("positive", "negative")})
     texts = texts[:40 if smoke else None]
@@ -135,7 +136,7 @@ def shard_sizes(model: str, work: Path, smoke: bool = False) -> list[tuple[str, 
         out = work / f"shards-{precision}"
         encode_corpus(model, source, out, precision=precision, shard_size=1000, device="cpu", overwrite=True,
                       max_seq_length=128, show_progress_bar=False)
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = read_manifest(out)  # .diffembed-manifest.json since 0.2
         sizes.append((precision, manifest["bytes_per_vector"], sum(p.stat().st_size for p in out.glob("part-*"))))
     return sizes, len(texts)
 
