@@ -344,7 +344,7 @@ def fp8_retrieval(root: Path, device, tiny: bool):
                               for a, b in zip(rankings["bf16"], rankings["fp8"]))
     cosine = F.cosine_similarity(cosines["fp8"], cosines["bf16"])
     record("FP8 vs bf16 retrieval (demo's held-out task)",
-           f"{len(queries)} queries, {len(corpus)} documents, the default model fine-tuned {steps} steps here: top-10 overlap {overlap:.3f}; nDCG@10 fp8 {metrics['fp8']:.4f} vs bf16 {metrics['bf16']:.4f}; per-text "
+           f"{len(queries)} queries, {len(corpus)} documents, the {'smoke' if tiny else 'default'} model fine-tuned {steps} steps here: top-10 overlap {overlap:.3f}; nDCG@10 fp8 {metrics['fp8']:.4f} vs bf16 {metrics['bf16']:.4f}; per-text "
            f"cosine min {cosine.min():.4f}, median {cosine.median():.4f}")
 
 
