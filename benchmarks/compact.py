@@ -3,6 +3,7 @@ Matryoshka dimensions (same steps, same data), and corpus shard sizes at int8 an
 
     OMP_NUM_THREADS=1 python benchmarks/compact.py              # the demo's default model; 85 min on 2 busy cores
     OMP_NUM_THREADS=1 python benchmarks/compact.py --steps 100  # a quicker, weaker run
+    python benchmarks/compact.py --smoke                         # smoke test of the script: seconds, no figures
 
 (One OpenMP thread: on shared cores two spinning threads trained 4x slower.)
 
@@ -14,13 +15,19 @@ package's own paths: `train.train`, `evaluation.evaluate` (mteb scoring, compact
 Held-out sets: (1) the demo's task (`--suite stdlib`: standard-library modules not trained on), (2) the same kind
 of rows from third-party code the models never saw (`huggingface_hub` and `datasets`, as installed), as a local
 BEIR folder. The peer of each row is the same model's float32 full-width vectors, evaluated in the same run.
+
+--smoke runs every part in a temporary folder with 1 training step of 8 rows at 32 tokens, 32 training rows, 16
+queries of each held-out set read at 32 tokens, and 4 of the 8 settings (float32; int8; binary with rescoring; binary at 64
+dimensions: every compaction path); no figure is a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -31,7 +38,12 @@ MATRYOSHKA_DIMS = [128, 64, 32, 16]
 RESCORE = 40  # binary candidates rescored per query (4 x the 10 that nDCG@10 reads)
 
 
-def settings() -> list[tuple[str, dict]]:
+def settings(smoke: bool = False) -> list[tuple[str, dict]]:
+    """The table's rows: (label, evaluate's options); `smoke`: one of each compaction path."""
+    if smoke:
+        return [("float32", {}), ("int8", {"precision": "int8"}),
+                (f"binary + rescore {RESCORE}", {"precision": "binary", "rescore": RESCORE}),
+                ("binary, 64 dims", {"precision": "binary", "truncate_dim": 64})]
     rows = [("float32", {})]
     rows += [(f"float32, {d} dims", {"truncate_dim": d}) for d in MATRYOSHKA_DIMS[1:]]
     rows += [("int8", {"precision": "int8"}), ("binary", {"precision": "binary"}),
@@ -65,14 +77,14 @@ def third_party_beir(folder: Path, rows: int) -> tuple[str, str]:
     return str(folder), f"{len(queries)} queries, {len(corpus)} documents ({versions})"
 
 
-def train_models(work: Path, steps: int) -> dict[str, str]:
+def train_models(work: Path, steps: int, smoke: bool = False) -> dict[str, str]:
     from diffembed_hf.builtin_task import write_task
     from diffembed_hf.demo import DEMO_TRAINING, build_default_model
     from diffembed_hf.sentence_transformer import save_sentence_transformer
     from diffembed_hf.tokenization import load_dream_tokenizer
     from diffembed_hf.train import TrainingConfig, train
 
-    train_file, heldout_file = write_task(work / "data", max_eval=300)
+    train_file, heldout_file = write_task(work / "data", max_train=32 if smoke else None, max_eval=16 if smoke else 300)
     untrained = work / "untrained"
     if not untrained.exists():
         save_sentence_transformer(build_default_model(), load_dream_tokenizer(), untrained, max_seq_length=128)
@@ -81,7 +93,9 @@ def train_models(work: Path, steps: int) -> dict[str, str]:
         out = work / name
         if not (out / "diffembed_training.json").is_file():
             config = TrainingConfig(**{**DEMO_TRAINING, "max_steps": steps, "logging_steps": max(1, steps // 4),
-                                       "eval_fraction": 0.0}, **extra)
+                                       "eval_fraction": 0.0,
+                                       **({"batch_size": 8, "max_seq_length": 32, "warmup_steps": 0} if smoke else {})},
+                                    **extra)
             start = time.perf_counter()
             train(str(untrained), str(train_file), out, config, device="cpu", overwrite=True)
             print(f"trained {name}: {steps} steps in {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -89,29 +103,32 @@ def train_models(work: Path, steps: int) -> dict[str, str]:
     return models
 
 
-def score_table(models: dict[str, str], beir: str, work: Path) -> dict:
+def score_table(models: dict[str, str], beir: str, work: Path, smoke: bool = False) -> dict:
     from diffembed_hf.builtin_task import INSTRUCTION
     from diffembed_hf.evaluation.run import evaluate
 
     results = {}
-    for label, options in settings():
+    for label, options in settings(smoke):
         for name, folder in models.items():
-            for task, where in (("stdlib", dict(suite="stdlib")),
+            for task, where in (("stdlib", dict(suite="stdlib", stdlib_rows=16 if smoke else None)),
                                 ("third-party", dict(data=beir, query_prompt=INSTRUCTION + ":\n"))):
                 out = work / "eval" / f"{name}-{task}-{label.replace(' ', '_').replace(',', '')}"
-                result = evaluate(folder, output=out, device="cpu", max_seq_length=128, **where, **options)
+                result = evaluate(folder, output=out, device="cpu", max_seq_length=32 if smoke else 128, **where,
+                                  **options)
                 (scores,) = result.summary.values()
                 results[(label, name, task)] = (scores["main_score"], scores["bytes_per_vector"])
                 print(f"  {label:<22} {name:<11} {task:<12} nDCG@10 {scores['main_score']:.4f}", file=sys.stderr)
     return results
 
 
-def shard_sizes(model: str, work: Path) -> list[tuple[str, int, int]]:
-    """The corpus mode output of the demo task's documents (train and held-out) at three precisions."""
+def shard_sizes(model: str, work: Path, smoke: bool = False) -> list[tuple[str, int, int]]:
+    """The corpus mode output of the demo task's documents (train and held-out) at three precisions (`smoke`: 40)."""
     from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
     from diffembed_hf.corpus import encode_corpus
+    from diffembed_hf.corpus.shards import read_manifest
 
     texts = sorted({r[k] for r in build_rows(TRAIN_MODULES + HELD_OUT_MODULES) for k in ("positive", "negative")})
+    texts = texts[:40 if smoke else None]
     source = work / "corpus.jsonl"
     source.write_text("".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
     sizes = []
@@ -119,7 +136,7 @@ def shard_sizes(model: str, work: Path) -> list[tuple[str, int, int]]:
         out = work / f"shards-{precision}"
         encode_corpus(model, source, out, precision=precision, shard_size=1000, device="cpu", overwrite=True,
                       max_seq_length=128, show_progress_bar=False)
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = read_manifest(out)  # .diffembed-manifest.json since 0.2
         sizes.append((precision, manifest["bytes_per_vector"], sum(p.stat().st_size for p in out.glob("part-*"))))
     return sizes, len(texts)
 
@@ -130,7 +147,12 @@ def main() -> None:
     parser.add_argument("--work", help="folder for the task, models and results (default: a temporary folder; "
                         "an existing one reuses its trained models)")
     parser.add_argument("--heldout-rows", type=int, default=300, help="rows of the third-party held-out set")
+    parser.add_argument("--smoke", action="store_true", help="smoke test of the script: 1 step, a few rows, one "
+                        "setting per compaction path, a temporary folder; no figure is a measurement")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.heldout_rows, args.work = 1, 16, tempfile.mkdtemp(prefix="diffembed-compact-smoke-")
+        atexit.register(shutil.rmtree, args.work, True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
 
@@ -140,20 +162,20 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="diffembed-compact-"))
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    models = train_models(work, args.steps)
+    models = train_models(work, args.steps, args.smoke)
     beir, described = third_party_beir(work / "third-party", args.heldout_rows)
-    results = score_table(models, beir, work)
-    sizes, documents = shard_sizes(models["matryoshka"], work)
+    results = score_table(models, beir, work, args.smoke)
+    sizes, documents = shard_sizes(models["matryoshka"], work, args.smoke)
 
     print(f"\nnDCG@10 on held-out retrieval; demo model (128 wide), {args.steps} training steps each, same data and "
           f"seed; {os.cpu_count()} CPU cores, torch {torch.__version__}")
-    print(f"stdlib: the demo's held-out task (300 queries); third-party: {described}")
+    print(f"stdlib: the demo's held-out task ({16 if args.smoke else 300} queries); third-party: {described}")
     print("ratio: nDCG@10 / the same model's float32 full-width nDCG@10 (the peer, measured in this run)\n")
     header = (f"| {'vectors':<22} | bytes/vector | stdlib plain | stdlib MRL | ratio plain | ratio MRL "
               f"| 3rd-party plain | 3rd-party MRL | ratio plain | ratio MRL |")
     print(header)
     print("|" + "|".join("---" if i == 0 else "---:" for i in range(header.count("|") - 1)) + "|")
-    for label, _ in settings():
+    for label, _ in settings(args.smoke):
         cells = [f"{results[(label, 'plain', 'stdlib')][1]:,}"]
         for task in ("stdlib", "third-party"):
             plain, mrl = results[(label, "plain", task)][0], results[(label, "matryoshka", task)][0]

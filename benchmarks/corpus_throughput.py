@@ -7,6 +7,7 @@ as many threads as the two ranks together, so the ratio is what spreading shards
 single-process line with one thread shows how much of that is OpenMP threads contending for busy cores.
 
     python benchmarks/corpus_throughput.py            # about 3 minutes on 2 idle cores
+    python benchmarks/corpus_throughput.py --smoke    # smoke test of the script: 40 texts in shards of 10, one run
 """
 
 import argparse
@@ -43,7 +44,12 @@ def main():
     parser.add_argument("--texts", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="smoke test of the script: 40 texts in shards of 10, "
+                        "one run of each mode (overrides --texts and --repeats); no figure is a measurement")
     args = parser.parse_args()
+    if args.smoke:
+        args.texts, args.repeats = 40, 1
+    shard_size = 10 if args.smoke else 1000
 
     from diffembed_hf import load_dream_tokenizer
     from diffembed_hf.demo import build_default_model
@@ -60,8 +66,8 @@ def main():
     cores = os.cpu_count() or 1
     base_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     base_env["HF_HUB_OFFLINE"] = "1"
-    encode = ["-m", "diffembed_hf", "encode", str(model), "-i", str(work / "corpus.jsonl"), "--shard-size", "1000",
-              "--device", "cpu", "--no-progress"]
+    encode = ["-m", "diffembed_hf", "encode", str(model), "-i", str(work / "corpus.jsonl"), "--shard-size",
+              str(shard_size), "--device", "cpu", "--no-progress"]
     modes = {
         "one process": (lambda out: [sys.executable, *encode, "-o", f"{out}/"], dict(OMP_NUM_THREADS=str(cores))),
         "one process, 1 thread": (lambda out: [sys.executable, *encode, "-o", f"{out}/"], dict(OMP_NUM_THREADS="1")),
@@ -80,7 +86,7 @@ def main():
     shutil.rmtree(work)
 
     print(f"\n{args.texts} texts, default demo model (hidden 128, 4 layers, Dream tokenizer), {cores} CPU cores, "
-          f"median of {args.repeats} runs, wall time of the whole command")
+          f"shards of {shard_size}, median of {args.repeats} runs, wall time of the whole command")
     print(f"load average before/after: {load[0]:.1f} / {os.getloadavg()[0]:.1f}")
     header = f"{'mode':<24}{'seconds':>9}{'texts/s':>9}{'ratio':>7}"
     print(header)

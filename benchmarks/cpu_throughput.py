@@ -10,6 +10,7 @@ in eager mode, both fed packed batches (`cu_seq_lens_q`) as the package's encode
 their ratio, the largest vector difference, and the one-off compilation time (not in the rate).
 
     python benchmarks/cpu_throughput.py            # about 3-6 minutes on 2 cores
+    python benchmarks/cpu_throughput.py --smoke    # smoke test of the script: a 2-layer, 64-wide model, 8 short texts
 """
 
 import argparse
@@ -176,9 +177,14 @@ def main():
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="smoke test of the script: a tiny model and a few "
+                        "short texts (overrides the shape options); no figure is a measurement")
     parser.add_argument("--worker", choices=["qwen2", "diffembed", "diffembed-sdpa", "compiled"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:  # the workers get --smoke too (forwarded below) and shrink alike
+        args.layers, args.hidden, args.heads, args.kv_heads = 2, 64, 4, 2
+        args.texts, args.batch_size, args.min_len, args.max_len, args.repeats = 8, 4, 8, 32, 1
     if args.worker == "compiled":
         return compiled_worker(args)
     if args.worker:

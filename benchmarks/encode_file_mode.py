@@ -8,6 +8,7 @@ weights) with the real Dream tokenizer. The texts: words drawn at random, 16 to 
 alternate the two (so a busy neighbour slows both alike) and the table gives medians and the ratio.
 
     python benchmarks/encode_file_mode.py            # about 3 minutes on 2 cores
+    python benchmarks/encode_file_mode.py --smoke    # smoke test of the script: a 2-layer, 64-wide model, 8 texts
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ def main():
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="smoke test of the script: a tiny model, a few short "
+                        "texts, one round (overrides the shape options); no figure is a measurement")
     args = parser.parse_args()
+    if args.smoke:
+        args.layers, args.hidden, args.heads, args.kv_heads = 2, 64, 4, 2
+        args.texts, args.min_len, args.max_len, args.rounds = 8, 8, 32, 1
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

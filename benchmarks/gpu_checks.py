@@ -12,7 +12,7 @@
    held-out retrieval task with the demo's default model fine-tuned on it here, the top-10 overlap and nDCG@10.
 
     python benchmarks/gpu_checks.py          # one CUDA GPU (H100/H200): estimated 6-8 minutes, not yet run
-    python benchmarks/gpu_checks.py --tiny   # CPU smoke test of the script itself: small shapes, no figures
+    python benchmarks/gpu_checks.py --smoke  # CPU smoke test of the script itself: tiny shapes, no figures
 
 On a GPU machine without network (torch, transformers and sentence-transformers installed), bring the few wheels
 it lacks (about 7.4 MB; torchao is the FP8 path) and install them beside the project:
@@ -24,9 +24,11 @@ it lacks (about 7.4 MB; torchao is the FP8 path) and install them beside the pro
 
 (datasets 4.4 needs pyarrow >= 21; bring pyarrow too where the machine's is older.)
 
---tiny runs every part on the CPU with small shapes so that the script is known to work before GPU time is
-spent; its FP8 part bypasses torchao's CUDA gate (torchao's CPU fallback), so none of its numbers is a
-measurement of anything.
+--smoke (also --tiny, --cpu) runs every part on the CPU with a tiny model (2 layers of 128, Dream's vocabulary) and
+a few steps, so that the script is known to work before GPU time is spent: the same table, with "skipped: needs
+CUDA" where only a GPU can fill a cell (the varlen kernels' self-checks, the 4,096-token setting, FP8 speed); its
+FP8 part bypasses torchao's CUDA gate (torchao's CPU fallback), so none of its numbers is a measurement of anything
+and no target is judged.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput  # noqa: E402
 
+SKIPPED = "skipped: needs CUDA"
 TARGETS = {"tokens_per_s": 8000.0, "speedup": 1.3, "long_peak_gb": 40.0, "fp8_speedup": 1.5}
 SECTIONS = ("kernels", "training", "gradcache", "throughput", "fp8")
 rows: list[tuple[str, str, str, str]] = []  # (check, result, target, verdict)
@@ -79,20 +82,30 @@ def word_overlap_rows(n: int, seed: int) -> list[dict]:
     return rows_
 
 
+def fp32_on_cpu(device) -> bool | None:
+    """TrainingConfig.bf16: the recipe's bf16 on CUDA; fp32 on a CPU (train would autocast to bf16 on an AMX one),
+    so that the CPU run's tolerances are fp32's."""
+    return None if device.type == "cuda" else False
+
+
 def write_jsonl(path: Path, rows_: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows_), encoding="utf-8")
     return str(path)
 
 
-def small_base(root: Path) -> str:
-    """The demo's default model (Dream's vocabulary and rope base, 4 layers of 128) as a Hub-ready folder."""
-    from diffembed_hf import load_dream_tokenizer
+def small_base(root: Path, smoke: bool) -> str:
+    """The demo's default model (Dream's vocabulary and rope base, 4 layers of 128) as a Hub-ready folder; with
+    --smoke a 2-layer one (train_throughput.TINY)."""
+    from diffembed_hf import DiffEmbedConfig, DiffEmbedForEmbedding, load_dream_tokenizer
     from diffembed_hf.demo import build_default_model
     from diffembed_hf.sentence_transformer import save_sentence_transformer
 
     folder = root / "base"
     if not folder.exists():
-        save_sentence_transformer(build_default_model(), load_dream_tokenizer(), folder, max_seq_length=128)
+        torch.manual_seed(0)
+        model = (DiffEmbedForEmbedding(DiffEmbedConfig(**train_throughput.TINY, pad_token_id=151643, bos_token_id=None,
+                                                       eos_token_id=151643)).eval() if smoke else build_default_model())
+        save_sentence_transformer(model, load_dream_tokenizer(), folder, max_seq_length=128)
     return str(folder)
 
 
@@ -142,7 +155,7 @@ def check_kernels(device, dtype):
     verdicts = {key[0]: value for key, value in mdl._kernel_probe_cache.items()}
     record("kernel self-checks (Dream heads 28/4 x 128, bf16)",
            ", ".join(f"{k}: {'agrees (' + v + ')' if v else 'rejected/not run'}" for k, v in verdicts.items())
-           or "none run (no CUDA)")
+           or (SKIPPED if device.type != "cuda" else "none run"))
     expected = {"cuda": ("flash_attn_4", "flash_attn_varlen", "torch_varlen"), "cpu": ("packed_sdpa",)}[device.type]
     record("automatic attention path", backend, "a packed path", backend in expected)
 
@@ -150,16 +163,17 @@ def check_kernels(device, dtype):
 # ---- 2. training and the merged model ------------------------------------------------------------------------
 
 
-def check_training(root: Path, device, tiny: bool):
+def check_training(root: Path, device, smoke: bool):
     from diffembed_hf.encoding import encode, load_encoder
     from diffembed_hf.train import TrainingConfig, train
 
-    base = small_base(root)
-    train_file = write_jsonl(root / "train.jsonl", word_overlap_rows(1200, 0))
-    heldout_file = write_jsonl(root / "heldout.jsonl", word_overlap_rows(100, 1))
-    steps = 30 if tiny else 120
-    config = TrainingConfig(max_steps=steps, batch_size=16, learning_rate=2e-3, warmup_steps=5, max_seq_length=64,
-                            save_steps=10**6, logging_steps=1, query_prompt="")
+    base = small_base(root, smoke)
+    train_file = write_jsonl(root / "train.jsonl", word_overlap_rows(64 if smoke else 1200, 0))
+    heldout_file = write_jsonl(root / "heldout.jsonl", word_overlap_rows(24 if smoke else 100, 1))
+    steps = 3 if smoke else 120
+    config = TrainingConfig(max_steps=steps, batch_size=8 if smoke else 16, learning_rate=2e-3,
+                            warmup_steps=1 if smoke else 5, max_seq_length=64, save_steps=10**6, logging_steps=1,
+                            query_prompt="", bf16=fp32_on_cpu(device))
     paths: dict[str, int] = {}
     counter = attention_counter(paths)
     start = time.perf_counter()
@@ -172,12 +186,14 @@ def check_training(root: Path, device, tiny: bool):
     record(f"training {steps} steps (LoRA r16, GC, hard negative, {'bf16' if device.type == 'cuda' else 'fp32'})",
            f"loss {first:.3f} -> {last:.3f} (mean of first/last 5), finite={finite}, nDCG@10 "
            f"{result.metrics_before['ndcg@10']:.3f} -> {result.metrics_after['ndcg@10']:.3f}, {seconds:.0f} s",
-           "finite, last < 0.9 x first, nDCG@10 up",
+           "finite, last < 0.9 x first, nDCG@10 up", None if smoke else
            finite and last < 0.9 * first and result.metrics_after["ndcg@10"] > result.metrics_before["ndcg@10"])
     packed = {"cuda": ("flash_attn_4", "flash_attn_varlen", "torch_varlen"), "cpu": ("packed_sdpa",)}[device.type]
     backward = {p.split()[1] for p in paths if p.startswith("backward")}
+    # a batch whose texts all have the same length has nothing to unpad: the model gives it one dense SDPA call
     record("training attention path", ", ".join(f"{k} x{v}" for k, v in sorted(paths.items())),
-           "packed in forward and backward", bool(backward) and backward <= set(packed))
+           "packed in forward and backward (sdpa: batches without padding)",
+           bool(backward & set(packed)) and backward <= set(packed) | {"sdpa"})
 
     texts = [r["query"] for r in word_overlap_rows(6, 2)] + [r["positive"] for r in word_overlap_rows(6, 3)]
     in_memory = counter.model.encode(texts, convert_to_tensor=True).float().cpu()
@@ -191,17 +207,18 @@ def check_training(root: Path, device, tiny: bool):
     return base, train_file
 
 
-def check_gradcache(root: Path, base: str, train_file: str, device):
+def check_gradcache(root: Path, base: str, train_file: str, device, smoke: bool):
     from diffembed_hf.train import TrainingConfig, train
 
-    common = dict(max_steps=1, batch_size=32, learning_rate=2e-3, warmup_steps=0, max_seq_length=64, save_steps=10**6,
-                  logging_steps=1, query_prompt="", eval_fraction=0.0)
+    batch, mini = (8, 2) if smoke else (32, 4)
+    common = dict(max_steps=1, batch_size=batch, learning_rate=2e-3, warmup_steps=0, max_seq_length=64,
+                  save_steps=10**6, logging_steps=1, query_prompt="", eval_fraction=0.0, bf16=fp32_on_cpu(device))
     plain = train(base, train_file, root / "plain", TrainingConfig(**common), overwrite=True, device=device.type)
-    cached = train(base, train_file, root / "cached", TrainingConfig(**common, gradcache_mini_batch_size=4),
+    cached = train(base, train_file, root / "cached", TrainingConfig(**common, gradcache_mini_batch_size=mini),
                    overwrite=True, device=device.type)
     difference = abs(cached.losses[0] - plain.losses[0]) / abs(plain.losses[0])
     tolerance = 1e-2 if device.type == "cuda" else 1e-4
-    record("GradCache first loss vs plain (batch 32, mini-batch 4)",
+    record(f"GradCache first loss vs plain (batch {batch}, mini-batch {mini})",
            f"{cached.losses[0]:.5f} vs {plain.losses[0]:.5f} (relative {difference:.1e})", f"<= {tolerance:.0e}",
            difference <= tolerance)
 
@@ -210,8 +227,7 @@ def check_gradcache(root: Path, base: str, train_file: str, device):
 
 
 def check_throughput(tiny: bool, steps: int | None):
-    argv = (["--tiny", "--settings", "recipe", "--steps", "1"] if tiny else []) + \
-           (["--steps", str(steps)] if steps and not tiny else [])
+    argv = (["--smoke"] if tiny else []) + (["--steps", str(steps)] if steps and not tiny else [])
     results = train_throughput.main(argv)
     ours, base = results.get(("recipe", "diffembed"), {}), results.get(("recipe", "qwen2"), {})
     if "tokens_per_s" in ours and "tokens_per_s" in base:
@@ -229,7 +245,9 @@ def check_throughput(tiny: bool, steps: int | None):
         record("training throughput", f"failed: {ours.get('error') or base.get('error')}", "", False)
     for setting in ("gradcache", "long"):
         ours = results.get((setting, "diffembed"), {})
-        if "tokens_per_s" in ours:
+        if tiny and setting == "long":
+            record("training long: tokens/s, peak memory", f"{SKIPPED} (4,096-token texts: GPU only)")
+        elif "tokens_per_s" in ours:
             base = results.get((setting, "qwen2"), {})
             record(f"training {setting}: tokens/s, peak memory",
                    f"{ours['tokens_per_s']:.0f} tok/s ({ours['tokens_per_s'] / base.get('tokens_per_s', math.nan):.2f}x "
@@ -257,11 +275,11 @@ def fp8_throughput(device, tiny: bool, repeats: int):
 
     cfg = dict(train_throughput.TINY if tiny else train_throughput.DREAM)
     gen = torch.Generator().manual_seed(0)
-    count, longest = (32, 128) if tiny else (256, 512)
+    count, longest = (8, 32) if tiny else (256, 512)
     lengths = torch.randint(16, longest + 1, (count,), generator=gen).tolist()
     batches = []
-    for start in range(0, count, 32):  # unsorted: as training and naive callers send them
-        chunk = lengths[start:start + 32]
+    for start in range(0, count, 4 if tiny else 32):  # unsorted: as training and naive callers send them
+        chunk = lengths[start:start + (4 if tiny else 32)]
         ids = torch.randint(0, 151643, (len(chunk), max(chunk)), generator=gen)
         mask = (torch.arange(max(chunk))[None] < torch.tensor(chunk)[:, None]).long()
         batches.append((ids.to(device), mask))
@@ -288,10 +306,11 @@ def fp8_throughput(device, tiny: bool, repeats: int):
         fp8_rate, fp8 = timed()
     cosine = F.cosine_similarity(fp8, bf16)
     shape = "tiny shape (CPU smoke)" if tiny else "Dream-7B shape, 28 layers"
+    speed = (f"speed {SKIPPED} (torchao's CPU fallback ran)" if tiny else
+             f"{fp8_rate:.0f} vs {bf16_rate:.0f} tokens/s = {fp8_rate / bf16_rate:.2f}x")
     record("FP8 vs bf16 inference speed, cosine", f"{shape}, {count} unsorted texts of 16-{longest} tokens: "
-           f"{fp8_rate:.0f} vs {bf16_rate:.0f} tokens/s = {fp8_rate / bf16_rate:.2f}x; per-text cosine min "
-           f"{cosine.min():.4f}, median {cosine.median():.4f}", f">= {TARGETS['fp8_speedup']}x",
-           None if tiny else fp8_rate / bf16_rate >= TARGETS["fp8_speedup"])
+           f"{speed}; per-text cosine min {cosine.min():.4f}, median {cosine.median():.4f}",
+           f">= {TARGETS['fp8_speedup']}x", None if tiny else fp8_rate / bf16_rate >= TARGETS["fp8_speedup"])
 
 
 def fp8_retrieval(root: Path, device, tiny: bool):
@@ -299,13 +318,16 @@ def fp8_retrieval(root: Path, device, tiny: bool):
     from diffembed_hf.data import load_training_data
     from diffembed_hf.demo import DEMO_TRAINING
     from diffembed_hf.encoding import load_encoder
-    from diffembed_hf.evaluate import evaluate_model, retrieval_task
+    from diffembed_hf.evaluation.heldout import evaluate_model, retrieval_task
     from diffembed_hf.train import TrainingConfig, train
 
-    base = small_base(root)
-    train_file, heldout_file = write_task(root / "demo-data", max_train=400 if tiny else None, max_eval=300)
-    steps = 20 if tiny else DEMO_TRAINING["max_steps"]
-    config = TrainingConfig(**{**DEMO_TRAINING, "max_steps": steps, "logging_steps": max(1, steps // 4)})
+    base = small_base(root, tiny)
+    train_file, heldout_file = write_task(root / "demo-data", max_train=32 if tiny else None,
+                                          max_eval=16 if tiny else 300)
+    steps = 2 if tiny else DEMO_TRAINING["max_steps"]
+    config = TrainingConfig(**{**DEMO_TRAINING, "max_steps": steps, "logging_steps": max(1, steps // 4),
+                               "bf16": fp32_on_cpu(device),
+                               **({"batch_size": 8, "max_seq_length": 64, "warmup_steps": 0} if tiny else {})})
     result = train(base, str(train_file), root / "demo-model", config, eval_data=str(heldout_file), overwrite=True,
                    device=device.type)
     heldout = load_training_data(str(heldout_file), default_prompt=config.query_prompt).train
@@ -322,7 +344,7 @@ def fp8_retrieval(root: Path, device, tiny: bool):
                               for a, b in zip(rankings["bf16"], rankings["fp8"]))
     cosine = F.cosine_similarity(cosines["fp8"], cosines["bf16"])
     record("FP8 vs bf16 retrieval (demo's held-out task)",
-           f"{len(queries)} queries, {len(corpus)} documents, the default model fine-tuned {steps} steps here: top-10 overlap {overlap:.3f}; nDCG@10 fp8 {metrics['fp8']:.4f} vs bf16 {metrics['bf16']:.4f}; per-text "
+           f"{len(queries)} queries, {len(corpus)} documents, the {'smoke' if tiny else 'default'} model fine-tuned {steps} steps here: top-10 overlap {overlap:.3f}; nDCG@10 fp8 {metrics['fp8']:.4f} vs bf16 {metrics['bf16']:.4f}; per-text "
            f"cosine min {cosine.min():.4f}, median {cosine.median():.4f}")
 
 
@@ -331,7 +353,8 @@ def fp8_retrieval(root: Path, device, tiny: bool):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", "--cpu", action="store_true", help="CPU smoke test: small shapes, no figures")
+    parser.add_argument("--smoke", "--tiny", "--cpu", dest="tiny", action="store_true",
+                        help="CPU smoke test: tiny shapes, no figures")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--steps", type=int, help="timed steps per throughput variant (default: per setting)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per FP8 measurement")
@@ -341,7 +364,7 @@ def main():
         logging.getLogger(noisy).setLevel(logging.ERROR)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if device.type == "cpu" and not args.tiny:
-        parser.error("no CUDA GPU here: --tiny runs the CPU smoke test of this script")
+        parser.error("no CUDA GPU here: --smoke runs the CPU smoke test of this script")
     if args.tiny:
         torch.set_num_threads(2)
         bypass_cuda_gates()
@@ -352,8 +375,8 @@ def main():
         root = Path(tmp)
         steps = {"kernels": lambda: check_kernels(device, torch.bfloat16 if device.type == "cuda" else dtype),
                  "training": lambda: check_training(root, device, args.tiny),
-                 "gradcache": lambda: check_gradcache(root, small_base(root), write_jsonl(
-                     root / "gc.jsonl", word_overlap_rows(64, 5)), device),
+                 "gradcache": lambda: check_gradcache(root, small_base(root, args.tiny), write_jsonl(
+                     root / "gc.jsonl", word_overlap_rows(64, 5)), device, args.tiny),
                  "throughput": lambda: check_throughput(args.tiny, args.steps),
                  "fp8": lambda: (fp8_throughput(device, args.tiny, args.repeats), fp8_retrieval(root, device, args.tiny))}
         for section in sections:
@@ -365,7 +388,7 @@ def main():
 
     machine = (f"{torch.cuda.get_device_name(device)} (compute capability "
                f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})" if device.type == "cuda"
-               else "CPU smoke test (--tiny): no figure below is a GPU measurement")
+               else "CPU smoke test (--smoke): no figure below is a GPU measurement")
     print(f"\n{machine} | torch {torch.__version__} | {time.perf_counter() - started:.0f} s")
     width = max(len(r[0]) for r in rows)
     print(f"{'check':<{width}}  {'verdict':<7}  result  [target]")

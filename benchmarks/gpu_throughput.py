@@ -11,6 +11,12 @@ On a machine with several GPUs it adds a multi-GPU line: one process per GPU (th
 under torchrun and of `embed_texts(devices="all")`), each with its own copy of the model and a round-robin share
 of the length-sorted batches, timed from a common barrier; aggregate tokens/s and its ratio to one GPU. (Not run
 yet: the lent machine has one GPU.)
+
+    python benchmarks/gpu_throughput.py --smoke      # CPU smoke test of the script: a 2-layer model, 8 short texts
+
+--smoke runs every part on the CPU (both models, both batch orders, the long documents, the accuracy against fp32)
+with a 2-layer, 128-wide model of Dream's vocabulary and heads 4/2, texts of 16-48 tokens and one 256-token
+document; MFU, GPU memory and the multi-GPU line are printed as "skipped: needs CUDA". No figure is a measurement.
 """
 
 import argparse
@@ -20,12 +26,18 @@ import time
 import torch
 import torch.nn.functional as F
 
+SKIPPED = "skipped: needs CUDA"
 PEAK_TFLOPS = 800.0  # bf16 dense matrix rate measured on the lent H100/H200 (docs/benchmarks.md)
 
 
 def dream_config(layers: int) -> dict:
     return dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers,
                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072, rms_norm_eps=1e-6)
+
+
+def smoke_config() -> dict:
+    """--smoke: 2 layers, 128 wide, heads 4/2 of 32 (Dream's vocabulary)."""
+    return dict(dream_config(2), hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2)
 
 
 def flops_per_text(cfg: dict, length: int) -> float:
@@ -53,12 +65,28 @@ def make_batches(lengths, batch_size, sort, device, gen):
 def cuda_time(fn, repeats):
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()
+
+
+def peak_gib(weights_gib: float) -> float | None:
+    """Peak allocated GPU memory above the weights since reset_peak; None on a CPU (--smoke)."""
+    return torch.cuda.max_memory_allocated() / 2**30 - weights_gib if torch.cuda.is_available() else None
 
 
 def _gpu_share(rank, world, layers, lengths, batch_size, repeats, barrier, results):
@@ -104,16 +132,22 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long", type=str, default="8192,32768,65536,131072",
                         help="single-document lengths to try, comma-separated")
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke test of the script: a tiny model and short "
+                        "texts (overrides the other options); no figure is a measurement")
     args = parser.parse_args()
+    longest_text = 512
+    if args.smoke:
+        args.texts, args.batch_size, args.repeats, args.long, longest_text = 8, 4, 1, "256", 48
 
     from transformers import Qwen2Config, Qwen2Model
 
     from diffembed_hf import DiffEmbedConfig, DiffEmbedForEmbedding
     from diffembed_hf.modeling import modeling_diffembed as mdl
 
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    device = torch.device("cuda")
-    cfg = dream_config(args.layers)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU: --smoke runs the CPU smoke test of the script")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    cfg = smoke_config() if args.smoke else dream_config(args.layers)
     torch.manual_seed(0)
     with torch.device(device):
         ours = DiffEmbedForEmbedding._from_config(DiffEmbedConfig(**cfg, rope_theta=1e6), dtype=torch.bfloat16).eval()
@@ -123,7 +157,7 @@ def main():
     ref.load_state_dict(ours.model.state_dict())
     backend = ours.attention_backend
     gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(16, 513, (args.texts,), generator=gen).tolist()
+    lengths = torch.randint(16, longest_text + 1, (args.texts,), generator=gen).tolist()
     tokens = sum(lengths)
     flops = sum(flops_per_text(cfg, n) for n in lengths)
 
@@ -141,7 +175,7 @@ def main():
         return torch.cat([ours(input_ids=ids, attention_mask=mask).embeddings for ids, mask in batches])
 
     rows, parity = [], {}
-    weights_gib = torch.cuda.memory_allocated() / 2**30  # both models' weights: subtracted from every peak
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else 0.0  # subtracted from peaks
     with torch.inference_mode():
         for order in ("unsorted", "sorted"):
             batches = make_batches(lengths, args.batch_size, order == "sorted", device, gen)
@@ -152,9 +186,9 @@ def main():
             results = {}
             for name, fn in variants.items():
                 fn()  # warm-up (kernel selection, probes)
-                torch.cuda.reset_peak_memory_stats()
+                reset_peak()
                 seconds = cuda_time(fn, args.repeats)
-                results[name] = (seconds, torch.cuda.max_memory_allocated() / 2**30 - weights_gib)
+                results[name] = (seconds, peak_gib(weights_gib))
             base = results["transformers Qwen2Model sdpa"][0]
             for name, (seconds, mem) in results.items():
                 rows.append((order, name, tokens / seconds, flops / seconds / 1e12 / PEAK_TFLOPS, base / seconds, mem,
@@ -164,20 +198,20 @@ def main():
 
         longest = {}
         ours.config._attn_implementation = None
-        warm = torch.randint(0, 151643, (1, 1024), device=device)
-        ours(input_ids=warm, attention_mask=torch.ones(1, 1024)), ref(input_ids=warm)  # kernel selection off the clock
+        warm = torch.randint(0, 151643, (1, 64 if args.smoke else 1024), device=device)
+        ours(input_ids=warm, attention_mask=torch.ones(warm.shape)), ref(input_ids=warm)  # kernel selection, unclocked
         for length in (int(x) for x in args.long.split(",")):
             ids = torch.randint(0, 151643, (1, length), device=device)
             for name, fn in (("ours", lambda: ours(input_ids=ids, attention_mask=torch.ones(1, length)).embeddings),
                              ("ref", lambda: ref(input_ids=ids).last_hidden_state)):
                 ours.config._attn_implementation = None
                 try:
-                    torch.cuda.reset_peak_memory_stats()
+                    reset_peak()
                     seconds = cuda_time(fn, 1)
-                    longest[(name, length)] = (seconds, torch.cuda.max_memory_allocated() / 2**30 - weights_gib)
+                    longest[(name, length)] = (seconds, peak_gib(weights_gib))
                 except torch.OutOfMemoryError:
                     longest[(name, length)] = None
-                torch.cuda.empty_cache()
+                reset_peak()
 
         # Accuracy against an fp32 run of the same weights (bf16 -> fp32 -> bf16 is exact, so ours is restored).
         errors = {}
@@ -185,7 +219,7 @@ def main():
                    "DiffEmbed sdpa (padded)": run_ours(parity_batches, "sdpa"),
                    "DiffEmbed auto": run_ours(parity_batches, None)}
         del ref
-        torch.cuda.empty_cache()
+        reset_peak()
         ours.float()
         exact = run_ours(parity_batches, "sdpa")
         ours.to(torch.bfloat16)
@@ -194,20 +228,31 @@ def main():
         parity["varlen vs transformers"] = ((outputs["DiffEmbed auto"] - outputs["transformers Qwen2Model sdpa"]).norm()
                                             / outputs["transformers Qwen2Model sdpa"].norm()).item()
 
-    gqa = sorted({str(v) for v in mdl._kernel_probe_cache.values()})
-    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | Dream-7B shape, {args.layers} layers, bf16 | "
-          f"{args.texts} texts of 16-512 tokens ({tokens} real tokens), batch {args.batch_size}")
+    gqa = sorted({str(v) for v in mdl._kernel_probe_cache.values()}) if device.type == "cuda" else SKIPPED
+    machine, shape = ((torch.cuda.get_device_name(), f"Dream-7B shape, {args.layers} layers") if not args.smoke else
+                      ("CPU smoke test (--smoke): no figure is a measurement", "2 layers, hidden 128, heads 4/2"))
+    print(f"\n{machine} | torch {torch.__version__} | {shape}, bf16 | "
+          f"{args.texts} texts of 16-{longest_text} tokens ({tokens} real tokens), batch {args.batch_size}")
     print(f"varlen kernel grouped-head mode: {gqa}; embeddings, relative error: varlen vs transformers padded SDPA "
           f"{parity['varlen vs transformers']:.2e}; vs fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
-    print(f"weights of both models: {weights_gib:.1f} GiB; peaks below are above that")
+    print(f"weights of both models: {f'{weights_gib:.1f} GiB' if device.type == 'cuda' else SKIPPED}; peaks below "
+          "are above that")
     print("single long document (forward seconds, peak activation GiB): " + ", ".join(
-        f"{name}@{n}: " + ("OOM" if res is None else f"{res[0]:.2f}s {res[1]:.1f}GiB") for (name, n), res in longest.items()))
+        f"{name}@{n}: " + ("OOM" if res is None else f"{res[0]:.2f}s " + (SKIPPED if res[1] is None else
+                                                                          f"{res[1]:.1f}GiB"))
+        for (name, n), res in longest.items()))
     header = f"{'batches':<10}{'model':<36}{'tok/s':>9}{'MFU':>7}{'speedup':>9}{'act. GiB':>10}{'padding':>9}"
     print(header)
     print("-" * len(header))
     for order, name, tps, mfu, speedup, mem, pad in rows:
-        print(f"{order:<10}{name:<36}{tps:>9.0f}{mfu:>7.1%}{speedup:>9.2f}{mem:>10.1f}{pad:>9.0%}")
-    if torch.cuda.device_count() > 1:
+        if device.type == "cuda":
+            print(f"{order:<10}{name:<36}{tps:>9.0f}{mfu:>7.1%}{speedup:>9.2f}{mem:>10.1f}{pad:>9.0%}")
+        else:  # the MFU is of a GPU's bf16 peak, the memory a GPU's
+            print(f"{order:<10}{name:<36}{tps:>9.0f}{'-':>7}{speedup:>9.2f}{'-':>10}{pad:>9.0%}  MFU, act. GiB: "
+                  f"{SKIPPED}")
+    if device.type != "cuda":
+        print(f"{'sorted':<10}{'DiffEmbed auto, several GPUs':<36}  {SKIPPED} (one process per GPU)")
+    elif torch.cuda.device_count() > 1:
         del ours
         torch.cuda.empty_cache()
         single = rows[-1][2]  # sorted batches, DiffEmbed auto, one GPU

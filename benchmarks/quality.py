@@ -30,6 +30,12 @@ evaluations made along the way (--eval-every, the curve) and the final merge and
     python benchmarks/quality.py --table quality.json --row "lr 1e-4" --learning-rate 1e-4 --steps 60
     python benchmarks/quality.py --table quality.json --plot            # quality.png from the rows so far
     python benchmarks/quality.py --full                                  # the GPU recipe (CUDA)
+    python benchmarks/quality.py --smoke                                 # smoke test of the script (CPU)
+
+--smoke runs every part on the CPU in a temporary folder: the tiny GGUF file of SmolLM2's architecture
+(real_model.py --smoke) converted, trained 2 steps of 4 rows at 32 tokens with the curve at every step, scored on 8
+queries per set (man pages written for the run, so that no system package is needed), the converted model standing
+in for MiniLM (no wheel installed), then the table as markdown and its PNG. No figure is a measurement.
 
 Each run appends its row (settings, machine, load average, minutes, the curve, the final scores) to --table and
 reuses the baselines (untrained, BM25, MiniLM) already measured there at the same --eval-length. Needs the [train]
@@ -40,6 +46,7 @@ they are missing (their own dependencies are not needed).
 from __future__ import annotations
 
 import argparse
+import atexit
 import gzip
 import importlib.util
 import json
@@ -48,6 +55,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,11 +146,12 @@ def _sections(source: str) -> dict[str, list[str]]:
     return sections
 
 
-def manpage_rows(limit: int | None, seed: int = 0, max_chars: int = 1500) -> list[dict[str, str]]:
+def manpage_rows(limit: int | None, seed: int = 0, max_chars: int = 1500,
+                 root: Path = Path("/usr/share/man")) -> list[dict[str, str]]:
     """(instruction, query = the NAME description, positive = the DESCRIPTION text) for man-pages sections 2, 3."""
     rows, seen = [], set()
     for section in ("2", "3"):
-        folder = Path(f"/usr/share/man/man{section}")
+        folder = root / f"man{section}"
         for path in sorted(folder.glob(f"*.{section}.gz")) if folder.is_dir() else []:
             try:
                 source = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
@@ -161,22 +170,41 @@ def manpage_rows(limit: int | None, seed: int = 0, max_chars: int = 1500) -> lis
             seen.add(query)
             rows.append({"instruction": MANPAGE_INSTRUCTION, "query": query, "positive": description[:max_chars]})
     if not rows:
-        raise SystemExit("no man pages in /usr/share/man/man2 or man3: apt-get install manpages-dev")
+        raise SystemExit(f"no man pages in {root}/man2 or man3: apt-get install manpages-dev")
     random.Random(seed).shuffle(rows)
     return rows[:limit]
 
 
-def prepare_task(work: str | None, prefix: str, queries: int | None) -> tuple[Path, Path, dict[str, list[dict]]]:
+def smoke_manpages(root: Path, pages: int = 12) -> Path:
+    """--smoke: a few man(7) pages of sections 2 and 3 (NAME, an alias page, DESCRIPTION with font macros and
+    escapes), so that the man-page reader runs where no manual is installed."""
+    for number in range(pages):
+        section = "23"[number % 2]
+        folder = root / f"man{section}"
+        folder.mkdir(parents=True, exist_ok=True)
+        page = (f'.\\" page {number}\n.TH CALL{number} {section}\n.SH NAME\ncall{number} \\- do task number {number} '
+                f"of the kernel\n.SH DESCRIPTION\n.B call{number}()\nperforms \\fItask {number}\\fP on the "
+                "calling process; " + "it reads the arguments and returns zero on success. " * 5 + "\n")
+        (folder / f"call{number}.{section}.gz").write_bytes(gzip.compress(page.encode()))
+    (root / "man2" / "alias.2.gz").write_bytes(gzip.compress(b".so man2/call0.2\n"))
+    return root
+
+
+def prepare_task(work: str | None, prefix: str, queries: int | None,
+                 smoke: bool = False) -> tuple[Path, Path, dict[str, list[dict]]]:
     """(the converted SmolLM2 folder, the demo's training rows as a file, the stdlib and man-page held-out rows) in
-    `work` (a new temporary folder when None; a converted model already there is reused)."""
+    `work` (a new temporary folder when None; a converted model already there is reused). `smoke`: the tiny GGUF
+    file's model, 64 training rows and the man pages of `smoke_manpages`."""
     from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
 
     work = Path(work or tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
-    base = converted_smollm2(work / "smollm2")
+    base = converted_smollm2(work / "smollm2", smoke=smoke)
     train_file = work / "train.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in build_rows(TRAIN_MODULES)), encoding="utf-8")
-    return base, train_file, {"stdlib": build_rows(HELD_OUT_MODULES)[:queries], "manpages": manpage_rows(queries)}
+    train_rows = build_rows(TRAIN_MODULES)[:64 if smoke else None]
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in train_rows), encoding="utf-8")
+    manpages = manpage_rows(queries, root=smoke_manpages(work / "man")) if smoke else manpage_rows(queries)
+    return base, train_file, {"stdlib": build_rows(HELD_OUT_MODULES)[:queries], "manpages": manpages}
 
 
 # ---- training data ----------------------------------------------------------------------------------------------
@@ -406,7 +434,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-length", type=int, default=512, help="tokens every model reads at evaluation")
     parser.add_argument("--queries", type=int, help="held-out stdlib and man-page queries (default 100; all in --full)")
     parser.add_argument("--sets", default=",".join(SETS), help="held-out sets to score at the end")
-    return parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="smoke test of the script on the CPU: a tiny model, 2 "
+                        "steps, 8 queries per set, a temporary table (overrides the other options); no figure is a "
+                        "measurement")
+    args = parser.parse_args()
+    if args.smoke:
+        args.work = tempfile.mkdtemp(prefix="diffembed-quality-smoke-")
+        atexit.register(shutil.rmtree, args.work, True)
+        args.table, args.row, args.full = Path(args.work) / "quality.json", "smoke", False
+        args.steps, args.batch, args.length, args.queries, args.eval_length = 2, 4, 32, 8, 64
+        args.eval_every, args.lora_layers, args.budget_minutes = 1, 1, 60.0
+    return args
 
 
 def main() -> None:
@@ -440,7 +478,7 @@ def main() -> None:
     precision = args.precision or recipe["precision"]
     device = "cuda" if args.full and torch.cuda.is_available() else "cpu"
     load_start, total = os.getloadavg(), time.perf_counter()
-    base, _, rows = prepare_task(args.work, "diffembed-quality-", queries)
+    base, _, rows = prepare_task(args.work, "diffembed-quality-", queries, smoke=args.smoke)
     wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
     tasks = {"reasoning": held_out_task(), **{name: rows_task(r) for name, r in rows.items()}}
     tasks = {name: tasks[name] for name in SETS if name in wanted or name == "reasoning"}
@@ -454,7 +492,8 @@ def main() -> None:
     missing = {name: t for name, t in tasks.items() if name not in baselines.get("BM25", {})}
     if missing:
         baselines["BM25"] = {**baselines.get("BM25", {}), **score_bm25(missing)}
-    for name, folder, instructed in (("untrained", base, True), ("MiniLM-L6", peer_folder(), False)):
+    peer = base if args.smoke else peer_folder()  # --smoke: the converted model stands in for MiniLM (no wheel)
+    for name, folder, instructed in (("untrained", base, True), ("MiniLM-L6", peer, False)):
         missing = {set_name: t for set_name, t in tasks.items() if set_name not in baselines.get(name, {})}
         if missing:
             model = SentenceTransformer(str(folder), device=device, trust_remote_code=True)
@@ -499,6 +538,13 @@ def main() -> None:
           f"{trained.losses[-1]:.3f}; load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at "
           f"the end; {machine() if device == 'cpu' else torch.cuda.get_device_name()}")
     print_rows(table)
+    if args.smoke:  # the --plot mode's table and chart
+        print_rows(table, markdown=True)
+        if importlib.util.find_spec("matplotlib") is None:  # not in the [test] extra
+            print("curves: skipped: matplotlib is not installed")
+        else:
+            plot(table, args.table.with_suffix(".png"))
+            print(f"curves: {args.table.with_suffix('.png')} (smoke: the MiniLM-L6 row is the converted tiny model)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ reader does) and with it dropped after every shard (every shard decompressing fr
 what a reader without it would do). Medians of `--repeats` runs; no model is involved.
 
     python benchmarks/read_inputs.py            # about a minute on 2 idle cores
+    python benchmarks/read_inputs.py --smoke    # smoke test of the script: 500 rows in shards of 100, one run
 """
 
 import argparse
@@ -94,7 +95,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--shard-size", type=int, default=5_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="smoke test of the script: 500 rows, shards of 100, "
+                        "one run (overrides the options); no figure is a measurement")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.shard_size, args.repeats = 500, 100, 1
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_inputs(Path(tmp), args.rows)
         shards = -(-args.rows // args.shard_size)

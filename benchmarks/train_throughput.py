@@ -22,6 +22,12 @@ The peak rate is measured in this run (a large matrix product: bf16 on CUDA, fp3
 
     python benchmarks/train_throughput.py          # one CUDA GPU, Dream-7B shape (28 layers, vocab 152k)
     python benchmarks/train_throughput.py --tiny   # CPU, a 2-layer model: the same table (10-20 minutes on 2 cores)
+    python benchmarks/train_throughput.py --smoke  # CPU smoke test of the script: --tiny with short texts, 1 step
+
+--smoke runs every part of the script (both workers in their own processes, the recipe and GradCache settings, the
+table) with the 2-layer model, texts of a few dozen tokens, a GradCache batch of 8 (mini-batch 2) and one timed step;
+the 4,096-token setting and GPU peak memory are printed as "skipped: needs CUDA". None of its figures is a
+measurement.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ DREAM = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_h
 TINY = dict(DREAM, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
 INSTRUCTION = "Given a coding problem, retrieve the relevant problems that can be solved by the similar algorithms:\n"
+SKIPPED = "skipped: needs CUDA"
+SMOKE_SETTINGS = {"recipe": (4, None), "gradcache": (8, 2)}  # --smoke: (batch size, GradCache mini-batch)
 SETTINGS = {  # name: (batch size, GradCache mini-batch, query tokens, document tokens, warm-up steps, timed steps)
     "recipe": (4, None, (180, 280), (400, 600), 2, 8),
     "gradcache": (64, 8, (180, 280), (400, 600), 1, 2),
@@ -176,10 +184,11 @@ def run_variant(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = TINY if args.tiny else DREAM
-    batch, mini, query_range, doc_range, warmup, steps = SETTINGS[args.setting]
+    batch, mini, query_range, doc_range, warmup, steps = setting_shape(args.setting, args.smoke)
     steps = args.steps or steps
     if args.tiny:
-        query_range, doc_range = [tuple(max(8, n // 4) for n in r) for r in (query_range, doc_range)]
+        query_range = tuple(n // 4 for n in query_range)  # above the instruction's 20 tokens: distinct queries
+        doc_range = tuple(n // (16 if args.smoke else 4) for n in doc_range)
         torch.set_num_threads(args.threads)
 
     st = SentenceTransformer(args.folder, device="cpu", trust_remote_code=True)
@@ -264,12 +273,22 @@ def run_variant(args) -> dict:
     return result
 
 
+def setting_shape(setting: str, smoke: bool) -> tuple:
+    """SETTINGS[setting], with --smoke's smaller batch, one warm-up step and one timed step."""
+    batch, mini, query_range, doc_range, warmup, steps = SETTINGS[setting]
+    if smoke:
+        (batch, mini), warmup, steps = SMOKE_SETTINGS[setting], 1, 1
+    return batch, mini, query_range, doc_range, warmup, steps
+
+
 # ---- the table -------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU, a 2-layer 128-wide model with Dream's vocabulary")
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke test of the script: --tiny with short "
+                        "texts, small batches and one step; no figure is a measurement")
     parser.add_argument("--settings", default=None,
                         help="comma-separated subset of recipe,gradcache,long (default: all on GPU, recipe,gradcache "
                              "with --tiny)")
@@ -282,6 +301,7 @@ def main(argv=None):
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.tiny = args.tiny or args.smoke
     logging.basicConfig(level=logging.ERROR)
     if args.worker:
         print(json.dumps(run_variant(args)))
@@ -303,6 +323,7 @@ def main(argv=None):
                     folder = tiny_folder(kind, Path(root), cfg)
                     command = [sys.executable, __file__, "--worker", kind, "--setting", setting, "--folder", folder,
                                "--threads", str(args.threads)] + (["--tiny"] if args.tiny else []) + \
+                              (["--smoke"] if args.smoke else []) + \
                               (["--steps", str(args.steps)] if args.steps else [])
                     done = subprocess.run(command, capture_output=True, text=True)
                     if done.returncode:
@@ -345,7 +366,7 @@ def print_table(results, cfg, peak, device, args):
     print("-" * len(header))
     labels = {"diffembed": "DiffEmbed", "qwen2": "Qwen2Model+PEFT+ST (sdpa, padded)"}
     for (setting, kind), res in results.items():
-        batch, mini = SETTINGS[setting][:2]
+        batch, mini = setting_shape(setting, args.smoke)[:2]
         name = f"{setting} b{batch}" + (f" (mini {mini})" if mini else "")
         if "error" in res:
             print(f"{name:<24}{labels[kind]:<36}  failed: {res['error']}")
@@ -361,6 +382,8 @@ def print_table(results, cfg, peak, device, args):
               f"{res['tokens_per_s']:>9.0f}{ratio:>7.2f}{res['model_flops_per_s'] / 1e12 / peak:>7.1%}"
               f"{res['hardware_flops_per_s'] / 1e12 / peak:>7.1%}{res['peak_gib']:>13.2f}{mem_ratio:>7.2f}"
               f"{res['first_loss']:>9.4f}")
+    if args.smoke:
+        print(f"{'long b4':<24}{'DiffEmbed, Qwen2Model+PEFT+ST':<36}  {SKIPPED} (4,096-token texts: GPU memory)")
     if args.rounds > 1:
         print("tokens/s of each round: " + "; ".join(f"{s} {k}: {r.get('tokens_per_s_rounds')}"
                                                     for (s, k), r in results.items()))

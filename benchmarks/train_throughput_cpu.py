@@ -23,14 +23,21 @@ both), and tokens/s is the median over the timed steps of every round: real toke
 second of optimizer step.
 
     python benchmarks/train_throughput_cpu.py --rounds 2 --dtypes fp32    # 2 x 2 processes x 5 steps
+    python benchmarks/train_throughput_cpu.py --smoke    # smoke test of the script: a tiny GGUF, 1 round of 1 step
+
+--smoke runs both variants in both dtypes (4 processes, one round, one warm-up and one timed step of 4 rows at 32
+tokens, on 32 of the training rows) from the tiny GGUF file of SmolLM2's architecture (real_model.py --smoke); the
+same-batch and same-loss checks still stop the run. No figure is a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,10 +48,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_model import converted_smollm2, smollm2_gguf  # noqa: E402
+from real_model import converted_smollm2, model_gguf  # noqa: E402
 
 
-def baseline_folder(root: Path) -> Path:
+def baseline_folder(root: Path, smoke: bool = False) -> Path:
     """The GGUF file as a plain transformers checkpoint (what `from_pretrained(..., gguf_file=...)` gives a user),
     without its chat template: sentence-transformers 6 renders every text of a tokenizer that has one through it
     (SmolLM2's system prompt and role markers around each text: 1,942 instead of 1,441 real tokens per step, and a
@@ -54,7 +61,7 @@ def baseline_folder(root: Path) -> Path:
     folder = root / "transformers"
     if not (folder / "config.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        dequantize_to_checkpoint(read_gguf_info(smollm2_gguf()), folder, "float32")
+        dequantize_to_checkpoint(read_gguf_info(model_gguf(folder, smoke)), folder, "float32")
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     return folder
 
@@ -140,6 +147,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="fp32 (both at their default), bf16 (frozen base in "
                         "bf16, LoRA and optimizer in fp32), or both")
     parser.add_argument("--work", help="folder for the converted models (default: a temporary one)")
+    parser.add_argument("--smoke", action="store_true", help="smoke test of the script: a tiny GGUF file of the same "
+                        "architecture, one round of one step on 32 rows (overrides the options); no figure is a "
+                        "measurement")
     parser.add_argument("--worker", choices=["diffembed", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -157,10 +167,16 @@ def main() -> None:
 
     from diffembed_hf.builtin_task import TRAIN_MODULES, build_rows
 
+    if args.smoke:
+        args.rounds, args.steps, args.warmup, args.batch_size, args.max_seq_length = 1, 1, 1, 4, 32
     work = Path(args.work or tempfile.mkdtemp(prefix="diffembed-train-cpu-"))
-    folders = {"diffembed": converted_smollm2(work / "smollm2"), "baseline": baseline_folder(work)}
+    if args.smoke and not args.work:
+        atexit.register(shutil.rmtree, work, True)
+    folders = {"diffembed": converted_smollm2(work / "smollm2", smoke=args.smoke),
+               "baseline": baseline_folder(work, args.smoke)}
     data = work / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in build_rows(TRAIN_MODULES)), encoding="utf-8")
+    rows = build_rows(TRAIN_MODULES)[:32 if args.smoke else None]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     dtypes = args.dtypes.split(",")
     runs: dict[tuple[str, str], list[dict]] = {(kind, dtype): [] for dtype in dtypes for kind in LABELS}
     for round_ in range(args.rounds):
@@ -186,7 +202,9 @@ def main() -> None:
     medians = {key: statistics.median(rate for run in results for rate in run["tokens_per_s"])
                for key, results in runs.items()}
     first = next(iter(runs.values()))[0]
-    print(f"\nCPU training, SmolLM2-135M-Instruct (30 layers, hidden 576), {first['threads']} threads, "
+    model = ("a tiny GGUF file of SmolLM2's architecture (2 layers, hidden 576; --smoke)" if args.smoke
+             else "SmolLM2-135M-Instruct (30 layers, hidden 576)")
+    print(f"\nCPU training, {model}, {first['threads']} threads, "
           f"torch {torch.__version__} | LoRA r16 on 7 projections, InfoNCE + 1 hard negative, batch {args.batch_size}, "
           f"inputs cut at {args.max_seq_length} tokens, no gradient checkpointing | {args.rounds} rounds x "
           f"{args.steps} timed steps; ratio against the baseline in fp32 (its default) and in the same dtype")
