@@ -1,6 +1,6 @@
 """Compact embeddings (compact.py) against sentence-transformers on the same vectors, and where they leave the project:
-`encode` (Python and file mode), with the refusals. Corpus mode and evaluation: test_compact_corpus.py,
-test_compact_evaluation.py."""
+`encode` (Python and file mode), with the refusals. Corpus mode and evaluation: corpus/test_compact_corpus.py,
+evaluation/test_compact_evaluation.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import sentence_transformers
-from corpus_helpers import build_folder
+from helpers.corpus import build_folder
 from sentence_transformers import SentenceTransformer, quantize_embeddings
 
 from diffembed_hf import compact

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from helpers.models import tiny_model
 
 from diffembed_hf import encoding, fp8, load_dream_tokenizer
 from diffembed_hf.cli import main

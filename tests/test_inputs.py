@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpus_helpers import build_folder, corpus_rows, read_output, write_jsonl
+from helpers.corpus import build_folder, corpus_rows, read_output, write_jsonl
 
 from diffembed_hf.cli import main
 from diffembed_hf.corpus import CorpusSource, encode_corpus, iter_rows

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import sentence_transformers
 import torch
-from conftest import randomize
+from helpers.models import randomize, tiny_config
 from safetensors.numpy import load_file
 
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
@@ -23,8 +23,6 @@ from diffembed_hf.sentence_transformer import (
     save_sentence_transformer,
     write_sentence_transformer_files,
 )
-
-from conftest import tiny_config  # noqa: I001
 
 ST_MAJOR = int(sentence_transformers.__version__.split(".")[0])
 TEXTS = ["Photosynthesis turns light into chemical energy.", "def add(a, b):\n    return a + b", "短い文", " "]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.models import tiny_config
 
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
 from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
@@ -184,7 +184,7 @@ def test_a_model_finished_meanwhile_is_never_replaced_without_overwrite(base, ta
     """A second run into OUT that finishes between this run's check and its lock (issue 31): this one used to
     replace that model with exit 0; now it locks first, checks under the lock, and is refused."""
     import diffembed_hf.train as train_module
-    from conftest import run_before_the_lock
+    from helpers.locks import run_before_the_lock
 
     from diffembed_hf.errors import OutputExistsError
 

@@ -186,7 +186,7 @@ def _batches(records) -> list[list[list[int]]]:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny randomly initialised DiffEmbed folder with the real Dream tokenizer."""
-    from conftest import tiny_config
+    from helpers.models import tiny_config
 
     from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
     from diffembed_hf.sentence_transformer import save_sentence_transformer

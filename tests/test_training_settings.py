@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.models import tiny_config
 from test_evaluation import write_beir
 from test_train import write_jsonl, word_overlap_rows
 

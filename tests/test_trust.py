@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_config
-from corpus_helpers import corpus_rows, launch, read_output, write_jsonl
+from helpers.corpus import corpus_rows, read_output, write_jsonl
+from helpers.models import randomize, tiny_config
+from helpers.processes import launch
 
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
 from diffembed_hf.checkpoint import content_digest, identity_files
@@ -179,7 +180,7 @@ def test_every_python_file_and_foreign_module_type_is_folder_code(folder, tmp_pa
     _add_evil_module(folder, marker)
     monkeypatch.setenv("HF_TOKEN", "x")
     (tmp_path / "texts.txt").write_text("one\n")
-    from evaluation_helpers import write_beir
+    from helpers.evaluation import write_beir
 
     beir = write_beir(tmp_path / "beir", {"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}})
     commands = {
@@ -367,7 +368,7 @@ def test_an_export_finished_meanwhile_is_never_replaced_without_overwrite(folder
     """A second export into OUT that finishes while this one works (issue 31): this one used to check OUT at its
     start, lock OUT at its end and replace the other's folder with exit 0; now it locks first."""
     import diffembed_hf.export as export_module
-    from conftest import run_before_the_lock
+    from helpers.locks import run_before_the_lock
     from diffembed_hf.errors import ExportError
 
     out = tmp_path / "export"
@@ -470,7 +471,7 @@ def test_a_stored_length_above_the_positions_is_refused_at_load(folder, tmp_path
 
 def test_a_qrels_score_out_of_range_is_refused_when_read(folder, tmp_path, capsys):
     """A score of 99999999999999999999 reached pytrec_eval (SystemError) after the embedding work."""
-    from evaluation_helpers import write_beir
+    from helpers.evaluation import write_beir
 
     beir = Path(write_beir(tmp_path / "beir", {"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}}))
     with open(beir / "qrels" / "test.tsv", "a") as handle:
@@ -530,7 +531,7 @@ def test_demo_base_that_cannot_be_used_leaves_nothing_in_out(tmp_path, capsys):
 def test_local_tasks_of_one_name_never_replace_each_other_and_instructions_are_recorded(folder, tmp_path, capsys):
     """Two BEIR folders of the same name: the second evaluate replaced the first's result. And an --instructions
     entry for a --data task was recorded as coming from 'local task: query prompt'."""
-    from evaluation_helpers import stored_results, write_beir
+    from helpers.evaluation import stored_results, write_beir
 
     data = ({"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}})
     first, second = write_beir(tmp_path / "a" / "set", *data), write_beir(tmp_path / "b" / "set", *data)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.models import tiny_config
 
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
 from diffembed_hf.cli import build_parser, main

@@ -5,7 +5,7 @@ option or environment, found before any work; 1: a job that failed), the files a
 cases, that stderr holds only the lines a user needs.
 
 A few cases need a failure in the middle of a run (an output file appearing while the texts are embedded, a
-torchrun rank failing in its shard): they run this file as a script, `python tests/test_errors.py MODE ARGS...`,
+torchrun rank failing in its shard): they run this file as a script, `python tests/cli/test_errors.py MODE ARGS...`,
 which installs the failure and runs the CLI.
 """
 
@@ -78,7 +78,7 @@ def _tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from conftest import tiny_model
+    from helpers.models import tiny_model
 
     from diffembed_hf.sentence_transformer import save_sentence_transformer
 
@@ -453,7 +453,7 @@ def _rank_1_disk_full(args: list[str]) -> int:
     return main(args)
 
 
-if __name__ == "__main__":  # python tests/test_errors.py MODE ARGS...
+if __name__ == "__main__":  # python tests/cli/test_errors.py MODE ARGS...
     import logging
 
     for name in ("torchao", "torch.utils._pytree"):  # as the CLI does before its heavy imports

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import additive_mask, real_positions
+from helpers.tensors import additive_mask, real_positions
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
 
 from diffembed_hf import DiffEmbedForEmbedding

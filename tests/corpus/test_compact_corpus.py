@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpus_helpers import build_folder, corpus_rows, launch, write_jsonl
+from helpers.corpus import build_folder, corpus_rows, write_jsonl
+from helpers.processes import launch
 from sentence_transformers import quantize_embeddings
 from test_compact import SCALAR_OK, needs_scalar
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpus_helpers import MAX_LEN, build_folder, corpus_rows, read_output, write_jsonl
+from helpers.corpus import MAX_LEN, build_folder, corpus_rows, read_output, write_jsonl
 from sentence_transformers import SentenceTransformer
 
 from diffembed_hf.cli import main as cli_main

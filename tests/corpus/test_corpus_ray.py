@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 import ray
-from corpus_helpers import build_folder, clean_env, corpus_rows, launch, read_output, write_jsonl
+from helpers.corpus import build_folder, corpus_rows, read_output, write_jsonl
+from helpers.processes import clean_env, launch
 
 from diffembed_hf.corpus import embed_dataset, embed_texts, encode_corpus, join_title
 from diffembed_hf.encoding import load_encoder

@@ -8,7 +8,7 @@ import mteb
 import numpy as np
 import pytest
 from datasets import Dataset
-from evaluation_helpers import save_model, stored_results, stored_scores, write_beir
+from helpers.evaluation import save_model, stored_results, stored_scores, write_beir
 from sentence_transformers import SentenceTransformer
 from torch.utils.data import DataLoader
 

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from corpus_helpers import clean_env
 from datasets import Dataset
-from evaluation_helpers import save_model, write_beir
+from helpers.evaluation import save_model, write_beir
+from helpers.processes import clean_env
 from huggingface_hub import ModelCard
 
 from diffembed_hf.builtin_task import build_rows

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def save_model(folder: Path, seed: int) -> str:
     import torch
-    from conftest import tiny_config
+    from helpers.models import tiny_config
 
     from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
     from diffembed_hf.sentence_transformer import save_sentence_transformer

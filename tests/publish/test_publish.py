@@ -1,4 +1,4 @@
-"""Publishing to the Hub: the real huggingface_hub client against a local Hub-compatible server (tests/fake_hub.py).
+"""Publishing to the Hub: the real huggingface_hub client against a local Hub-compatible server (tests/helpers/fake_hub.py).
 
 Nothing here mocks HfApi: every push goes through huggingface_hub's own HTTP calls to 127.0.0.1, and what the
 server received is compared with the folder and loaded back (in a fresh process that cannot import diffembed_hf).
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import randomize, tiny_config
-from fake_hub import FakeHub
+from helpers.fake_hub import FakeHub
+from helpers.models import randomize, tiny_config
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file, save_file
 

@@ -1,4 +1,4 @@
-"""`diffembed reasonaug` against a local OpenAI-compatible server of the tests' own (tests/openai_server.py),
+"""`diffembed reasonaug` against a local OpenAI-compatible server of the tests' own (tests/helpers/openai_server.py),
 driven through the real `openai` client: the rows `diffembed train` reads, the held-out BEIR folder `diffembed
 evaluate --data` reads, byte-identical reruns, a SIGKILL mid-run that sends no journaled request again, hard negatives
 equal to an independent BM25, the checker's drops, and every bad input named and counted."""
@@ -19,14 +19,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from openai_server import ChatServer, ReasonAugResponder, body_key
+from helpers.openai_server import ChatServer, ReasonAugResponder, body_key
 
 from diffembed_hf.cli import main
 from diffembed_hf.reasonaug import ConceptsError, PromptsError, generate_reasonaug, load_concepts, load_prompts
 from diffembed_hf.reasonaug.client import ServerError
 from diffembed_hf.reasonaug.journal import Journal, JournalError, request_key
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OPENAI_API_KEY="")
 CONCEPTS = """\
 domains:
@@ -931,7 +931,7 @@ def test_model_not_served_and_missing_key_are_named(concepts, server, tmp_path, 
 
 def test_train_and_evaluate_run_on_the_outputs_as_written(concepts, server, tmp_path, capsys):
     import torch
-    from conftest import tiny_config
+    from helpers.models import tiny_config
 
     from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
     from diffembed_hf.sentence_transformer import save_sentence_transformer
