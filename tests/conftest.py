@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers.models import tiny_model  # noqa: E402
+from helpers.models import TinyFolders, tiny_model  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()
@@ -28,3 +28,13 @@ def one_thread():
 @pytest.fixture
 def tiny():
     return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """`tiny_folders(**spec)`: the tiny DiffEmbed folder of that spec (helpers.models.save_tiny_folder's arguments;
+    the real Dream tokenizer unless tokenizer="words"), built once per session and shared: never change it, take
+    `tiny_folders.copy(dest, **spec)`. Checked unchanged when the session ends."""
+    folders = TinyFolders(tmp_path_factory.mktemp("tiny-folders"))
+    yield folders
+    folders.check_unchanged()

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import sentence_transformers
-from helpers.corpus import build_folder
+from helpers.corpus import MODEL
 from sentence_transformers import SentenceTransformer, quantize_embeddings
 
 from diffembed_hf import compact
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("compact") / "model")  # hidden size 64
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)  # hidden size 64
 
 
 def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:

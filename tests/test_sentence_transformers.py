@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import sentence_transformers
 import torch
-from helpers.models import randomize, tiny_config
 from safetensors.numpy import load_file
 
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
@@ -20,7 +19,6 @@ from diffembed_hf.sentence_transformer import (
     DEFAULT_QUERY_PROMPT,
     TASK_PROMPTS,
     default_prompts,
-    save_sentence_transformer,
     write_sentence_transformer_files,
 )
 
@@ -34,19 +32,17 @@ def tokenizer():
     return load_dream_tokenizer()
 
 
-def build_folder(path, tokenizer, include_prompt=True):
-    model = randomize(DiffEmbedForEmbedding(tiny_config(vocab_size=151667)), seed=3).eval()
-    return save_sentence_transformer(model, tokenizer, path, max_seq_length=MAX_LEN, include_prompt=include_prompt)
+MODEL = dict(seed=3, max_seq_length=MAX_LEN, pad_token_id=0)  # `tiny_folders(**MODEL)`, the real Dream tokenizer
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tokenizer):
-    return build_folder(tmp_path_factory.mktemp("st") / "model", tokenizer)
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)
 
 
 @pytest.fixture(scope="module")
-def folder_without_prompt(tmp_path_factory, tokenizer):
-    return build_folder(tmp_path_factory.mktemp("st") / "model", tokenizer, include_prompt=False)
+def folder_without_prompt(tiny_folders):
+    return tiny_folders(**MODEL, include_prompt=False)
 
 
 def st_text(text):

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 from helpers.corpus import corpus_rows, read_output, write_jsonl
-from helpers.models import randomize, tiny_config
 from helpers.processes import launch
 
-from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
+from diffembed_hf import load_dream_tokenizer
 from diffembed_hf.checkpoint import content_digest, identity_files
 from diffembed_hf.cli import main as cli_main
 from diffembed_hf.corpus import encode_corpus
@@ -27,25 +26,23 @@ from diffembed_hf.encoding import load_encoder
 from diffembed_hf.errors import ModelFilesError, OutputLockedError, UntrustedFolderError, UsageError
 from diffembed_hf.export import export_vllm
 from diffembed_hf.files import lock_path, output_lock
-from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT, save_sentence_transformer
+from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+MODEL = dict(seed=5, max_seq_length=96, num_attention_heads=2, num_key_value_heads=1)  # `tiny_folders(**MODEL)`
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
+def model_folder(tiny_folders):
     """A tiny DiffEmbed folder with the real Dream tokenizer; heads of 32 so that vLLM's export takes it."""
-    config = tiny_config(vocab_size=151667, pad_token_id=151643, num_attention_heads=2, num_key_value_heads=1)
-    model = randomize(DiffEmbedForEmbedding(config), seed=5).eval()
-    return save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("trust") / "model",
-                                     max_seq_length=96)
+    return tiny_folders(**MODEL)
 
 
 @pytest.fixture
-def folder(model_folder, tmp_path):
+def folder(tiny_folders, tmp_path):
     """A private copy of the tiny DiffEmbed folder, free to be tampered with."""
-    return Path(shutil.copytree(model_folder, tmp_path / "model"))
+    return tiny_folders.copy(tmp_path / "model", **MODEL)
 
 
 def error_line(capsys) -> str:
@@ -617,12 +614,9 @@ def test_an_adapter_folder_exports_merged_into_its_base(folder, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def long_folder(tmp_path_factory):
+def long_folder(tiny_folders):
     """A tiny model whose positions reach 2,048 tokens, with the real Dream tokenizer."""
-    config = tiny_config(vocab_size=151667, pad_token_id=151643, max_position_embeddings=2048)
-    model = randomize(DiffEmbedForEmbedding(config), seed=8).eval()
-    return save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("long") / "model",
-                                     max_seq_length=2048)
+    return tiny_folders(seed=8, max_seq_length=2048, max_position_embeddings=2048)
 
 
 def test_file_mode_equals_corpus_mode_equals_sentence_transformers(long_folder, tmp_path, capsys):

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.models import tiny_config
+from helpers.models import DREAM_SPECIAL_IDS
 
-from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
+from diffembed_hf import load_dream_tokenizer
 from diffembed_hf.cli import build_parser, main
-from diffembed_hf.sentence_transformer import save_sentence_transformer
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
@@ -42,13 +41,9 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tiny_folders):
     """A tiny DiffEmbed folder with the real Dream tokenizer; its config's special ids are the tokenizer's."""
-    torch.manual_seed(0)
-    config = tiny_config(vocab_size=151667, pad_token_id=151643, bos_token_id=151665, eos_token_id=151643)
-    model = DiffEmbedForEmbedding(config).eval()
-    return save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("base") / "m",
-                                     max_seq_length=64)
+    return tiny_folders(name="m", weights="init", **DREAM_SPECIAL_IDS)
 
 
 @pytest.fixture(scope="module")

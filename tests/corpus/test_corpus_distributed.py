@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers.corpus import WORDS, build_folder, corpus_rows, read_output, write_jsonl
+from helpers.corpus import MODEL, WORDS, corpus_rows, read_output, write_jsonl
 from helpers.processes import launch
 
 from diffembed_hf.corpus import encode_corpus
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow  # torchrun / Ray / the whole demo: run by CI, ski
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("corpus") / "model")
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""Shared by the corpus tests: a tiny DiffEmbed folder (real Dream tokenizer) and generated corpora."""
+"""Shared by the corpus tests: the spec of their tiny DiffEmbed folder (real Dream tokenizer) and generated corpora."""
 
 from __future__ import annotations
 
@@ -13,16 +13,7 @@ WORDS = ("apple bridge candle desert engine forest garden harbor island jungle k
          "feather glacier hammer igloo jacket kitten lemon magnet nickel orchid parrot 短い文 émigré naïve"
          ).split()
 MAX_LEN = 96  # the folder's max_seq_length: the longest generated texts are truncated
-
-
-def build_folder(path: Path) -> Path:
-    from helpers.models import randomize, tiny_config
-
-    from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
-    from diffembed_hf.sentence_transformer import save_sentence_transformer
-
-    model = randomize(DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)), seed=5).eval()
-    return save_sentence_transformer(model, load_dream_tokenizer(), path, max_seq_length=MAX_LEN)
+MODEL = dict(seed=5, max_seq_length=MAX_LEN)  # `tiny_folders(**MODEL)` (conftest): hidden size 64
 
 
 def corpus_rows(n: int, seed: int = 0) -> list[dict]:
