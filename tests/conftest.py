@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("DIFFEMBED_CACHE", tempfile.mkdtemp(prefix="diffembed-test-cache-"))
@@ -13,6 +14,21 @@ from helpers.models import TinyFolders, tiny_model  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()
+
+TESTS = Path(__file__).resolve().parent
+# Folders whose every test depends on the versions of transformers / sentence-transformers / mteb / huggingface_hub
+# (the model against transformers' own, the CLI's output, evaluation, publishing): each test in them, a new module
+# included, is marked `versions`, which CI reruns on the oldest versions setup.cfg declares. A module elsewhere
+# that depends on them says so with `pytestmark = pytest.mark.versions`.
+VERSION_SENSITIVE_FOLDERS = ("cli", "evaluation", "modeling", "publish")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        path = Path(item.path).resolve()
+        if path.is_relative_to(TESTS) and path.relative_to(TESTS).parts[0] in VERSION_SENSITIVE_FOLDERS:
+            item.add_marker(pytest.mark.versions)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ TEXTS = ["how do plants make energy?", "Photosynthesis converts light into chemi
 MODEL = {"model": "/models/a", "revision": None, "model_sha256": "a" * 64}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]  # CI reruns it on the oldest transformers / sentence-transformers
 
 
 @pytest.fixture(scope="module")

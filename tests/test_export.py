@@ -17,6 +17,8 @@ import torch
 from helpers.models import tiny_model
 from helpers.tensors import additive_mask, make_batch, real_positions
 
+pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
+
 try:
     from sentence_transformers.sentence_transformer.modules import Pooling
 except ImportError:  # sentence-transformers 5

@@ -22,6 +22,8 @@ from diffembed_hf.sentence_transformer import (
     write_sentence_transformer_files,
 )
 
+pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
+
 ST_MAJOR = int(sentence_transformers.__version__.split(".")[0])
 TEXTS = ["Photosynthesis turns light into chemical energy.", "def add(a, b):\n    return a + b", "短い文", " "]
 MAX_LEN = 48

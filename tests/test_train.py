@@ -18,6 +18,8 @@ from diffembed_hf.data import DataError, load_training_data
 from diffembed_hf.evaluation.heldout import evaluate_bm25
 from diffembed_hf.train import TRAINING_METADATA, TrainingConfig, train
 
+pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
+
 FAST = dict(batch_size=16, max_seq_length=64, warmup_steps=5, learning_rate=1e-3, save_steps=10**6,
             logging_steps=5, query_prompt="", gradient_checkpointing=True, bf16=False)  # the same numbers on any CPU
 

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow  # torchrun / Ray / the whole demo: run by CI, skipped by `-m "not slow"`
+pytestmark = [pytest.mark.slow, pytest.mark.versions]  # torchrun: run by CI (on the oldest versions too), skipped by `-m "not slow"`
 
 B = 4  # per-device batch size
 WORLD = 2  # torchrun processes

@@ -23,7 +23,7 @@ ROWS = corpus_rows(600, seed=1)
 TEXTS = ["", " ", "短い文", "word " * 200, *(join_title(r["title"], r["text"]) for r in ROWS)]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]  # CI reruns it on the oldest transformers / sentence-transformers
 
 
 @pytest.fixture(scope="module")
