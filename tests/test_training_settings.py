@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 import torch
+from helpers.evaluation import write_beir
 from helpers.models import tiny_config
-from test_evaluation import write_beir
 from test_train import write_jsonl, word_overlap_rows
 
 from diffembed_hf import device_settings
