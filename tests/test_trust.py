@@ -29,7 +29,7 @@ from diffembed_hf.files import lock_path, output_lock
 from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT
 
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]  # CI reruns it on the oldest transformers / sentence-transformers
+pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL = dict(seed=5, max_seq_length=96, num_attention_heads=2, num_key_value_heads=1)  # `tiny_folders(**MODEL)`
 
 
