@@ -19,6 +19,8 @@ from diffembed_hf.evaluation.run import evaluate
 from diffembed_hf.sentence_transformer import instruction_prompt
 from diffembed_hf.train import TRAINING_METADATA, ConfigError, TrainingConfig, train
 
+pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
+
 QUICK = dict(batch_size=8, learning_rate=1e-3, save_steps=10**6, query_prompt="", eval_fraction=0.0, lora=False)
 
 
