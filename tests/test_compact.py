@@ -1,6 +1,6 @@
 """Compact embeddings (compact.py) against sentence-transformers on the same vectors, and where they leave the project:
-`encode` (Python and file mode), with the refusals. Corpus mode and evaluation: test_compact_corpus.py,
-test_compact_evaluation.py."""
+`encode` (Python and file mode), with the refusals. Corpus mode and evaluation: corpus/test_compact_corpus.py,
+evaluation/test_compact_evaluation.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import sentence_transformers
-from corpus_helpers import build_folder
+from helpers.corpus import MODEL
 from sentence_transformers import SentenceTransformer, quantize_embeddings
 
 from diffembed_hf import compact
@@ -26,12 +26,12 @@ TEXTS = ["how do plants make energy?", "Photosynthesis converts light into chemi
 MODEL = {"model": "/models/a", "revision": None, "model_sha256": "a" * 64}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]  # CI reruns it on the oldest transformers / sentence-transformers
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("compact") / "model")  # hidden size 64
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)  # hidden size 64
 
 
 def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:

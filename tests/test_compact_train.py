@@ -15,6 +15,8 @@ from test_train import FAST, base, task  # noqa: F401
 from diffembed_hf.cli import main
 from diffembed_hf.train import TRAINING_METADATA, ConfigError, TrainingConfig, _make_loss, auto_matryoshka_dims, train
 
+pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
+
 QUERIES = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota", "kappa lambda"]
 POSITIVES = ["gamma beta alpha words", "epsilon and delta", "iota theta eta zeta", "lambda kappa mu"]
 NEGATIVES = ["beta only", "delta only", "zeta only", "kappa only"]

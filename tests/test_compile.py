@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_batch, tiny_model
-from corpus_helpers import build_folder
+from helpers.corpus import MODEL
+from helpers.models import tiny_model
+from helpers.tensors import make_batch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import diffembed_hf.modeling.modeling_diffembed as mdl
@@ -153,8 +154,8 @@ def test_non_finite_embeddings_are_named_by_an_eager_cpu_forward_and_by_debug_ch
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("compile") / "model")
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)
 
 
 def test_encoder_checks_ids_on_the_host_before_the_copy(folder):

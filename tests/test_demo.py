@@ -54,7 +54,7 @@ def test_default_model_is_reproducible():
 def test_demo_from_a_gguf_base(tmp_path, capsys):
     """`diffembed demo --base MODEL.gguf`: the same demo from a converted model (here a tiny GGUF file written by
     the `gguf` package), LoRA-trained, its folder reloaded as a Hub user would."""
-    from test_gguf import tokenizer_vocabulary, write_gguf
+    from helpers.gguf_files import tokenizer_vocabulary, write_gguf
 
     source = tmp_path / "tiny.gguf"
     write_gguf(source, "qwen2")

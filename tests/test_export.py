@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import additive_mask, make_batch, real_positions, tiny_model
+from helpers.models import tiny_model
+from helpers.tensors import additive_mask, make_batch, real_positions
+
+pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
 
 try:
     from sentence_transformers.sentence_transformer.modules import Pooling

@@ -6,14 +6,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from helpers.models import tiny_model
 
-from diffembed_hf import encoding, fp8, load_dream_tokenizer
+from diffembed_hf import encoding, fp8
 from diffembed_hf.cli import main
 from diffembed_hf.encoding import load_encoder
 from diffembed_hf.errors import QuantizationUnavailable
 from diffembed_hf.fp8 import check_fp8_support, quantize_fp8
-from diffembed_hf.sentence_transformer import save_sentence_transformer
 
 TEXTS = ["a short text", "photosynthesis turns light into chemical energy in plants " * 3, "x"]
 
@@ -25,10 +24,8 @@ def fake_gpu(monkeypatch, capability, name="NVIDIA H100 80GB HBM3"):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    model = tiny_model(vocab_size=151667)
-    return str(save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("fp8") / "m",
-                                         max_seq_length=64))
+def folder(tiny_folders):
+    return str(tiny_folders(name="m", pad_token_id=0))
 
 
 def test_refused_without_a_cuda_device():

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpus_helpers import build_folder, corpus_rows, read_output, write_jsonl
+from helpers.corpus import MODEL, corpus_rows, read_output, write_jsonl
 
 from diffembed_hf.cli import main
 from diffembed_hf.corpus import CorpusSource, encode_corpus, iter_rows
@@ -34,8 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("inputs") / "model")
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)
 
 
 @pytest.fixture(scope="module")

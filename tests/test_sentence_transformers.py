@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import sentence_transformers
 import torch
-from conftest import randomize
 from safetensors.numpy import load_file
 
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
@@ -20,11 +19,10 @@ from diffembed_hf.sentence_transformer import (
     DEFAULT_QUERY_PROMPT,
     TASK_PROMPTS,
     default_prompts,
-    save_sentence_transformer,
     write_sentence_transformer_files,
 )
 
-from conftest import tiny_config  # noqa: I001
+pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
 
 ST_MAJOR = int(sentence_transformers.__version__.split(".")[0])
 TEXTS = ["Photosynthesis turns light into chemical energy.", "def add(a, b):\n    return a + b", "短い文", " "]
@@ -36,19 +34,17 @@ def tokenizer():
     return load_dream_tokenizer()
 
 
-def build_folder(path, tokenizer, include_prompt=True):
-    model = randomize(DiffEmbedForEmbedding(tiny_config(vocab_size=151667)), seed=3).eval()
-    return save_sentence_transformer(model, tokenizer, path, max_seq_length=MAX_LEN, include_prompt=include_prompt)
+MODEL = dict(seed=3, max_seq_length=MAX_LEN, pad_token_id=0)  # `tiny_folders(**MODEL)`, the real Dream tokenizer
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tokenizer):
-    return build_folder(tmp_path_factory.mktemp("st") / "model", tokenizer)
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)
 
 
 @pytest.fixture(scope="module")
-def folder_without_prompt(tmp_path_factory, tokenizer):
-    return build_folder(tmp_path_factory.mktemp("st") / "model", tokenizer, include_prompt=False)
+def folder_without_prompt(tiny_folders):
+    return tiny_folders(**MODEL, include_prompt=False)
 
 
 def st_text(text):

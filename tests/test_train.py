@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
-from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
 from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
 from diffembed_hf.data import DataError, load_training_data
 from diffembed_hf.evaluation.heldout import evaluate_bm25
-from diffembed_hf.sentence_transformer import save_sentence_transformer
 from diffembed_hf.train import TRAINING_METADATA, TrainingConfig, train
+
+pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
 
 FAST = dict(batch_size=16, max_seq_length=64, warmup_steps=5, learning_rate=1e-3, save_steps=10**6,
             logging_steps=5, query_prompt="", gradient_checkpointing=True, bf16=False)  # the same numbers on any CPU
@@ -49,11 +48,8 @@ def write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
-    return str(save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("base") / "m",
-                                         max_seq_length=64))
+def base(tiny_folders):
+    return str(tiny_folders(name="m", weights="init"))
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +180,7 @@ def test_a_model_finished_meanwhile_is_never_replaced_without_overwrite(base, ta
     """A second run into OUT that finishes between this run's check and its lock (issue 31): this one used to
     replace that model with exit 0; now it locks first, checks under the lock, and is refused."""
     import diffembed_hf.train as train_module
-    from conftest import run_before_the_lock
+    from helpers.locks import run_before_the_lock
 
     from diffembed_hf.errors import OutputExistsError
 
@@ -332,13 +328,11 @@ def test_train_writes_the_model_card(trained):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _tiny_base(folder, seed):
-    torch.manual_seed(seed)
-    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
-    return save_sentence_transformer(model, load_dream_tokenizer(), folder, max_seq_length=64)
+def _tiny_base(tiny_folders, folder, seed):
+    return tiny_folders.copy(folder, weights="init", seed=seed)
 
 
-def test_an_adapter_means_one_base_wherever_it_is_used(task, tmp_path, monkeypatch):
+def test_an_adapter_means_one_base_wherever_it_is_used(tiny_folders, task, tmp_path, monkeypatch):
     """`train --adapter-only m-dream`: the adapter names its base by absolute path, so it embeds alike from a
     folder where "m-dream" is another model; its identity (corpus resume, evaluate's results and cache) covers its
     base, also for an adapter that names its base relatively (earlier versions wrote those)."""
@@ -348,7 +342,7 @@ def test_an_adapter_means_one_base_wherever_it_is_used(task, tmp_path, monkeypat
     from diffembed_hf.encoding import encode, load_encoder
 
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
-    _tiny_base(here / "m-dream", seed=0), _tiny_base(elsewhere / "m-dream", seed=1)
+    _tiny_base(tiny_folders, here / "m-dream", seed=0), _tiny_base(tiny_folders, elsewhere / "m-dream", seed=1)
     monkeypatch.chdir(here)
     adapter = train("m-dream", task[0], tmp_path / "adapter", TrainingConfig(
         max_steps=2, lora=True, adapter_only=True, eval_fraction=0.0, **FAST)).output_dir
@@ -369,7 +363,7 @@ def test_an_adapter_means_one_base_wherever_it_is_used(task, tmp_path, monkeypat
     assert model_identity(adapter).sha256 != identity.sha256  # its base changed under it: so did it
 
 
-def test_a_resume_must_be_the_interrupted_run(base, task, tmp_path, capsys):
+def test_a_resume_must_be_the_interrupted_run(base, tiny_folders, task, tmp_path, capsys):
     """`train --resume` with another base, other rows or another setting is refused, naming each difference
     (it ran at the checkpoint's learning rate, or merged the first base's LoRA into another, and recorded what was
     asked); the checkpoints stay, and the same run resumes from them."""
@@ -390,7 +384,7 @@ def test_a_resume_must_be_the_interrupted_run(base, task, tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err
     assert "--learning-rate was 0.001, now 0.05" in err.strip().splitlines()[-1] and "--overwrite" in err
-    other_base = str(_tiny_base(tmp_path / "other-base", seed=3))
+    other_base = str(_tiny_base(tiny_folders, tmp_path / "other-base", seed=3))
     with pytest.raises(ConfigError, match=r"the base model was .*/m \(sha256 .*\), now .*other-base") as refused:
         train(other_base, task[0], out, config, resume=True)
     assert "learning-rate" not in str(refused.value)  # only what differs is named
@@ -492,7 +486,7 @@ def test_adapter_only_refuses_truncate_dim_which_encoding_an_adapter_honours(bas
     np.testing.assert_allclose(cut, full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True), atol=1e-5)
 
 
-def test_a_matryoshka_models_default_evaluation_goes_on_its_card(tmp_path):
+def test_a_matryoshka_models_default_evaluation_goes_on_its_card(tiny_folders, tmp_path):
     """A model trained with --truncate-dim stores it, so `diffembed evaluate MODEL --output MODEL/eval` scores its
     default (truncated) vectors; the card refused those as "compact vectors (--truncate-dim / --precision)",
     options the user never gave. They are the model's own vectors and go on the card; results of other vectors
@@ -502,7 +496,7 @@ def test_a_matryoshka_models_default_evaluation_goes_on_its_card(tmp_path):
     from diffembed_hf.errors import EvaluationError
     from diffembed_hf.publish import build_model_card
 
-    folder = _tiny_base(tmp_path / "model", seed=0)
+    folder = _tiny_base(tiny_folders, tmp_path / "model", seed=0)
     stored = json.loads((folder / "config_sentence_transformers.json").read_text())
     (folder / "config_sentence_transformers.json").write_text(json.dumps({**stored, "truncate_dim": 32}))
     identity = model_identity(folder)

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow  # torchrun / Ray / the whole demo: run by CI, skipped by `-m "not slow"`
+pytestmark = [pytest.mark.slow, pytest.mark.versions]  # torchrun: run by CI (on the oldest versions too), skipped by `-m "not slow"`
 
 B = 4  # per-device batch size
 WORLD = 2  # torchrun processes
@@ -184,17 +184,9 @@ def _batches(records) -> list[list[list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tiny_folders):
     """A tiny randomly initialised DiffEmbed folder with the real Dream tokenizer."""
-    from conftest import tiny_config
-
-    from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
-    from diffembed_hf.sentence_transformer import save_sentence_transformer
-
-    torch.manual_seed(0)
-    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
-    return save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("base") / "model",
-                                     max_seq_length=64)
+    return tiny_folders(weights="init")
 
 
 def _write_rows(path: Path, n: int, seed: int) -> Path:

@@ -8,28 +8,26 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_config
-from test_evaluation import write_beir
+from helpers.evaluation import write_beir
+from helpers.models import tiny_config
 from test_train import write_jsonl, word_overlap_rows
 
-from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
 from diffembed_hf import device_settings
 from diffembed_hf.cli import main
 from diffembed_hf.device_settings import resolve_device_settings
 from diffembed_hf.evaluation.run import evaluate
-from diffembed_hf.sentence_transformer import instruction_prompt, save_sentence_transformer
+from diffembed_hf.sentence_transformer import instruction_prompt
 from diffembed_hf.train import TRAINING_METADATA, ConfigError, TrainingConfig, train
+
+pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
 
 QUICK = dict(batch_size=8, learning_rate=1e-3, save_steps=10**6, query_prompt="", eval_fraction=0.0, lora=False)
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tiny_folders):
     """A tiny model whose saved max_seq_length (256) differs from every training length used below."""
-    torch.manual_seed(0)
-    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
-    return str(save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("base") / "m",
-                                         max_seq_length=256))
+    return str(tiny_folders(name="m", weights="init", max_seq_length=256))
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_config
-from corpus_helpers import corpus_rows, launch, read_output, write_jsonl
+from helpers.corpus import corpus_rows, read_output, write_jsonl
+from helpers.processes import launch
 
-from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
+from diffembed_hf import load_dream_tokenizer
 from diffembed_hf.checkpoint import content_digest, identity_files
 from diffembed_hf.cli import main as cli_main
 from diffembed_hf.corpus import encode_corpus
@@ -26,25 +26,23 @@ from diffembed_hf.encoding import load_encoder
 from diffembed_hf.errors import ModelFilesError, OutputLockedError, UntrustedFolderError, UsageError
 from diffembed_hf.export import export_vllm
 from diffembed_hf.files import lock_path, output_lock
-from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT, save_sentence_transformer
+from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+MODEL = dict(seed=5, max_seq_length=96, num_attention_heads=2, num_key_value_heads=1)  # `tiny_folders(**MODEL)`
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
+def model_folder(tiny_folders):
     """A tiny DiffEmbed folder with the real Dream tokenizer; heads of 32 so that vLLM's export takes it."""
-    config = tiny_config(vocab_size=151667, pad_token_id=151643, num_attention_heads=2, num_key_value_heads=1)
-    model = randomize(DiffEmbedForEmbedding(config), seed=5).eval()
-    return save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("trust") / "model",
-                                     max_seq_length=96)
+    return tiny_folders(**MODEL)
 
 
 @pytest.fixture
-def folder(model_folder, tmp_path):
+def folder(tiny_folders, tmp_path):
     """A private copy of the tiny DiffEmbed folder, free to be tampered with."""
-    return Path(shutil.copytree(model_folder, tmp_path / "model"))
+    return tiny_folders.copy(tmp_path / "model", **MODEL)
 
 
 def error_line(capsys) -> str:
@@ -179,7 +177,7 @@ def test_every_python_file_and_foreign_module_type_is_folder_code(folder, tmp_pa
     _add_evil_module(folder, marker)
     monkeypatch.setenv("HF_TOKEN", "x")
     (tmp_path / "texts.txt").write_text("one\n")
-    from evaluation_helpers import write_beir
+    from helpers.evaluation import write_beir
 
     beir = write_beir(tmp_path / "beir", {"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}})
     commands = {
@@ -367,7 +365,7 @@ def test_an_export_finished_meanwhile_is_never_replaced_without_overwrite(folder
     """A second export into OUT that finishes while this one works (issue 31): this one used to check OUT at its
     start, lock OUT at its end and replace the other's folder with exit 0; now it locks first."""
     import diffembed_hf.export as export_module
-    from conftest import run_before_the_lock
+    from helpers.locks import run_before_the_lock
     from diffembed_hf.errors import ExportError
 
     out = tmp_path / "export"
@@ -470,7 +468,7 @@ def test_a_stored_length_above_the_positions_is_refused_at_load(folder, tmp_path
 
 def test_a_qrels_score_out_of_range_is_refused_when_read(folder, tmp_path, capsys):
     """A score of 99999999999999999999 reached pytrec_eval (SystemError) after the embedding work."""
-    from evaluation_helpers import write_beir
+    from helpers.evaluation import write_beir
 
     beir = Path(write_beir(tmp_path / "beir", {"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}}))
     with open(beir / "qrels" / "test.tsv", "a") as handle:
@@ -530,7 +528,7 @@ def test_demo_base_that_cannot_be_used_leaves_nothing_in_out(tmp_path, capsys):
 def test_local_tasks_of_one_name_never_replace_each_other_and_instructions_are_recorded(folder, tmp_path, capsys):
     """Two BEIR folders of the same name: the second evaluate replaced the first's result. And an --instructions
     entry for a --data task was recorded as coming from 'local task: query prompt'."""
-    from evaluation_helpers import stored_results, write_beir
+    from helpers.evaluation import stored_results, write_beir
 
     data = ({"d1": "one", "d2": "two"}, {"q1": "one?"}, {"q1": {"d1"}})
     first, second = write_beir(tmp_path / "a" / "set", *data), write_beir(tmp_path / "b" / "set", *data)
@@ -616,12 +614,9 @@ def test_an_adapter_folder_exports_merged_into_its_base(folder, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def long_folder(tmp_path_factory):
+def long_folder(tiny_folders):
     """A tiny model whose positions reach 2,048 tokens, with the real Dream tokenizer."""
-    config = tiny_config(vocab_size=151667, pad_token_id=151643, max_position_embeddings=2048)
-    model = randomize(DiffEmbedForEmbedding(config), seed=8).eval()
-    return save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("long") / "model",
-                                     max_seq_length=2048)
+    return tiny_folders(seed=8, max_seq_length=2048, max_position_embeddings=2048)
 
 
 def test_file_mode_equals_corpus_mode_equals_sentence_transformers(long_folder, tmp_path, capsys):

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batch, tiny_config
+from helpers.models import tiny_config
+from helpers.tensors import make_batch
 
 from diffembed_hf import DiffEmbedForEmbedding
 from diffembed_hf.modeling import modeling_diffembed as mdl
@@ -102,7 +103,7 @@ def test_sentence_transformers_on_cuda_defaults_to_bf16_and_matches_cpu(tmp_path
     from diffembed_hf import load_dream_tokenizer
     from diffembed_hf.encoding import encode, load_encoder
     from diffembed_hf.sentence_transformer import save_sentence_transformer
-    from conftest import tiny_model
+    from helpers.models import tiny_model
 
     save_sentence_transformer(tiny_model(vocab_size=151667), load_dream_tokenizer(), tmp_path, max_seq_length=256)
     texts = ["a short text", "a somewhat longer text about photosynthesis and light " * 3, "", "x"]

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch, tiny_config, tiny_model
+from helpers.models import tiny_config, tiny_model
+from helpers.tensors import make_batch
 
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
 from diffembed_hf.modeling import modeling_diffembed as mdl

@@ -5,7 +5,7 @@ option or environment, found before any work; 1: a job that failed), the files a
 cases, that stderr holds only the lines a user needs.
 
 A few cases need a failure in the middle of a run (an output file appearing while the texts are embedded, a
-torchrun rank failing in its shard): they run this file as a script, `python tests/test_errors.py MODE ARGS...`,
+torchrun rank failing in its shard): they run this file as a script, `python tests/cli/test_errors.py MODE ARGS...`,
 which installs the failure and runs the CLI.
 """
 
@@ -64,27 +64,9 @@ def assert_one_error_line(result, command: str, status: int | tuple[int, ...], *
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, **{f"w{i}": i for i in range(2, 128)}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="<s>")
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    from conftest import tiny_model
-
-    from diffembed_hf.sentence_transformer import save_sentence_transformer
-
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    return save_sentence_transformer(tiny_model(3, num_attention_heads=2, num_key_value_heads=1), _tokenizer(), folder,
-                                     max_seq_length=64)
+def model(tiny_folders) -> Path:
+    return tiny_folders(name="tiny", seed=3, tokenizer="words", num_attention_heads=2, num_key_value_heads=1)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +92,7 @@ def inputs(tmp_path_factory) -> Path:
 def qwen2_source(tmp_path_factory) -> Path:
     """A tiny upstream Qwen2 checkpoint, as `diffembed convert` takes one."""
     import torch
+    from helpers.models import word_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -117,7 +100,7 @@ def qwen2_source(tmp_path_factory) -> Path:
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
     folder = tmp_path_factory.mktemp("source") / "qwen2"
     Qwen2ForCausalLM(config).save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -453,7 +436,7 @@ def _rank_1_disk_full(args: list[str]) -> int:
     return main(args)
 
 
-if __name__ == "__main__":  # python tests/test_errors.py MODE ARGS...
+if __name__ == "__main__":  # python tests/cli/test_errors.py MODE ARGS...
     import logging
 
     for name in ("torchao", "torch.utils._pytree"):  # as the CLI does before its heavy imports

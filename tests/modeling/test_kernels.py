@@ -11,8 +11,9 @@ import types
 
 import pytest
 import torch
-from conftest import make_batch, tiny_model
-from conftest import reference_varlen as per_segment_sdpa  # a correct varlen kernel: SDPA per text
+from helpers.models import tiny_model
+from helpers.tensors import make_batch
+from helpers.tensors import reference_varlen as per_segment_sdpa  # a correct varlen kernel: SDPA per text
 
 from diffembed_hf.modeling import modeling_diffembed as mdl
 

@@ -44,7 +44,8 @@ from pathlib import Path
 import pytest
 import yaml
 import torch
-from conftest import TINY, additive_mask, make_batch, randomize, real_positions
+from helpers.models import TINY, randomize
+from helpers.tensors import additive_mask, make_batch, real_positions
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
@@ -603,7 +604,7 @@ def test_a_conversion_finished_meanwhile_is_never_replaced_without_overwrite(sou
     """A second conversion into OUT that finishes while this one works (issue 31): this one used to check OUT at
     its start, lock OUT at its end, and replace the other's folder with exit 0; now it locks first."""
     import diffembed_hf.convert.folder as folder_module
-    from conftest import run_before_the_lock
+    from helpers.locks import run_before_the_lock
 
     out = tmp_path / "out"
     other = run_before_the_lock(monkeypatch, folder_module,

@@ -5,7 +5,8 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch, reference_varlen, tiny_model
+from helpers.models import tiny_model
+from helpers.tensors import make_batch, reference_varlen
 
 from diffembed_hf.modeling import modeling_diffembed as mdl
 

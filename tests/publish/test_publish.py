@@ -1,4 +1,4 @@
-"""Publishing to the Hub: the real huggingface_hub client against a local Hub-compatible server (tests/fake_hub.py).
+"""Publishing to the Hub: the real huggingface_hub client against a local Hub-compatible server (tests/helpers/fake_hub.py).
 
 Nothing here mocks HfApi: every push goes through huggingface_hub's own HTTP calls to 127.0.0.1, and what the
 server received is compared with the folder and loaded back (in a fresh process that cannot import diffembed_hf).
@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import randomize, tiny_config
-from fake_hub import FakeHub
+from helpers.fake_hub import FakeHub
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file, save_file
 
@@ -33,7 +32,7 @@ from diffembed_hf.publish import (
     files_to_push,
     push,
 )
-from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT, save_sentence_transformer
+from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT
 
 # Dream's vocabulary (the real tokenizer) at a width that keeps the checkpoint at ~10 MB
 SMALL = dict(vocab_size=151667, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
@@ -63,12 +62,11 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tokenizer):
+def folder(tmp_path_factory, tiny_folders):
     """A trained-looking DiffEmbed folder: model, tokenizer, sentence-transformers files, training record,
     plus what must never be pushed (a training checkpoint, a pickle, a cache)."""
-    path = tmp_path_factory.mktemp("pub") / "model"
-    save_sentence_transformer(randomize(DiffEmbedForEmbedding(tiny_config(**SMALL)), seed=5).eval(), tokenizer, path,
-                              max_seq_length=MAX_LEN)
+    path = tiny_folders.copy(tmp_path_factory.mktemp("pub") / "model", seed=5, max_seq_length=MAX_LEN, pad_token_id=0,
+                             **SMALL)
     (path / "diffembed_training.json").write_text(json.dumps(TRAINING))
     (path / "checkpoint-500").mkdir()
     (path / "checkpoint-500" / "optimizer.pt").write_bytes(b"pickle")

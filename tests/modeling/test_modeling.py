@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TINY, additive_mask, make_batch, randomize, real_positions, tiny_config, tiny_model
+from helpers.models import TINY, randomize, tiny_config, tiny_model
+from helpers.tensors import additive_mask, make_batch, real_positions
 from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
 
 from diffembed_hf import DiffEmbedConfig, DiffEmbedForEmbedding

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpus_helpers import build_folder, corpus_rows, launch, write_jsonl
+from helpers.corpus import MODEL, corpus_rows, write_jsonl
+from helpers.processes import launch
 from sentence_transformers import quantize_embeddings
 from test_compact import SCALAR_OK, needs_scalar
 
@@ -29,8 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("corpus") / "model")
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +133,14 @@ def test_int8_corpus_codes_and_its_ranges_reused_for_queries(folder, source, flo
     assert "truncate dim null, this run asks for 32" in capsys.readouterr().err
 
 
-def test_refusals_before_any_shard(folder, source, tmp_path, capsys):
+def test_refusals_before_any_shard(folder, tiny_folders, source, tmp_path, capsys):
     assert run_cli(folder, "-i", source, "-o", f"{tmp_path / 'a'}/", "--dtype", "float16", "--precision", "binary") == 2
     assert "--dtype float16 cannot hold binary vectors" in capsys.readouterr().err
     assert run_cli(folder, "-i", source, "-o", f"{tmp_path / 'b'}/", "--truncate-dim", 100) == 2
     assert "larger than the model's embedding dimension 64" in capsys.readouterr().err
     assert run_cli(folder, "-i", source, "-o", f"{tmp_path / 'c'}/", "--truncate-dim", 12, "--precision", "binary") == 2
     assert "12 is not a multiple of 8" in capsys.readouterr().err
-    other = build_folder(tmp_path / "other")
+    other = tiny_folders.copy(tmp_path / "other", **MODEL)
     (other / "config.json").write_text((other / "config.json").read_text().replace("}", " }", 1))  # other files
     sample = np.random.default_rng(0).standard_normal((20, 64))  # unit vectors, as a model's embeddings are
     ranges = compact.calibrate(sample / np.linalg.norm(sample, axis=1, keepdims=True),

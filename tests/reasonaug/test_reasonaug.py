@@ -1,4 +1,4 @@
-"""`diffembed reasonaug` against a local OpenAI-compatible server of the tests' own (tests/openai_server.py),
+"""`diffembed reasonaug` against a local OpenAI-compatible server of the tests' own (tests/helpers/openai_server.py),
 driven through the real `openai` client: the rows `diffembed train` reads, the held-out BEIR folder `diffembed
 evaluate --data` reads, byte-identical reruns, a SIGKILL mid-run that sends no journaled request again, hard negatives
 equal to an independent BM25, the checker's drops, and every bad input named and counted."""
@@ -19,14 +19,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from openai_server import ChatServer, ReasonAugResponder, body_key
+from helpers.openai_server import ChatServer, ReasonAugResponder, body_key
 
 from diffembed_hf.cli import main
 from diffembed_hf.reasonaug import ConceptsError, PromptsError, generate_reasonaug, load_concepts, load_prompts
 from diffembed_hf.reasonaug.client import ServerError
 from diffembed_hf.reasonaug.journal import Journal, JournalError, request_key
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OPENAI_API_KEY="")
 CONCEPTS = """\
 domains:
@@ -929,22 +929,15 @@ def test_model_not_served_and_missing_key_are_named(concepts, server, tmp_path, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_train_and_evaluate_run_on_the_outputs_as_written(concepts, server, tmp_path, capsys):
-    import torch
-    from conftest import tiny_config
-
-    from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
-    from diffembed_hf.sentence_transformer import save_sentence_transformer
+def test_train_and_evaluate_run_on_the_outputs_as_written(concepts, server, tiny_folders, tmp_path, capsys):
+    from helpers.models import DREAM_SPECIAL_IDS
 
     out = tmp_path / "data"
     assert main(["reasonaug", str(concepts), str(out), "--model", "test-model", "--base-url", server.url,
                  "--problems-per-concept", "3", "--heldout-fraction", "0.2"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"train\.jsonl: \d+ rows \(i2ps \d+, p2i \d+, p2ps \d+, ps2ps \d+", err)
-    torch.manual_seed(0)
-    config = tiny_config(vocab_size=151667, pad_token_id=151643, bos_token_id=151665, eos_token_id=151643)
-    base = save_sentence_transformer(DiffEmbedForEmbedding(config).eval(), load_dream_tokenizer(), tmp_path / "base",
-                                     max_seq_length=64)
+    base = tiny_folders(name="base", weights="init", **DREAM_SPECIAL_IDS)
     assert main(["train", str(base), str(out / "train.jsonl"), str(tmp_path / "trained"), "--max-steps", "2",
                  "--batch-size", "4", "--max-seq-length", "64", "--eval-fraction", "0", "--device", "cpu"]) == 0
     assert main(["evaluate", str(tmp_path / "trained"), "--data", str(out / "heldout"), "--query-prompt", "",

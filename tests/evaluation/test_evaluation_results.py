@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from corpus_helpers import clean_env
 from datasets import Dataset
-from evaluation_helpers import save_model, write_beir
+from helpers.evaluation import write_beir
+from helpers.processes import clean_env
 from huggingface_hub import ModelCard
 
 from diffembed_hf.builtin_task import build_rows
@@ -31,9 +31,9 @@ REAL_EMBED = encoder_module._embed
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return save_model(root / "a", 0), save_model(root / "b", 1)
+def models(tiny_folders):
+    """Two tiny folders (real Dream tokenizer, initialised as a base model is), a and b."""
+    return tuple(str(tiny_folders(name=name, seed=seed, weights="init")) for name, seed in (("a", 0), ("b", 1)))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Corpus encoding under torchrun (two CPU ranks, gloo), after SIGKILL, and on a 200,000-row corpus.
 
-The killed runs launch this file as a script (`python tests/test_corpus_distributed.py MODE.json ARGS...`):
+The killed runs launch this file as a script (`python tests/corpus/test_corpus_distributed.py MODE.json ARGS...`):
 it runs `diffembed encode ARGS` with a hook that SIGKILLs the process at a chosen point.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from corpus_helpers import WORDS, build_folder, corpus_rows, launch, read_output, write_jsonl
+from helpers.corpus import MODEL, WORDS, corpus_rows, read_output, write_jsonl
+from helpers.processes import launch
 
 from diffembed_hf.corpus import encode_corpus
 
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.slow  # torchrun / Ray / the whole demo: run by CI, ski
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("corpus") / "model")
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)
 
 
 def _free_port() -> int:
@@ -191,5 +192,5 @@ def test_peak_memory_is_set_by_the_shard_size_not_the_corpus_size(folder, tmp_pa
     assert peaks[200_000] - peaks[2_000] < 40, peaks
 
 
-if __name__ == "__main__":  # python tests/test_corpus_distributed.py MODE.json encode ...
+if __name__ == "__main__":  # python tests/corpus/test_corpus_distributed.py MODE.json encode ...
     _run_with_hook(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2:])

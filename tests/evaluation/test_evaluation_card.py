@@ -4,7 +4,7 @@ reproducing the demo's own held-out numbers."""
 import json
 
 import pytest
-from evaluation_helpers import stored_scores
+from helpers.evaluation import stored_scores
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 

@@ -8,7 +8,7 @@ import mteb
 import numpy as np
 import pytest
 from datasets import Dataset
-from evaluation_helpers import save_model, stored_results, stored_scores, write_beir
+from helpers.evaluation import stored_results, stored_scores, write_beir
 from sentence_transformers import SentenceTransformer
 from torch.utils.data import DataLoader
 
@@ -28,9 +28,9 @@ MODULES = ("json", "csv", "textwrap", "heapq", "shlex", "glob", "fnmatch", "copy
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return save_model(root / "a", 0), save_model(root / "b", 1)
+def models(tiny_folders):
+    """Two tiny folders (real Dream tokenizer, initialised as a base model is), a and b."""
+    return tuple(str(tiny_folders(name=name, seed=seed, weights="init")) for name, seed in (("a", 0), ("b", 1)))
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.models import DREAM_SPECIAL_IDS
 
-from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
+from diffembed_hf import load_dream_tokenizer
 from diffembed_hf.cli import build_parser, main
-from diffembed_hf.sentence_transformer import save_sentence_transformer
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
@@ -42,13 +41,9 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tiny_folders):
     """A tiny DiffEmbed folder with the real Dream tokenizer; its config's special ids are the tokenizer's."""
-    torch.manual_seed(0)
-    config = tiny_config(vocab_size=151667, pad_token_id=151643, bos_token_id=151665, eos_token_id=151643)
-    model = DiffEmbedForEmbedding(config).eval()
-    return save_sentence_transformer(model, load_dream_tokenizer(), tmp_path_factory.mktemp("base") / "m",
-                                     max_seq_length=64)
+    return tiny_folders(name="m", weights="init", **DREAM_SPECIAL_IDS)
 
 
 @pytest.fixture(scope="module")
@@ -276,8 +271,9 @@ def test_user_errors_are_one_line_with_the_documented_status_in_a_fresh_process(
 
 def test_debug_shows_the_traceback(tmp_path):
     argv = [sys.executable, "-m", "diffembed_hf", "encode", "some/model", "-i", "-", "-o", str(tmp_path / "x" / "e.npy")]
-    quiet = subprocess.run(argv, capture_output=True, text=True, env=ENV, stdin=subprocess.DEVNULL)
-    loud = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=ENV, stdin=subprocess.DEVNULL)
+    with ThreadPoolExecutor(2) as pool:  # two fresh processes side by side: each spends seconds on its imports
+        quiet, loud = pool.map(lambda extra: subprocess.run(argv + extra, capture_output=True, text=True, env=ENV,
+                                                            stdin=subprocess.DEVNULL), ([], ["--debug"]))
     assert quiet.returncode == loud.returncode == 2
     assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr and "UsageError" in loud.stderr
 
@@ -371,10 +367,11 @@ def _tiny_qwen2_checkpoint(folder: Path) -> None:
 def test_the_cli_imports_neither_torch_nor_transformers():
     probe = ("import sys, diffembed_hf, diffembed_hf.cli; from diffembed_hf.cli import build_parser; build_parser(); "
              "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers', 'numpy') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=ENV, check=True)
-    assert result.stdout.strip() == "[]"
-    control = subprocess.run([sys.executable, "-c", "import sys, diffembed_hf; diffembed_hf.DiffEmbedConfig; "
-                              "print('transformers' in sys.modules)"], capture_output=True, text=True, env=ENV)
+    control_probe = "import sys, diffembed_hf; diffembed_hf.DiffEmbedConfig; print('transformers' in sys.modules)"
+    with ThreadPoolExecutor(2) as pool:  # two fresh processes side by side
+        result, control = pool.map(lambda code: subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                               text=True, env=ENV), (probe, control_probe))
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
     assert control.stdout.strip() == "True"  # the classes still load (and register) on first use
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpus_helpers import MAX_LEN, build_folder, corpus_rows, read_output, write_jsonl
+from helpers.corpus import MAX_LEN, MODEL, corpus_rows, read_output, write_jsonl
 from sentence_transformers import SentenceTransformer
 
 from diffembed_hf.cli import main as cli_main
@@ -23,12 +23,12 @@ ROWS = corpus_rows(600, seed=1)
 TEXTS = ["", " ", "短い文", "word " * 200, *(join_title(r["title"], r["text"]) for r in ROWS)]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]  # CI reruns it on the oldest transformers / sentence-transformers
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("corpus") / "model")
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def test_embed_texts_equals_sentence_transformers(encoder, peer, prompt):
     assert np.abs(other - expected[4:20]).max() > 1e-2
 
 
-def test_prompt_left_out_of_the_mean_equals_sentence_transformers(tmp_path):
-    folder = build_folder(tmp_path / "model")
+def test_prompt_left_out_of_the_mean_equals_sentence_transformers(tiny_folders, tmp_path):
+    folder = tiny_folders.copy(tmp_path / "model", **MODEL)
     write_sentence_transformer_files(folder, max_seq_length=MAX_LEN, include_prompt=False)
     peer = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     expected = peer.encode(TEXTS[:80], prompt_name="query")
@@ -151,7 +151,7 @@ def test_corpus_folder_is_read_by_pyarrow_and_datasets_and_equals_sentence_trans
     np.testing.assert_allclose(read_output(tmp_path / "streamed")[1], vectors, rtol=0, atol=1e-6)
 
 
-def test_rerun_resumes_and_other_settings_are_refused_by_name(folder, tmp_path, capsys):
+def test_rerun_resumes_and_other_settings_are_refused_by_name(folder, tiny_folders, tmp_path, capsys):
     source = write_jsonl(tmp_path / "corpus.jsonl", ROWS[:200])
     out = tmp_path / "out"
     assert run_cli(folder, source, out, "--shard-size", "80") == 0
@@ -164,7 +164,7 @@ def test_rerun_resumes_and_other_settings_are_refused_by_name(folder, tmp_path, 
     assert run_cli(folder, source, out, "--shard-size", "80", "--prompt-name", "query") == 2
     err = capsys.readouterr().err
     assert err.startswith("diffembed encode: error: ") and "prompt" in err and "--overwrite" in err
-    other_model = build_folder(tmp_path / "other")
+    other_model = tiny_folders.copy(tmp_path / "other", **MODEL)
     (other_model / "config.json").write_text((other_model / "config.json").read_text().replace("}", ' }', 1))
     assert run_cli(other_model, source, out, "--shard-size", "80") == 2
     assert "model" in capsys.readouterr().err

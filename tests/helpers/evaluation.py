@@ -1,21 +1,9 @@
-"""Shared by the evaluation tests: tiny DiffEmbed folders (real Dream tokenizer) and local BEIR-layout sets."""
+"""Shared by the evaluation tests: local BEIR-layout sets and the results evaluate stores."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-
-def save_model(folder: Path, seed: int) -> str:
-    import torch
-    from conftest import tiny_config
-
-    from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
-    from diffembed_hf.sentence_transformer import save_sentence_transformer
-
-    torch.manual_seed(seed)
-    model = DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)).eval()
-    return str(save_sentence_transformer(model, load_dream_tokenizer(), folder, max_seq_length=64))
 
 
 def write_beir(folder: Path, corpus: dict, queries: dict, qrels: dict, excluded: dict | None = None,

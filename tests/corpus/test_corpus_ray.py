@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 import ray
-from corpus_helpers import build_folder, clean_env, corpus_rows, launch, read_output, write_jsonl
+from helpers.corpus import MODEL, corpus_rows, read_output, write_jsonl
+from helpers.processes import clean_env, launch
 
 from diffembed_hf.corpus import embed_dataset, embed_texts, encode_corpus, join_title
 from diffembed_hf.encoding import load_encoder
@@ -17,8 +18,8 @@ pytestmark = pytest.mark.slow  # torchrun / Ray / the whole demo: run by CI, ski
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("corpus") / "model")
+def folder(tiny_folders):
+    return tiny_folders(**MODEL)
 
 
 @pytest.fixture(scope="module")

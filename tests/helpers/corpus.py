@@ -1,13 +1,9 @@
-"""Shared by the corpus tests: a tiny DiffEmbed folder (real Dream tokenizer) and generated corpora."""
+"""Shared by the corpus tests: the spec of their tiny DiffEmbed folder (real Dream tokenizer) and generated corpora."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +13,7 @@ WORDS = ("apple bridge candle desert engine forest garden harbor island jungle k
          "feather glacier hammer igloo jacket kitten lemon magnet nickel orchid parrot 短い文 émigré naïve"
          ).split()
 MAX_LEN = 96  # the folder's max_seq_length: the longest generated texts are truncated
-
-
-def build_folder(path: Path) -> Path:
-    from conftest import randomize, tiny_config
-
-    from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
-    from diffembed_hf.sentence_transformer import save_sentence_transformer
-
-    model = randomize(DiffEmbedForEmbedding(tiny_config(vocab_size=151667, pad_token_id=151643)), seed=5).eval()
-    return save_sentence_transformer(model, load_dream_tokenizer(), path, max_seq_length=MAX_LEN)
+MODEL = dict(seed=5, max_seq_length=MAX_LEN)  # `tiny_folders(**MODEL)` (conftest): hidden size 64
 
 
 def corpus_rows(n: int, seed: int = 0) -> list[dict]:
@@ -56,22 +43,3 @@ def read_output(folder: Path) -> tuple[list[str], np.ndarray]:
         ids += table.column("id").to_pylist()
         vectors.append(np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(len(table), -1))
     return ids, np.concatenate(vectors).astype(np.float32)
-
-
-def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
-    return env
-
-
-def launch(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python ARGS` in its own process group; on timeout the whole group dies and the test fails."""
-    proc = subprocess.Popen([sys.executable, *args], env=env or clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"python {' '.join(args)} ran past {timeout} s:\n{out[-4000:]}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
