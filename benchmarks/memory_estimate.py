@@ -8,6 +8,7 @@ peaks recorded on 2026-11-25 by `benchmarks/gpu_throughput.py` (one H100, Dream-
 "Performance"), from the same shapes and batches, rebuilt here.
 
     nice -n 19 python benchmarks/memory_estimate.py [--model DIR]   # a few minutes on 2 cores
+    python benchmarks/memory_estimate.py --smoke   # every case on a 2-layer GGUF of SmolLM2's shape, 16/32 tokens
 """
 
 from __future__ import annotations
@@ -135,21 +136,29 @@ def main() -> None:
                         "GGUF file into a temporary folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cases", default="encode,lora,full", help="which cases to run (comma-separated)")
+    parser.add_argument("--smoke", action="store_true", help="smoke test of the script: every case on a 2-layer GGUF "
+                        "of SmolLM2's shape (real_model.py's tiny_gguf) at 16 and 32 tokens; no figure is a measurement")
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    lengths = (16, 32) if args.smoke else LENGTHS
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
+        if model is None and args.smoke:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from real_model import converted_smollm2
+
+            model = str(converted_smollm2(Path(tmp) / "tiny", smoke=True))
+        elif model is None:
             from diffembed_hf.demo import default_base, prepare_base
 
             model = str(prepare_base(default_base(), Path(tmp) / "smollm2"))
         kinds = args.cases.split(",")
         cases = [{"kind": kind, "length": length, "model": model} for kind in ("encode", "lora") if kind in kinds
-                 for length in LENGTHS]
+                 for length in lengths]
         if "full" in kinds:
-            cases.append({"kind": "full", "length": LENGTHS[0], "model": model})
+            cases.append({"kind": "full", "length": lengths[0], "model": model})
         names = {"encode": "encode (16,384 tokens per batch)", "lora": f"train LoRA, CPU recipe, batch {BATCH}",
                  "full": f"train full fine-tuning, batch {BATCH}"}
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

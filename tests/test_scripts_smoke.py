@@ -63,6 +63,10 @@ SCRIPTS = {
                "DiffEmbed sdpa (padded)", "DiffEmbed auto [", "single long document", "embeddings, relative error"),
         cuda_only=("varlen kernel grouped-head mode", "weights of both models", "single long document",
                    "transformers Qwen2Model sdpa", "DiffEmbed auto, several GPUs")),
+    "benchmarks/memory_estimate.py": Smoke(
+        table=("estimate MiB", "measured MiB", "encode (16,384 tokens per batch), 16 tokens",
+               "train LoRA, CPU recipe, batch 8, 32 tokens: the step", "train full fine-tuning, batch 8, 16 tokens",
+               "GPU, recorded 2026-11-25", "one document of 131,072 tokens")),
     "benchmarks/quality.py": Smoke(
         table=("reasoning ndcg", "stdlib ndcg", "manpages ndcg", "BM25 (baseline)", "untrained (baseline)",
                "MiniLM-L6 (baseline)", "| row | steps | training min | load avg |", "smoke: 2 steps", "curves: ")),

@@ -391,7 +391,7 @@ def check_training_fits(estimate: MemoryEstimate, memory: int | None, source: st
     """Refuse a run whose estimate exceeds the memory, naming the settings that would bring it under."""
     if memory is None or estimate.fits(memory):
         if memory is not None:
-            logger.info("Memory check (%s): a training peak of about %s, %s available (%s).", when,
+            logger.debug("Memory check (%s): a training peak of about %s, %s available (%s).", when,
                         format_bytes(estimate.total), format_bytes(memory), source)
         return
     fitting = [f"{label} (about {format_bytes(size)})" for label, size in estimate.remedies if size <= memory]
