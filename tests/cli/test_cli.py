@@ -250,6 +250,7 @@ def _user_error_cases(base: Path, data: Path, tmp: Path) -> list[tuple[list[str]
     ]
 
 
+@pytest.mark.slow  # a dozen fresh `diffembed` processes, seconds of imports each
 def test_user_errors_are_one_line_with_the_documented_status_in_a_fresh_process(base, data, tmp_path):
     cases = _user_error_cases(base, data, tmp_path)
     before = snapshot(tmp_path)

@@ -123,6 +123,7 @@ STRAY = {
 }
 
 
+@pytest.mark.slow  # a dozen fresh `diffembed` processes, seconds of imports each
 def test_stray_torchrun_variables_are_named_with_what_to_do(model, inputs, tmp_path):
     """Before: RANK=1 alone crashed after loading the model (AttributeError), WORLD_SIZE=2 raised torch's
     rendezvous ValueError, RANK=3 of 2 waited for ever. Now each is refused before any work, naming the variables
@@ -200,6 +201,7 @@ def test_a_damaged_model_folder_is_named_by_encode(model, inputs, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # a dozen fresh `diffembed` processes, seconds of imports each
 def test_a_damaged_tokenizer_is_named_by_every_command_that_loads_the_model(model, qwen2_source, inputs, tmp_path):
     """The tokenizer.json that transformers cannot read (it passes every cheap check): corpus mode, evaluate,
     train, export (which copies the tokenizer without loading it), push's validation in a fresh process, and
@@ -354,6 +356,7 @@ def assert_quiet(text: str, allowed: list[str]) -> None:
 ATTENTION = r"DiffEmbed attention path: \w+"
 
 
+@pytest.mark.slow  # a dozen fresh `diffembed` processes, seconds of imports each
 def test_encode_evaluate_export_and_push_are_quiet(model, inputs, tmp_path):
     runs = {
         "encode": ["encode", model, "-i", inputs / "texts.txt", "-o", tmp_path / "e.npy"],
