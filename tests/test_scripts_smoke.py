@@ -10,13 +10,12 @@ control, that a script with nothing GPU-only says it skipped nothing.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers.processes import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIPPED = "skipped: needs CUDA"
@@ -91,15 +90,7 @@ def run_smoke(script: str, timeout: float = 1200) -> subprocess.CompletedProcess
     """`python SCRIPT --smoke` from the repository root, in its own process group (killed whole on timeout)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    proc = subprocess.Popen([sys.executable, script, "--smoke"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{script} --smoke ran past {timeout} s:\n{out[-4000:]}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+    return launch([script, "--smoke"], timeout=timeout, env=env, cwd=ROOT)
 
 
 @pytest.mark.slow  # about 15 processes, each a few seconds to a minute on 2 cores: several minutes in all

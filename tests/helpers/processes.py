@@ -19,9 +19,9 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def launch(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(args: list[str], timeout: float = 300, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
     """`python ARGS` in its own process group; on timeout the whole group dies and the test fails."""
-    proc = subprocess.Popen([sys.executable, *args], env=env or clean_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *args], env=env or clean_env(), cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
