@@ -7,6 +7,9 @@ takes these facts from here, so they cannot drift apart:
   * names: the records (`diffembed_conversion.json`, `diffembed_training.json`, the `eval/` results), the
     remote-code files, the tokenizer, sentence-transformers and licence files, adapter files;
   * `is_hub_id`: the one test of "is this a Hub repo id rather than a local path";
+  * `open_model_folder` -> `ModelFolder`: a local model folder read and checked once per job (its kind, config,
+    weights, tokenizer and sentence-transformers files, trust checks; its identity on first use), then handed
+    down to whatever loads or records it;
   * `folder_kind`: a full model or a PEFT adapter;
   * `content_digest` / `model_identity`: what identifies the vectors a folder makes - its weights, config,
     tokenizer and sentence-transformers files, and nothing else (writing `eval/` or an output inside the
@@ -28,7 +31,8 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -108,35 +112,35 @@ def folder_kind(folder: str | Path, error: type[DiffembedError] = DiffembedError
     raise error(f"{folder} is not a DiffEmbed checkpoint: it has no {CONFIG} (nor {ADAPTER_CONFIG})")
 
 
-def weight_files(folder: Path, error: type[DiffembedError] = DiffembedError) -> list[str]:
-    """The safetensors weight files of a model folder (the index first, if sharded); `error` when they are
-    missing, pickled only, or ambiguous (both a single file and an index: which one loads is not obvious)."""
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors weight files of a model folder (the index first, if sharded); `ModelFilesError` when they
+    are missing, pickled only, or ambiguous (both a single file and an index: which one loads is not obvious)."""
     single, index = folder / "model.safetensors", folder / WEIGHT_INDEX
     if single.is_file() and index.is_file():
-        raise error(f"{folder} holds both model.safetensors and {WEIGHT_INDEX}; remove the stale one so that "
-                    "the folder loads the weights you mean")
+        raise ModelFilesError(f"{folder} holds both model.safetensors and {WEIGHT_INDEX}; remove the stale one so "
+                              "that the folder loads the weights you mean")
     if single.is_file():
         return [single.name]
     if index.is_file():
-        weight_map = read_json(index, error).get("weight_map") or {}
+        weight_map = read_json(index, ModelFilesError).get("weight_map") or {}
         shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
         for shard in shards:
             inside(folder, shard, what=str(index))
         missing = [s for s in shards if not (folder / s).is_file()]
         if not shards or missing:
-            raise error(f"{index} names shards that are missing: {', '.join(missing) or '(none listed)'}")
+            raise ModelFilesError(f"{index} names shards that are missing: {', '.join(missing) or '(none listed)'}")
         return [index.name, *shards]
     if any(folder.glob("pytorch_model*.bin")):
-        raise error(f"{folder} has only pickled weights (pytorch_model*.bin); re-save them with save_pretrained() "
-                    "(safetensors)")
-    raise error(f"{folder} has no weights (model.safetensors or {WEIGHT_INDEX})")
+        raise ModelFilesError(f"{folder} has only pickled weights (pytorch_model*.bin); re-save them with "
+                              "save_pretrained() (safetensors)")
+    raise ModelFilesError(f"{folder} has no weights (model.safetensors or {WEIGHT_INDEX})")
 
 
 # The tokenizer files that hold a vocabulary (tokenizer_config.json and special_tokens_map.json only configure one).
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "merges.txt")
 
 
-def check_model_files(folder: Path, *, deep: bool = False, error: type[DiffembedError] = ModelFilesError) -> None:
+def check_model_files(folder: Path, *, deep: bool = False) -> list[str]:
     """Refuse a full model folder whose files cannot load, naming the file: every JSON file the loaders read must
     parse, every safetensors weight file must have a whole header (offsets covering the file), and there must be
     a tokenizer. These checks read no weights and take milliseconds; run before a model loads, they replace
@@ -145,11 +149,12 @@ def check_model_files(folder: Path, *, deep: bool = False, error: type[Diffembed
 
     `deep=True` also reads tokenizer.json with the tokenizers library (a fraction of a second for a large
     vocabulary): after a load failed, to name the file at fault, and before a job that copies the tokenizer
-    without loading it (export). Raises `error` with exit status 1: the folder is damaged, the job cannot run."""
+    without loading it (export). Raises `ModelFilesError` with exit status 1: the folder is damaged, the job
+    cannot run. Returns the weight files (`weight_files`)."""
     folder = Path(folder)
 
     def refuse(message: str):
-        raise error(message, exit_status=1)
+        raise ModelFilesError(message, exit_status=1)
 
     def parse(name: str) -> Any:
         try:
@@ -165,10 +170,7 @@ def check_model_files(folder: Path, *, deep: bool = False, error: type[Diffembed
         path = module.get("path") if isinstance(module, dict) else None
         if isinstance(path, str) and path and (folder / path / CONFIG).is_file():
             parse(f"{path}/{CONFIG}")  # a module's settings (1_Pooling/config.json)
-    try:
-        weights = weight_files(folder, error)
-    except error as err:
-        refuse(str(err))
+    weights = weight_files(folder)
     for name in weights:
         if name.endswith(".safetensors"):
             _check_safetensors_header(folder / name, refuse)
@@ -176,20 +178,21 @@ def check_model_files(folder: Path, *, deep: bool = False, error: type[Diffembed
         refuse(f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the tokenizer "
                "beside the model (tokenizer.save_pretrained), from the model it was converted or trained from")
     if deep:
-        check_tokenizer(folder, error)
+        check_tokenizer(folder)
+    return weights
 
 
-def check_tokenizer(folder: Path, error: type[DiffembedError] = ModelFilesError) -> None:
+def check_tokenizer(folder: Path) -> None:
     """Name the tokenizer file that keeps a tokenizer from loading: a vocabulary is there (or the tokenizer's own
     code builds one), tokenizer_config.json parses, and tokenizer.json is one the tokenizers library reads (a
     fraction of a second for a large vocabulary). transformers reports all of these as "Unrecognized processing
-    class" or a bare KeyError. Raises `error` with exit status 1."""
+    class" or a bare KeyError. Raises `ModelFilesError` with exit status 1."""
     folder = Path(folder)
-    tokenizer_config = read_json_or_empty(folder / "tokenizer_config.json", error)
+    tokenizer_config = read_json_or_empty(folder / "tokenizer_config.json", ModelFilesError)
     vocabulary = any(True for pattern in (*VOCABULARY_FILES, "*.tiktoken") for _ in folder.glob(pattern))
     if not vocabulary and not (isinstance(tokenizer_config, dict) and tokenizer_config.get("auto_map")):
-        raise error(f"{folder} has tokenizer settings but no vocabulary ({', '.join(VOCABULARY_FILES)}); save the "
-                    "whole tokenizer beside the model (tokenizer.save_pretrained)", exit_status=1)
+        raise ModelFilesError(f"{folder} has tokenizer settings but no vocabulary ({', '.join(VOCABULARY_FILES)}); "
+                              "save the whole tokenizer beside the model (tokenizer.save_pretrained)", exit_status=1)
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
@@ -197,8 +200,8 @@ def check_tokenizer(folder: Path, error: type[DiffembedError] = ModelFilesError)
             Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as err:  # noqa: BLE001 - the Rust library raises a plain Exception for any bad file
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise error(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library can read ({reason}); "
-                        "copy it again from where the model came from", exit_status=1) from None
+            raise ModelFilesError(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library can read "
+                                  f"({reason}); copy it again from where the model came from", exit_status=1) from None
 
 
 def _check_safetensors_header(path: Path, refuse) -> None:
@@ -344,25 +347,144 @@ def check_remote_code(folder: Path, trust_remote_code: bool, *, action: str = "l
             "--trust-remote-code (trust_remote_code=True) to allow it")
 
 
-def check_model_folder(folder: Path, *, trust_remote_code: bool = False,
-                       error: type[DiffembedError] = UsageError) -> dict:
-    """A local folder that DiffEmbed's loaders may read: a DiffEmbed model (not an adapter, not another
-    architecture), contained (no path or link leading out of it) and running no foreign code without opt-in.
-    Returns its config.json."""
-    kind = folder_kind(folder, error)
-    if kind == "adapter":
-        raise error(f"{folder} is a LoRA adapter, which embeds only on top of its base model: load it with "
-                    "diffembed_hf.encoding.load_encoder (or diffembed encode), which merges it into its base")
+def check_weights_match(folder: Path, config: Any) -> list[Path]:
+    """The weight files (and index) of a DiffEmbed folder, after checking from their headers alone that they hold
+    exactly the tensors `config` (a `DiffEmbedConfig`) implies, with its shapes. transformers would initialise a
+    missing tensor at random and carry on (a "LOAD REPORT" on stderr), so a damaged file would embed, wrongly,
+    without an error. Raises `ModelFilesError` with exit status 1 (the folder is damaged)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from .modeling.modeling_diffembed import DiffEmbedForEmbedding
+
+    names = weight_files(folder)
+    found: dict[str, tuple[int, ...]] = {}
+    stored_in: dict[str, str] = {}
+    for name in (n for n in names if n.endswith(".safetensors")):
+        try:
+            with safe_open(str(folder / name), framework="numpy") as handle:
+                for tensor in handle.keys():
+                    if tensor in stored_in:
+                        raise ModelFilesError(f"tensor {tensor} is stored twice: in {stored_in[tensor]} and {name}",
+                                              exit_status=1)
+                    stored_in[tensor] = name
+                    found[tensor] = tuple(handle.get_slice(tensor).get_shape())
+        except (SafetensorError, OSError) as err:
+            raise ModelFilesError(f"{folder / name} is not a readable safetensors file: {err}", exit_status=1) from err
+    if WEIGHT_INDEX in names:
+        weight_map = read_json(folder / WEIGHT_INDEX, ModelFilesError).get("weight_map") or {}
+        for tensor, shard in weight_map.items():
+            if stored_in.get(tensor) != shard:
+                raise ModelFilesError(f"the index names tensor {tensor} in {shard}, but {folder / shard} does not "
+                                      "contain it", exit_status=1)
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in DiffEmbedForEmbedding(config).state_dict().items()}
+    if found.keys() != expected.keys():
+        extra, missing = sorted(found.keys() - expected.keys()), sorted(expected.keys() - found.keys())
+        shown = sorted(set(stored_in.values()))
+        raise ModelFilesError(f"{folder}: the weights ({', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}) do "
+                              f"not match config.json (unexpected: {extra[:3]}, missing: {missing[:3]}); they are "
+                              "damaged or belong to another model", exit_status=1)
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise ModelFilesError(f"{folder}: tensor {name} has shape {list(found[name])}, config.json implies "
+                                  f"{list(shape)}", exit_status=1)
+    files = [folder / name for name in sorted(set(stored_in.values()))]
+    return files + [folder / WEIGHT_INDEX] if WEIGHT_INDEX in names else files
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A model folder, opened once per job
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A local model folder as a job reads it, checked once by `open_model_folder` and handed down (to
+    `encoding.load_encoder`, the training and evaluation records, ...) instead of being read again.
+
+    `kind` is "model" (a DiffEmbed folder) or "adapter" (a PEFT LoRA adapter, which embeds on top of `base`).
+    `config` is config.json (adapter_config.json for an adapter); `weights` the weight files (the index first);
+    `tokenizer_files` the tokenizer's files; `sentence_transformers` and `sentence_bert` the parsed
+    config_sentence_transformers.json and sentence_bert_config.json ({} when absent). `identity` (a content
+    digest: seconds for a large model) is computed on first use only."""
+
+    path: Path
+    kind: str
+    config: dict
+    weights: tuple[str, ...] = ()
+    tokenizer_files: tuple[str, ...] = ()
+    sentence_transformers: dict = field(default_factory=dict)
+    sentence_bert: dict = field(default_factory=dict)
+    base: tuple[str, str | None] | None = None  # an adapter's base: path or Hub id, and its revision
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        return dict(self.sentence_transformers.get("prompts") or {})
+
+    @property
+    def max_position_embeddings(self) -> int | None:
+        return self.config.get("max_position_embeddings") if self.kind == "model" else None
+
+    @cached_property
+    def identity(self) -> ModelIdentity:
+        """What the folder embeds with (`model_identity`): its resolved path and content digest."""
+        return ModelIdentity(str(self.path.resolve()), None, content_digest(self.path))
+
+
+def open_model_folder(path: str | os.PathLike, *, trust_remote_code: bool = False) -> ModelFolder:
+    """Read and check a local model folder once, for a job that loads it. A DiffEmbed model folder must be
+    contained (no path or link leading out of it), a DiffEmbed model (another architecture is refused, even with
+    its own code), run no foreign code without `trust_remote_code`, and have files that load (every JSON file
+    parses, whole safetensors headers holding exactly the tensors config.json implies, a tokenizer). An adapter
+    folder names its base, which the loader opens in turn. Raises `UsageError` for a folder that is not a model,
+    `UntrustedFolderError` and `ModelFilesError` (naming the file) for one that must not or cannot load."""
+    folder = Path(path).expanduser()
+    if folder_kind(folder, UsageError) == "adapter":
+        return ModelFolder(folder, "adapter", read_json(folder / ADAPTER_CONFIG, UsageError),
+                           sentence_transformers=_settings(folder / "config_sentence_transformers.json", UsageError),
+                           base=adapter_base(folder, warn=True))
     check_folder(folder)
     config = read_json(folder / CONFIG, ModelFilesError)  # damaged: exit status 1, as for any damaged file
     if not isinstance(config, dict) or config.get("model_type") != "diffembed":
         model_type = config.get("model_type") if isinstance(config, dict) else None
         own = " and its own code (auto_map)" if isinstance(config, dict) and config.get("auto_map") else ""
-        raise error(f"{folder / CONFIG} has model_type {model_type!r}{own}: not a DiffEmbed folder; convert it "
-                    "first (diffembed convert)")
+        raise UsageError(f"{folder / CONFIG} has model_type {model_type!r}{own}: not a DiffEmbed folder; convert "
+                         "it first (diffembed convert)")
     check_remote_code(folder, trust_remote_code, in_process=True)
-    check_model_files(folder)
-    return config
+    weights = check_model_files(folder)
+    from .modeling.configuration_diffembed import DiffEmbedConfig
+
+    try:
+        diffembed_config = DiffEmbedConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise ModelFilesError(f"{folder / CONFIG}: {err}") from None
+    check_weights_match(folder, diffembed_config)
+    tokenizer = sorted({p.name for pattern in (*TOKENIZER_FILES, *TOKENIZER_PATTERNS) for p in folder.glob(pattern)})
+    return ModelFolder(folder, "model", config, tuple(weights), tuple(tokenizer),
+                       _settings(folder / "config_sentence_transformers.json", ModelFilesError),
+                       _settings(folder / "sentence_bert_config.json", ModelFilesError))
+
+
+def _settings(path: Path, error: type[DiffembedError]) -> dict:
+    """A settings file's object; {} when it is absent, `error` when it is not a JSON object."""
+    settings = read_json_or_empty(path, error)
+    if not isinstance(settings, dict):
+        raise error(f"{path}: expected a JSON object")
+    return settings
+
+
+def as_model_folder(model: str | os.PathLike | ModelFolder, *,
+                    trust_remote_code: bool = False) -> ModelFolder | None:
+    """`model` opened once: a `ModelFolder` as it is, a local path opened (`open_model_folder`), None for a
+    name that can only be a Hub id (checked where it loads, once downloaded)."""
+    if isinstance(model, ModelFolder):
+        return model
+    folder = local_folder(model)
+    return None if folder is None else open_model_folder(folder, trust_remote_code=trust_remote_code)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,16 +29,7 @@ from .batching import (
     unknown_prompt,
     warn_truncated,
 )
-from .checkpoint import (
-    CONFIG,
-    adapter_base,
-    check_model_files,
-    check_model_folder,
-    folder_kind,
-    local_folder,
-    read_json,
-    read_json_or_empty,
-)
+from .checkpoint import ModelFolder, as_model_folder, check_model_files
 from .compact import CalibrationRanges, Compaction, CompactError, check_truncate_dim
 from .errors import DiffembedError, ModelFilesError, UsageError, one_line, require_extra
 from .files import staged_file
@@ -89,25 +80,15 @@ def check_stored_length(name: str, stored: int | None, limit: int | None, where:
                               "train: --saved-max-seq-length), or correct the file")
 
 
-def stored_prompts(model_name_or_path: str) -> dict[str, str] | None:
-    """The prompts a local folder stores (config_sentence_transformers.json), read without loading the model;
-    None for a Hub id."""
-    folder = local_folder(model_name_or_path)
-    if folder is None:
-        return None
-    path = folder / "config_sentence_transformers.json"
-    return dict(read_json(path, UsageError).get("prompts") or {}) if path.is_file() else {}
-
-
-def check_prompt_name(model_name_or_path: str, prompt_name: str | None) -> None:
-    """Before loading: a prompt name a local folder does not store is refused (Hub ids are checked on load)."""
-    prompts = stored_prompts(model_name_or_path) if prompt_name is not None else None
-    if prompts is not None and prompt_name not in prompts:
-        raise unknown_prompt(prompt_name, prompts)
+def check_prompt_name(folder: ModelFolder | None, prompt_name: str | None) -> None:
+    """Before loading: a prompt name a local model folder does not store is refused (Hub ids, `folder` None,
+    are checked on load)."""
+    if prompt_name is not None and folder is not None and prompt_name not in folder.prompts:
+        raise unknown_prompt(prompt_name, folder.prompts)
 
 
 def load_encoder(
-    model_name_or_path: str,
+    model_name_or_path: str | ModelFolder,
     *,
     device: str | None = None,
     dtype: torch.dtype | None = None,
@@ -120,7 +101,8 @@ def load_encoder(
 ) -> SentenceTransformer:
     """Load a DiffEmbed folder or Hub id as a `SentenceTransformer`.
 
-    A local folder is checked before anything loads: a DiffEmbed model (another architecture is refused, even
+    A local folder (a path, or a `ModelFolder` a job has already opened: `checkpoint.open_model_folder`) is
+    checked before anything loads, once: a DiffEmbed model (another architecture is refused, even
     with its own code), no path or link leading out of it, no Python code of its own unless
     `trust_remote_code=True`, and `max_seq_length` within its positions. DiffEmbed's classes come from this
     package, never from the folder. A LoRA adapter folder (`diffembed train --adapter-only`) loads its base and
@@ -136,18 +118,17 @@ def load_encoder(
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r} is not supported; use one of {QUANTIZATIONS} or None")
-    folder = local_folder(model_name_or_path)
-    if folder is not None and folder_kind(folder, UsageError) == "adapter":
+    folder = as_model_folder(model_name_or_path, trust_remote_code=trust_remote_code)
+    if folder is not None and folder.kind == "adapter":
         return _load_adapter(folder, device=device, dtype=dtype, max_seq_length=max_seq_length, quantize=quantize,
                              compile=compile, trust_remote_code=trust_remote_code, truncate_dim=truncate_dim, **kwargs)
     if folder is not None:
-        config = check_model_folder(folder, trust_remote_code=trust_remote_code)
-        check_max_seq_length(max_seq_length, config.get("max_position_embeddings"))
+        model_name_or_path = str(folder.path)
+        check_max_seq_length(max_seq_length, folder.max_position_embeddings)
         if max_seq_length is None:
-            stored = read_json_or_empty(folder / "sentence_bert_config.json", ModelFilesError)
+            stored = folder.sentence_bert
             check_stored_length(str(folder), stored.get("max_seq_length") if isinstance(stored, dict) else None,
-                                config.get("max_position_embeddings"), str(folder / "sentence_bert_config.json"))
-        _check_weights(folder, config)
+                                folder.max_position_embeddings, str(folder.path / "sentence_bert_config.json"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quantize == "fp8":
         from .fp8 import check_fp8_support
@@ -172,7 +153,7 @@ def load_encoder(
     else:  # a Hub id's stored length, known only now (a local folder's was checked before loading)
         check_stored_length(model_name_or_path, model.max_seq_length, positions,
                             f"{model_name_or_path} (sentence_bert_config.json)")
-    set_truncate_dim(model, model_name_or_path, truncate_dim)
+    set_truncate_dim(model, folder or model_name_or_path, truncate_dim)
     if quantize == "fp8":
         from .fp8 import quantize_fp8
 
@@ -196,50 +177,36 @@ def embedding_width(model: SentenceTransformer) -> int:
     return int(model[0].auto_model.config.hidden_size)
 
 
-def set_truncate_dim(model: SentenceTransformer, name: str, truncate_dim: int | None) -> None:
+def set_truncate_dim(model: SentenceTransformer, source: str | ModelFolder, truncate_dim: int | None) -> None:
     """`model.truncate_dim`: the one asked for, else the folder's stored one (sentence-transformers reads it from
     `config_sentence_transformers.json` since 5.4; read here for older versions), checked against the width."""
     if truncate_dim is None:
-        truncate_dim = getattr(model, "truncate_dim", None) or _stored_truncate_dim(name)
+        truncate_dim = getattr(model, "truncate_dim", None) or _stored_truncate_dim(source)
     model.truncate_dim = check_truncate_dim(truncate_dim, embedding_width(model))
 
 
-def _stored_truncate_dim(name: str) -> int | None:
-    path = Path(name).expanduser() / "config_sentence_transformers.json"
-    if not path.is_file():
-        from huggingface_hub import try_to_load_from_cache
+def _stored_truncate_dim(source: str | ModelFolder) -> int | None:
+    if isinstance(source, ModelFolder):  # read when the folder was opened
+        return source.sentence_transformers.get("truncate_dim")
+    from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, "config_sentence_transformers.json") if "/" in name else None
-        path = Path(cached) if isinstance(cached, str) else None
-    if path is None:
+    cached = try_to_load_from_cache(source, "config_sentence_transformers.json") if "/" in source else None
+    if not isinstance(cached, str):
         return None
     import json
 
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("truncate_dim")
+        return json.loads(Path(cached).read_text(encoding="utf-8")).get("truncate_dim")
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def _check_weights(folder: Path, config: dict) -> None:
-    """The weights hold exactly the tensors config.json implies (from their headers): transformers would
-    initialise a missing one at random, report it, and the folder would embed wrongly without an error."""
-    from .convert.weights import check_weights_match
-    from .modeling.configuration_diffembed import DiffEmbedConfig
-
-    try:
-        diffembed_config = DiffEmbedConfig.from_dict(config)
-    except (TypeError, ValueError) as err:
-        raise ModelFilesError(f"{folder / CONFIG}: {err}") from None
-    check_weights_match(folder, diffembed_config, ModelFilesError)
-
-
-def _load_failure(name: str, folder: Path | None, err: Exception) -> DiffembedError:
+def _load_failure(name: str, folder: ModelFolder | None, err: Exception) -> DiffembedError:
     """One clear error for a model that did not load: for a local folder, the damaged file when one can be
     named (transformers reports a bad tokenizer as "Unrecognized processing class", after loading the weights);
     else what the library said, on one line (a Hub id out of reach, a folder needing its own code)."""
     if folder is not None:
-        check_model_files(folder, deep=True)  # raises ModelFilesError naming the file at fault
+        check_model_files(folder.path, deep=True)  # raises ModelFilesError naming the file at fault
     if isinstance(err, ValueError) and "trust_remote_code" in str(err):
         return UsageError(f"{name} needs its own code to load; read it, then pass --trust-remote-code "
                           "(trust_remote_code=True)")
@@ -247,7 +214,7 @@ def _load_failure(name: str, folder: Path | None, err: Exception) -> DiffembedEr
     return DiffembedError(f"cannot load the model {name!r}: {' '.join(reason.split())}")
 
 
-def _load_adapter(folder: Path, **options) -> SentenceTransformer:
+def _load_adapter(folder: ModelFolder, **options) -> SentenceTransformer:
     """A LoRA adapter folder as the merged model: its base (a DiffEmbed folder or Hub id), the adapter applied
     and merged with PEFT, so its vectors are the merged model's (pooling and normalisation included)."""
     if options.get("quantize"):
@@ -255,7 +222,7 @@ def _load_adapter(folder: Path, **options) -> SentenceTransformer:
     require_extra("train", ("peft",), what=f"embedding with the LoRA adapter folder {folder}")
     from peft import PeftModel
 
-    base, revision = adapter_base(folder, warn=True)  # the base `checkpoint.model_identity` covers
+    base, revision = folder.base  # the base `checkpoint.model_identity` covers
     if revision is not None:
         options["revision"] = revision
     compile = options.pop("compile", False)  # the merged model is the one to compile
@@ -263,7 +230,7 @@ def _load_adapter(folder: Path, **options) -> SentenceTransformer:
         model = load_encoder(base, **options)
     except UsageError as err:
         raise UsageError(f"{folder} is a LoRA adapter whose base {base!r} cannot be loaded: {err}") from None
-    set_backbone(model, PeftModel.from_pretrained(backbone(model), str(folder)).merge_and_unload())
+    set_backbone(model, PeftModel.from_pretrained(backbone(model), str(folder.path)).merge_and_unload())
     if compile:
         compile_backbone(model)
     logger.info("Loaded the LoRA adapter %s merged into its base %s", folder, base)
@@ -410,12 +377,14 @@ def _encode_file(model: str, source: str, output: Path, *, field: str | None, pr
         raise CompactError(f"--precision {precision} in file mode needs --calibration (ranges of this model: a corpus "
                            "folder it encoded at that precision, or a ranges file); a handful of texts is no sample")
     check_max_seq_length(max_seq_length, None)
-    check_prompt_name(model, prompt_name)
+    folder = as_model_folder(model, trust_remote_code=trust_remote_code)  # opened once, handed to the loader
+    check_prompt_name(folder, prompt_name)
     texts = read_texts(source, field)
-    st_model = load_encoder(model, device=device, max_seq_length=max_seq_length, quantize=quantize,
+    st_model = load_encoder(folder or model, device=device, max_seq_length=max_seq_length, quantize=quantize,
                             trust_remote_code=trust_remote_code, truncate_dim=truncate_dim, compile=compile)
     if calibration is not None:  # the ranges must be this model's, at this dimension
-        identity = model_identity(model, getattr(st_model[0].auto_model.config, "_commit_hash", None))
+        identity = folder.identity if folder is not None else model_identity(
+            model, getattr(st_model[0].auto_model.config, "_commit_hash", None))
         calibration.check(identity.as_dict(), st_model.truncate_dim or embedding_width(st_model))
     embeddings = encode(st_model, texts, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
                         show_progress_bar=show_progress_bar, precision=precision, calibration=calibration)

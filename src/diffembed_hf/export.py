@@ -35,11 +35,11 @@ from .checkpoint import (
     TOKENIZER_PATTERNS,
     check_folder,
     check_model_files,
+    check_weights_match,
     inside,
     read_json,
     read_json_or_empty,
 )
-from .convert.weights import check_weights_match
 from .errors import ExportError, ModelFilesError, require_extra
 from .files import final_path, output_lock, staged_folder, temporary_sibling, write_json
 from .modeling.configuration_diffembed import DiffEmbedConfig
@@ -280,11 +280,11 @@ def _export(folder: Path, out: Path, overwrite: bool, source: Path | None = None
     config = _diffembed_config(folder)
     check_folder(folder)  # untrusted: no index, module path or link may lead the export outside it
     # the export copies the tokenizer without loading it: a damaged one is named here, not by vLLM later
-    check_model_files(folder, deep=True, error=ExportError)
+    check_model_files(folder, deep=True)
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise ExportError(f"the output {out} must not contain the model folder {folder}")
     architecture = _vllm_architecture(config, folder / "config.json")
-    weights = check_weights_match(folder, config, ExportError)
+    weights = check_weights_match(folder, config)
     normalize, st_config = _pooling(folder)
     tokenizer_files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
     tokenizer_files += [path for pattern in TOKENIZER_PATTERNS for path in folder.glob(pattern)]

@@ -29,8 +29,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import MemoryLimitError, ModelFilesError, UsageError
+
+if TYPE_CHECKING:
+    from .checkpoint import ModelFolder
 
 logger = logging.getLogger(__name__)
 
@@ -335,11 +339,14 @@ def inference_estimate(shape: ModelShape, *, max_tokens_per_batch: int, max_seq_
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_model_config(model_name_or_path: str) -> dict:
+def read_model_config(model_name_or_path: str | ModelFolder) -> dict:
     """config.json of a DiffEmbed folder (an adapter folder: its base's), or of a Hub id (downloaded alone, or from
-    the cache offline), without touching any weight file."""
-    from .checkpoint import ADAPTER_CONFIG, CONFIG, adapter_base, local_folder, read_json
+    the cache offline), without touching any weight file. A folder a job has opened gives the config it read."""
+    from .checkpoint import ADAPTER_CONFIG, CONFIG, ModelFolder, adapter_base, local_folder, read_json
 
+    if isinstance(model_name_or_path, ModelFolder):
+        opened = model_name_or_path
+        return opened.config if opened.kind == "model" else read_model_config(opened.base[0])
     folder = local_folder(model_name_or_path)
     if folder is not None:
         if not (folder / CONFIG).is_file() and (folder / ADAPTER_CONFIG).is_file():

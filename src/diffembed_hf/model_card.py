@@ -357,7 +357,7 @@ def build_model_card(
         st_config = _json_or_empty(folder / "sentence_bert_config.json")
         prompts = _json_or_empty(folder / "config_sentence_transformers.json").get("prompts") or {}
         max_length = st_config.get("max_seq_length") or config.get("max_position_embeddings")
-        count, dtype = _parameters(folder, weight_files(folder, PublishError))
+        count, dtype = _parameters(folder, weight_files(folder))
         attention = "causal (the study's ablation)" if config.get("is_causal") else "bidirectional"
         intro = [
             f"A [DiffEmbed](https://arxiv.org/abs/2505.15045) text-embedding model: a language-model backbone "

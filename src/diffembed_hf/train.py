@@ -33,7 +33,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from transformers import TrainerCallback
 
 from . import register_auto_classes
-from .checkpoint import TRAINING_RECORD, base_reference, model_identity, read_json
+from .checkpoint import TRAINING_RECORD, ModelFolder, as_model_folder, base_reference, model_identity, read_json
 from .corpus.distributed import current
 from .data import ColumnMapping, load_training_data
 from .encoding import backbone, check_max_seq_length, load_encoder, set_backbone
@@ -415,16 +415,17 @@ def _last_complete_checkpoint(folder: Path, remove_incomplete: bool = False) -> 
     return last
 
 
-def _merge_adapter(model: SentenceTransformer, base: tuple[str, str | None], config: TrainingConfig,
-                   device: str | None, trust_remote_code: bool):
+def _merge_adapter(model: SentenceTransformer, source: str | ModelFolder, revision: str | None,
+                   config: TrainingConfig, device: str | None, trust_remote_code: bool):
     """Merge the trained LoRA weights into a fresh copy of the base model (PEFT's merge_and_unload): the one it
-    was trained on (`base`: path, or Hub id and commit)."""
+    was trained on (`source`: the folder opened for the run, or a Hub id at its `revision`)."""
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as adapter_dir:
         backbone(model).save_pretrained(adapter_dir)  # the adapter alone
-        merged = load_encoder(base[0], device=device, trust_remote_code=trust_remote_code,
-                              max_seq_length=config.saved_max_seq_length, **({"revision": base[1]} if base[1] else {}))
+        merged = load_encoder(source, device=device, trust_remote_code=trust_remote_code,
+                              max_seq_length=config.saved_max_seq_length,
+                              **({"revision": revision} if revision else {}))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=QUIET_FUTURE_WARNING, category=FutureWarning)
             set_backbone(merged, PeftModel.from_pretrained(backbone(merged), adapter_dir).merge_and_unload())
@@ -558,18 +559,20 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
             raise OutputExistsError(f"{checkpoints} holds the checkpoints of an interrupted run: pass --resume to "
                                     "continue it, or --overwrite to start again (they are then deleted)")
         shutil.rmtree(checkpoints)
-    _check_memory(model_name_or_path, config, data_split, device, world, device_memory)
+    # a local base is read and checked once, here, and handed to the memory check, the loader and the record
+    source = as_model_folder(model_name_or_path, trust_remote_code=trust_remote_code) or model_name_or_path
+    _check_memory(source, config, data_split, device, world, device_memory)
     start = time.perf_counter()
     # a base whose stored length exceeds its positions is refused at load, unless the saved length is given
-    model = load_encoder(model_name_or_path, device=device, trust_remote_code=trust_remote_code,
+    model = load_encoder(source, device=device, trust_remote_code=trust_remote_code,
                          max_seq_length=config.saved_max_seq_length)
-    base = base_reference(model_name_or_path, getattr(backbone(model).config, "_commit_hash", None))
+    base = base_reference(getattr(source, "path", source), getattr(backbone(model).config, "_commit_hash", None))
     limit = getattr(backbone(model).config, "max_position_embeddings", None)
     check_max_seq_length(config.max_seq_length, limit)
     check_max_seq_length(config.saved_max_seq_length, limit, option="--saved-max-seq-length")
     config.resolve_dims(backbone(model).config.hidden_size)
     config, settings_record = _resolve_settings(config, model, data_split, limit)
-    record = _run_record(model_name_or_path, model, [data] + ([eval_data] if eval_data else []), data_split, config,
+    record = _run_record(source, model, [data] + ([eval_data] if eval_data else []), data_split, config,
                          world)
     if resume_from is not None:
         _check_resume(checkpoints, record)
@@ -604,7 +607,8 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
         logger.warning("Training ended after %d of %d steps: the data gave no further batch.", steps, config.max_steps)
 
     if config.lora and not config.adapter_only:
-        model = _merge_adapter(model, base, config, device, trust_remote_code)
+        model = _merge_adapter(model, source if isinstance(source, ModelFolder) else base[0], base[1], config,
+                               device, trust_remote_code)
         model.max_seq_length = config.max_seq_length  # evaluated as before training: at the training length
     after = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     seconds = time.perf_counter() - start
@@ -657,7 +661,7 @@ def texts_per_row(data_split) -> int:
     return len(next(iter(columns.values())) if isinstance(columns, dict) else columns)
 
 
-def training_memory(model_name_or_path: str, config: TrainingConfig, per_row: int, device: str | None,
+def training_memory(model_name_or_path: str | ModelFolder, config: TrainingConfig, per_row: int, device: str | None,
                     world: int, device_memory: int | str | None, *, favourable: bool = False):
     """(the training estimate, the memory it is compared with, where that figure comes from), from config.json."""
     from .files import parse_size
@@ -672,8 +676,8 @@ def training_memory(model_name_or_path: str, config: TrainingConfig, per_row: in
     return estimate, memory, source
 
 
-def _check_memory(model_name_or_path: str, config: TrainingConfig, data_split, device: str | None, world: int,
-                  device_memory: int | str | None) -> None:
+def _check_memory(model_name_or_path: str | ModelFolder, config: TrainingConfig, data_split, device: str | None,
+                  world: int, device_memory: int | str | None) -> None:
     """Refuse, before the weights load, settings whose estimated peak exceeds the device's memory. Automatic
     settings are counted at their most favourable (`plan_training(favourable=True)`): only a run that cannot fit
     is refused. A model whose config cannot be read here is left to the loader, which names the problem."""
@@ -708,10 +712,11 @@ def _rows_digest(data_split) -> str:
     return digest.hexdigest()
 
 
-def _run_record(model_name_or_path: str, model: SentenceTransformer, sources: list[str], data_split,
+def _run_record(source: str | ModelFolder, model: SentenceTransformer, sources: list[str], data_split,
                 config: TrainingConfig, world: int) -> dict:
     """What the run is: the base's identity, the rows' digest, every setting (as resolved) and the devices."""
-    identity = model_identity(model_name_or_path, getattr(backbone(model).config, "_commit_hash", None))
+    identity = source.identity if isinstance(source, ModelFolder) else model_identity(
+        source, getattr(backbone(model).config, "_commit_hash", None))
     return {"base_model": {**identity.as_dict(), "key": identity.key},
             "data": {"sources": sources, "sha256": _rows_digest(data_split)},
             "settings": json.loads(json.dumps(dataclasses.asdict(config))), "devices": world}

@@ -93,7 +93,7 @@ def _load_tokenizer(folder: Path, source_config: dict, trust_remote_code: bool) 
     try:
         return AutoTokenizer.from_pretrained(folder, config=model_config, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - a damaged file surfaces as KeyError, ValueError, OSError...
-        check_tokenizer(folder, ConversionError)  # names the file at fault, if it can
+        check_tokenizer(folder)  # names the file at fault, if it can
         raise ConversionError(f"{folder}: cannot load the tokenizer ({one_line(err)})") from err
 
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..checkpoint import inside
-from ..errors import ConversionError, DiffembedError
+from ..errors import ConversionError
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..modeling.modeling_diffembed import DiffEmbedForEmbedding
 from .families import Family
@@ -137,34 +137,6 @@ def read_source_tensors(folder: Path, allow_pickle: bool) -> list[SourceTensor]:
         if seen.get(name) != shard:
             raise ConversionError(f"the index names tensor {name} in {shard}, but {folder / shard} does not contain it")
     return tensors
-
-
-def check_weights_match(folder: Path, config: DiffEmbedConfig,
-                        error: type[DiffembedError] = ConversionError) -> list[Path]:
-    """The weight files (and index) of a DiffEmbed folder, after checking from their headers alone that they hold
-    exactly the tensors `config` implies, with its shapes. transformers would initialise a missing tensor at
-    random and carry on (a "LOAD REPORT" on stderr), so a damaged file would embed, wrongly, without an error.
-    Raises `error` with exit status 1 (the folder is damaged), as `checkpoint.check_model_files` does."""
-    try:
-        tensors = read_source_tensors(folder, allow_pickle=False)
-    except ConversionError as err:
-        raise error(str(err), exit_status=1) from err
-    with torch.device("meta"):
-        expected = {name: tuple(p.shape) for name, p in DiffEmbedForEmbedding(config).state_dict().items()}
-    found = {t.name: t for t in tensors}
-    if found.keys() != expected.keys():
-        extra, missing = sorted(found.keys() - expected.keys()), sorted(expected.keys() - found.keys())
-        names = sorted({t.file.name for t in tensors})
-        raise error(f"{folder}: the weights ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) do not match "
-                    f"config.json (unexpected: {extra[:3]}, missing: {missing[:3]}); they are damaged or belong to "
-                    "another model", exit_status=1)
-    for name, shape in expected.items():
-        if found[name].shape != shape:
-            raise error(f"{folder}: tensor {name} has shape {list(found[name].shape)}, config.json implies "
-                        f"{list(shape)}", exit_status=1)
-    files = sorted({t.file for t in tensors})
-    index = folder / "model.safetensors.index.json"
-    return files + [index] if index.is_file() else files
 
 
 def plan_tensors(

@@ -20,7 +20,7 @@ from sentence_transformers import SentenceTransformer
 
 from .. import __version__
 from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, progress_bar, resolve_prompt, warn_truncated
-from ..checkpoint import model_identity, settings_digest
+from ..checkpoint import ModelFolder, as_model_folder, model_identity, settings_digest
 from ..compact import DEFAULT_CALIBRATION_ROWS, PRECISIONS, SCALAR, CalibrationRanges, Compaction, calibrate, \
     calibration_sample, resolve_precision, truncate
 from ..encoding import check_max_seq_length, check_prompt_name, load_encoder
@@ -132,7 +132,7 @@ def check_locations(source: CorpusSource, output_dir: Path) -> None:
                                   f"{through}; choose an output outside it")
 
 
-def load(model: str, *, device: str | None = None, prompt: str | None, prompt_name: str | None,
+def load(model: str | ModelFolder, *, device: str | None = None, prompt: str | None, prompt_name: str | None,
          max_tokens_per_batch: int, max_seq_length: int | None, quantize: str | None,
          trust_remote_code: bool, truncate_dim: int | None = None,
          compile: bool = False) -> tuple[SentenceTransformer, Encoder]:
@@ -143,14 +143,15 @@ def load(model: str, *, device: str | None = None, prompt: str | None, prompt_na
                              max_tokens_per_batch=max_tokens_per_batch)
 
 
-def plan_job(model_name: str, model: SentenceTransformer, encoder: Encoder, source, output_dir: Path, *,
+def plan_job(model_name: str | ModelFolder, model: SentenceTransformer, encoder: Encoder, source, output_dir: Path, *,
              shard_size: int, dtype: str, skip_bad_rows: bool, overwrite: bool, quantize: str | None = None,
              truncate_dim: int | None = None, calibration: CalibrationRanges | None = None,
              calibration_rows: int = DEFAULT_CALIBRATION_ROWS) -> CorpusJob:
     """Rank 0's part: read the corpus, fix the settings (calibration ranges included), check and open the output
     folder."""
     compaction = Compaction(model.truncate_dim if truncate_dim is None else truncate_dim, dtype, calibration)
-    identity = model_identity(model_name, getattr(model[0].auto_model.config, "_commit_hash", None)).as_dict()
+    identity = (model_name.identity if isinstance(model_name, ModelFolder) else
+                model_identity(model_name, getattr(model[0].auto_model.config, "_commit_hash", None))).as_dict()
     compaction.check(encoder.dim, identity)
     plan = scan(source, shard_size, skip_bad_rows=skip_bad_rows)
     if plan.good_rows == 0:
@@ -262,7 +263,9 @@ def encode_corpus(
     check_options(shard_size, dtype, max_tokens_per_batch)
     check_calibration_rows(calibration_rows)
     check_max_seq_length(max_seq_length, None)
-    check_prompt_name(model, prompt_name)
+    folder = as_model_folder(model, trust_remote_code=trust_remote_code)  # opened once, handed to every loader
+    check_prompt_name(folder, prompt_name)
+    model = folder or model
     source = as_source(source, field, id_field, title_field, split, subset)
     output_dir = final_path(Path(output_dir))  # a link the user made for OUT is followed, even to a new folder
     check_locations(source, output_dir)

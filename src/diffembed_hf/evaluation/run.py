@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..checkpoint import EVAL_RUN, EVAL_SUMMARY, ModelIdentity, check_folder, local_folder, model_identity
+from ..checkpoint import EVAL_RUN, EVAL_SUMMARY, ModelFolder, ModelIdentity, as_model_folder, model_identity
 from ..compact import DEFAULT_CALIBRATION_ROWS, CalibrationRanges, Compaction
 from ..errors import EvaluationError, OutputExistsError, require_extra
 from ..files import output_lock, partial_folder, staged_folder, write_json
@@ -316,31 +316,33 @@ def evaluate(
         _check_output(output)
         earlier = _earlier_results(output, overwrite)
         _check_same_data(earlier, task_list, output, overwrite)
-        folder = local_folder(model)
+        # a local folder is read and checked once, here, and handed to the loader
+        folder = as_model_folder(model, trust_remote_code=trust_remote_code)
         identity = None
         if folder is not None:  # a folder's identity is known before loading: another model's output is refused now
-            check_folder(folder)
-            identity = model_identity(folder)
+            identity = folder.identity
             _check_same_model(earlier, identity, output, overwrite)
         return _evaluate_locked(mteb, model, identity, earlier, task_list, overrides, output=output, suite=suite,
                                 data=data, query_prompt=query_prompt, max_seq_length=max_seq_length,
                                 max_tokens_per_batch=max_tokens_per_batch, overwrite=overwrite, device=device,
                                 stdlib_rows=stdlib_rows or STDLIB_ROWS, trust_remote_code=trust_remote_code,
-                                compaction=compaction, calibration_rows=calibration_rows, compile=compile)
+                                compaction=compaction, calibration_rows=calibration_rows, compile=compile,
+                                folder=folder)
 
 
 def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: Summary | None, task_list: list,
                      overrides: dict[str, str], *, output: Path, suite: str | None, data: list | None,
                      query_prompt: str | None, max_seq_length: int | None, max_tokens_per_batch: int | None,
                      overwrite: bool, device: str | None, stdlib_rows: int, trust_remote_code: bool,
-                     compaction: Compaction, calibration_rows: int, compile: bool = False) -> EvaluationResult:
+                     compaction: Compaction, calibration_rows: int, compile: bool = False,
+                     folder: ModelFolder | None = None) -> EvaluationResult:
     from ..encoding import embedding_width, load_encoder
     from .encoder import DiffEmbedEncoder, model_meta, mteb_identity
     from .local import STDLIB_TASK
 
     length = max_seq_length or SUITE_MAX_SEQ_LENGTH.get(suite or "")
-    st_model = load_encoder(model, device=device, max_seq_length=length, trust_remote_code=trust_remote_code,
-                            truncate_dim=compaction.truncate_dim, compile=compile)
+    st_model = load_encoder(folder or model, device=device, max_seq_length=length,
+                            trust_remote_code=trust_remote_code, truncate_dim=compaction.truncate_dim, compile=compile)
     if identity is None:  # a Hub id: the commit just loaded
         identity = model_identity(model, getattr(st_model[0].auto_model.config, "_commit_hash", None))
         _check_same_model(earlier, identity, output, overwrite)
@@ -366,7 +368,7 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
             query_prompts[name] = st_model.prompts.get("query", "")
             prompt_sources[name] = (query_prompts[name], "the model's query prompt")
     options = dict(instructions=overrides, query_prompts=query_prompts, prompt_sources=prompt_sources,
-                   source=None if device else model,
+                   source=None if device else folder or model,
                    **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
     if compaction.is_identity:
         encoder = DiffEmbedEncoder(st_model, None, **options)

@@ -27,7 +27,6 @@ from ..checkpoint import (
     code_files,
     inside,
     read_json,
-    weight_files,
 )
 from ..checkpoint import folder_kind as _folder_kind
 from ..errors import PublishError, PublishUsageError
@@ -76,9 +75,9 @@ def _model_files(folder: Path) -> list[str]:
     if missing_code:
         raise PublishError(f"{folder} lacks the remote-code file(s) {', '.join(missing_code)}; "
                            "save_pretrained() with diffembed_hf imported copies them")
-    check_model_files(folder, error=PublishError)  # JSON files that parse, whole weight headers, a tokenizer
+    weights = check_model_files(folder)  # JSON files that parse, whole weight headers, a tokenizer
     files = ["config.json", *_present(folder, ("generation_config.json",)), *REMOTE_CODE_FILES,
-             *_code_files(folder, auto_map, "config.json"), *weight_files(folder, PublishError)]
+             *_code_files(folder, auto_map, "config.json"), *weights]
 
     tokenizer = _present(folder, TOKENIZER_FILES) + _matching(folder, TOKENIZER_PATTERNS)
     if not {"tokenizer.json", "tokenizer_config.json"} & set(tokenizer):

@@ -279,7 +279,7 @@ def prepare_push(
                 # the fresh process reports what its loader raised; name the damaged file where there is one
                 for loaded in (source, base_path):
                     if loaded is not None and folder_kind(loaded) == "model":
-                        check_model_files(loaded, deep=True, error=PublishError)
+                        check_model_files(loaded, deep=True)
                 raise
         return PushPlan(folder, repo_id, kind, staging, model_card, generated, validation, notes, tmp)
     except BaseException:
