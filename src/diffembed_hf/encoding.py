@@ -123,7 +123,8 @@ def load_encoder(
         return _load_adapter(folder, device=device, dtype=dtype, max_seq_length=max_seq_length, quantize=quantize,
                              compile=compile, trust_remote_code=trust_remote_code, truncate_dim=truncate_dim, **kwargs)
     if folder is not None:
-        model_name_or_path = str(folder.path)
+        if isinstance(model_name_or_path, ModelFolder):  # a path as given stays as given, in every message
+            model_name_or_path = str(folder.path)
         check_max_seq_length(max_seq_length, folder.max_position_embeddings)
         if max_seq_length is None:
             stored = folder.sentence_bert

@@ -368,7 +368,7 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
             query_prompts[name] = st_model.prompts.get("query", "")
             prompt_sources[name] = (query_prompts[name], "the model's query prompt")
     options = dict(instructions=overrides, query_prompts=query_prompts, prompt_sources=prompt_sources,
-                   source=None if device else folder or model,
+                   source=None if device else model,
                    **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
     if compaction.is_identity:
         encoder = DiffEmbedEncoder(st_model, None, **options)
