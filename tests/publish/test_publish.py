@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from diffembed_hf import DiffEmbedForEmbedding, __version__, load_dream_tokenizer
 from diffembed_hf.cli import main as cli_main
+from diffembed_hf.errors import ModelFilesError
 from diffembed_hf.publish import (
     EXAMPLE_DOCUMENT,
     EXAMPLE_QUERY,
@@ -302,18 +303,18 @@ def _broken(folder, tmp_path, problem):
     return dest
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("empty", "no config.json"),
-    ("bert", "model_type='bert'"),
-    ("no-weights", "has no weights"),
-    ("pickle-only", "only pickled weights"),
-    ("no-code", "modeling_diffembed.py"),
-    ("no-tokenizer", "no tokenizer"),
-    ("no-modules", "no modules.json"),
+@pytest.mark.parametrize("problem, message, error", [
+    ("empty", "no config.json", PublishError),
+    ("bert", "model_type='bert'", PublishError),
+    ("no-weights", "has no weights", ModelFilesError),  # a damaged folder: the same error in every command
+    ("pickle-only", "only pickled weights", ModelFilesError),
+    ("no-code", "modeling_diffembed.py", PublishError),
+    ("no-tokenizer", "no tokenizer", ModelFilesError),
+    ("no-modules", "no modules.json", PublishError),
 ])
 def test_a_folder_that_is_not_a_diffembed_checkpoint_is_refused_before_any_request(folder, hub, tmp_path, problem,
-                                                                                    message):
-    with pytest.raises(PublishError, match=re.escape(message)):
+                                                                                    message, error):
+    with pytest.raises(error, match=re.escape(message)):
         push(_broken(folder, tmp_path, problem), "user/broken")
     assert hub.requests == []
 
