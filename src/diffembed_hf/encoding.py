@@ -102,8 +102,8 @@ def load_encoder(
     """Load a DiffEmbed folder or Hub id as a `SentenceTransformer`.
 
     A local folder (a path, or a `ModelFolder` a job has already opened: `checkpoint.open_model_folder`) is
-    checked before anything loads, once: a DiffEmbed model (another architecture is refused, even
-    with its own code), no path or link leading out of it, no Python code of its own unless
+    checked before anything loads, once: a DiffEmbed model (another architecture is refused, even with its own
+    code), no path or link leading out of it, no Python code of its own unless
     `trust_remote_code=True`, and `max_seq_length` within its positions. DiffEmbed's classes come from this
     package, never from the folder. A LoRA adapter folder (`diffembed train --adapter-only`) loads its base and
     merges the adapter, so it embeds exactly as the merged model would.
@@ -127,8 +127,7 @@ def load_encoder(
             model_name_or_path = str(folder.path)
         check_max_seq_length(max_seq_length, folder.max_position_embeddings)
         if max_seq_length is None:
-            stored = folder.sentence_bert
-            check_stored_length(str(folder), stored.get("max_seq_length") if isinstance(stored, dict) else None,
+            check_stored_length(str(folder), folder.sentence_bert.get("max_seq_length"),
                                 folder.max_position_embeddings, str(folder.path / "sentence_bert_config.json"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quantize == "fp8":
