@@ -43,7 +43,8 @@ def child(case: dict) -> None:
     import torch  # noqa: F401 - imported before the baseline, as every run imports it
 
     from diffembed_hf.encoding import encode, load_encoder
-    from diffembed_hf.memory_estimate import ModelShape, inference_estimate, plan_training, read_model_config
+    from diffembed_hf.device_settings import plan_training
+    from diffembed_hf.memory_estimate import ModelShape, inference_estimate, read_model_config
     from diffembed_hf.train import TrainingConfig, train
 
     StepPeak = step_peak_callback()

@@ -41,7 +41,7 @@ from .errors import ConfigError, NonFiniteLossError, OutputExistsError, Training
 from .evaluation.heldout import evaluate_model
 from .files import check_output_folder, output_lock, staged_folder, write_json
 from .model_card import write_model_card
-from .device_settings import apply_threads, resolve_device_settings
+from .device_settings import apply_threads, plan_training, resolve_device_settings
 from .sentence_transformer import (DEFAULT_MAX_SEQ_LENGTH, DEFAULT_QUERY_PROMPT, default_prompts, instruction_prompt,
                                    write_sentence_transformer_files)
 
@@ -661,8 +661,7 @@ def training_memory(model_name_or_path: str, config: TrainingConfig, per_row: in
                     world: int, device_memory: int | str | None, *, favourable: bool = False):
     """(the training estimate, the memory it is compared with, where that figure comes from), from config.json."""
     from .files import parse_size
-    from .memory_estimate import ModelShape, device_memory as memory_of, plan_training, read_model_config, \
-        resolve_device
+    from .memory_estimate import ModelShape, device_memory as memory_of, read_model_config, resolve_device
 
     device = resolve_device(device)
     memory, source = memory_of(device, None if device_memory is None else parse_size(device_memory))
