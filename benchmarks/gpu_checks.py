@@ -144,15 +144,15 @@ def attention_counter(paths: dict):
 
 def check_kernels(device, dtype):
     from diffembed_hf import DiffEmbedConfig
-    from diffembed_hf.modeling import modeling_diffembed as mdl
+    from diffembed_hf.modeling import attention_kernels as kernels
 
-    installed = {"flash_attn_4": mdl.flash_attn_4_varlen_func, "flash_attn_varlen": mdl.flash_attn_varlen_func,
-                 "torch_varlen": mdl.varlen_attn}
+    installed = {"flash_attn_4": kernels.flash_attn_4_varlen_func, "flash_attn_varlen": kernels.flash_attn_varlen_func,
+                 "torch_varlen": kernels.varlen_attn}
     record("kernels installed", ", ".join(k for k, v in installed.items() if v is not None) or "none")
     config = DiffEmbedConfig(**dict(train_throughput.DREAM, num_hidden_layers=1), pad_token_id=None,
                              bos_token_id=None, eos_token_id=None)
-    backend = mdl._select_backend(config, device, dtype)
-    verdicts = {key[0]: value for key, value in mdl._kernel_probe_cache.items()}
+    backend = kernels.select_backend(config, device, dtype)
+    verdicts = {key[0]: value for key, value in kernels._kernel_probe_cache.items()}
     record("kernel self-checks (Dream heads 28/4 x 128, bf16)",
            ", ".join(f"{k}: {'agrees (' + v + ')' if v else 'rejected/not run'}" for k, v in verdicts.items())
            or (SKIPPED if device.type != "cuda" else "none run"))

@@ -49,7 +49,7 @@ TRAINING = {
     "training_time_seconds": 3725.0,
 }
 MODEL_FILES = [
-    "1_Pooling/config.json", "README.md", "config.json", "config_sentence_transformers.json",
+    "1_Pooling/config.json", "README.md", "attention_kernels.py", "config.json", "config_sentence_transformers.json",
     "configuration_diffembed.py", "model.safetensors", "modeling_diffembed.py", "modules.json",
     "sentence_bert_config.json", "tokenizer.json", "tokenizer_config.json",
 ]
@@ -379,9 +379,9 @@ def test_transformers_push_to_hub_uploads_config_code_and_weights(folder, tokeni
     [commit] = hub.commits
     assert commit.summary == "Upload with transformers" and commit.token == TOKEN
     assert result.stdout.split()[-1] == commit.oid and hub.repos["user/from-transformers"].private
-    assert sorted(commit.files) == ["README.md", "config.json", "configuration_diffembed.py", "model.safetensors",
-                                    "modeling_diffembed.py"]
-    for name in ("configuration_diffembed.py", "modeling_diffembed.py"):
+    assert sorted(commit.files) == ["README.md", "attention_kernels.py", "config.json", "configuration_diffembed.py",
+                                    "model.safetensors", "modeling_diffembed.py"]
+    for name in ("configuration_diffembed.py", "modeling_diffembed.py", "attention_kernels.py"):
         assert commit.files[name] == (folder / name).read_bytes()
     assert "auto_map" in json.loads(commit.files["config.json"])
     from transformers import AutoModel
