@@ -20,7 +20,8 @@ token-id range is checked where the ids are still on the host (CPU input here; t
 before it copies a batch to the device), non-finite embeddings by an eager forward on a CPU (host memory, no
 stream) and on an accelerator on the host copy the encoder makes, and the varlen kernels' self-test runs at load
 time and after every `.to()`, not in a forward. Both host checks come back on an accelerator with
-`model.set_debug_checks(True)` or `DIFFEMBED_DEBUG_CHECKS=1`. Under `torch.compile` the forward is one graph (`fullgraph=True`) for packed and padded input alike.
+`model.set_debug_checks(True)` or `DIFFEMBED_DEBUG_CHECKS=1`. Under `torch.compile` the forward is one graph
+(`fullgraph=True`) for packed and padded input alike.
 """
 
 import os

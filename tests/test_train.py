@@ -169,6 +169,37 @@ def test_non_finite_loss_stops_training_and_writes_nothing(base, task, tmp_path)
     assert not (tmp_path / "nan").exists()
 
 
+def test_train_gives_the_callers_thread_count_back_returned_or_raised(base, task, tmp_path):
+    """A CPU run sets torch's threads to the cores it may use; the caller's count comes back afterwards."""
+    from transformers import TrainerCallback
+
+    from diffembed_hf.device_settings import available_cores
+
+    chosen = available_cores()
+    control = chosen + 1  # a count the run would not pick: its return shows
+    seen = []
+
+    class RecordThreads(TrainerCallback):
+        def on_step_begin(self, args, state, trainer_control, **kwargs):
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(control)
+    try:
+        config = TrainingConfig(max_steps=1, lora=False, eval_fraction=0.0, **FAST)
+        train(base, task[0], tmp_path / "ok", config, callbacks=[RecordThreads()])
+        assert seen == [chosen]  # the run trained with its own count
+        assert torch.get_num_threads() == control
+        seen.clear()
+        with pytest.raises(FloatingPointError, match="No model was written"):
+            train(base, task[0], tmp_path / "nan", dataclasses.replace(config, max_steps=5, learning_rate=1e12),
+                  callbacks=[RecordThreads()])
+        assert seen and set(seen) == {chosen}
+        assert torch.get_num_threads() == control
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_existing_output_is_refused(base, task, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")

@@ -547,14 +547,14 @@ def test_local_tasks_of_one_name_never_replace_each_other_and_instructions_are_r
 
 
 def test_another_calibration_rows_is_refused_before_the_sample_is_embedded(folder, tmp_path, monkeypatch):
-    import diffembed_hf.corpus.encode as corpus_encode
+    import diffembed_hf.corpus.job as corpus_job
     from diffembed_hf.corpus import CorpusError
 
     source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(30))
     out = tmp_path / "out"
     encode_corpus(str(folder), source, out, shard_size=10, device="cpu", precision="int8", calibration_rows=10)
-    samples, real = [], corpus_encode._calibrate
-    monkeypatch.setattr(corpus_encode, "_calibrate", lambda *args, **kwargs: samples.append(1) or real(*args, **kwargs))
+    samples, real = [], corpus_job._calibrate
+    monkeypatch.setattr(corpus_job, "_calibrate", lambda *args, **kwargs: samples.append(1) or real(*args, **kwargs))
     with pytest.raises(CorpusError, match="calibration"):
         encode_corpus(str(folder), source, out, shard_size=10, device="cpu", precision="int8", calibration_rows=20)
     assert samples == []  # refused before embedding a sample

@@ -340,7 +340,7 @@ def test_dry_run_validates_and_lists_without_sending(folder, hub, monkeypatch, c
     monkeypatch.delenv("HF_TOKEN")  # a dry run needs no token
     assert cli_main(["push", str(folder), "user/dry", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "Dry run: nothing was sent. 11 files would be pushed to user/dry, validated" in out
+    assert "Dry run: nothing was sent. 12 files would be pushed to user/dry, validated" in out
     assert [line.split()[0] for line in out.splitlines()[1:]] == MODEL_FILES
     assert "README.md  (generated model card)" in out
     assert hub.requests == []
