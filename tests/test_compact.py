@@ -26,7 +26,8 @@ TEXTS = ["how do plants make energy?", "Photosynthesis converts light into chemi
 IDENTITY = {"model": "/models/a", "revision": None, "model_sha256": "a" * 64}  # what calibration ranges name
 
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]  # CI reruns it on the oldest transformers / sentence-transformers
+# CI reruns it on the oldest transformers / sentence-transformers
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,8 @@ def test_scalar_codes_equal_sentence_transformers_with_the_same_ranges(precision
     for vectors in (corpus, queries):  # queries fall partly outside the corpus sample's ranges: clipped, not wrapped
         ours = compact.quantize(vectors, precision, ranges)
         assert ours.dtype == np.dtype(precision)
-        assert np.array_equal(ours, quantize_embeddings(vectors, precision=precision, calibration_embeddings=corpus[::5]))
+        assert np.array_equal(ours, quantize_embeddings(vectors, precision=precision,
+                                                        calibration_embeddings=corpus[::5]))
         assert np.array_equal(ours, quantize_embeddings(vectors, precision=precision, ranges=ranges.array))
     # independently: the bucket index floor((x - min) / step), clipped to [0, 255], less 128 for int8
     steps = (ranges.maximum - ranges.minimum) / 255
@@ -101,7 +103,8 @@ def test_binary_scores_are_hamming_distances_and_rescoring_follows_the_recipe():
     hamming = ((queries > 0)[:, None, :] != (docs > 0)[None, :, :]).sum(-1)
     assert np.array_equal(scores, 1 - 2 * hamming / 64)
     # the dequantized vectors' cosine is the same number, so any cosine scorer (mteb) ranks by Hamming distance
-    signs_q, signs_d = compact.dequantize(compact.quantize(queries, "binary"), "binary"), compact.dequantize(codes, "ubinary")
+    signs_q = compact.dequantize(compact.quantize(queries, "binary"), "binary")
+    signs_d = compact.dequantize(codes, "ubinary")
     assert np.array_equal(signs_q @ signs_d.T / 64, scores)
 
     rescored = compact.compact_scores(queries, codes, Compaction(precision="ubinary", rescore=20))
@@ -126,7 +129,8 @@ def test_scalar_scores_are_cosines_of_the_bucket_centres():
     centres_q = ranges.minimum + (compact.quantize(queries, "uint8", ranges).astype(np.float64) + 0.5) * step
     unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
     np.testing.assert_allclose(scores, unit(centres_q) @ unit(centres_d).T, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(scores, queries @ docs.T, rtol=0, atol=0.05)  # near the float cosines (clipped queries) ...
+    # near the float cosines (clipped queries) ...
+    np.testing.assert_allclose(scores, queries @ docs.T, rtol=0, atol=0.05)
     assert np.abs(scores - queries @ docs.T).max() > 1e-4  # ... but not them
 
 

@@ -130,7 +130,8 @@ def bad_file(tmp_path, name, content):
 @pytest.mark.parametrize("name, content, message", [
     ("empty.jsonl", "", "empty"),
     ("cols.jsonl", '{"question_text": "q", "answer": "a"}\n', "no query column"),
-    ("blank.jsonl", '{"query": "q1", "positive": "p"}\n{"query": "  ", "positive": "p"}\n', "row 2: the query in column 'query' is empty"),
+    ("blank.jsonl", '{"query": "q1", "positive": "p"}\n{"query": "  ", "positive": "p"}\n',
+     "row 2: the query in column 'query' is empty"),
     ("negs.jsonl", '{"query": "q", "positive": "p", "negatives": ["a", "b"]}\n'
                    '{"query": "r", "positive": "p", "negatives": ["a"]}\n', "row 2: 1 negatives, but row 1 has 2"),
     ("pos.csv", "query,positive\nq,\n", "row 1: the positive in column 'positive' is empty"),
@@ -165,7 +166,8 @@ def test_group_by_instruction_gives_one_dataset_per_instruction(tmp_path):
 
 def test_non_finite_loss_stops_training_and_writes_nothing(base, task, tmp_path):
     with pytest.raises(FloatingPointError, match="No model was written"):
-        train(base, task[0], tmp_path / "nan", TrainingConfig(max_steps=5, lora=False, **dict(FAST, learning_rate=1e12)))
+        train(base, task[0], tmp_path / "nan",
+              TrainingConfig(max_steps=5, lora=False, **dict(FAST, learning_rate=1e12)))
     assert not (tmp_path / "nan").exists()
 
 

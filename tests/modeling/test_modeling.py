@@ -124,7 +124,8 @@ def test_is_causal_controls_dependence_on_later_tokens(attn):
 
 
 def test_causal_ablation_matches_standard_qwen2():
-    ref = randomize(Qwen2Model(Qwen2Config(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))).eval()
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    ref = randomize(Qwen2Model(Qwen2Config(**TINY, rope_parameters=rope))).eval()
     ours = tiny_model(is_causal=True)
     ours.model.load_state_dict(ref.state_dict())
     ids, mask = make_batch([8, 5, 3], "right")

@@ -69,7 +69,8 @@ def test_already_packed_input_equals_padded(case, attn):
         packed = run(model, attn, flat_ids, None, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                      max_length_q=longest, max_length_k=longest)
         assert packed.last_hidden_state.shape == (1, flat_ids.shape[1], 64)
-        torch.testing.assert_close(packed.last_hidden_state[0], padded.last_hidden_state[mask.bool()], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed.last_hidden_state[0], padded.last_hidden_state[mask.bool()], rtol=1e-5,
+                                   atol=1e-5)
         torch.testing.assert_close(packed.embeddings, padded.embeddings, rtol=1e-5, atol=1e-5)
 
 

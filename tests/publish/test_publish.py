@@ -1,4 +1,5 @@
-"""Publishing to the Hub: the real huggingface_hub client against a local Hub-compatible server (tests/helpers/fake_hub.py).
+"""Publishing to the Hub: the real huggingface_hub client against a local Hub-compatible server
+(tests/helpers/fake_hub.py).
 
 Nothing here mocks HfApi: every push goes through huggingface_hub's own HTTP calls to 127.0.0.1, and what the
 server received is compared with the folder and loaded back (in a fresh process that cannot import diffembed_hf).
@@ -520,7 +521,8 @@ def test_the_card_builder_takes_evaluation_results(folder):
     result = EvalResult(task_type="retrieval", dataset_type="mteb/scifact", dataset_name="SciFact",
                         metric_type="ndcg_at_10", metric_value=0.6789)
     card = str(build_model_card(folder, "user/evaluated", eval_results=[result],
-                                extra_sections=["## Evaluation results\n\n| task | nDCG@10 |\n|---|---:|\n| SciFact | 0.6789 |"]))
+                                extra_sections=["## Evaluation results\n\n| task | nDCG@10 |\n|---|---:|\n"
+                                                "| SciFact | 0.6789 |"]))
     metadata = yaml.safe_load(card.split("---\n")[1])
     [entry] = metadata["model-index"]
     assert entry["name"] == "evaluated" and entry["results"][0]["metrics"][0]["value"] == 0.6789
