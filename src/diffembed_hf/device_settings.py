@@ -6,9 +6,9 @@ cost only where there is none: a batch is as long as its longest text), gradient
 whole forward pass (a third more work) to save memory that a CPU host rarely lacks for a small model, and the
 thread count decides whether two cores are used at all. Two more levers decide how much a CPU minute buys (measured on
 SmolLM2-135M: docs/benchmarks.md, "The CPU recipe"; the reasons: docs/design/recipe.md): bf16 autocast where AMX
-multiplies bf16 in hardware, and LoRA on the last third of the layers, so that the backward pass stops there. `resolve_device_settings` fills every setting the user
-left to "auto" (None) once, from the device, the model and the training texts, and says what it chose and why.
-Settings the user gave are kept as given.
+multiplies bf16 in hardware, and LoRA on the last third of the layers, so that the backward pass stops there.
+`resolve_device_settings` fills every setting the user left to "auto" (None) once, from the device, the model and
+the training texts, and says what it chose and why. Settings the user gave are kept as given.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class DeviceSettings:
                  f"({self.reasons['gradient_checkpointing']})",
                  f"{'bf16' if self.bf16 else 'fp32'} ({self.reasons['bf16']})"]
         if "lora_layers" in self.reasons:
-            parts.append(f"LoRA on {'every layer' if self.lora_layers is None else f'the last {self.lora_layers} layers'}"
-                         f" ({self.reasons['lora_layers']})")
+            layers = "every layer" if self.lora_layers is None else f"the last {self.lora_layers} layers"
+            parts.append(f"LoRA on {layers} ({self.reasons['lora_layers']})")
         if self.threads is not None:
             parts.append(f"{self.threads} threads ({self.reasons['threads']})")
         return f"Training on {self.device}: " + "; ".join(parts)
