@@ -32,7 +32,8 @@ from .files import write_text
 
 CONVERSION_METADATA = CONVERSION_RECORD  # the names earlier releases exported from here
 TRAINING_METADATA = TRAINING_RECORD
-_MARKER = re.compile(r"\n<!-- diffembed-hf generated card, sha256 ([0-9a-f]{16}); edit it and it is kept as yours -->\n?$")
+_MARKER = re.compile(r"\n<!-- diffembed-hf generated card, sha256 ([0-9a-f]{16}); "
+                     r"edit it and it is kept as yours -->\n?$")
 
 DEFAULT_LICENSE = "apache-2.0"
 DEFAULT_LANGUAGE = ("en",)
@@ -265,9 +266,9 @@ def _conversion_sections(record: dict) -> list[str]:
                   "length.", ""]
     if record.get("gguf"):
         gguf = record["gguf"]
-        lines += [f"**From a quantized GGUF file.** Source `{gguf.get('file')}`, quantization {gguf.get('quantization')}"
-                  f" (tensor types {_fmt(gguf.get('tensor_types'))}), dequantized to {gguf.get('dequantized_to')} by "
-                  "transformers' GGUF loader.", ""]
+        lines += [f"**From a quantized GGUF file.** Source `{gguf.get('file')}`, quantization "
+                  f"{gguf.get('quantization')} (tensor types {_fmt(gguf.get('tensor_types'))}), dequantized to "
+                  f"{gguf.get('dequantized_to')} by transformers' GGUF loader.", ""]
     lines += ["## Conversion", "", "```bash", record.get("command", "diffembed convert"), "```", "",
               f"Converted with diffembed-hf {record.get('version', __version__)}.", ""]
     return lines

@@ -33,11 +33,12 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, Qwen2Tokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .. import __version__, register_auto_classes
+from .. import __version__, modeling, register_auto_classes
 from ..checkpoint import (
     CONFIG,
     CONVERSION_RECORD,
     LICENSE_PATTERNS,
+    REMOTE_CODE_FILES,
     TOKENIZER_FILES,
     check_folder,
     check_tokenizer,
@@ -47,11 +48,10 @@ from ..checkpoint import (
 from ..errors import ConversionError, UsageError, one_line
 from ..files import check_parent_writable, output_lock, parse_size, staged_folder, write_json
 from ..model_card import write_model_card
-from ..modeling import configuration_diffembed, modeling_diffembed
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..sentence_transformer import write_sentence_transformer_files
 from .gguf import DEFAULT_GGUF_DTYPE, dequantized_checkpoint, find_gguf_file
-from .families import FAMILIES, Family, _build_config, _sliding_window_cap, detect_family
+from .families import FAMILIES, Family, build_config, detect_family, sliding_window_cap
 from .weights import DEFAULT_MAX_SHARD_SIZE, plan_tensors, read_source_tensors, write_weights
 
 logger = logging.getLogger(__name__)
@@ -262,12 +262,12 @@ def _convert(src: str | Path, out: Path, *, family: Optional[str], overwrite: bo
     else:
         raise ConversionError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     logger.info("Converting %s as %s.", (provenance or {}).get("source", src), fam.title)
-    window = _sliding_window_cap(source_config, fam, config_path, ignore_sliding_window)
+    window = sliding_window_cap(source_config, fam, config_path, ignore_sliding_window)
 
     tensors = read_source_tensors(folder, allow_pickle)
     weights_dtype = next((t.dtype for t in tensors if t.name == fam.source_name("model.embed_tokens.weight")),
                          torch.float32)
-    config = _build_config(source_config, fam, config_path, weights_dtype)
+    config = build_config(source_config, fam, config_path, weights_dtype)
     plan = plan_tensors(tensors, fam, config)
     requested_length = max_seq_length
     if max_seq_length is None:
@@ -281,8 +281,8 @@ def _convert(src: str | Path, out: Path, *, family: Optional[str], overwrite: bo
             _prepare_tokenizer(tokenizer, config)
             tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)
-        for module in (configuration_diffembed, modeling_diffembed):
-            shutil.copyfile(module.__file__, tmp / Path(module.__file__).name)
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(Path(modeling.__file__).parent / name, tmp / name)
         for pattern in LICENSE_PATTERNS:
             for path in folder.glob(pattern):
                 shutil.copyfile(path, tmp / path.name)

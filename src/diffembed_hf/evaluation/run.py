@@ -189,7 +189,7 @@ def _drop_unreadable(work: Path) -> None:
             continue
         try:
             TaskResult.from_disk(path)
-        except Exception:  # a result file cut short when the run was killed: that task runs again
+        except Exception:  # noqa: BLE001 - a result file cut short when the run was killed: that task runs again
             logger.warning("Discarding the unreadable result file %s", path)
             path.unlink()
 
@@ -425,8 +425,9 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
         all_results = merge_results(earlier.results if keep_earlier else [], results)
         record = {"model": model, "identity": model_record, "finished": True, "mteb_model_name": name,
                   "mteb_revision": revision, "suite": suite, "max_seq_length": st_model.max_seq_length, **stamp,
-                  "vectors": {"dim": compaction.output_dim(width), "bytes_per_vector": compaction.bytes_per_vector(width),
-                              **compaction.describe(), "calibrations": calibrations or None},
+                  "vectors": {"dim": compaction.output_dim(width),
+                              "bytes_per_vector": compaction.bytes_per_vector(width), **compaction.describe(),
+                              "calibrations": calibrations or None},
                   "tasks": record_tasks}
         write_json(work / SUMMARY, summary_document(model_record, all_results))
         write_json(work / RUN_RECORD, record)
