@@ -15,7 +15,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult
 
-from ..checkpoint import EVAL_FOLDER, EVAL_SUMMARY, is_hub_id, model_identity, read_json_or_empty
+from ..checkpoint import EVAL_FOLDER, is_hub_id, model_identity, read_json_or_empty
 from ..errors import EvaluationError
 from .suites import STUDY, STUDY_URL
 from .summary import (Summary, compact_label, describe_model, identity_record, read_summary, results_table, same_model,
@@ -151,7 +151,7 @@ def stored_results(folder: str | Path, results: str | Path | None = None, *,
     strict = results is not None
     if results is None:
         results = Path(folder) / EVAL_FOLDER
-        if not (results / EVAL_SUMMARY).is_file():
+        if not (results / Summary.FILE).is_file():
             return None
     return card_results(results, model or folder, strict=strict)
 
