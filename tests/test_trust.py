@@ -315,21 +315,6 @@ def test_the_output_folder_reads_as_a_dataset(folder, tmp_path):
     assert len(data) == 50 and len(data[0]["embedding"]) == 64
 
 
-def test_a_legacy_manifest_is_read_and_replaced(folder, tmp_path):
-    source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(30, seed=7))
-    out = tmp_path / "out"
-    encode_corpus(str(folder), source, out, shard_size=10, device="cpu")
-    (out / ".diffembed-manifest.json").rename(out / "manifest.json")  # as earlier releases named it
-    again = encode_corpus(str(folder), source, out, shard_size=10, device="cpu")
-    assert again.computed == [] and not (out / "manifest.json").exists()
-    assert (out / ".diffembed-manifest.json").is_file()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# One run per output
-# --------------------------------------------------------------------------------------------------------------
-
-
 def test_a_second_run_into_a_locked_output_is_refused_naming_the_holder(folder, tmp_path, capsys):
     source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(10))
     out = tmp_path / "out"
