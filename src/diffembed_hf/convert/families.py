@@ -210,7 +210,7 @@ def detect_family(source_config: dict, path: Path) -> Family:
     return FAMILIES[_MODEL_TYPES[model_type]]
 
 
-def _sliding_window_cap(source: dict, family: Family, path: Path, ignore: bool) -> Optional[int]:
+def sliding_window_cap(source: dict, family: Family, path: Path, ignore: bool) -> Optional[int]:
     """Refuse a source trained with a sliding window unless `ignore`; returns the window when ignored.
 
     DiffEmbed attends over the full text. Within `sliding_window` tokens the window changes nothing, so an
@@ -235,7 +235,7 @@ def _sliding_window_cap(source: dict, family: Family, path: Path, ignore: bool) 
     return window
 
 
-def _build_config(source: dict, family: Family, path: Path, dtype: torch.dtype) -> DiffEmbedConfig:
+def build_config(source: dict, family: Family, path: Path, dtype: torch.dtype) -> DiffEmbedConfig:
     if source.get("quantization_config"):
         method = source["quantization_config"].get("quant_method", "?")
         raise ConversionError(

@@ -51,7 +51,7 @@ from ..modeling import configuration_diffembed, modeling_diffembed
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..sentence_transformer import write_sentence_transformer_files
 from .gguf import DEFAULT_GGUF_DTYPE, dequantized_checkpoint, find_gguf_file
-from .families import FAMILIES, Family, _build_config, _sliding_window_cap, detect_family
+from .families import FAMILIES, Family, build_config, detect_family, sliding_window_cap
 from .weights import DEFAULT_MAX_SHARD_SIZE, plan_tensors, read_source_tensors, write_weights
 
 logger = logging.getLogger(__name__)
@@ -262,12 +262,12 @@ def _convert(src: str | Path, out: Path, *, family: Optional[str], overwrite: bo
     else:
         raise ConversionError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     logger.info("Converting %s as %s.", (provenance or {}).get("source", src), fam.title)
-    window = _sliding_window_cap(source_config, fam, config_path, ignore_sliding_window)
+    window = sliding_window_cap(source_config, fam, config_path, ignore_sliding_window)
 
     tensors = read_source_tensors(folder, allow_pickle)
     weights_dtype = next((t.dtype for t in tensors if t.name == fam.source_name("model.embed_tokens.weight")),
                          torch.float32)
-    config = _build_config(source_config, fam, config_path, weights_dtype)
+    config = build_config(source_config, fam, config_path, weights_dtype)
     plan = plan_tensors(tensors, fam, config)
     requested_length = max_seq_length
     if max_seq_length is None:
