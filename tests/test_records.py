@@ -110,7 +110,7 @@ VECTORS = """"precision": "int8",
     "model": "m",
     "revision": null,
     "model_sha256": "ab",
-    "dim": 8,
+    "dim": 1,
     "rows": 10,
     "min": [
       -1.0
@@ -277,3 +277,36 @@ def test_a_folder_without_a_record_reads_none_and_an_empty_one_too(tmp_path):
     assert TrainingRecord.read(tmp_path) is None
     (tmp_path / TrainingRecord.FILE).write_text(TRAINING)
     assert TrainingRecord.read(tmp_path).base_model == "Dream-org/Dream-v0-Instruct-7B"
+
+
+CALIBRATION = """{
+ "format": "diffembed-calibration/1",
+ "model": "/models/m",
+ "revision": null,
+ "model_sha256": "ab",
+ "dim": 2,
+ "rows": 10,
+ "min": [
+  -0.5,
+  -0.25
+ ],
+ "max": [
+  0.75,
+  1.0
+ ]
+}
+"""
+
+
+def test_a_calibration_file_written_before_reads_back_and_writes_the_same_bytes(tmp_path):
+    from diffembed_hf.compact import CalibrationRanges, load_calibration, save_calibration
+
+    (tmp_path / "ranges.json").write_text(CALIBRATION)
+    ranges = load_calibration(tmp_path / "ranges.json")
+    assert ranges.dim == 2 and ranges.model["model_sha256"] == "ab"
+    save_calibration(ranges, tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == CALIBRATION
+    # the ranges a corpus manifest holds are read through the manifest record
+    (tmp_path / CorpusManifest.FILE).write_text(FINISHED)
+    assert load_calibration(tmp_path).digest() == CalibrationRanges.from_dict(
+        json.loads(FINISHED)["calibration"]).digest()
