@@ -398,10 +398,6 @@ def test_file_mode_honours_dtype_and_refuses_corpus_options(folder, tmp_path, ca
         status = cli_main(["encode", str(folder), "-i", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "f.npy"),
                            *option])
         assert status == 2 and option[0] in error_line(capsys) and not (tmp_path / "f.npy").exists()
-    with pytest.raises(SystemExit) as exit_:  # retired: refused with what replaces it
-        cli_main(["encode", str(folder), "-i", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "f.npy"),
-                  "--batch-size", "8"])
-    assert exit_.value.code == 2 and "--max-tokens-per-batch" in capsys.readouterr().err
 
 
 def test_a_length_above_the_models_positions_is_refused_before_any_work(folder, tmp_path, capsys):

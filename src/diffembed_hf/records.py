@@ -67,14 +67,14 @@ class TrainingRun:
     final_loss: float | None = None
     losses: list[dict[str, Any]] = field(default_factory=list)  # {"step", "loss", "learning_rate"} per logged step
     peak_learning_rate: float | None = None
-    warmup_steps: int | None = None
+    warmup_steps: float | None = None  # as the trainer's arguments hold it
     device_settings: dict[str, Any] | None = None
     resumed_from_step: int | None = None
 
     TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
         "steps": (int,), "epochs": (*_NUMBER, _NONE), "samples": (int,), "devices": (int,),
         "first_loss": (*_NUMBER, _NONE), "final_loss": (*_NUMBER, _NONE), "losses": (list,),
-        "peak_learning_rate": (*_NUMBER, _NONE), "warmup_steps": (int, _NONE), "device_settings": (dict, _NONE),
+        "peak_learning_rate": (*_NUMBER, _NONE), "warmup_steps": (*_NUMBER, _NONE), "device_settings": (dict, _NONE),
         "resumed_from_step": (int, _NONE),
     }
 
