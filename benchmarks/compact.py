@@ -17,8 +17,8 @@ of rows from third-party code the models never saw (`huggingface_hub` and `datas
 BEIR folder. The peer of each row is the same model's float32 full-width vectors, evaluated in the same run.
 
 --smoke runs every part in a temporary folder with 1 training step of 8 rows at 32 tokens, 32 training rows, 16
-queries of each held-out set read at 32 tokens, and 4 of the 8 settings (float32; int8; binary with rescoring; binary at 64
-dimensions: every compaction path); no figure is a measurement.
+queries of each held-out set read at 32 tokens, and 4 of the 8 settings (float32; int8; binary with rescoring;
+binary at 64 dimensions: every compaction path); no figure is a measurement.
 """
 
 from __future__ import annotations

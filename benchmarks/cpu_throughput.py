@@ -205,10 +205,12 @@ def main():
           f"{args.threads} threads, torch {torch.__version__}")
     print(f"parity: max |embedding difference| vs Qwen2Model = {max_diff:.2e}")
     print(f"padding in batches: unsorted {base['unsorted_pad_fraction']:.0%}, sorted {base['sorted_pad_fraction']:.0%}")
-    header = f"{'model':<34}{'unsorted tok/s':>15}{'ratio':>7}{'sorted tok/s':>14}{'ratio':>7}{'peak RSS MB':>13}{'ratio':>7}"
+    header = (f"{'model':<34}{'unsorted tok/s':>15}{'ratio':>7}{'sorted tok/s':>14}{'ratio':>7}{'peak RSS MB':>13}"
+              f"{'ratio':>7}")
     print(header)
     print("-" * len(header))
-    labels = {"qwen2": "transformers Qwen2Model (sdpa)", "diffembed": "DiffEmbed auto", "diffembed-sdpa": "DiffEmbed sdpa (padded)"}
+    labels = {"qwen2": "transformers Qwen2Model (sdpa)", "diffembed": "DiffEmbed auto",
+              "diffembed-sdpa": "DiffEmbed sdpa (padded)"}
     for name, res in results.items():
         label = f"{labels[name]} [{res['backend']}]" if name != "qwen2" else labels[name]
         print(f"{label:<34}{res['unsorted']:>15.0f}{res['unsorted'] / base['unsorted']:>7.2f}"

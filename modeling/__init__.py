@@ -1,1 +1,2 @@
-"""The Hub remote code (`diffembed_hf.modeling`). Only the two module files are copied into checkpoints."""
+"""The Hub remote code (`diffembed_hf.modeling`). Only its module files (`REMOTE_CODE_FILES`) are copied into
+checkpoints."""

@@ -4,8 +4,9 @@ The backbone is a pre-norm decoder stack (RMSNorm, rotary positions, grouped-que
 final RMSNorm) run with **bidirectional** attention, as in the DiffEmbed study (arXiv 2505.15045). The
 embedding is the mean of the final-layer states over the real tokens.
 
-This file is Hub remote code: it is copied verbatim into every checkpoint and imports only `torch`,
-`transformers` and its configuration file. Optional kernels are imported inside `try:` blocks.
+This file is Hub remote code: it is copied verbatim into every checkpoint beside `configuration_diffembed.py` and
+`attention_kernels.py` (which varlen kernel runs here, tested once against SDPA) and imports only `torch`,
+`transformers` and those two files.
 
 Token layouts. Every layer works on one of two layouts, chosen once per forward:
   * padded  `[batch, seq, hidden]` with a key-padding mask (the `eager` and `sdpa` reference paths);
@@ -18,12 +19,11 @@ No host sync on the hot path. A forward never waits for the device to answer a q
 token-id range is checked where the ids are still on the host (CPU input here; the package's packed encoder
 before it copies a batch to the device), non-finite embeddings by an eager forward on a CPU (host memory, no
 stream) and on an accelerator on the host copy the encoder makes, and the varlen kernels' self-test runs at load
-time and after every `.to()`, not in a forward. Both host checks come back on an accelerator with `model.set_debug_checks(True)` or `DIFFEMBED_DEBUG_CHECKS=1`. Under
-`torch.compile` the forward is one graph (`fullgraph=True`) for packed and padded input alike.
+time and after every `.to()`, not in a forward. Both host checks come back on an accelerator with
+`model.set_debug_checks(True)` or `DIFFEMBED_DEBUG_CHECKS=1`. Under `torch.compile` the forward is one graph
+(`fullgraph=True`) for packed and padded input alike.
 """
 
-import functools
-import inspect
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -38,193 +38,31 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput, logging
 
+from .attention_kernels import (
+    MASKED_PACKED,
+    PACKED_BACKENDS,
+    VARLEN_KERNELS,
+    call_varlen_kernel,
+    flash_attn_2_available,
+    log_backend_once,
+    probe_kernel,
+    select_backend,
+)
 from .configuration_diffembed import DiffEmbedConfig
 
 logger = logging.get_logger(__name__)
 
-try:  # the real flash-attn 2; a look-alike package that lacks the varlen function fails here
-    from flash_attn import flash_attn_varlen_func
-except Exception:  # noqa: BLE001 - a broken CUDA build raises OSError/RuntimeError, not only ImportError
-    flash_attn_varlen_func = None
-
-try:  # torch >= 2.10: torch's own FlashAttention-2 kernels on unpadded tokens
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
-
-try:  # FlashAttention-4 (`pip install flash-attn-4`): the CuTe kernels written for Hopper and Blackwell
-    from flash_attn.cute import flash_attn_varlen_func as flash_attn_4_varlen_func
-except Exception:  # noqa: BLE001 - its CUDA DSL dependencies fail in many ways where they cannot run
-    flash_attn_4_varlen_func = None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Attention backends
-# ----------------------------------------------------------------------------------------------------------
-
 # What users may pass as `attn_implementation`. `None` means: choose the fastest correct path at run time.
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
-
-# Names of the paths that can run, as reported by `DiffEmbedPreTrainedModel.attention_backend`.
-#   eager / sdpa:       padded batch, explicit key-padding mask (reference paths)
-#   flash_attn_4:       packed tokens, FlashAttention-4's `flash_attn.cute.flash_attn_varlen_func` (CUDA >= sm90)
-#   flash_attn_varlen:  packed tokens, flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16)
-#   torch_varlen:       packed tokens, `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16)
-#   packed_sdpa:        packed tokens for every token-wise op, SDPA run per text (CPU)
-#   packed_eager:       as packed_sdpa with eager attention (packed input when eager is requested)
-#   packed_masked_sdpa / packed_masked_eager: packed tokens, attention on the texts re-padded per layer under a
-#                       key mask (packed input where the per-text lengths are not on the host: compiled, or
-#                       `cu_seq_lens_q` on an accelerator without a varlen kernel)
-_VARLEN_KERNELS = ("flash_attn_4", "flash_attn_varlen", "torch_varlen")
-_MASKED_PACKED = ("packed_masked_sdpa", "packed_masked_eager")
-_PACKED_BACKENDS = _VARLEN_KERNELS + ("packed_sdpa", "packed_eager") + _MASKED_PACKED
-
-# How far a kernel's probe output may be from the fp32 SDPA reference (largest per-token relative error) and
-# its gradients (relative error of each of dq, dk, dv). SDPA itself in bf16 lands at 2e-3 and 4e-3 on Dream's
-# heads (fp16: 3e-4, 5e-4); a missed text boundary, scale or head mapping lands far above 1e-1.
-_PROBE_TOLERANCE = {torch.bfloat16: (3e-2, 6e-2), torch.float16: (1e-2, 2e-2), torch.float32: (1e-4, 1e-4)}
-_PROBE_LENGTHS = (5, 1, 12, 3)  # several texts, one of a single token: leaks across boundaries show up
-
-_kernel_probe_cache: dict = {}
 
 # Host checks of device data (token-id range on an accelerator, non-finite embeddings) block the stream once per
 # call: off unless asked for, per model (`set_debug_checks`) or for the process (this variable).
 _DEBUG_CHECKS = os.environ.get("DIFFEMBED_DEBUG_CHECKS", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _probe_kernel(name: str, device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
-                  head_dim: int, causal: bool = False):
-    """How to call varlen kernel `name` on this device for grouped heads, or None if it cannot run here or
-    disagrees with SDPA (cached). The comparison itself is `_working_gqa_mode`, which runs anywhere."""
-    key = (name, device.type, device.index, dtype, num_heads, num_kv_heads, head_dim, causal)
-    if key not in _kernel_probe_cache:
-        if torch.compiler.is_compiling():  # a forward + backward self-test cannot be part of a traced graph
-            raise RuntimeError(
-                f"The {name} kernel has not been tested on {device} in {dtype} yet: call model.prepare_attention() "
-                "(done by from_pretrained and .to()) before torch.compile."
-            )
-        mode = None
-        if _kernel_may_run(name, device, dtype):
-            mode = _working_gqa_mode(name, num_heads, num_kv_heads, head_dim, device, dtype, causal)
-        _kernel_probe_cache[key] = mode
-    return _kernel_probe_cache[key]
-
-
-def _kernel_may_run(name: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """The hardware gate: varlen kernels run on CUDA in half precision; FlashAttention-4 only from Hopper on."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    kernel = {"flash_attn_4": flash_attn_4_varlen_func, "flash_attn_varlen": flash_attn_varlen_func,
-              "torch_varlen": varlen_attn}[name]
-    if kernel is None:
-        return False
-    return name != "flash_attn_4" or torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def _segment_sdpa(q, k, v, lengths, scale, causal):
-    """Reference varlen attention: SDPA per text on `[tokens, heads, head_dim]`, grouped kv heads repeated."""
-    groups = q.shape[1] // k.shape[1]
-    outputs = []
-    for qi, ki, vi in zip(*(x.split(list(lengths)) for x in (q, k, v))):
-        qi, ki, vi = (x.transpose(0, 1)[None] for x in (qi, repeat_kv(ki, groups, 1), repeat_kv(vi, groups, 1)))
-        outputs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale)[0].transpose(0, 1))
-    return torch.cat(outputs)
-
-
-def _working_gqa_mode(name, num_heads, num_kv_heads, head_dim, device, dtype, causal=False):
-    """Run the kernel on a tiny packed batch, forward and backward, and compare it with SDPA per text (in fp32
-    on the same inputs); return the first grouped-head mode whose numbers agree, or None.
-
-    Import success is not enough, and neither is "it did not raise": look-alike flash-attn builds import and
-    then raise on call, torch 2.11's `varlen_attn` has no `enable_gqa` argument, and a broken build may return
-    wrong numbers. Modes: "native" (kernel accepts fewer kv heads), "enable_gqa" (pass that flag, torch's
-    varlen_attn) or "repeat" (repeat kv heads first). Every rejection is logged.
-    """
-    lengths = list(_PROBE_LENGTHS)
-    total = sum(lengths)
-    scale = head_dim**-0.5
-    out_tol, grad_tol = _PROBE_TOLERANCE[dtype]
-    # Every probe tensor is made here: under a caller's inference_mode they would be inference tensors, which
-    # kernels cannot save for backward, and every kernel would be rejected (and the rejection cached).
-    with torch.inference_mode(False), torch.enable_grad():
-        gen = torch.Generator().manual_seed(0)
-        q = torch.randn(total, num_heads, head_dim, generator=gen)
-        k = torch.randn(total, num_kv_heads, head_dim, generator=gen)
-        v = torch.randn(total, num_kv_heads, head_dim, generator=gen)
-        weight = torch.randn(total, num_heads, head_dim, generator=gen)
-        q, k, v = (x.to(device, dtype) for x in (q, k, v))
-        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-        exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
-        expected = _segment_sdpa(*exact, lengths, scale, causal)
-        expected_grads = torch.autograd.grad((expected * weight.to(device)).sum(), exact)
-        modes = ("native", "repeat") if name != "torch_varlen" else ("native", "enable_gqa", "repeat")
-        for mode in modes if num_heads != num_kv_heads else ("native",):
-            inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-            try:
-                out = _call_varlen_kernel(name, mode, *inputs, cu, max(lengths), scale, causal)
-                grads = torch.autograd.grad((out.float() * weight.to(device)).sum(), inputs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-            except Exception as err:  # noqa: BLE001 - any refusal means "do not use this mode"
-                logger.info("Varlen kernel %s (%s grouped heads) cannot run here: %s", name, mode, err)
-                continue
-            if out.shape != q.shape:
-                logger.warning("Varlen kernel %s (%s) returned shape %s for %s; skipped.", name, mode,
-                               tuple(out.shape), tuple(q.shape))
-                continue
-            out_error = _token_relative_error(out.detach().float(), expected.detach())
-            grad_error = max(_relative_error(g.float(), e) for g, e in zip(grads, expected_grads))
-            if out_error <= out_tol and grad_error <= grad_tol:
-                return mode
-            logger.warning(
-                "Varlen kernel %s (%s grouped heads) disagrees with SDPA on a test batch (output error %.1e, "
-                "gradient error %.1e; tolerance %.0e / %.0e in %s): not used.", name, mode, out_error, grad_error,
-                out_tol, grad_tol, dtype,
-            )
-    return None
-
-
-def _token_relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest relative error of one token's output over all heads (NaN counts as infinitely wrong)."""
-    error = (out - expected).flatten(1).norm(dim=1) / expected.flatten(1).norm(dim=1).clamp(min=1e-6)
-    return float(torch.nan_to_num(error, nan=float("inf")).max())
-
-
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    error = float((a - b).norm() / b.norm().clamp(min=1e-6))
-    return float("inf") if error != error else error
-
-
-@functools.lru_cache(maxsize=None)
-def _parameters(fn) -> frozenset:
-    """Parameter names of `fn`, inspected once: torch's varlen_attn changed its signature between releases."""
-    return frozenset(inspect.signature(fn).parameters)
-
-
-def _call_varlen_kernel(name, gqa_mode, q, k, v, cu_seqlens, max_seqlen, scale, causal):
-    """Call a varlen kernel on packed `[tokens, heads, head_dim]` tensors. All three take int32 `cu_seqlens`."""
-    if gqa_mode == "repeat" and k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    if name == "flash_attn_4":
-        out = flash_attn_4_varlen_func(
-            q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-            max_seqlen_k=max_seqlen, softmax_scale=scale, causal=causal,
-        )
-        return out[0] if isinstance(out, tuple) else out  # (out, lse) in 4.0 betas; a tensor in earlier ones
-    if name == "flash_attn_varlen":
-        return flash_attn_varlen_func(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=causal
-        )
-    params = _parameters(varlen_attn)
-    kwargs = {"scale": scale}
-    if "window_size" in params:  # torch >= 2.11
-        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
-    elif causal:  # torch 2.10
-        kwargs["is_causal"] = True
-    if gqa_mode == "enable_gqa":
-        kwargs["enable_gqa"] = True
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+# ----------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------
 
 
 def repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
@@ -280,13 +118,13 @@ class TokenLayout:
 
     @property
     def packed(self) -> bool:
-        return self.backend in _PACKED_BACKENDS
+        return self.backend in PACKED_BACKENDS
 
 
 def attention(q, k, v, layout: TokenLayout, scale: float, causal: bool) -> torch.Tensor:
     """Attention over `[..., tokens, heads, head_dim]` in the layout's arrangement; returns the same shape as q."""
-    if layout.backend in _VARLEN_KERNELS:
-        return _call_varlen_kernel(
+    if layout.backend in VARLEN_KERNELS:
+        return call_varlen_kernel(
             layout.backend, layout.gqa_mode, q, k, v, layout.cu_seqlens, layout.max_seqlen, scale, causal
         )
     if layout.backend in ("packed_sdpa", "packed_eager"):
@@ -296,7 +134,7 @@ def attention(q, k, v, layout: TokenLayout, scale: float, causal: bool) -> torch
             for qi, ki, vi in zip(*(x.split(layout.lengths) for x in (q, k, v)))
         ]
         return torch.cat([o[0].transpose(0, 1) for o in outputs])
-    if layout.backend in _MASKED_PACKED:
+    if layout.backend in MASKED_PACKED:
         attend = eager_attention if layout.backend == "packed_masked_eager" else sdpa_attention
         index = (layout.text_index, layout.token_position)
         shape = (layout.key_mask.shape[0], layout.max_seqlen)
@@ -475,7 +313,7 @@ class DiffEmbedPreTrainedModel(PreTrainedModel):
         if attn_implementation is None or attn_implementation in ("eager", "sdpa"):
             return attn_implementation
         if attn_implementation == "flash_attention_2":
-            if flash_attn_varlen_func is None:
+            if not flash_attn_2_available():
                 raise ImportError(
                     "attn_implementation='flash_attention_2' needs the flash-attn package with "
                     "`flash_attn_varlen_func` (pip install flash-attn), which is not installed or not usable here. "
@@ -503,7 +341,7 @@ class DiffEmbedPreTrainedModel(PreTrainedModel):
     def attention_backend(self) -> str:
         """The attention path a padded batch takes on this model's current device and dtype."""
         param = next(self.parameters())
-        return _select_backend(self.config, param.device, param.dtype)
+        return select_backend(self.config, param.device, param.dtype)
 
     debug_checks: bool = _DEBUG_CHECKS
 
@@ -527,8 +365,8 @@ class DiffEmbedPreTrainedModel(PreTrainedModel):
         if param is not None:
             heads = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim,
                      self.config.is_causal)
-            for kernel in _VARLEN_KERNELS:
-                _probe_kernel(kernel, param.device, param.dtype, *heads)
+            for kernel in VARLEN_KERNELS:
+                probe_kernel(kernel, param.device, param.dtype, *heads)
         return self
 
     def _apply(self, fn, *args, **kwargs):
@@ -541,36 +379,6 @@ class DiffEmbedPreTrainedModel(PreTrainedModel):
         loaded = super().from_pretrained(*args, **kwargs)  # a (model, loading_info) pair if that was asked for
         (loaded[0] if isinstance(loaded, tuple) else loaded).prepare_attention()
         return loaded
-
-
-def _select_backend(config: DiffEmbedConfig, device: torch.device, dtype: torch.dtype) -> str:
-    """Map the requested `attn_implementation` and the hardware to the path that runs.
-
-    Automatic order: FlashAttention-4, flash-attn 2, torch's varlen_attn, each only if its probe call agrees
-    with SDPA. FlashAttention-4 comes first because it is the only one written for Hopper and Blackwell
-    (warp-group MMA, TMA; tcgen05 on Blackwell): flash-attn 2 and torch's kernels run Ampere code there, and the
-    FlashAttention-3 paper reports Hopper kernels 1.5-2x faster than flash-attn 2 on an H100 (not measured by
-    this project). It is only tried from compute capability 9.0 on, the GPUs it was written for."""
-    requested = config._attn_implementation
-    if requested in ("eager", "sdpa"):
-        return requested
-    heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.is_causal)
-    if requested == "flash_attention_2":
-        if _probe_kernel("flash_attn_varlen", device, dtype, *heads) is None:
-            raise RuntimeError(
-                f"attn_implementation='flash_attention_2' cannot run on {device} in {dtype}: flash-attn needs a "
-                "CUDA device and float16/bfloat16 weights, and its test call must agree with SDPA (see the log)."
-            )
-        return "flash_attn_varlen"
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        for kernel in _VARLEN_KERNELS:
-            if _probe_kernel(kernel, device, dtype, *heads) is not None:
-                return kernel
-        logger.warning_once("No varlen attention kernel works here; DiffEmbed runs padded SDPA (slower).")
-        return "sdpa"
-    if device.type == "cuda":  # float32 on CUDA: one padded SDPA call beats a per-text loop of kernel launches
-        return "sdpa"
-    return "packed_sdpa"
 
 
 class DiffEmbedModel(DiffEmbedPreTrainedModel):
@@ -686,7 +494,7 @@ class DiffEmbedModel(DiffEmbedPreTrainedModel):
         """Derive positions and the token layout of a padded batch; unpad it if the backend packs."""
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        backend = _select_backend(self.config, device, inputs_embeds.dtype)
+        backend = select_backend(self.config, device, inputs_embeds.dtype)
         # The mask goes to the host once: lengths, max_seqlen and the unpad index are then known without a
         # device sync inside the model (a no-op when the tokenizer's mask was never moved to the GPU).
         mask = None if attention_mask is None else attention_mask.detach().to("cpu", torch.bool)
@@ -711,12 +519,12 @@ class DiffEmbedModel(DiffEmbedPreTrainedModel):
             else:
                 position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)
 
-        if backend in _PACKED_BACKENDS and (mask is None or not lengths.any()):
+        if backend in PACKED_BACKENDS and (mask is None or not lengths.any()):
             # Nothing to unpad: one unmasked SDPA call lets torch pick its fastest kernel (cuDNN / flash on
             # CUDA, measured faster than the varlen kernel on long single documents) and beats a per-text loop.
             backend = "sdpa"
-        _log_backend_once(backend)
-        if backend not in _PACKED_BACKENDS:
+        log_backend_once(backend)
+        if backend not in PACKED_BACKENDS:
             key_mask = None
             if mask is not None:
                 # An empty row would mask every key (NaN); let it attend to its padding, its output is discarded.
@@ -756,12 +564,12 @@ class DiffEmbedModel(DiffEmbedPreTrainedModel):
         token_position = torch.arange(total, device=device) - cu[text_index]
         if position_ids is None:
             position_ids = token_position
-        backend = _select_backend(self.config, device, inputs_embeds.dtype)
-        if backend in _VARLEN_KERNELS:
+        backend = select_backend(self.config, device, inputs_embeds.dtype)
+        if backend in VARLEN_KERNELS:
             heads = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim,
                      self.config.is_causal)
             layout = TokenLayout(backend, cu_seqlens=cu.to(torch.int32), max_seqlen=max_seqlen,
-                                 gqa_mode=_probe_kernel(backend, device, inputs_embeds.dtype, *heads))
+                                 gqa_mode=probe_kernel(backend, device, inputs_embeds.dtype, *heads))
         else:
             backend = "packed_masked_eager" if backend == "eager" else "packed_masked_sdpa"
             key_mask = torch.arange(max_seqlen, device=device) < lengths[:, None]
@@ -787,28 +595,18 @@ class DiffEmbedModel(DiffEmbedPreTrainedModel):
         if position_ids is None:
             starts = torch.repeat_interleave(cu_host[:-1], torch.tensor(lengths))
             position_ids = (torch.arange(int(cu_host[-1])) - starts).to(device)
-        backend = _select_backend(self.config, device, inputs_embeds.dtype)
-        if backend not in _PACKED_BACKENDS:  # eager / sdpa requested: same per-text split, that kernel per text
+        backend = select_backend(self.config, device, inputs_embeds.dtype)
+        if backend not in PACKED_BACKENDS:  # eager / sdpa requested: same per-text split, that kernel per text
             backend = "packed_sdpa" if backend == "sdpa" else "packed_eager"
-        _log_backend_once(backend)
+        log_backend_once(backend)
         layout = _packed_layout(self.config, backend, lengths, device, inputs_embeds.dtype)
         return inputs_embeds[0], position_ids.reshape(-1), layout
-
-
-_logged_backends: set = set()
-
-
-def _log_backend_once(backend: str):
-    """Say once per process which attention path runs: users need to know whether they got the fast one."""
-    if backend not in _logged_backends:
-        _logged_backends.add(backend)
-        logger.info("DiffEmbed attention path: %s", backend)
 
 
 def _packed_layout(config, backend: str, lengths: list, device, dtype) -> TokenLayout:
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
     heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.is_causal)
-    gqa_mode = _probe_kernel(backend, device, dtype, *heads) if backend in _VARLEN_KERNELS else None
+    gqa_mode = probe_kernel(backend, device, dtype, *heads) if backend in VARLEN_KERNELS else None
     return TokenLayout(backend, cu_seqlens=cu, max_seqlen=max(lengths), lengths=lengths, gqa_mode=gqa_mode)
 
 

@@ -23,10 +23,11 @@ SCALAR_OK = ST_VERSION >= compact.SCALAR_MIN_SENTENCE_TRANSFORMERS
 needs_scalar = pytest.mark.skipif(not SCALAR_OK, reason="int8/uint8 need sentence-transformers >= 5.7")
 TEXTS = ["how do plants make energy?", "Photosynthesis converts light into chemical energy.", "", "短い文",
          "a longer text " * 30, "binary vectors keep one bit per dimension", "x"]
-MODEL = {"model": "/models/a", "revision": None, "model_sha256": "a" * 64}
+IDENTITY = {"model": "/models/a", "revision": None, "model_sha256": "a" * 64}  # what calibration ranges name
 
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]  # CI reruns it on the oldest transformers / sentence-transformers
+# CI reruns it on the oldest transformers / sentence-transformers
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]
 
 
 @pytest.fixture(scope="module")
@@ -62,26 +63,27 @@ def test_binary_codes_are_bit_identical_to_sentence_transformers_and_to_packbits
 @pytest.mark.parametrize("precision", ["int8", "uint8"])
 def test_scalar_codes_equal_sentence_transformers_with_the_same_ranges(precision):
     corpus, queries = unit_rows(500, 64, seed=1), unit_rows(40, 64, seed=2)
-    ranges = compact.calibrate(corpus[::5], MODEL)  # a sample of the corpus
+    ranges = compact.calibrate(corpus[::5], IDENTITY)  # a sample of the corpus
     assert np.array_equal(ranges.minimum, corpus[::5].min(axis=0))
     for vectors in (corpus, queries):  # queries fall partly outside the corpus sample's ranges: clipped, not wrapped
         ours = compact.quantize(vectors, precision, ranges)
         assert ours.dtype == np.dtype(precision)
-        assert np.array_equal(ours, quantize_embeddings(vectors, precision=precision, calibration_embeddings=corpus[::5]))
+        assert np.array_equal(ours, quantize_embeddings(vectors, precision=precision,
+                                                        calibration_embeddings=corpus[::5]))
         assert np.array_equal(ours, quantize_embeddings(vectors, precision=precision, ranges=ranges.array))
     # independently: the bucket index floor((x - min) / step), clipped to [0, 255], less 128 for int8
     steps = (ranges.maximum - ranges.minimum) / 255
     buckets = np.clip(np.floor((queries - ranges.minimum) / steps), 0, 255)
     expected = (buckets - 128 if precision == "int8" else buckets).astype(precision)
     assert np.array_equal(compact.quantize(queries, precision, ranges), expected)
-    other = compact.calibrate(queries, MODEL)  # control: other ranges give other codes
+    other = compact.calibrate(queries, IDENTITY)  # control: other ranges give other codes
     assert not np.array_equal(compact.quantize(corpus, precision, other), compact.quantize(corpus, precision, ranges))
 
 
 @pytest.mark.skipif(SCALAR_OK, reason="this sentence-transformers clips: int8 is allowed")
 def test_scalar_codes_are_refused_where_sentence_transformers_would_wrap_them():
     with pytest.raises(CompactError, match="sentence-transformers >= 5.7"):
-        compact.quantize(unit_rows(10, 64), "int8", compact.calibrate(unit_rows(10, 64), MODEL))
+        compact.quantize(unit_rows(10, 64), "int8", compact.calibrate(unit_rows(10, 64), IDENTITY))
 
 
 def test_bytes_per_vector():
@@ -101,7 +103,8 @@ def test_binary_scores_are_hamming_distances_and_rescoring_follows_the_recipe():
     hamming = ((queries > 0)[:, None, :] != (docs > 0)[None, :, :]).sum(-1)
     assert np.array_equal(scores, 1 - 2 * hamming / 64)
     # the dequantized vectors' cosine is the same number, so any cosine scorer (mteb) ranks by Hamming distance
-    signs_q, signs_d = compact.dequantize(compact.quantize(queries, "binary"), "binary"), compact.dequantize(codes, "ubinary")
+    signs_q = compact.dequantize(compact.quantize(queries, "binary"), "binary")
+    signs_d = compact.dequantize(codes, "ubinary")
     assert np.array_equal(signs_q @ signs_d.T / 64, scores)
 
     rescored = compact.compact_scores(queries, codes, Compaction(precision="ubinary", rescore=20))
@@ -118,7 +121,7 @@ def test_binary_scores_are_hamming_distances_and_rescoring_follows_the_recipe():
 @needs_scalar
 def test_scalar_scores_are_cosines_of_the_bucket_centres():
     docs, queries = unit_rows(100, 64, seed=5), unit_rows(5, 64, seed=6)
-    ranges = compact.calibrate(docs, MODEL)
+    ranges = compact.calibrate(docs, IDENTITY)
     codes = compact.quantize(docs, "int8", ranges)
     scores = compact.compact_scores(queries, codes, Compaction(precision="int8", calibration=ranges))
     step = (ranges.maximum - ranges.minimum) / 255
@@ -126,7 +129,8 @@ def test_scalar_scores_are_cosines_of_the_bucket_centres():
     centres_q = ranges.minimum + (compact.quantize(queries, "uint8", ranges).astype(np.float64) + 0.5) * step
     unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
     np.testing.assert_allclose(scores, unit(centres_q) @ unit(centres_d).T, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(scores, queries @ docs.T, rtol=0, atol=0.05)  # near the float cosines (clipped queries) ...
+    # near the float cosines (clipped queries) ...
+    np.testing.assert_allclose(scores, queries @ docs.T, rtol=0, atol=0.05)
     assert np.abs(scores - queries @ docs.T).max() > 1e-4  # ... but not them
 
 
@@ -154,7 +158,7 @@ def test_precisions_through_encode_equal_sentence_transformers_on_the_same_vecto
     assert np.array_equal(encode(model, TEXTS, precision="float16"), floats.astype(np.float16))
     assert encode(model, [], precision="ubinary").shape == (0, 4)
     if SCALAR_OK:
-        ranges = compact.calibrate(floats, MODEL)
+        ranges = compact.calibrate(floats, IDENTITY)
         assert np.array_equal(encode(model, TEXTS, precision="uint8", calibration=ranges),
                               quantize_embeddings(floats, precision="uint8", ranges=ranges.array))
         with pytest.raises(CompactError, match="calibration ranges"):
@@ -186,12 +190,12 @@ def test_refusals_name_the_problem(folder, tmp_path):
         encode(load_encoder(str(folder), device="cpu", truncate_dim=20), TEXTS, precision="binary")
     with pytest.raises(CompactError, match="not one of"):
         compact.quantize(unit_rows(3, 8), "int4")
-    ranges = compact.calibrate(unit_rows(10, 64), MODEL)
+    ranges = compact.calibrate(unit_rows(10, 64), IDENTITY)
     with pytest.raises(CalibrationMismatch, match="another model"):
         ranges.check({"model": "/models/b", "revision": None, "model_sha256": "b" * 64}, 64)
     ranges.check({"model": "/moved/a", "revision": None, "model_sha256": "a" * 64}, 64)  # same files elsewhere: fine
     with pytest.raises(CalibrationMismatch, match="for 64 dimensions"):
-        ranges.check(MODEL, 32)
+        ranges.check(IDENTITY, 32)
     with pytest.raises(CompactError, match="rescoring applies to binary"):
         Compaction(precision="float16", rescore=10)
     path = tmp_path / "ranges.json"

@@ -65,7 +65,8 @@ def test_auto_dims_halve_the_width_down_to_64():
 def test_cli_run_records_the_dims_stores_truncate_dim_and_cards_them(base, task, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "mrl"
     argv = ["train", base, task[0], str(out), "--max-steps", "4", "--batch-size", "16", "--max-seq-length", "64",
-            "--full", "--eval-fraction", "0", "--device", "cpu", "--matryoshka-dims", "64,16,32", "--truncate-dim", "32"]
+            "--full", "--eval-fraction", "0", "--device", "cpu", "--matryoshka-dims", "64,16,32",
+            "--truncate-dim", "32"]
     assert main(argv) == 0
     record = json.loads((out / TRAINING_RECORD).read_text())
     assert record["hyperparameters"]["matryoshka_dims"] == [64, 32, 16]  # sorted, largest first

@@ -21,6 +21,7 @@ from helpers.tensors import make_batch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import diffembed_hf.modeling.modeling_diffembed as mdl
+import diffembed_hf.modeling.attention_kernels as kernels
 from diffembed_hf.batching import Encoder
 from diffembed_hf.cli import main
 from diffembed_hf.encoding import backbone, encode, load_encoder
@@ -181,15 +182,15 @@ def test_encoder_names_non_finite_vectors_on_its_host_copy(folder, monkeypatch):
 
 def test_kernel_self_test_runs_on_to_and_load_not_in_the_forward(monkeypatch, tmp_path):
     probed = []
-    monkeypatch.setattr(mdl, "_probe_kernel", lambda name, device, dtype, *heads: probed.append((name, dtype)))
+    monkeypatch.setattr(mdl, "probe_kernel", lambda name, device, dtype, *heads: probed.append((name, dtype)))
     model = tiny_model()
     model.save_pretrained(tmp_path)
     probed.clear()
     model.to(torch.float64)
-    assert sorted(probed) == sorted((name, torch.float64) for name in mdl._VARLEN_KERNELS * 2)  # outer and inner
+    assert sorted(probed) == sorted((name, torch.float64) for name in kernels.VARLEN_KERNELS * 2)  # outer and inner
     probed.clear()
     type(model).from_pretrained(tmp_path)
-    assert {name for name, _ in probed} == set(mdl._VARLEN_KERNELS)
+    assert {name for name, _ in probed} == set(kernels.VARLEN_KERNELS)
     probed.clear()
     with torch.no_grad():
         model(**padded([5, 3]))

@@ -1,5 +1,5 @@
-"""The README's main command (`diffembed demo`): a pretrained model (or, with --tiny, the small random one) fine-tuned and evaluated
-against BM25 on held-out sets."""
+"""The README's main command (`diffembed demo`): a pretrained model (or, with --tiny, the small random one)
+fine-tuned and evaluated against BM25 on held-out sets."""
 
 import json
 import os

@@ -16,13 +16,6 @@ import pytest
 import torch
 from helpers.models import tiny_model
 from helpers.tensors import additive_mask, make_batch, real_positions
-
-pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
-
-try:
-    from sentence_transformers.sentence_transformer.modules import Pooling
-except ImportError:  # sentence-transformers 5
-    from sentence_transformers.models import Pooling
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -33,6 +26,13 @@ from diffembed_hf.cli import main as cli_main
 from diffembed_hf.files import current_umask
 from diffembed_hf.export import VLLM_HEAD_SIZES, ExportError, export_vllm
 from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT, save_sentence_transformer
+
+try:
+    from sentence_transformers.sentence_transformer.modules import Pooling
+except ImportError:  # sentence-transformers 5
+    from sentence_transformers.models import Pooling
+
+pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
 
 # Bias layouts -> the vLLM architecture that reproduces them (head size 32: 2 heads over hidden 64).
 LAYOUTS = {

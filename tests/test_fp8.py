@@ -72,7 +72,8 @@ def test_refused_with_sentence_transformers_5(monkeypatch):
 
     fake_gpu(monkeypatch, (9, 0))
     monkeypatch.setattr(sentence_transformers, "__version__", "5.2.0")
-    with pytest.raises(QuantizationUnavailable, match=r"sentence-transformers 5\.2\.0 .*needs sentence-transformers >= 6"):
+    with pytest.raises(QuantizationUnavailable,
+                       match=r"sentence-transformers 5\.2\.0 .*needs sentence-transformers >= 6"):
         check_fp8_support("cuda")
     monkeypatch.setattr(sentence_transformers, "__version__", "6.0.1")
     assert check_fp8_support("cuda") is None  # control
@@ -81,7 +82,8 @@ def test_refused_with_sentence_transformers_5(monkeypatch):
 def test_refused_without_torchao_and_names_the_extra(monkeypatch):
     fake_gpu(monkeypatch, (9, 0))
     monkeypatch.setitem(sys.modules, "torchao", None)  # import fails as if not installed
-    with pytest.raises(QuantizationUnavailable, match=r"torchao, which is not installed: pip install 'diffembed-hf\[fp8\]'"):
+    with pytest.raises(QuantizationUnavailable,
+                       match=r"torchao, which is not installed: pip install 'diffembed-hf\[fp8\]'"):
         check_fp8_support("cuda")
 
 

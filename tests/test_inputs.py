@@ -252,7 +252,7 @@ def test_a_folder_input_reads_every_input_file_in_path_order_and_names_the_rest(
 
 
 def test_a_resumed_run_inside_a_compressed_corpus_equals_an_uninterrupted_one(folder, tmp_path, capsys, monkeypatch):
-    from diffembed_hf.corpus.encode import CorpusJob
+    from diffembed_hf.corpus.job import CorpusJob
 
     source = tmp_path / "corpus.jsonl.gz"
     source.write_bytes(gzip.compress(jsonl_bytes(corpus_rows(60, seed=3))))

@@ -208,7 +208,7 @@ def test_automatic_settings_never_refuse_a_run_that_fits(folder, rows, tmp_path,
     """The check before loading counts a CPU's automatic length and checkpointing at their most favourable, so a
     memory that holds the weights and a short run passes, where the estimate at the model's full limit would not."""
     import diffembed_hf.train as train_module
-    from diffembed_hf.memory_estimate import plan_training
+    from diffembed_hf.device_settings import plan_training
 
     config = train_module.TrainingConfig(max_steps=1, batch_size=4, eval_fraction=0.0, adapter_only=True)
     shape = ModelShape.from_config(json.loads((folder / "config.json").read_text()))

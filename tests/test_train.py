@@ -132,7 +132,8 @@ def bad_file(tmp_path, name, content):
 @pytest.mark.parametrize("name, content, message", [
     ("empty.jsonl", "", "empty"),
     ("cols.jsonl", '{"question_text": "q", "answer": "a"}\n', "no query column"),
-    ("blank.jsonl", '{"query": "q1", "positive": "p"}\n{"query": "  ", "positive": "p"}\n', "row 2: the query in column 'query' is empty"),
+    ("blank.jsonl", '{"query": "q1", "positive": "p"}\n{"query": "  ", "positive": "p"}\n',
+     "row 2: the query in column 'query' is empty"),
     ("negs.jsonl", '{"query": "q", "positive": "p", "negatives": ["a", "b"]}\n'
                    '{"query": "r", "positive": "p", "negatives": ["a"]}\n', "row 2: 1 negatives, but row 1 has 2"),
     ("pos.csv", "query,positive\nq,\n", "row 1: the positive in column 'positive' is empty"),
@@ -167,8 +168,40 @@ def test_group_by_instruction_gives_one_dataset_per_instruction(tmp_path):
 
 def test_non_finite_loss_stops_training_and_writes_nothing(base, task, tmp_path):
     with pytest.raises(FloatingPointError, match="No model was written"):
-        train(base, task[0], tmp_path / "nan", TrainingConfig(max_steps=5, lora=False, **dict(FAST, learning_rate=1e12)))
+        train(base, task[0], tmp_path / "nan",
+              TrainingConfig(max_steps=5, lora=False, **dict(FAST, learning_rate=1e12)))
     assert not (tmp_path / "nan").exists()
+
+
+def test_train_gives_the_callers_thread_count_back_returned_or_raised(base, task, tmp_path):
+    """A CPU run sets torch's threads to the cores it may use; the caller's count comes back afterwards."""
+    from transformers import TrainerCallback
+
+    from diffembed_hf.device_settings import available_cores
+
+    chosen = available_cores()
+    control = chosen + 1  # a count the run would not pick: its return shows
+    seen = []
+
+    class RecordThreads(TrainerCallback):
+        def on_step_begin(self, args, state, trainer_control, **kwargs):
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(control)
+    try:
+        config = TrainingConfig(max_steps=1, lora=False, eval_fraction=0.0, **FAST)
+        train(base, task[0], tmp_path / "ok", config, callbacks=[RecordThreads()])
+        assert seen == [chosen]  # the run trained with its own count
+        assert torch.get_num_threads() == control
+        seen.clear()
+        with pytest.raises(FloatingPointError, match="No model was written"):
+            train(base, task[0], tmp_path / "nan", dataclasses.replace(config, max_steps=5, learning_rate=1e12),
+                  callbacks=[RecordThreads()])
+        assert seen and set(seen) == {chosen}
+        assert torch.get_num_threads() == control
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_existing_output_is_refused(base, task, tmp_path):

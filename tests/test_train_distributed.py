@@ -28,7 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = [pytest.mark.slow, pytest.mark.versions]  # torchrun: run by CI (on the oldest versions too), skipped by `-m "not slow"`
+# torchrun: run by CI (on the oldest versions too), skipped by `-m "not slow"`
+pytestmark = [pytest.mark.slow, pytest.mark.versions]
 
 B = 4  # per-device batch size
 WORLD = 2  # torchrun processes

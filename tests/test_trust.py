@@ -132,6 +132,19 @@ def test_a_foreign_folder_with_its_own_code_never_runs_it(folder, tmp_path, caps
     assert status == 2 and "model_type 'evil'" in error_line(capsys) and not marker.exists()
 
 
+def test_each_remote_code_file_is_checked_byte_for_byte(folder):
+    """The kernel choice (`attention_kernels.py`) runs in a Hub user's process as the model file does: a copy that
+    differs from the package's is the folder's own code; the package's own files are not (in process, none are)."""
+    from diffembed_hf.checkpoint import REMOTE_CODE_FILES, foreign_code
+
+    assert "attention_kernels.py" in REMOTE_CODE_FILES and (folder / "attention_kernels.py").is_file()
+    assert foreign_code(folder) == []  # control: the converted folder's copies are the package's
+    code = folder / "attention_kernels.py"
+    code.write_text(code.read_text() + "\n# changed\n")
+    assert foreign_code(folder) == ["attention_kernels.py"]
+    assert foreign_code(folder, in_process=True) == []  # this process uses the package's classes, never the copy
+
+
 def test_tampered_remote_code_never_runs_in_process_and_push_asks_for_opt_in(folder, model_folder, tmp_path, capsys):
     """DiffEmbed's classes come from the installed package; the folder's copy of them is not imported."""
     marker = tmp_path / "ran"
@@ -528,14 +541,14 @@ def test_local_tasks_of_one_name_never_replace_each_other_and_instructions_are_r
 
 
 def test_another_calibration_rows_is_refused_before_the_sample_is_embedded(folder, tmp_path, monkeypatch):
-    import diffembed_hf.corpus.encode as corpus_encode
+    import diffembed_hf.corpus.job as corpus_job
     from diffembed_hf.corpus import CorpusError
 
     source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(30))
     out = tmp_path / "out"
     encode_corpus(str(folder), source, out, shard_size=10, device="cpu", precision="int8", calibration_rows=10)
-    samples, real = [], corpus_encode._calibrate
-    monkeypatch.setattr(corpus_encode, "_calibrate", lambda *args, **kwargs: samples.append(1) or real(*args, **kwargs))
+    samples, real = [], corpus_job._calibrate
+    monkeypatch.setattr(corpus_job, "_calibrate", lambda *args, **kwargs: samples.append(1) or real(*args, **kwargs))
     with pytest.raises(CorpusError, match="calibration"):
         encode_corpus(str(folder), source, out, shard_size=10, device="cpu", precision="int8", calibration_rows=20)
     assert samples == []  # refused before embedding a sample

@@ -43,7 +43,7 @@ EVAL_FOLDER = "eval"  # `diffembed evaluate MODEL --output MODEL/eval`: the card
 EVAL_SUMMARY = "summary.json"
 EVAL_RUN = "run.json"
 WEIGHT_INDEX = "model.safetensors.index.json"
-REMOTE_CODE_FILES = ("configuration_diffembed.py", "modeling_diffembed.py")
+REMOTE_CODE_FILES = ("configuration_diffembed.py", "modeling_diffembed.py", "attention_kernels.py")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -298,13 +298,13 @@ def foreign_code(folder: Path, *, in_process: bool = False) -> list[str]:
     (any name, any subfolder: transformers and sentence-transformers import files that no auto_map names, such
     as a modules.json type `tokenization_x.Class`) that is not byte-identical to this package's own remote code,
     and every modules.json type outside sentence-transformers' own modules. `in_process=True` leaves out
-    `configuration_diffembed.py` / `modeling_diffembed.py` at the top: in this process DiffEmbed's classes are
-    this package's (registered), so the folder's copy never runs. Also refuses an auto_map naming a path
+    the `REMOTE_CODE_FILES` at the top: in this process DiffEmbed's classes are this package's (registered), so
+    the folder's copy never runs. Also refuses an auto_map naming a path
     outside the folder."""
-    from .modeling import configuration_diffembed, modeling_diffembed
+    from . import modeling
 
     folder = Path(folder)
-    ours = {Path(m.__file__).name: Path(m.__file__).read_bytes() for m in (configuration_diffembed, modeling_diffembed)}
+    ours = {name: (Path(modeling.__file__).parent / name).read_bytes() for name in REMOTE_CODE_FILES}
     for source in (CONFIG, "tokenizer_config.json"):
         if (folder / source).is_file():
             settings = read_json(folder / source, ModelFilesError)

@@ -234,7 +234,8 @@ def calibrate(embeddings: np.ndarray, model: dict) -> CalibrationRanges:
     sentence-transformers computes them from `calibration_embeddings`."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or embeddings.shape[0] < 2:
-        raise CompactError(f"calibration needs at least 2 embeddings, got {embeddings.shape[0] if embeddings.ndim else 0}")
+        got = embeddings.shape[0] if embeddings.ndim else 0
+        raise CompactError(f"calibration needs at least 2 embeddings, got {got}")
     if not np.isfinite(embeddings).all():
         raise CompactError("calibration embeddings hold NaN or infinite values")
     if embeddings.shape[0] < 100:

@@ -174,7 +174,8 @@ def _run_demo(output_dir: Path, max_steps: int | None, max_heldout: int | None, 
     if tiny:
         with staged_folder(untrained) as staging:  # replaces the demo's own earlier folder (overwrite, checked above)
             save_sentence_transformer(build_default_model(), load_dream_tokenizer(), staging, max_seq_length=128)
-        settings = {**DEMO_TRAINING, "bf16": False}  # fp32 as before AMX's bf16 default: the random model's figures stay
+        # fp32 as before AMX's bf16 default: the random model's figures stay
+        settings = {**DEMO_TRAINING, "bf16": False}
     else:  # first: a base that cannot be used leaves nothing behind in OUT (its data/ included)
         used = prepare_base(base, untrained, overwrite=overwrite)
         if used.resolve() != untrained.resolve() and untrained.exists():  # an earlier run's (overwrite, checked)

@@ -6,9 +6,9 @@ cost only where there is none: a batch is as long as its longest text), gradient
 whole forward pass (a third more work) to save memory that a CPU host rarely lacks for a small model, and the
 thread count decides whether two cores are used at all. Two more levers decide how much a CPU minute buys (measured on
 SmolLM2-135M: docs/benchmarks.md, "The CPU recipe"; the reasons: docs/design/recipe.md): bf16 autocast where AMX
-multiplies bf16 in hardware, and LoRA on the last third of the layers, so that the backward pass stops there. `resolve_device_settings` fills every setting the user
-left to "auto" (None) once, from the device, the model and the training texts, and says what it chose and why.
-Settings the user gave are kept as given.
+multiplies bf16 in hardware, and LoRA on the last third of the layers, so that the backward pass stops there.
+`resolve_device_settings` fills every setting the user left to "auto" (None) once, from the device, the model and
+the training texts, and says what it chose and why. Settings the user gave are kept as given.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .memory_estimate import ModelShape, activation_bytes
+from .memory_estimate import (MemoryEstimate, ModelShape, activation_bytes, available_memory, format_bytes,
+                              training_estimate)
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class DeviceSettings:
                  f"({self.reasons['gradient_checkpointing']})",
                  f"{'bf16' if self.bf16 else 'fp32'} ({self.reasons['bf16']})"]
         if "lora_layers" in self.reasons:
-            parts.append(f"LoRA on {'every layer' if self.lora_layers is None else f'the last {self.lora_layers} layers'}"
-                         f" ({self.reasons['lora_layers']})")
+            layers = "every layer" if self.lora_layers is None else f"the last {self.lora_layers} layers"
+            parts.append(f"LoRA on {layers} ({self.reasons['lora_layers']})")
         if self.threads is not None:
             parts.append(f"{self.threads} threads ({self.reasons['threads']})")
         return f"Training on {self.device}: " + "; ".join(parts)
@@ -67,18 +68,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def available_memory() -> int | None:
-    """Free host memory in bytes (MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def token_length_quantile(tokenizer, texts: list[str], quantile: float = LENGTH_QUANTILE) -> tuple[int, int]:
@@ -183,3 +172,49 @@ def apply_threads(settings: DeviceSettings) -> None:
     """Set torch's intra-op threads to the chosen count (CPU only)."""
     if settings.threads is not None and torch.get_num_threads() != settings.threads:
         torch.set_num_threads(settings.threads)
+
+
+def plan_training(shape: ModelShape, config, *, texts_per_row: int, device: str, world_size: int = 1,
+                  memory: int | None = None, favourable: bool = False) -> MemoryEstimate:
+    """The training estimate for a `TrainingConfig`, its automatic settings (None) counted as `resolve_device_settings`
+    will choose them: on CUDA the recipe's (4096 tokens, checkpointing, bf16); on a CPU LoRA on the last third of
+    the layers, bf16 autocast with AMX, and checkpointing where the activations would take more than half of
+    `memory`. A CPU's automatic length comes from the training texts' tokens, unknown before the tokenizer runs:
+    counted at the model's limit (at most 4096), or with `favourable` (the check before loading, which must never
+    refuse a run that fits) at the shortest length it can choose, with checkpointing on."""
+    cuda = device.startswith("cuda")
+    notes = []
+    limit = min(shape.max_position_embeddings or RECIPE_MAX_SEQ_LENGTH, RECIPE_MAX_SEQ_LENGTH)
+    length = config.max_seq_length
+    if length is None:
+        if cuda:
+            length = limit
+        elif favourable:
+            length = LENGTH_STEP
+        else:
+            length = limit
+            notes.append(f"max_seq_length: automatic on a CPU (the training texts' 98% token length, at most "
+                         f"{limit}); counted at {limit}: give --max-seq-length for the run's own figure")
+    bf16 = config.bf16 if config.bf16 is not None else (cuda or cpu_has_amx())
+    lora_layers = config.lora_layers
+    if lora_layers is None and config.lora and not cuda:
+        lora_layers = max(1, math.ceil(shape.num_hidden_layers * CPU_LORA_SHARE))
+    common = dict(batch_size=config.batch_size, texts_per_row=texts_per_row, max_seq_length=length,
+                  lora=config.lora, lora_r=config.lora_r, lora_targets=config.lora_target_modules,
+                  lora_layers=lora_layers, bf16=bf16, device=device, gradcache=config.gradcache_mini_batch_size,
+                  adapter_only=config.adapter_only, world_size=world_size)
+    checkpointing = config.gradient_checkpointing
+    if checkpointing is None:
+        if cuda or favourable:
+            checkpointing = True
+        else:  # resolve_device_settings' rule
+            need = activation_bytes(shape, config.batch_size * texts_per_row * length, 2 if bf16 else 4,
+                                    layers=lora_layers if config.lora else None, lora=config.lora, residual_bytes=4)
+            checkpointing = memory is not None and need > MEMORY_SHARE * memory
+    estimate = training_estimate(shape, **common, gradient_checkpointing=checkpointing)
+    other = training_estimate(shape, **common, gradient_checkpointing=not checkpointing, remedies=False)
+    activations = {c.name: c.bytes for c in other.components}["activations"]
+    estimate.notes.append(f"{'without' if checkpointing else 'with'} gradient checkpointing: activations "
+                          f"{format_bytes(activations)}, peak {format_bytes(other.total)}")
+    estimate.notes[:0] = notes
+    return estimate

@@ -8,6 +8,7 @@ where it shows, because nothing of the installed package can mask it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -23,58 +24,22 @@ from .errors import DiffembedError
 
 logger = logging.getLogger(__name__)
 
-# Runs in a fresh interpreter that cannot import diffembed_hf, offline: what a Hub user has after downloading.
-_SCRIPT = r"""
-import json, sys
-sys.modules["diffembed_hf"] = None
-import torch
-from sentence_transformers import SentenceTransformer
-from transformers import AutoModel, AutoTokenizer
+# Runs by path in a fresh isolated interpreter that cannot import diffembed_hf, offline: a Hub user's view.
+_CHECK = Path(__file__).with_name("hub_user_check.py")
+# What the check imports; `python -I` leaves out the user site and PYTHONPATH, so their folders are handed over.
+_LIBRARIES = ("torch", "transformers", "sentence_transformers", "peft")
 
-folder, base, texts, max_length, out = sys.argv[1], sys.argv[2] or None, json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
-max_length = int(max_length) if max_length else None
-device = "cuda" if torch.cuda.is_available() else "cpu"
 
-def fail(message):
-    sys.exit("LOAD FAILED: " + message)
-
-def step(name, run):
-    try:
-        return run()
-    except FloatingPointError as err:  # the model refuses to return a NaN embedding
-        fail(f"{name}: the embeddings are not finite ({err})")
-    except Exception as err:
-        import traceback
-        traceback.print_exc()
-        fail(f"{name} raised {type(err).__name__}: {err}")
-
-def auto_model():
-    model = AutoModel.from_pretrained(base or folder, trust_remote_code=True).to(device).eval()
-    module = type(model).__module__
-    if not module.startswith("transformers_modules"):
-        fail(f"AutoModel built {type(model).__name__} from {module}, not from the folder's remote code")
-    dtype = str(next(model.parameters()).dtype)
-    if base:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(base or folder, trust_remote_code=True)
-    batch = tokenizer(texts, padding=True, truncation=max_length is not None, max_length=max_length,
-                      return_tensors="pt").to(device)
-    with torch.no_grad():
-        return model(**batch).embeddings.float().cpu(), module, dtype
-
-def sentence_transformer():
-    st = SentenceTransformer(base or folder, trust_remote_code=True, device=device)
-    if base:
-        st.load_adapter(folder)
-    return st.encode(texts, convert_to_tensor=True).float().cpu()
-
-auto, module, dtype = step("AutoModel", auto_model)  # one model in memory at a time
-sentence = step("SentenceTransformer", sentence_transformer)
-with open(out, "w") as handle:
-    json.dump({"module": module, "dtype": dtype, "auto_model": auto.tolist(), "sentence_transformer": sentence.tolist()},
-              handle)
-"""
+def _library_paths() -> list[str]:
+    """The sys.path folders this interpreter finds the check's libraries in (none of them imported here)."""
+    paths = []
+    for name in _LIBRARIES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            root = str(Path(next(iter(spec.submodule_search_locations))).parent)
+            if root not in paths:
+                paths.append(root)
+    return paths
 
 
 class HubUserLoadError(DiffembedError):
@@ -104,8 +69,8 @@ def embed_as_hub_user(folder: str | Path, texts: list[str], *, base_model_path: 
         # DIFFEMBED_DEBUG_CHECKS: the model checks ids and vectors on the host here (off in its hot path)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp) / "mods"),
                    DIFFEMBED_DEBUG_CHECKS="1")
-        command = [sys.executable, "-c", _SCRIPT, str(folder), str(base_model_path or ""), json.dumps(texts),
-                   str(max_length or ""), str(out)]
+        command = [sys.executable, "-I", str(_CHECK), str(folder), str(base_model_path or ""), json.dumps(texts),
+                   str(max_length or ""), str(out), json.dumps(_library_paths())]
         # DEBUG: `folder` may be a staging folder whose temporary name means nothing to a user (push names its own)
         logger.debug("Loading %s in a fresh process (AutoModel and SentenceTransformer, offline)", folder)
         try:

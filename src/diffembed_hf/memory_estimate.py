@@ -370,6 +370,18 @@ def resolve_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def available_memory() -> int | None:
+    """Free host memory in bytes (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def device_memory(device: str, given: int | None = None) -> tuple[int | None, str]:
     """(bytes the run may use, where that figure comes from): `given` (--device-memory), else a CUDA device's free
     memory, else the host's available memory (MemAvailable)."""
@@ -381,8 +393,6 @@ def device_memory(device: str, given: int | None = None) -> tuple[int | None, st
         index = torch.device(device).index
         free, total = torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())
         return free, f"free on {device}, of {format_bytes(total)}"
-    from .device_settings import available_memory
-
     available = available_memory()
     return available, "available host memory" if available is not None else "host memory unreadable"
 
@@ -404,51 +414,3 @@ def check_training_fits(estimate: MemoryEstimate, memory: int | None, source: st
     raise MemoryLimitError(
         f"training would need about {format_bytes(estimate.total)} at its peak, more than the "
         f"{format_bytes(memory)} {source} ({when}; `diffembed train --estimate` shows the parts): {advice}")
-
-
-def plan_training(shape: ModelShape, config, *, texts_per_row: int, device: str, world_size: int = 1,
-                  memory: int | None = None, favourable: bool = False) -> MemoryEstimate:
-    """The training estimate for a `TrainingConfig`, its automatic settings (None) counted as `device_settings`
-    will choose them: on CUDA the recipe's (4096 tokens, checkpointing, bf16); on a CPU LoRA on the last third of
-    the layers, bf16 autocast with AMX, and checkpointing where the activations would take more than half of
-    `memory`. A CPU's automatic length comes from the training texts' tokens, unknown before the tokenizer runs:
-    counted at the model's limit (at most 4096), or with `favourable` (the check before loading, which must never
-    refuse a run that fits) at the shortest length it can choose, with checkpointing on."""
-    from .device_settings import CPU_LORA_SHARE, LENGTH_STEP, MEMORY_SHARE, RECIPE_MAX_SEQ_LENGTH, cpu_has_amx
-
-    cuda = device.startswith("cuda")
-    notes = []
-    limit = min(shape.max_position_embeddings or RECIPE_MAX_SEQ_LENGTH, RECIPE_MAX_SEQ_LENGTH)
-    length = config.max_seq_length
-    if length is None:
-        if cuda:
-            length = limit
-        elif favourable:
-            length = LENGTH_STEP
-        else:
-            length = limit
-            notes.append(f"max_seq_length: automatic on a CPU (the training texts' 98% token length, at most "
-                         f"{limit}); counted at {limit}: give --max-seq-length for the run's own figure")
-    bf16 = config.bf16 if config.bf16 is not None else (cuda or cpu_has_amx())
-    lora_layers = config.lora_layers
-    if lora_layers is None and config.lora and not cuda:
-        lora_layers = max(1, math.ceil(shape.num_hidden_layers * CPU_LORA_SHARE))
-    common = dict(batch_size=config.batch_size, texts_per_row=texts_per_row, max_seq_length=length,
-                  lora=config.lora, lora_r=config.lora_r, lora_targets=config.lora_target_modules,
-                  lora_layers=lora_layers, bf16=bf16, device=device, gradcache=config.gradcache_mini_batch_size,
-                  adapter_only=config.adapter_only, world_size=world_size)
-    checkpointing = config.gradient_checkpointing
-    if checkpointing is None:
-        if cuda or favourable:
-            checkpointing = True
-        else:  # device_settings' rule
-            need = activation_bytes(shape, config.batch_size * texts_per_row * length, 2 if bf16 else 4,
-                                    layers=lora_layers if config.lora else None, lora=config.lora, residual_bytes=4)
-            checkpointing = memory is not None and need > MEMORY_SHARE * memory
-    estimate = training_estimate(shape, **common, gradient_checkpointing=checkpointing)
-    other = training_estimate(shape, **common, gradient_checkpointing=not checkpointing, remedies=False)
-    activations = {c.name: c.bytes for c in other.components}["activations"]
-    estimate.notes.append(f"{'without' if checkpointing else 'with'} gradient checkpointing: activations "
-                          f"{format_bytes(activations)}, peak {format_bytes(other.total)}")
-    estimate.notes[:0] = notes
-    return estimate

@@ -34,7 +34,8 @@ from .files import write_text
 from .records import ConversionRecord, GgufSource, HeldoutEvaluation, TrainingRecord
 
 TEMPLATE = "model_card_template.md"  # package data beside this module: front matter, body, citation
-_MARKER = re.compile(r"\n<!-- diffembed-hf generated card, sha256 ([0-9a-f]{16}); edit it and it is kept as yours -->\n?$")
+_MARKER = re.compile(r"\n<!-- diffembed-hf generated card, sha256 ([0-9a-f]{16}); "
+                     r"edit it and it is kept as yours -->\n?$")
 
 DEFAULT_LICENSE = "apache-2.0"
 DEFAULT_LANGUAGE = ("en",)

@@ -29,7 +29,8 @@ DEFAULT_QUERY_PROMPT = "Given a web search query, retrieve relevant passages tha
 # The study's task instructions for the reasoning benchmark (BRIGHT), usable as `prompt_name=...`.
 TASK_PROMPTS = {
     "theoremqa_theorems": "Given a problem, retrieve the relevant theorems that help solve the given problem:\n",
-    "theoremqa_questions": "Given a problem, retrieve the relevant problems that can be solved by the similar theorems:\n",
+    "theoremqa_questions": "Given a problem, retrieve the relevant problems that can be solved by the similar "
+                           "theorems:\n",
     "aops": "Given a problem, retrieve the relevant problems that can be solved by the similar math theorems:\n",
     "leetcode": (
         "Given a coding problem, retrieve the relevant problems that can be solved by the similar algorithms "

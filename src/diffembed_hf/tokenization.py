@@ -179,6 +179,6 @@ def load_dream_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrain
             if _is_valid(tokenizer.backend_tokenizer):
                 return tokenizer
             logger.warning("Rebuilding tokenizer cache %s: unexpected token ids", cache_file)
-        except Exception as err:  # a corrupt cache means "rebuild", never "crash"
+        except Exception as err:  # noqa: BLE001 - a corrupt cache means "rebuild", never "crash"
             logger.warning("Rebuilding unreadable tokenizer cache %s: %s", cache_file, err)
     return _wrap(tokenizer_object=_build_and_cache(ranks_data, cache_file))

@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 
 from . import register_auto_classes
 from .checkpoint import base_reference, model_identity, read_json
-from .corpus.distributed import current
+from .torchrun import torchrun_ranks
 from .data import ColumnMapping, load_training_data
 from .encoding import backbone, check_max_seq_length, load_encoder, set_backbone
 from .errors import ConfigError, NonFiniteLossError, OutputExistsError, TrainingError
@@ -42,7 +42,7 @@ from .evaluation.heldout import evaluate_model
 from .files import check_output_folder, output_lock, staged_folder, write_json
 from .model_card import write_model_card
 from .records import HeldoutEvaluation, TrainingRecord, TrainingRun
-from .device_settings import apply_threads, resolve_device_settings
+from .device_settings import apply_threads, plan_training, resolve_device_settings
 from .sentence_transformer import (DEFAULT_MAX_SEQ_LENGTH, DEFAULT_QUERY_PROMPT, default_prompts, instruction_prompt,
                                    write_sentence_transformer_files)
 
@@ -365,7 +365,7 @@ def auto_matryoshka_dims(width: int) -> list[int]:
 def _make_loss(model: SentenceTransformer, config: TrainingConfig) -> torch.nn.Module:
     # gather_across_devices: under torchrun every rank scores its queries against every rank's documents (in one
     # process there is nothing to gather, and sentence-transformers would warn that it cannot).
-    gather = current().world_size > 1
+    gather = torchrun_ranks().world_size > 1
     if config.gradcache_mini_batch_size:
         loss = CachedMultipleNegativesRankingLoss(model, scale=config.scale, gather_across_devices=gather,
                                                   mini_batch_size=config.gradcache_mini_batch_size)
@@ -462,7 +462,7 @@ def build_trainer(model: SentenceTransformer, train_dataset, config: TrainingCon
     loss = _make_loss(model, config)
     on_cuda = model.device.type == "cuda"
     checkpointing = on_cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
-    distributed = current().world_size > 1
+    distributed = torchrun_ranks().world_size > 1
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
         max_steps=config.max_steps,
@@ -519,16 +519,22 @@ def train(
     """
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
-    ranks = current()  # a stray RANK or WORLD_SIZE (no torchrun) is refused before any work, naming it
+    ranks = torchrun_ranks()  # a stray RANK or WORLD_SIZE (no torchrun) is refused before any work, naming it
     # one run per output: a second `train` into the same OUT (or its checkpoints) is refused, naming this one;
     # taken first, so that the check below still holds when the model is published
     lock = output_lock(output_dir) if ranks.is_main else contextlib.nullcontext()
     with lock:
         # --resume never licenses replacing a folder: the output is only ever written at the end of a run.
         check_output_folder(output_dir, overwrite=overwrite)
-        return _run(model_name_or_path, data, output_dir, config, mapping=mapping, eval_data=eval_data,
-                    overwrite=overwrite, resume=resume, device=device, callbacks=callbacks,
-                    trust_remote_code=trust_remote_code, device_memory=device_memory)
+        # the run sets torch's thread count for itself (device_settings, CPU); the caller's comes back afterwards,
+        # returned or raised, since a library call must not change its process (the CLI's or a notebook's)
+        threads = torch.get_num_threads()
+        try:
+            return _run(model_name_or_path, data, output_dir, config, mapping=mapping, eval_data=eval_data,
+                        overwrite=overwrite, resume=resume, device=device, callbacks=callbacks,
+                        trust_remote_code=trust_remote_code, device_memory=device_memory)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingConfig, *, mapping, eval_data,
@@ -541,14 +547,14 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
     rows = sum(map(len, data_split.train.values())) if isinstance(data_split.train, dict) else len(data_split.train)
     logger.info("Training rows: %d (negatives per row: %d); held-out rows: %d", rows, data_split.negatives_per_row,
                 0 if data_split.eval is None else len(data_split.eval))
-    world = current().world_size
+    world = torchrun_ranks().world_size
     if rows < config.batch_size * world:
         raise TrainingError(f"{data}: {rows} training rows, fewer than one batch of {config.batch_size * world} "
                             "(--batch-size per device x devices); lower --batch-size or add rows")
     checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints"
     resume_from = None
     if resume:
-        resume_from = _last_complete_checkpoint(checkpoints, remove_incomplete=current().is_main)
+        resume_from = _last_complete_checkpoint(checkpoints, remove_incomplete=torchrun_ranks().is_main)
         if resume_from is None:
             logger.warning("--resume: no complete checkpoint in %s; training from the start.", checkpoints)
         else:
@@ -577,7 +583,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
     before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     trainer = build_trainer(model, data_split.train, config, checkpoints, callbacks=callbacks)
     try:
-        if resume_from is None and current().is_main:  # a new run: what --resume will compare
+        if resume_from is None and torchrun_ranks().is_main:  # a new run: what --resume will compare
             checkpoints.mkdir(parents=True, exist_ok=True)
             write_json(checkpoints / RUN_RECORD, record)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -659,8 +665,7 @@ def training_memory(model_name_or_path: str, config: TrainingConfig, per_row: in
                     world: int, device_memory: int | str | None, *, favourable: bool = False):
     """(the training estimate, the memory it is compared with, where that figure comes from), from config.json."""
     from .files import parse_size
-    from .memory_estimate import ModelShape, device_memory as memory_of, plan_training, read_model_config, \
-        resolve_device
+    from .memory_estimate import ModelShape, device_memory as memory_of, read_model_config, resolve_device
 
     device = resolve_device(device)
     memory, source = memory_of(device, None if device_memory is None else parse_size(device_memory))

@@ -229,7 +229,8 @@ def _user_error_cases(base: Path, data: Path, tmp: Path) -> list[tuple[list[str]
         (["train", f"{t}/no-model", d, f"{t}/o1"], 2, "no such folder"),
         (["train", m, d, f"{t}/o1", "--device", "tpu9"], 2, "--device 'tpu9'"),
         (["train", m, d, f"{t}/o1", "--config", f"{t}/config.json"], 2, "lora_rank"),
-        (["train", m, f"{t}/numbers.csv", f"{t}/o1", "--batch-size", "1"], 1, "row 1: the query in column 'query' is not text but a int"),
+        (["train", m, f"{t}/numbers.csv", f"{t}/o1", "--batch-size", "1"], 1,
+         "row 1: the query in column 'query' is not text but a int"),
         (["train", m, d, f"{t}/o1", "--max-steps", "0"], 2, "--max-steps"),
         (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/nowhere/e.npy"], 2, "does not exist"),
         (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/exists.npy"], 2, "exists"),
@@ -271,7 +272,8 @@ def test_user_errors_are_one_line_with_the_documented_status_in_a_fresh_process(
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    argv = [sys.executable, "-m", "diffembed_hf", "encode", "some/model", "-i", "-", "-o", str(tmp_path / "x" / "e.npy")]
+    argv = [sys.executable, "-m", "diffembed_hf", "encode", "some/model", "-i", "-", "-o",
+            str(tmp_path / "x" / "e.npy")]
     with ThreadPoolExecutor(2) as pool:  # two fresh processes side by side: each spends seconds on its imports
         quiet, loud = pool.map(lambda extra: subprocess.run(argv + extra, capture_output=True, text=True, env=ENV,
                                                             stdin=subprocess.DEVNULL), ([], ["--debug"]))
@@ -367,7 +369,8 @@ def _tiny_qwen2_checkpoint(folder: Path) -> None:
 
 def test_the_cli_imports_neither_torch_nor_transformers():
     probe = ("import sys, diffembed_hf, diffembed_hf.cli; from diffembed_hf.cli import build_parser; build_parser(); "
-             "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers', 'numpy') if m in sys.modules))")
+             "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers', 'numpy') "
+             "if m in sys.modules))")
     control_probe = "import sys, diffembed_hf; diffembed_hf.DiffEmbedConfig; print('transformers' in sys.modules)"
     with ThreadPoolExecutor(2) as pool:  # two fresh processes side by side
         result, control = pool.map(lambda code: subprocess.run([sys.executable, "-c", code], capture_output=True,
@@ -469,5 +472,6 @@ def test_convert_and_publish_are_split_by_job_and_keep_their_public_names():
     assert publish.build_model_card is importlib.import_module("diffembed_hf.model_card").build_model_card
     for name in ("ConversionError", "FAMILIES", "parse_size"):
         assert hasattr(convert, name)
-    for name in ("PublishError", "files_to_push", "folder_kind", "prepare_push", "validate_folder", "REMOTE_CODE_FILES"):
+    for name in ("PublishError", "files_to_push", "folder_kind", "prepare_push", "validate_folder",
+                 "REMOTE_CODE_FILES"):
         assert hasattr(publish, name)

@@ -425,7 +425,7 @@ def _appear(args: list[str]) -> int:
 def _rank_1_disk_full(args: list[str]) -> int:
     """Rank 1's first shard cannot be written: the disk is full."""
     from diffembed_hf.cli import main
-    from diffembed_hf.corpus.encode import CorpusJob
+    from diffembed_hf.corpus.job import CorpusJob
 
     compute = CorpusJob.compute
 

@@ -379,8 +379,8 @@ EXPECTED_CONFIG = {  # family -> (attention_bias, attention_output_bias, rope_fp
 def test_output_folder_is_complete(family, sources, converted):
     folder = converted[family]
     files = {p.name for p in folder.iterdir()}
-    assert {"config.json", "configuration_diffembed.py", "modeling_diffembed.py", "model.safetensors", "README.md",
-            "tokenizer.json", "tokenizer_config.json"} <= files
+    assert {"config.json", "configuration_diffembed.py", "modeling_diffembed.py", "attention_kernels.py",
+            "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json"} <= files
     assert "__init__.py" not in files and "model.safetensors.index.json" not in files  # tiny: one shard
     assert not any(name.startswith(("tokenization_", "modeling_dream", "configuration_llada")) for name in files)
     config = json.loads((folder / "config.json").read_text())
@@ -719,7 +719,8 @@ HUB_USER = textwrap.dedent(
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        result = {"automodel": model(**batch).embeddings.tolist(), "module": type(model).__module__}
+        result = {"automodel": model(**batch).embeddings.tolist(), "module": type(model).__module__,
+                  "kernels": [name for name in sys.modules if name.endswith(".attention_kernels")]}
     try:
         from sentence_transformers import SentenceTransformer
         st = SentenceTransformer(folder, trust_remote_code=True, device="cpu")
@@ -740,6 +741,8 @@ def test_fresh_process_loads_converted_folder(family, converted, tmp_path):
                    check=True, env=env, cwd=tmp_path, timeout=300, stdin=subprocess.DEVNULL)
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["module"].startswith("transformers_modules")
+    # the folder's own copy of the second remote-code file ran, beside its model file
+    assert [name.rsplit(".", 1)[0] for name in result["kernels"]] == [result["module"].rsplit(".", 1)[0]]
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     model = DiffEmbedForEmbedding.from_pretrained(folder).eval()
     with torch.no_grad():

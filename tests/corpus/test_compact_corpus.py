@@ -103,7 +103,8 @@ def test_int8_corpus_codes_and_its_ranges_reused_for_queries(folder, source, flo
     _, floats = codes(float_run)
     sample = floats[[i * 500 // 100 for i in range(100)]]  # the evenly spread sample: rows 0, 5, 10, ...
     np.testing.assert_array_equal(ranges.minimum, sample.min(axis=0))
-    assert ranges.rows == 100 and ranges.dim == 64 and ranges.model["model_sha256"] == manifest["settings"]["model_sha256"]
+    assert ranges.rows == 100 and ranges.dim == 64
+    assert ranges.model["model_sha256"] == manifest["settings"]["model_sha256"]
     stored = codes(out)[1]
     assert stored.dtype == np.int8 and stored.shape == (500, 64)
     assert np.array_equal(stored, quantize_embeddings(floats, precision="int8", ranges=ranges.array))

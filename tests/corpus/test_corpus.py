@@ -23,7 +23,8 @@ ROWS = corpus_rows(600, seed=1)
 TEXTS = ["", " ", "短い文", "word " * 200, *(join_title(r["title"], r["text"]) for r in ROWS)]
 
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]  # CI reruns it on the oldest transformers / sentence-transformers
+# CI reruns it on the oldest transformers / sentence-transformers
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.versions]
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +102,8 @@ def test_corpus_folder_is_read_by_pyarrow_and_datasets_and_equals_sentence_trans
     source = write_jsonl(tmp_path / "corpus.jsonl", ROWS)
     out = tmp_path / "out"
     assert run_cli(folder, source, out, "--title-field", "title", "--shard-size", "250", "--prompt-name", "query") == 0
-    assert sorted(p.name for p in out.iterdir()) == [".diffembed-manifest.json", "part-00000.parquet", "part-00001.parquet",
-                                                      "part-00002.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [".diffembed-manifest.json", "part-00000.parquet",
+                                                      "part-00001.parquet", "part-00002.parquet"]
     ids, vectors = read_output(out)
     assert ids == [r["_id"] for r in ROWS]
     expected = peer.encode([join_title(r["title"], r["text"]) for r in ROWS], prompt=DEFAULT_QUERY_PROMPT)

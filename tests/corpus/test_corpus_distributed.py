@@ -72,7 +72,7 @@ def _run_with_hook(mode: dict, args: list[str]):
 
     from diffembed_hf.cli import main
     from diffembed_hf.batching import Encoder
-    from diffembed_hf.corpus.encode import CorpusJob
+    from diffembed_hf.corpus.job import CorpusJob
 
     state = {"shard": None, "batches": 0}
     compute, forward, write_table = CorpusJob.compute, Encoder._forward, parquet.write_table

@@ -27,6 +27,10 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes far more than tiny models need
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# This process runs PyTorch (our bfloat16 forward: oneDNN's thread pool) before it starts vLLM; a worker forked from
+# it inherits that state and dies on its first bfloat16 step ("Worker proc VllmWorker-0 died unexpectedly").
+# A spawned worker starts clean, as it would in a serving process that never ran a model itself.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -31,7 +31,8 @@ def cut(vectors, dim):
 def trec_metrics(scores, qids, dids, qrels):
     """nDCG@10 and recall@10 by pytrec_eval (mteb's scorer, with its tie-breaking) from scores computed here."""
     run = {q: {d: float(scores[i, j]) for j, d in enumerate(dids)} for i, q in enumerate(qids)}
-    evaluator = pytrec_eval.RelevanceEvaluator({q: {d: 1 for d in qrels[q]} for q in qids}, {"ndcg_cut.10", "recall.10"})
+    evaluator = pytrec_eval.RelevanceEvaluator({q: {d: 1 for d in qrels[q]} for q in qids},
+                                               {"ndcg_cut.10", "recall.10"})
     values = evaluator.evaluate(run)
     return {"ndcg_at_10": float(np.mean([v["ndcg_cut_10"] for v in values.values()])),
             "recall_at_10": float(np.mean([v["recall_10"] for v in values.values()]))}
@@ -116,4 +117,5 @@ def test_refusals_and_the_card(models, beir, tmp_path, capsys):
     from diffembed_hf.evaluation.card import card_results
 
     with pytest.raises(EvaluationError, match="compact vectors"):
-        card_results(tmp_path / "b", models[0], strict=True)  # a card states the model's own scores, not those of its binary vectors
+        # a card states the model's own scores, not those of its binary vectors
+        card_results(tmp_path / "b", models[0], strict=True)

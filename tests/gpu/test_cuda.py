@@ -8,7 +8,7 @@ from helpers.models import tiny_config
 from helpers.tensors import make_batch
 
 from diffembed_hf import DiffEmbedForEmbedding
-from diffembed_hf.modeling import modeling_diffembed as mdl
+from diffembed_hf.modeling import attention_kernels as kernels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,8 +36,8 @@ def run(model, attn, ids, mask, **kwargs):
 
 def test_auto_backend_is_a_varlen_kernel_in_bf16():
     model = dream_like()
-    expected = "flash_attn_varlen" if mdl.flash_attn_varlen_func is not None else "torch_varlen"
-    if mdl.flash_attn_4_varlen_func is not None and torch.cuda.get_device_capability() >= (9, 0):
+    expected = "flash_attn_varlen" if kernels.flash_attn_varlen_func is not None else "torch_varlen"
+    if kernels.flash_attn_4_varlen_func is not None and torch.cuda.get_device_capability() >= (9, 0):
         expected = "flash_attn_4"
     assert model.attention_backend == expected
     assert dream_like(torch.float32).attention_backend == "sdpa"

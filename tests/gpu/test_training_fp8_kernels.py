@@ -12,7 +12,7 @@ from helpers.models import tiny_config, tiny_model
 from helpers.tensors import make_batch
 
 from diffembed_hf import DiffEmbedForEmbedding, load_dream_tokenizer
-from diffembed_hf.modeling import modeling_diffembed as mdl
+from diffembed_hf.modeling import attention_kernels as kernels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -21,11 +21,11 @@ DREAM_HEADS = (28, 4, 128)
 
 def installed_kernels():
     names = []
-    if mdl.varlen_attn is not None:
+    if kernels.varlen_attn is not None:
         names.append("torch_varlen")
-    if mdl.flash_attn_varlen_func is not None:
+    if kernels.flash_attn_varlen_func is not None:
         names.append("flash_attn_varlen")
-    if mdl.flash_attn_4_varlen_func is not None and torch.cuda.get_device_capability() >= (9, 0):
+    if kernels.flash_attn_4_varlen_func is not None and torch.cuda.get_device_capability() >= (9, 0):
         names.append("flash_attn_4")
     return names
 
@@ -37,12 +37,12 @@ def test_every_installed_kernel_passes_its_self_check(dtype, causal):
     kernels = installed_kernels()
     assert kernels, "no varlen kernel installed on this GPU machine"
     for name in kernels:
-        assert mdl._working_gqa_mode(name, *DREAM_HEADS, CUDA, dtype, causal) is not None, name
+        assert kernels._working_gqa_mode(name, *DREAM_HEADS, CUDA, dtype, causal) is not None, name
 
 
 def test_self_check_rejects_a_real_kernel_called_wrongly(monkeypatch):
     """torch's own kernel, but told the whole packed batch is one text: its numbers are wrong and it is skipped."""
-    real = mdl.varlen_attn
+    real = kernels.varlen_attn
     if real is None:
         pytest.skip("this torch has no varlen_attn")
 
@@ -50,10 +50,10 @@ def test_self_check_rejects_a_real_kernel_called_wrongly(monkeypatch):
         whole = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
         return real(q, k, v, whole, whole, q.shape[0], q.shape[0], **kwargs)
 
-    monkeypatch.setattr(mdl, "varlen_attn", whole_batch)
-    assert mdl._working_gqa_mode("torch_varlen", *DREAM_HEADS, CUDA, torch.bfloat16) is None
-    monkeypatch.setattr(mdl, "varlen_attn", real)  # control
-    assert mdl._working_gqa_mode("torch_varlen", *DREAM_HEADS, CUDA, torch.bfloat16) is not None
+    monkeypatch.setattr(kernels, "varlen_attn", whole_batch)
+    assert kernels._working_gqa_mode("torch_varlen", *DREAM_HEADS, CUDA, torch.bfloat16) is None
+    monkeypatch.setattr(kernels, "varlen_attn", real)  # control
+    assert kernels._working_gqa_mode("torch_varlen", *DREAM_HEADS, CUDA, torch.bfloat16) is not None
 
 
 def dream_like():
@@ -64,7 +64,7 @@ def dream_like():
         return DiffEmbedForEmbedding._from_config(config, dtype=torch.bfloat16).eval()
 
 
-@pytest.mark.skipif(mdl.flash_attn_4_varlen_func is None, reason="flash-attn-4 is not installed")
+@pytest.mark.skipif(kernels.flash_attn_4_varlen_func is None, reason="flash-attn-4 is not installed")
 def test_flash_attn_4_is_chosen_on_hopper_and_matches_sdpa():
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("FlashAttention-4 needs Hopper or Blackwell")

@@ -16,6 +16,7 @@ from helpers.tensors import make_batch
 from helpers.tensors import reference_varlen as per_segment_sdpa  # a correct varlen kernel: SDPA per text
 
 from diffembed_hf.modeling import modeling_diffembed as mdl
+from diffembed_hf.modeling import attention_kernels as kernels
 
 CPU = torch.device("cpu")
 HEADS = (4, 2, 16)  # q heads, kv heads, head_dim
@@ -76,10 +77,10 @@ def test_probe_accepts_a_correct_kernel_and_rejects_wrong_or_failing_ones(monkey
     verdicts = {}
     for label, attend in [("correct", correct), ("boundaries", ignores_boundaries), ("scale", wrong_scale),
                           ("raises", raises), ("gradient", wrong_gradient)]:
-        monkeypatch.setattr(mdl, "flash_attn_varlen_func", flash_style(attend))
-        with caplog.at_level(logging.INFO, logger=mdl.logger.name):
+        monkeypatch.setattr(kernels, "flash_attn_varlen_func", flash_style(attend))
+        with caplog.at_level(logging.INFO, logger=kernels.logger.name):
             caplog.clear()
-            verdicts[label] = mdl._working_gqa_mode("flash_attn_varlen", *HEADS, CPU, torch.float32, causal)
+            verdicts[label] = kernels._working_gqa_mode("flash_attn_varlen", *HEADS, CPU, torch.float32, causal)
             if label in ("boundaries", "scale", "gradient"):
                 assert "disagrees with SDPA" in caplog.text
             if label == "raises":
@@ -108,16 +109,16 @@ class _SavesForBackward(torch.autograd.Function):
 def test_probe_accepts_a_correct_kernel_when_first_called_under_inference_mode(monkeypatch):
     """Encoding runs under torch.inference_mode(); the probe's own tensors must still be savable for backward,
     or every kernel is rejected (and the verdict cached for the process)."""
-    monkeypatch.setattr(mdl, "flash_attn_varlen_func", flash_style(_SavesForBackward.apply))
+    monkeypatch.setattr(kernels, "flash_attn_varlen_func", flash_style(_SavesForBackward.apply))
     with torch.inference_mode():
-        assert mdl._working_gqa_mode("flash_attn_varlen", *HEADS, CPU, torch.float32) == "native"
+        assert kernels._working_gqa_mode("flash_attn_varlen", *HEADS, CPU, torch.float32) == "native"
 
 
 def test_probe_falls_back_to_repeated_kv_heads_when_native_grouping_is_wrong(monkeypatch):
-    monkeypatch.setattr(mdl, "flash_attn_varlen_func", flash_style(modulo_heads))
-    assert mdl._working_gqa_mode("flash_attn_varlen", *HEADS, CPU, torch.float32) == "repeat"
+    monkeypatch.setattr(kernels, "flash_attn_varlen_func", flash_style(modulo_heads))
+    assert kernels._working_gqa_mode("flash_attn_varlen", *HEADS, CPU, torch.float32) == "repeat"
     # control: without grouped heads the same kernel is right natively
-    assert mdl._working_gqa_mode("flash_attn_varlen", 4, 4, 16, CPU, torch.float32) == "native"
+    assert kernels._working_gqa_mode("flash_attn_varlen", 4, 4, 16, CPU, torch.float32) == "native"
 
 
 def torch_varlen_style(attend):
@@ -141,8 +142,8 @@ def fa4_style(attend, calls=None):
 def test_probe_judges_every_kernel_kind(monkeypatch, name, attr, wrap):
     verdicts = {}
     for label, attend in [("correct", correct), ("boundaries", ignores_boundaries), ("raises", raises)]:
-        monkeypatch.setattr(mdl, attr, wrap(attend))
-        verdicts[label] = mdl._working_gqa_mode(name, *HEADS, CPU, torch.float32)
+        monkeypatch.setattr(kernels, attr, wrap(attend))
+        verdicts[label] = kernels._working_gqa_mode(name, *HEADS, CPU, torch.float32)
     assert verdicts == {"correct": "native", "boundaries": None, "raises": None}
 
 
@@ -153,25 +154,25 @@ def test_probe_tolerance_suits_half_precision():
     cu = torch.tensor([0, 5, 6, 18, 20], dtype=torch.int32)
     exact = per_segment_sdpa(q, k, v, cu, 0.25, False)
     rounded = exact.to(torch.bfloat16).float()
-    error = mdl._token_relative_error(rounded, exact)
-    assert error <= mdl._PROBE_TOLERANCE[torch.bfloat16][0]
-    assert error > mdl._PROBE_TOLERANCE[torch.float32][0]
+    error = kernels._token_relative_error(rounded, exact)
+    assert error <= kernels._PROBE_TOLERANCE[torch.bfloat16][0]
+    assert error > kernels._PROBE_TOLERANCE[torch.float32][0]
     leaked = per_segment_sdpa(q, k, v, torch.tensor([0, 20], dtype=torch.int32), 0.25, False)
-    assert mdl._token_relative_error(leaked, exact) > 5 * mdl._PROBE_TOLERANCE[torch.bfloat16][0]
-    assert mdl._token_relative_error(exact * float("nan"), exact) == float("inf")
+    assert kernels._token_relative_error(leaked, exact) > 5 * kernels._PROBE_TOLERANCE[torch.bfloat16][0]
+    assert kernels._token_relative_error(exact * float("nan"), exact) == float("inf")
 
 
 def test_hardware_gate(monkeypatch):
     cuda = torch.device("cuda")
-    monkeypatch.setattr(mdl, "flash_attn_4_varlen_func", fa4_style(correct))
-    monkeypatch.setattr(mdl, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(kernels, "flash_attn_4_varlen_func", fa4_style(correct))
+    monkeypatch.setattr(kernels, "flash_attn_varlen_func", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert not mdl._kernel_may_run("flash_attn_4", cuda, torch.bfloat16)  # Ampere: FlashAttention-4 not tried
+    assert not kernels._kernel_may_run("flash_attn_4", cuda, torch.bfloat16)  # Ampere: FlashAttention-4 not tried
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert mdl._kernel_may_run("flash_attn_4", cuda, torch.bfloat16)
-    assert not mdl._kernel_may_run("flash_attn_4", cuda, torch.float32)
-    assert not mdl._kernel_may_run("flash_attn_4", CPU, torch.bfloat16)
-    assert not mdl._kernel_may_run("flash_attn_varlen", cuda, torch.bfloat16)  # not installed
+    assert kernels._kernel_may_run("flash_attn_4", cuda, torch.bfloat16)
+    assert not kernels._kernel_may_run("flash_attn_4", cuda, torch.float32)
+    assert not kernels._kernel_may_run("flash_attn_4", CPU, torch.bfloat16)
+    assert not kernels._kernel_may_run("flash_attn_varlen", cuda, torch.bfloat16)  # not installed
 
 
 def test_probe_is_gated_then_cached(monkeypatch):
@@ -181,14 +182,14 @@ def test_probe_is_gated_then_cached(monkeypatch):
         calls.append(1)
         return correct(q, k, v, cu, scale, causal)
 
-    monkeypatch.setattr(mdl, "_kernel_probe_cache", {})
-    monkeypatch.setattr(mdl, "flash_attn_4_varlen_func", fa4_style(counting))
-    assert mdl._probe_kernel("flash_attn_4", CPU, torch.float32, *HEADS) is None  # gate: CPU never runs it
+    monkeypatch.setattr(kernels, "_kernel_probe_cache", {})
+    monkeypatch.setattr(kernels, "flash_attn_4_varlen_func", fa4_style(counting))
+    assert kernels.probe_kernel("flash_attn_4", CPU, torch.float32, *HEADS) is None  # gate: CPU never runs it
     assert calls == []
-    monkeypatch.setattr(mdl, "_kernel_may_run", lambda name, device, dtype: True)
-    monkeypatch.setattr(mdl, "_kernel_probe_cache", {})
-    assert mdl._probe_kernel("flash_attn_4", CPU, torch.float32, *HEADS) == "native"
-    assert mdl._probe_kernel("flash_attn_4", CPU, torch.float32, *HEADS) == "native"
+    monkeypatch.setattr(kernels, "_kernel_may_run", lambda name, device, dtype: True)
+    monkeypatch.setattr(kernels, "_kernel_probe_cache", {})
+    assert kernels.probe_kernel("flash_attn_4", CPU, torch.float32, *HEADS) == "native"
+    assert kernels.probe_kernel("flash_attn_4", CPU, torch.float32, *HEADS) == "native"
     assert len(calls) == 1  # probed once, then cached
 
 
@@ -205,13 +206,13 @@ def test_automatic_choice_order(monkeypatch, working, expected):
         probed.append(name)
         return "native" if name in working else None
 
-    monkeypatch.setattr(mdl, "_probe_kernel", probe)
+    monkeypatch.setattr(kernels, "probe_kernel", probe)
     config = tiny_model().config
     config._attn_implementation = None
-    assert mdl._select_backend(config, torch.device("cuda"), torch.bfloat16) == expected
+    assert kernels.select_backend(config, torch.device("cuda"), torch.bfloat16) == expected
     order = ["flash_attn_4", "flash_attn_varlen", "torch_varlen"]
     assert probed == order[: order.index(expected) + 1] if expected != "sdpa" else probed == order
-    assert mdl._select_backend(config, CPU, torch.float32) == "packed_sdpa"
+    assert kernels.select_backend(config, CPU, torch.float32) == "packed_sdpa"
 
 
 # ---- the FlashAttention-4 call contract -----------------------------------------------------------------
@@ -246,16 +247,16 @@ class FakeFlashAttn4:
 
 
 def force_backend(monkeypatch, backend, gqa_mode):
-    monkeypatch.setattr(mdl, "_select_backend", lambda config, device, dtype: backend)
-    monkeypatch.setattr(mdl, "_probe_kernel", lambda *args: gqa_mode)
+    monkeypatch.setattr(mdl, "select_backend", lambda config, device, dtype: backend)
+    monkeypatch.setattr(mdl, "probe_kernel", lambda *args: gqa_mode)
 
 
 @pytest.mark.parametrize("returns_tuple", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attn_4_gets_its_documented_arguments(monkeypatch, returns_tuple, causal):
     fake = FakeFlashAttn4(returns_tuple)
-    monkeypatch.setattr(mdl, "flash_attn_4_varlen_func", fake)
-    assert mdl._working_gqa_mode("flash_attn_4", *HEADS, CPU, torch.float32, causal) == "native"
+    monkeypatch.setattr(kernels, "flash_attn_4_varlen_func", fake)
+    assert kernels._working_gqa_mode("flash_attn_4", *HEADS, CPU, torch.float32, causal) == "native"
     fake.calls.clear()
     force_backend(monkeypatch, "flash_attn_4", "native")
     model = tiny_model(is_causal=causal)
@@ -273,12 +274,12 @@ def test_flash_attn_4_gets_its_documented_arguments(monkeypatch, returns_tuple, 
 def test_flash_attn_4_path_trains_like_sdpa(monkeypatch):
     """Forward and backward through the packed FlashAttention-4 path give SDPA's gradients."""
     fake = FakeFlashAttn4(returns_tuple=True)
-    monkeypatch.setattr(mdl, "flash_attn_4_varlen_func", fake)
+    monkeypatch.setattr(kernels, "flash_attn_4_varlen_func", fake)
     ids, mask = make_batch([12, 5, 30], "right", seed=3)
     grads = {}
     for attn in ("flash_attn_4", "sdpa"):
-        monkeypatch.setattr(mdl, "_select_backend", lambda config, device, dtype, attn=attn: attn)
-        monkeypatch.setattr(mdl, "_probe_kernel", lambda *args: "native")
+        monkeypatch.setattr(mdl, "select_backend", lambda config, device, dtype, attn=attn: attn)
+        monkeypatch.setattr(mdl, "probe_kernel", lambda *args: "native")
         model = tiny_model().train()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         out = model(input_ids=ids, attention_mask=mask).embeddings
@@ -301,10 +302,10 @@ def test_flash_attn_4_is_imported_from_flash_attn_cute(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", package)
     monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
     name = "diffembed_hf.modeling._fa4_import_check"
-    spec = importlib.util.spec_from_file_location(name, mdl.__file__)
+    spec = importlib.util.spec_from_file_location(name, kernels.__file__)
     copy = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, copy)
     spec.loader.exec_module(copy)
     assert copy.flash_attn_4_varlen_func is fake
     assert copy.flash_attn_varlen_func is None
-    assert mdl.flash_attn_4_varlen_func is None  # the real environment: not installed
+    assert kernels.flash_attn_4_varlen_func is None  # the real environment: not installed

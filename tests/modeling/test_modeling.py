@@ -124,7 +124,8 @@ def test_is_causal_controls_dependence_on_later_tokens(attn):
 
 
 def test_causal_ablation_matches_standard_qwen2():
-    ref = randomize(Qwen2Model(Qwen2Config(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))).eval()
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    ref = randomize(Qwen2Model(Qwen2Config(**TINY, rope_parameters=rope))).eval()
     ours = tiny_model(is_causal=True)
     ours.model.load_state_dict(ref.state_dict())
     ids, mask = make_batch([8, 5, 3], "right")
@@ -182,7 +183,8 @@ REMOTE_SCRIPT = textwrap.dedent(
         out = model(input_ids=batch["ids"], attention_mask=batch["mask"])
     torch.save({"embeddings": out.embeddings, "module": type(model).__module__,
                 "config": type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__module__,
-                "version": transformers.__version__}, out_path)
+                "version": transformers.__version__,
+                "kernels": [name for name in sys.modules if name.endswith(".attention_kernels")]}, out_path)
     """
 )
 
@@ -202,19 +204,22 @@ def test_remote_code_round_trip_in_fresh_process(tmp_path, tiny):
     folder = tmp_path / "checkpoint"
     tiny.save_pretrained(folder)
     files = set(os.listdir(folder))
-    assert {"config.json", "configuration_diffembed.py", "modeling_diffembed.py", "model.safetensors"} <= files
+    assert {"config.json", "configuration_diffembed.py", "modeling_diffembed.py", "attention_kernels.py",
+            "model.safetensors"} <= files
     assert "__init__.py" not in files
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_diffembed.DiffEmbedConfig",
         "AutoModel": "modeling_diffembed.DiffEmbedForEmbedding",
     }
-    for name in ("configuration_diffembed.py", "modeling_diffembed.py"):
+    for name in ("configuration_diffembed.py", "modeling_diffembed.py", "attention_kernels.py"):
         source = (folder / name).read_text()
         assert "diffembed_hf" not in source.replace("`diffembed_hf.modeling`", "")
     ids, mask = make_batch([7, 2, 5], "left")
     result = run_remote_code(folder, ids, mask, tmp_path)
     assert result["module"].startswith("transformers_modules") and result["config"].startswith("transformers_modules")
+    # the kernel choice is a second file beside the model: transformers copied it and imported the folder's copy
+    assert [name.rsplit(".", 1)[0] for name in result["kernels"]] == [result["module"].rsplit(".", 1)[0]]
     assert torch.equal(result["embeddings"], our_states(tiny, ids, mask).embeddings)
 
 
@@ -321,6 +326,6 @@ def test_attn_implementation_is_validated_and_visible(tmp_path, tiny):
         DiffEmbedForEmbedding.from_pretrained(tmp_path, attn_implementation="flex_attention")
     try:
         from flash_attn import flash_attn_varlen_func  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken CUDA build raises OSError/RuntimeError, not only ImportError
         with pytest.raises(ImportError, match="flash-attn"):
             DiffEmbedForEmbedding.from_pretrained(tmp_path, attn_implementation="flash_attention_2")

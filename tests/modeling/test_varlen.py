@@ -9,6 +9,7 @@ from helpers.models import tiny_model
 from helpers.tensors import make_batch, reference_varlen
 
 from diffembed_hf.modeling import modeling_diffembed as mdl
+from diffembed_hf.modeling import attention_kernels as kernels
 
 CASES = {
     "mixed": ([17, 3, 40, 9, 1, 26], "right"),
@@ -68,7 +69,8 @@ def test_already_packed_input_equals_padded(case, attn):
         packed = run(model, attn, flat_ids, None, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                      max_length_q=longest, max_length_k=longest)
         assert packed.last_hidden_state.shape == (1, flat_ids.shape[1], 64)
-        torch.testing.assert_close(packed.last_hidden_state[0], padded.last_hidden_state[mask.bool()], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed.last_hidden_state[0], padded.last_hidden_state[mask.bool()], rtol=1e-5,
+                                   atol=1e-5)
         torch.testing.assert_close(packed.embeddings, padded.embeddings, rtol=1e-5, atol=1e-5)
 
 
@@ -125,14 +127,14 @@ class FakeFlashAttn:
 
 
 def force_backend(monkeypatch, backend, gqa_mode):
-    monkeypatch.setattr(mdl, "_select_backend", lambda config, device, dtype: backend)
-    monkeypatch.setattr(mdl, "_probe_kernel", lambda *args: gqa_mode)
+    monkeypatch.setattr(mdl, "select_backend", lambda config, device, dtype: backend)
+    monkeypatch.setattr(mdl, "probe_kernel", lambda *args: gqa_mode)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attn_call_follows_its_contract(monkeypatch, causal):
     fake = FakeFlashAttn()
-    monkeypatch.setattr(mdl, "flash_attn_varlen_func", fake)
+    monkeypatch.setattr(kernels, "flash_attn_varlen_func", fake)
     force_backend(monkeypatch, "flash_attn_varlen", "native")
     model = tiny_model(is_causal=causal)
     ids, mask = make_batch([17, 3, 40, 1], "left", seed=9)
@@ -175,7 +177,7 @@ def make_fake_torch_varlen(style, calls):
 @pytest.mark.parametrize("causal", [False, True])
 def test_torch_varlen_call_adapts_to_each_signature(monkeypatch, style, gqa_mode, causal):
     calls = []
-    monkeypatch.setattr(mdl, "varlen_attn", make_fake_torch_varlen(style, calls))
+    monkeypatch.setattr(kernels, "varlen_attn", make_fake_torch_varlen(style, calls))
     force_backend(monkeypatch, "torch_varlen", gqa_mode)
     model = tiny_model(is_causal=causal)
     ids, mask = make_batch([12, 5, 30], "right", seed=12)
@@ -188,27 +190,27 @@ def test_torch_varlen_call_adapts_to_each_signature(monkeypatch, style, gqa_mode
 def test_kernel_probe_finds_the_gqa_mode_a_kernel_accepts(monkeypatch):
     """The probe tries native GQA, then enable_gqa, then repeated kv heads; a kernel that always raises is unusable."""
     cpu = torch.device("cpu")
-    monkeypatch.setattr(mdl, "varlen_attn", make_fake_torch_varlen("2.11", []))
-    assert mdl._working_gqa_mode("torch_varlen", 4, 2, 16, cpu, torch.float32) == "repeat"
-    assert mdl._working_gqa_mode("torch_varlen", 4, 4, 16, cpu, torch.float32) == "native"
-    monkeypatch.setattr(mdl, "varlen_attn", make_fake_torch_varlen("2.13", []))
-    assert mdl._working_gqa_mode("torch_varlen", 4, 2, 16, cpu, torch.float32) == "enable_gqa"
-    monkeypatch.setattr(mdl, "flash_attn_varlen_func", FakeFlashAttn())
-    assert mdl._working_gqa_mode("flash_attn_varlen", 4, 2, 16, cpu, torch.float32) == "native"
+    monkeypatch.setattr(kernels, "varlen_attn", make_fake_torch_varlen("2.11", []))
+    assert kernels._working_gqa_mode("torch_varlen", 4, 2, 16, cpu, torch.float32) == "repeat"
+    assert kernels._working_gqa_mode("torch_varlen", 4, 4, 16, cpu, torch.float32) == "native"
+    monkeypatch.setattr(kernels, "varlen_attn", make_fake_torch_varlen("2.13", []))
+    assert kernels._working_gqa_mode("torch_varlen", 4, 2, 16, cpu, torch.float32) == "enable_gqa"
+    monkeypatch.setattr(kernels, "flash_attn_varlen_func", FakeFlashAttn())
+    assert kernels._working_gqa_mode("flash_attn_varlen", 4, 2, 16, cpu, torch.float32) == "native"
 
     def broken(*args, **kwargs):
         raise RuntimeError("look-alike build: varlen not implemented")
 
-    monkeypatch.setattr(mdl, "flash_attn_varlen_func", broken)
-    assert mdl._working_gqa_mode("flash_attn_varlen", 4, 2, 16, cpu, torch.float32) is None
+    monkeypatch.setattr(kernels, "flash_attn_varlen_func", broken)
+    assert kernels._working_gqa_mode("flash_attn_varlen", 4, 2, 16, cpu, torch.float32) is None
     # kernels only run on CUDA in half precision: anything else is refused before any call
-    assert mdl._probe_kernel("torch_varlen", cpu, torch.bfloat16, 4, 2, 16) is None
+    assert kernels.probe_kernel("torch_varlen", cpu, torch.bfloat16, 4, 2, 16) is None
 
 
 def test_signature_inspection_matches_installed_torch():
     """The installed torch's varlen_attn (if any) has one of the signatures the fakes above model."""
-    if mdl.varlen_attn is None:
+    if kernels.varlen_attn is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
-    params = inspect.signature(mdl.varlen_attn).parameters
+    params = inspect.signature(kernels.varlen_attn).parameters
     assert {"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "scale"} <= set(params)
     assert "window_size" in params or "is_causal" in params

@@ -1,4 +1,5 @@
-"""Publishing to the Hub: the real huggingface_hub client against a local Hub-compatible server (tests/helpers/fake_hub.py).
+"""Publishing to the Hub: the real huggingface_hub client against a local Hub-compatible server
+(tests/helpers/fake_hub.py).
 
 Nothing here mocks HfApi: every push goes through huggingface_hub's own HTTP calls to 127.0.0.1, and what the
 server received is compared with the folder and loaded back (in a fresh process that cannot import diffembed_hf).
@@ -49,7 +50,7 @@ TRAINING = {
     "training_time_seconds": 3725.0,
 }
 MODEL_FILES = [
-    "1_Pooling/config.json", "README.md", "config.json", "config_sentence_transformers.json",
+    "1_Pooling/config.json", "README.md", "attention_kernels.py", "config.json", "config_sentence_transformers.json",
     "configuration_diffembed.py", "model.safetensors", "modeling_diffembed.py", "modules.json",
     "sentence_bert_config.json", "tokenizer.json", "tokenizer_config.json",
 ]
@@ -340,7 +341,7 @@ def test_dry_run_validates_and_lists_without_sending(folder, hub, monkeypatch, c
     monkeypatch.delenv("HF_TOKEN")  # a dry run needs no token
     assert cli_main(["push", str(folder), "user/dry", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "Dry run: nothing was sent. 11 files would be pushed to user/dry, validated" in out
+    assert "Dry run: nothing was sent. 12 files would be pushed to user/dry, validated" in out
     assert [line.split()[0] for line in out.splitlines()[1:]] == MODEL_FILES
     assert "README.md  (generated model card)" in out
     assert hub.requests == []
@@ -379,9 +380,9 @@ def test_transformers_push_to_hub_uploads_config_code_and_weights(folder, tokeni
     [commit] = hub.commits
     assert commit.summary == "Upload with transformers" and commit.token == TOKEN
     assert result.stdout.split()[-1] == commit.oid and hub.repos["user/from-transformers"].private
-    assert sorted(commit.files) == ["README.md", "config.json", "configuration_diffembed.py", "model.safetensors",
-                                    "modeling_diffembed.py"]
-    for name in ("configuration_diffembed.py", "modeling_diffembed.py"):
+    assert sorted(commit.files) == ["README.md", "attention_kernels.py", "config.json", "configuration_diffembed.py",
+                                    "model.safetensors", "modeling_diffembed.py"]
+    for name in ("configuration_diffembed.py", "modeling_diffembed.py", "attention_kernels.py"):
         assert commit.files[name] == (folder / name).read_bytes()
     assert "auto_map" in json.loads(commit.files["config.json"])
     from transformers import AutoModel
@@ -520,7 +521,8 @@ def test_the_card_builder_takes_evaluation_results(folder):
     result = EvalResult(task_type="retrieval", dataset_type="mteb/scifact", dataset_name="SciFact",
                         metric_type="ndcg_at_10", metric_value=0.6789)
     card = str(build_model_card(folder, "user/evaluated", eval_results=[result],
-                                extra_sections=["## Evaluation results\n\n| task | nDCG@10 |\n|---|---:|\n| SciFact | 0.6789 |"]))
+                                extra_sections=["## Evaluation results\n\n| task | nDCG@10 |\n|---|---:|\n"
+                                                "| SciFact | 0.6789 |"]))
     metadata = yaml.safe_load(card.split("---\n")[1])
     [entry] = metadata["model-index"]
     assert entry["name"] == "evaluated" and entry["results"][0]["metrics"][0]["value"] == 0.6789

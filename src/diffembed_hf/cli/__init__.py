@@ -1,9 +1,9 @@
 """`diffembed` command line: a thin layer over the library functions, one module per command.
 
-Each command module (`demo`, `train`, `encode`, `evaluate`, `convert`, `export`, `push`, `reasonaug`) has `add_parser`, which
-registers the command and its options next to its handler, and `run(args)`, which calls the library; the
-library makes the decisions (which mode, which options apply) and raises `errors.UsageError` (exit status 2) or
-`errors.DiffembedError` (exit status 1), which `main` prints as one line, `diffembed <cmd>: error: ...`
+Each command module (`demo`, `train`, `encode`, `evaluate`, `convert`, `export`, `push`, `reasonaug`) has
+`add_parser`, which registers the command and its options next to its handler, and `run(args)`, which calls the
+library; the library makes the decisions (which mode, which options apply) and raises `errors.UsageError` (exit
+status 2) or `errors.DiffembedError` (exit status 1), which `main` prints as one line, `diffembed <cmd>: error: ...`
 (`--debug` adds the traceback). Commands import what they need when they run, so `diffembed --help` imports
 neither torch nor transformers.
 """

@@ -40,9 +40,9 @@ def add_parser(commands) -> None:
     compact.add_argument("--precision", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"],
                          help="stored values: int8/uint8 codes (calibration ranges), binary/ubinary packed bits "
                          "(np.packbits, dim / 8 bytes) (default: --dtype)")
-    compact.add_argument("--calibration", metavar="FILE", help="int8/uint8 ranges of this model: a corpus output folder "
-                         "encoded at that precision, its manifest, or a ranges file (file mode: required; corpus "
-                         "mode: default, ranges computed from a sample of the corpus)")
+    compact.add_argument("--calibration", metavar="FILE", help="int8/uint8 ranges of this model: a corpus output "
+                         "folder encoded at that precision, its manifest, or a ranges file (file mode: required; "
+                         "corpus mode: default, ranges computed from a sample of the corpus)")
     enc.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     enc.add_argument("--quantize", choices=["fp8"], help="FP8 linear layers (CUDA, compute capability >= 8.9; "
                      "pip install 'diffembed-hf[fp8]'; default: none)")
@@ -81,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
     calibration = load_calibration(args.calibration) if args.calibration else None
     if is_folder_output(args.output):
         return _corpus(args, calibration)
-    from ..corpus.distributed import current
+    from ..torchrun import torchrun_ranks
     from ..encoding import encode_file
 
-    if current().world_size > 1:  # every rank would embed every text into the same file
+    if torchrun_ranks().world_size > 1:  # every rank would embed every text into the same file
         raise UsageError("file mode (a .npy or .safetensors --output) runs in one process; under torchrun give "
                          "--output a folder (corpus mode), whose shards the ranks share")
 
@@ -103,9 +103,9 @@ def _corpus(args: argparse.Namespace, calibration) -> int:
     """Corpus mode: shards + manifest in a folder, resumable; under torchrun every rank runs this."""
     from ..compact import DEFAULT_CALIBRATION_ROWS
     from ..corpus import DEFAULT_SHARD_SIZE, encode_corpus
-    from ..corpus.distributed import current
+    from ..torchrun import torchrun_ranks
 
-    rank = current().rank  # a stray RANK or WORLD_SIZE is refused here, naming it
+    rank = torchrun_ranks().rank  # a stray RANK or WORLD_SIZE is refused here, naming it
     try:  # the library checks the options before it touches a model or a file
         result = encode_corpus(
             args.model, args.input, args.output, field=args.field or "text", id_field=args.id_field,

@@ -45,7 +45,8 @@ def add_parser(commands) -> None:
     compact.add_argument("--rescore", type=positive_int, metavar="K", help="binary/ubinary: rescore each query's top "
                          "K candidates with the float query (default: no rescoring)")
     compact.add_argument("--calibration", metavar="FILE", help="int8/uint8 ranges of this model: a corpus output "
-                         "folder, its manifest or a ranges JSON (default: computed from a sample of each task's corpus)")
+                         "folder, its manifest or a ranges JSON (default: computed from a sample of each task's "
+                         "corpus)")
     compact.add_argument("--calibration-rows", type=positive_int, default=10_000,
                          help="int8/uint8: corpus rows in the calibration sample")
     ev.set_defaults(func=run)

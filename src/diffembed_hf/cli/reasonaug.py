@@ -34,20 +34,20 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         "(default: OPENAI_BASE_URL, else the hosted OpenAI API with OPENAI_API_KEY)")
     parser.add_argument("--problems-per-concept", type=positive_int, default=8, help="problem requests per concept")
     parser.add_argument("--workers", type=positive_int, default=8, help="requests in flight at once")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="fixes sampling seeds, topics, held-out concepts, "
-                        "negatives and row choices (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="fixes sampling seeds, topics, held-out "
+                        "concepts, negatives and row choices (default: 0)")
     parser.add_argument("--prompts", help="a .yaml / .json file over the default prompts, key by key (default: the "
                         "package's prompts.yaml)")
     parser.add_argument("--temperature", type=temperature, default=1.0, help="sampling temperature of definitions "
                         "and problems (the checker samples at 0)")
     parser.add_argument("--max-tokens", type=positive_int, default=4000, help="max_completion_tokens per answer")
-    parser.add_argument("--answer-retries", type=non_negative_int, default=1, help="times an unusable answer (empty, refused, "
-                        "cut off, without its sections) is asked again with a new seed before it is dropped")
+    parser.add_argument("--answer-retries", type=non_negative_int, default=1, help="times an unusable answer (empty, "
+                        "refused, cut off, without its sections) is asked again with a new seed before it is dropped")
     parser.add_argument("--heldout-fraction", type=fraction, default=0.1, help="share of each domain's concepts held "
                         "out of train.jsonl for the heldout/ BEIR folder")
     parser.add_argument("--timeout", type=positive_float, default=300.0, help="seconds to wait for one answer")
-    parser.add_argument("--max-retries", type=non_negative_int, default=5, help="retries of a request after HTTP 429 / 5xx, a "
-                        "timeout, a failed connection or a body that is not a chat completion")
+    parser.add_argument("--max-retries", type=non_negative_int, default=5, help="retries of a request after HTTP "
+                        "429 / 5xx, a timeout, a failed connection or a body that is not a chat completion")
     parser.add_argument("--batch-file", help="write the pending requests as an OpenAI Batch API input file instead of "
                         "sending them, then stop (default: send them)")
     parser.add_argument("--from-batch-output", help="a Batch API output file: journal its answers first, then go on "

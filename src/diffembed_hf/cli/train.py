@@ -109,13 +109,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace, config, mapping) -> int:
     """`train --estimate`: the peak of a step from config.json and the rows' columns (texts per row)."""
-    from ..corpus.distributed import current
+    from ..torchrun import torchrun_ranks
     from ..data import load_training_data
     from ..train import texts_per_row, training_memory
 
     data_split = load_training_data(args.data, mapping=mapping, group_by_instruction=config.group_by_instruction,
                                     default_prompt=config.query_prompt, seed=config.seed)
     estimate, memory, source = training_memory(args.model, config, texts_per_row(data_split), args.device,
-                                               current().world_size, args.device_memory)
+                                               torchrun_ranks().world_size, args.device_memory)
     print(estimate.table(memory, source))
     return 0

@@ -33,10 +33,11 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, Qwen2Tokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .. import __version__, register_auto_classes
+from .. import __version__, modeling, register_auto_classes
 from ..checkpoint import (
     CONFIG,
     LICENSE_PATTERNS,
+    REMOTE_CODE_FILES,
     TOKENIZER_FILES,
     check_folder,
     check_tokenizer,
@@ -47,7 +48,6 @@ from ..errors import ConversionError, UsageError, one_line
 from ..files import check_parent_writable, output_lock, parse_size, staged_folder, write_json
 from ..model_card import write_model_card
 from ..records import ConversionRecord, GgufSource
-from ..modeling import configuration_diffembed, modeling_diffembed
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..sentence_transformer import write_sentence_transformer_files
 from .gguf import DEFAULT_GGUF_DTYPE, dequantized_checkpoint, find_gguf_file
@@ -281,8 +281,8 @@ def _convert(src: str | Path, out: Path, *, family: Optional[str], overwrite: bo
             _prepare_tokenizer(tokenizer, config)
             tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)
-        for module in (configuration_diffembed, modeling_diffembed):
-            shutil.copyfile(module.__file__, tmp / Path(module.__file__).name)
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(Path(modeling.__file__).parent / name, tmp / name)
         for pattern in LICENSE_PATTERNS:
             for path in folder.glob(pattern):
                 shutil.copyfile(path, tmp / path.name)

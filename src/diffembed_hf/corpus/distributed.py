@@ -1,4 +1,4 @@
-"""Ranks under torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`; also how Slurm and Kubernetes launchers start it).
+"""The corpus job's collectives under torchrun (the ranks themselves: `torchrun.torchrun_ranks`).
 
 Shard k belongs to rank k % WORLD_SIZE. Ranks talk only through torch.distributed's gloo backend (small
 Python objects: the plan from rank 0, the shard list back to it), so the same code runs on CPU-only and GPU
@@ -15,69 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..errors import DiffembedError, UsageError, one_line
+from ..errors import DiffembedError, one_line
+from ..torchrun import Ranks
 
 # A rank that finished its shards waits in a collective for the slowest one; torchrun ends the whole job when a
 # rank dies, so a long timeout only matters for a rank that hangs.
 COLLECTIVE_TIMEOUT = datetime.timedelta(days=2)
 
 
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def owns(self, shard: int) -> bool:
-        return shard % self.world_size == self.rank
-
-
 class OtherRankFailed(DiffembedError):
     """Raised on a rank other than 0 when some rank failed: rank 0 says which and why, this rank stays quiet."""
-
-
-_LAUNCH = "run the command under torchrun (torchrun --nproc-per-node N -m diffembed_hf ...), which sets them"
-
-
-def current() -> Ranks:
-    """This process's place in a torchrun job (one process alone: rank 0 of 1). `RANK`, `WORLD_SIZE` and
-    `LOCAL_RANK` must make sense together, and several ranks need `MASTER_ADDR` and `MASTER_PORT`: a variable
-    left over in the shell would otherwise make this process wait for ranks that never start, or fail inside
-    torch.distributed with a message that does not name it."""
-    env = os.environ
-    values = {}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        text = env.get(name, "").strip()
-        if not text:
-            continue
-        try:
-            values[name] = int(text)
-        except ValueError:
-            raise UsageError(f"the environment variable {name}={env[name]!r} is not an integer; {_LAUNCH}, or "
-                             f"unset {name}") from None
-    rank, world, local = values.get("RANK", 0), values.get("WORLD_SIZE", 1), values.get("LOCAL_RANK", 0)
-    shown = ", ".join(f"{name}={value}" for name, value in values.items())
-    if world < 1 or not 0 <= rank < world or local < 0:
-        unset = " ".join(values)
-        raise UsageError(f"the environment says {shown}, which is not a rank of a torchrun job (RANK runs from 0 "
-                         f"to WORLD_SIZE - 1); {_LAUNCH}, or unset {unset} to run in one process")
-    if world > 1:
-        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name, "").strip()]
-        if missing:
-            raise UsageError(f"the environment says {shown} but {' and '.join(missing)} "
-                             f"{'is' if len(missing) == 1 else 'are'} not set, so the ranks cannot meet; {_LAUNCH}, "
-                             f"or unset {' '.join(values)} to run in one process")
-    return Ranks(rank, world, local)
 
 
 def device_for(ranks: Ranks, requested: str | None) -> str | None:

@@ -19,7 +19,7 @@ import torch
 from .. import __version__
 from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, warn_truncated
 from ..errors import CorpusError, DiffembedError, require_extra
-from .encode import CorpusJob, CorpusResult, load, plan_job
+from .job import CorpusJob, CorpusResult, load, plan_job
 from .read import CorpusSource
 from .shards import ShardInfo, finish_manifest
 

@@ -43,7 +43,8 @@ def build_evaluator(dataset: Dataset, name: str = "held-out", batch_size: int = 
 
 
 def task_evaluator(queries: dict[str, str], corpus: dict[str, str], relevant: dict[str, set[str]],
-                   query_prompt: str = "", name: str = "held-out", batch_size: int = 32) -> InformationRetrievalEvaluator:
+                   query_prompt: str = "", name: str = "held-out",
+                   batch_size: int = 32) -> InformationRetrievalEvaluator:
     """The evaluator of a retrieval task given as ids -> texts. `query_prompt` goes before every query; the default
     empty prompt also stops sentence-transformers 6 from adding the model's stored query prompt on top (anchors of
     held-out rows already carry their instruction)."""

@@ -225,7 +225,7 @@ def _drop_unreadable(work: Path) -> None:
             continue
         try:
             TaskResult.from_disk(path)
-        except Exception:  # a result file cut short when the run was killed: that task runs again
+        except Exception:  # noqa: BLE001 - a result file cut short when the run was killed: that task runs again
             logger.warning("Discarding the unreadable result file %s", path)
             path.unlink()
 
