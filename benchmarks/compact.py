@@ -136,7 +136,7 @@ def shard_sizes(model: str, work: Path, smoke: bool = False) -> list[tuple[str, 
         out = work / f"shards-{precision}"
         encode_corpus(model, source, out, precision=precision, shard_size=1000, device="cpu", overwrite=True,
                       max_seq_length=128, show_progress_bar=False)
-        manifest = read_manifest(out)  # .diffembed-manifest.json since 0.2
+        manifest = read_manifest(out)  # .diffembed-manifest.json
         sizes.append((precision, manifest["bytes_per_vector"], sum(p.stat().st_size for p in out.glob("part-*"))))
     return sizes, len(texts)
 

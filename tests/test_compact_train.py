@@ -13,7 +13,9 @@ from test_compact import ST_VERSION
 from test_train import FAST, base, task  # noqa: F401
 
 from diffembed_hf.cli import main
-from diffembed_hf.train import TRAINING_METADATA, ConfigError, TrainingConfig, _make_loss, auto_matryoshka_dims, train
+from diffembed_hf.train import ConfigError, TrainingConfig, _make_loss, auto_matryoshka_dims, train
+
+TRAINING_RECORD = "diffembed_training.json"  # written by `diffembed train` into the model folder
 
 pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
 
@@ -66,7 +68,7 @@ def test_cli_run_records_the_dims_stores_truncate_dim_and_cards_them(base, task,
             "--full", "--eval-fraction", "0", "--device", "cpu", "--matryoshka-dims", "64,16,32",
             "--truncate-dim", "32"]
     assert main(argv) == 0
-    record = json.loads((out / TRAINING_METADATA).read_text())
+    record = json.loads((out / TRAINING_RECORD).read_text())
     assert record["hyperparameters"]["matryoshka_dims"] == [64, 32, 16]  # sorted, largest first
     assert json.loads((out / "config_sentence_transformers.json").read_text())["truncate_dim"] == 32
     card = (out / "README.md").read_text()
@@ -86,5 +88,5 @@ def test_cli_run_records_the_dims_stores_truncate_dim_and_cards_them(base, task,
 def test_bare_flag_trains_the_auto_dims(base, task, tmp_path):  # noqa: F811
     result = train(base, task[0], tmp_path / "auto", TrainingConfig(max_steps=2, lora=False, eval_fraction=0.0,
                                                                       matryoshka_dims="auto", **FAST))
-    record = json.loads((result.output_dir / TRAINING_METADATA).read_text())
+    record = json.loads((result.output_dir / TRAINING_RECORD).read_text())
     assert record["hyperparameters"]["matryoshka_dims"] == [64]

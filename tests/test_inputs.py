@@ -79,8 +79,8 @@ def beir_contents(root: Path) -> tuple[dict, dict, dict]:
 
 
 def manifest_of(out: Path) -> dict:
-    """The corpus folder's manifest (named `manifest.json` before 0.2, `.diffembed-manifest.json` since)."""
-    path = next(p for p in (out / ".diffembed-manifest.json", out / "manifest.json") if p.is_file())
+    """The corpus folder's manifest."""
+    path = out / ".diffembed-manifest.json"
     return json.loads(path.read_text())
 
 

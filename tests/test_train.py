@@ -16,7 +16,9 @@ import torch
 from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
 from diffembed_hf.data import DataError, load_training_data
 from diffembed_hf.evaluation.heldout import evaluate_bm25
-from diffembed_hf.train import TRAINING_METADATA, TrainingConfig, train
+from diffembed_hf.train import TrainingConfig, train
+
+TRAINING_RECORD = "diffembed_training.json"  # written by `diffembed train` into the model folder
 
 pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
 
@@ -74,8 +76,8 @@ def test_training_lowers_the_loss_and_raises_held_out_ndcg(trained):
 def test_output_is_a_hub_ready_folder_with_training_metadata(trained):
     names = {p.name for p in trained.output_dir.iterdir()}
     assert {"config.json", "modeling_diffembed.py", "model.safetensors", "tokenizer.json", "modules.json",
-            TRAINING_METADATA} <= names
-    metadata = json.loads((trained.output_dir / TRAINING_METADATA).read_text())
+            TRAINING_RECORD} <= names
+    metadata = json.loads((trained.output_dir / TRAINING_RECORD).read_text())
     assert metadata["hyperparameters"]["max_steps"] == 40 and metadata["hyperparameters"]["scale"] == 50.0
     assert metadata["evaluation"]["metrics"] == pytest.approx(trained.metrics_after)
     assert not (trained.output_dir.parent / ".model.checkpoints").exists()  # removed on success
@@ -116,7 +118,7 @@ def test_adapter_only_output(base, task, tmp_path):
     result = train(base, task[0], tmp_path / "adapter",
                    TrainingConfig(max_steps=3, lora=True, adapter_only=True, eval_fraction=0.0, **FAST))
     names = {p.name for p in result.output_dir.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", TRAINING_METADATA} <= names
+    assert {"adapter_config.json", "adapter_model.safetensors", TRAINING_RECORD} <= names
     assert "model.safetensors" not in names
     assert json.loads((result.output_dir / "adapter_config.json").read_text())["r"] == 16
 
@@ -222,7 +224,7 @@ def test_a_model_finished_meanwhile_is_never_replaced_without_overwrite(base, ta
     with pytest.raises(OutputExistsError, match="--overwrite"):
         train(base, task[1], out, config)
     assert other[0].output_dir == out  # the other run finished, and its model is kept
-    assert json.loads((out / TRAINING_METADATA).read_text())["datasets"] == [task[0]]
+    assert json.loads((out / TRAINING_RECORD).read_text())["datasets"] == [task[0]]
 
 
 def test_config_file_rejects_unknown_settings(tmp_path):
@@ -276,7 +278,7 @@ def test_a_run_that_cannot_form_a_batch_fails_and_writes_nothing(base, tmp_path)
 
 
 def test_recorded_numbers_are_what_ran(trained):
-    metadata = json.loads((trained.output_dir / TRAINING_METADATA).read_text())
+    metadata = json.loads((trained.output_dir / TRAINING_RECORD).read_text())
     ran = metadata["training"]
     assert ran["steps"] == trained.steps == 40 and ran["samples"] == 40 * FAST["batch_size"]
     assert ran["epochs"] == pytest.approx(40 / (640 // FAST["batch_size"]))  # 640 rows (held-out rows from a file)
@@ -318,7 +320,7 @@ def test_resume_uses_only_a_complete_checkpoint_and_says_which(base, task, tmp_p
     assert result.resumed_from == str(checkpoints / "checkpoint-2") and result.steps == 4
     assert "Removing" in caplog.text and "checkpoint-4" in caplog.text
     assert f"Resuming from {checkpoints / 'checkpoint-2'}" in caplog.text
-    assert json.loads((out / TRAINING_METADATA).read_text())["training"]["resumed_from_step"] == 2
+    assert json.loads((out / TRAINING_RECORD).read_text())["training"]["resumed_from_step"] == 2
     assert not checkpoints.exists()  # removed on success
 
 
@@ -444,7 +446,7 @@ def test_every_step_trains_and_warm_up_warnings_say_what_happens(base, task, tmp
     with caplog.at_level("WARNING", logger="diffembed_hf.train"):
         one = train(base, task[0], tmp_path / "one",
                     TrainingConfig(max_steps=1, lora=False, eval_fraction=0.0, **quick))
-    ran = json.loads((one.output_dir / TRAINING_METADATA).read_text())["training"]
+    ran = json.loads((one.output_dir / TRAINING_RECORD).read_text())["training"]
     assert ran["warmup_steps"] == 0 and [e["learning_rate"] for e in ran["losses"]] == [pytest.approx(1e-3)]
     before, after = load_file(f"{base}/model.safetensors"), load_file(one.output_dir / "model.safetensors")
     assert any(not torch.equal(before[name], after[name]) for name in before)  # the step trained
@@ -454,7 +456,7 @@ def test_every_step_trains_and_warm_up_warnings_say_what_happens(base, task, tmp
     with caplog.at_level("WARNING", logger="diffembed_hf.train"):
         long = train(base, task[0], tmp_path / "long", TrainingConfig(
             max_steps=4, lora=False, eval_fraction=0.0, **dict(quick, warmup_steps=10**9)))
-    rates = [e["learning_rate"] for e in json.loads((long.output_dir / TRAINING_METADATA).read_text())[
+    rates = [e["learning_rate"] for e in json.loads((long.output_dir / TRAINING_RECORD).read_text())[
         "training"]["losses"]]
     assert len(rates) == 4 and 0 < rates[0] < rates[1] < rates[2] < rates[3] < 1e-3  # asked: all warm-up, all train
     assert ("Warm-up (--warmup-steps 1000000000) is longer than the run's 4 steps: every step trains below the "
@@ -527,7 +529,7 @@ def test_a_matryoshka_models_default_evaluation_goes_on_its_card(tiny_folders, t
     from diffembed_hf.checkpoint import model_identity
     from diffembed_hf.evaluation.card import card_results
     from diffembed_hf.errors import EvaluationError
-    from diffembed_hf.publish import build_model_card
+    from helpers.evaluation import card_with_results
 
     folder = _tiny_base(tiny_folders, tmp_path / "model", seed=0)
     stored = json.loads((folder / "config_sentence_transformers.json").read_text())
@@ -547,7 +549,7 @@ def test_a_matryoshka_models_default_evaluation_goes_on_its_card(tiny_folders, t
         return out
 
     default = results({"truncate_dim": 32, "precision": "float32"})  # what evaluate writes with no option
-    card = build_model_card(folder, "me/matryoshka", evaluation=default)
+    card = card_with_results(folder, "me/matryoshka", default)
     assert "| SciFact | ndcg_at_10 | 43.21 |" in card.text and "first 32 dimensions" in card.text
     binary = results({"truncate_dim": 32, "precision": "binary"})  # evaluate --precision binary
     with pytest.raises(EvaluationError, match=r"only results of compact vectors \(32 dims, binary\), not of the "

@@ -17,7 +17,9 @@ from diffembed_hf.cli import main
 from diffembed_hf.device_settings import resolve_device_settings
 from diffembed_hf.evaluation.run import evaluate
 from diffembed_hf.sentence_transformer import instruction_prompt
-from diffembed_hf.train import TRAINING_METADATA, ConfigError, TrainingConfig, train
+from diffembed_hf.train import ConfigError, TrainingConfig, train
+
+TRAINING_RECORD = "diffembed_training.json"  # written by `diffembed train` into the model folder
 
 pytestmark = pytest.mark.versions  # CI reruns it on the oldest transformers / sentence-transformers
 
@@ -40,7 +42,7 @@ def short_run(base, rows, tmp_path_factory):
     """8 steps with every default that decides warm-up and logging (on main: 100 warm-up steps, logging every 10)."""
     out = tmp_path_factory.mktemp("short") / "model"
     result = train(base, rows, out, TrainingConfig(max_steps=8, max_seq_length=64, **QUICK), device="cpu")
-    return result, json.loads((out / TRAINING_METADATA).read_text())
+    return result, json.loads((out / TRAINING_RECORD).read_text())
 
 
 def test_a_short_run_reaches_its_learning_rate(short_run):
@@ -65,7 +67,7 @@ def test_a_short_run_records_its_losses(short_run):
 def test_warmup_options(base, rows, tmp_path, caplog):
     config = TrainingConfig(max_steps=8, max_seq_length=64, warmup_ratio=0.25, **QUICK)
     train(base, rows, tmp_path / "ratio", config, device="cpu")
-    assert json.loads((tmp_path / "ratio" / TRAINING_METADATA).read_text())["training"]["warmup_steps"] == 2
+    assert json.loads((tmp_path / "ratio" / TRAINING_RECORD).read_text())["training"]["warmup_steps"] == 2
     with caplog.at_level(logging.WARNING, logger="diffembed_hf"):
         train(base, rows, tmp_path / "long", TrainingConfig(max_steps=4, max_seq_length=64, warmup_steps=3, **QUICK),
               device="cpu")
@@ -196,7 +198,7 @@ def test_lora_on_the_last_layers_leaves_the_others_untouched(base, rows, tmp_pat
     assert _layer_changes(base, last.output_dir) == [False, True]  # tiny model: 2 layers
     every = train(base, rows, tmp_path / "every", TrainingConfig(lora_layers=2, **config), device="cpu")
     assert _layer_changes(base, every.output_dir) == [True, True]  # the control: every layer moves
-    record = json.loads((last.output_dir / TRAINING_METADATA).read_text())
+    record = json.loads((last.output_dir / TRAINING_RECORD).read_text())
     assert record["hyperparameters"]["lora_layers"] == 1
     with pytest.raises(ConfigError, match="--lora-layers 3: the model has 2 layers"):
         train(base, rows, tmp_path / "too-many", TrainingConfig(lora_layers=3, **config), device="cpu")
@@ -210,7 +212,7 @@ def test_learning_rate_schedules(base, rows, tmp_path, schedule):
     result = train(base, rows, tmp_path / schedule, TrainingConfig(max_steps=steps, max_seq_length=64, warmup_steps=2,
                                                                    lr_scheduler=schedule, logging_steps=1, **QUICK),
                    device="cpu")
-    record = json.loads((result.output_dir / TRAINING_METADATA).read_text())
+    record = json.loads((result.output_dir / TRAINING_RECORD).read_text())
     rates = [entry["learning_rate"] for entry in record["training"]["losses"]]
     # the warm-up of 2 steps: step k of W at k/(W+1) of the rate (`train.lr_factor`: no step trains at 0)
     assert len(rates) == steps and rates[:2] == [pytest.approx(rate / 3), pytest.approx(2 * rate / 3)]

@@ -328,21 +328,6 @@ def test_the_output_folder_reads_as_a_dataset(folder, tmp_path):
     assert len(data) == 50 and len(data[0]["embedding"]) == 64
 
 
-def test_a_legacy_manifest_is_read_and_replaced(folder, tmp_path):
-    source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(30, seed=7))
-    out = tmp_path / "out"
-    encode_corpus(str(folder), source, out, shard_size=10, device="cpu")
-    (out / ".diffembed-manifest.json").rename(out / "manifest.json")  # as earlier releases named it
-    again = encode_corpus(str(folder), source, out, shard_size=10, device="cpu")
-    assert again.computed == [] and not (out / "manifest.json").exists()
-    assert (out / ".diffembed-manifest.json").is_file()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# One run per output
-# --------------------------------------------------------------------------------------------------------------
-
-
 def test_a_second_run_into_a_locked_output_is_refused_naming_the_holder(folder, tmp_path, capsys):
     source = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(10))
     out = tmp_path / "out"
@@ -426,10 +411,6 @@ def test_file_mode_honours_dtype_and_refuses_corpus_options(folder, tmp_path, ca
         status = cli_main(["encode", str(folder), "-i", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "f.npy"),
                            *option])
         assert status == 2 and option[0] in error_line(capsys) and not (tmp_path / "f.npy").exists()
-    with pytest.raises(SystemExit) as exit_:  # retired: refused with what replaces it
-        cli_main(["encode", str(folder), "-i", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "f.npy"),
-                  "--batch-size", "8"])
-    assert exit_.value.code == 2 and "--max-tokens-per-batch" in capsys.readouterr().err
 
 
 def test_a_length_above_the_models_positions_is_refused_before_any_work(folder, tmp_path, capsys):

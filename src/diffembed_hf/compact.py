@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CalibrationMismatch, CompactError
+from .errors import CalibrationMismatch, CompactError, ModelFilesError
+from .records import CorpusManifest
 
 logger = logging.getLogger(__name__)
 
@@ -247,19 +248,19 @@ def load_calibration(path: str | Path) -> CalibrationRanges:
     """Ranges from a corpus folder or its manifest (written by `diffembed encode --precision int8`), or a JSON
     file of ranges (`CalibrationRanges.to_dict`)."""
     path = Path(path)
-    if path.is_dir():  # a corpus folder: its manifest (the corpus package names it; it imports this module)
-        from .corpus.shards import LEGACY_MANIFEST, MANIFEST
-
-        path = path / (LEGACY_MANIFEST if (path / LEGACY_MANIFEST).is_file() and not (path / MANIFEST).is_file()
-                       else MANIFEST)
+    if path.is_dir():  # a corpus folder: its manifest
+        path = path / CorpusManifest.FILE
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CompactError(f"--calibration {path}: no such file") from None
     except (OSError, ValueError) as err:
         raise CompactError(f"--calibration {path}: not a JSON file ({err})") from None
-    if isinstance(values, dict) and "calibration" in values and values.get("format") != CALIBRATION_FORMAT:
-        values = values["calibration"]  # a corpus manifest
+    if isinstance(values, dict) and values.get("format") == CorpusManifest.FORMAT:
+        try:
+            values = CorpusManifest.from_dict(values, source=path).calibration
+        except ModelFilesError as err:
+            raise CompactError(f"--calibration {err}") from None
         if values is None:
             raise CompactError(f"--calibration {path}: this corpus was not quantized to int8/uint8 (no ranges)")
     return CalibrationRanges.from_dict(values, source=str(path))

@@ -1,10 +1,12 @@
 """The model card of every folder this package writes or pushes: one builder, used by convert, train and push.
 
 The card is assembled from the folder itself (config, weights' headers, prompts) and the records the jobs leave
-in it: `diffembed_conversion.json` (written by `diffembed convert`) and `diffembed_training.json` (written by
-`diffembed train`). It is a list of sections (intro, conversion notes, usage, model details, training,
-evaluation, any `extra_sections`, citation), and `eval_results` (huggingface_hub `EvalResult`s) go into the
-`model-index` metadata, so an evaluation section is added by passing both.
+in it (`records.ConversionRecord`, written by `diffembed convert`, and `records.TrainingRecord`, written by
+`diffembed train`), into the template `model_card_template.md` (front matter, body, citation). The body is a list
+of sections (intro, conversion notes, usage, model details, training, evaluation, any `extra_sections`), and
+`eval_results` (huggingface_hub `EvalResult`s) go into the `model-index` metadata, so an evaluation section is
+added by passing both: `push` reads the stored results of `diffembed evaluate` (`evaluation.card.stored_results`)
+and hands them over that way.
 
 A generated card ends in a marker holding a hash of its text. `is_replaceable_card` tells such a card, unedited
 (or the placeholder template PEFT saves), from a hand-written or hand-edited one; jobs regenerate only the
@@ -18,20 +20,20 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
+from string import Template
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 
 from . import __version__
-from .checkpoint import ADAPTER_CONFIG, CONFIG, CONVERSION_RECORD, EVAL_FOLDER, EVAL_SUMMARY, TRAINING_RECORD
-from .checkpoint import folder_kind as _folder_kind
-from .checkpoint import is_hub_id, read_json, read_json_or_empty, weight_files
-from .errors import PublishError, PublishUsageError
+from .checkpoint import ADAPTER_CONFIG, CONFIG, folder_kind, is_hub_id, read_json, read_json_or_empty, weight_files
+from .errors import PublishError
 from .files import write_text
+from .records import ConversionRecord, GgufSource, HeldoutEvaluation, TrainingRecord
 
-CONVERSION_METADATA = CONVERSION_RECORD  # the names earlier releases exported from here
-TRAINING_METADATA = TRAINING_RECORD
+TEMPLATE = "model_card_template.md"  # package data beside this module: front matter, body, citation
 _MARKER = re.compile(r"\n<!-- diffembed-hf generated card, sha256 ([0-9a-f]{16}); "
                      r"edit it and it is kept as yours -->\n?$")
 
@@ -66,19 +68,27 @@ def _card_metadata(folder: Path) -> dict:
     return (metadata_load(readme) or {}) if readme.is_file() else {}
 
 
-def _lineage_base_model(folder: Path, depth: int = 3) -> str | None:
+def _training_record(folder: Path) -> TrainingRecord | None:
+    return TrainingRecord.read(folder, PublishError)
+
+
+def _conversion_record(folder: Path) -> ConversionRecord | None:
+    return ConversionRecord.read(folder, PublishError)
+
+
+def lineage_base_model(folder: str | Path, depth: int = 3) -> str | None:
     """The Hub id this folder descends from: its training record's base, its adapter's base, or the `base_model`
     of its own card (a converted folder names its source); a local base folder is followed up to `depth` levels."""
-    record = (_json_or_empty(folder / TRAINING_RECORD) or None) or {}
-    adapter = _json_or_empty(folder / ADAPTER_CONFIG)
-    conversion = _json_or_empty(folder / CONVERSION_RECORD)
-    for candidate in (record.get("base_model"), adapter.get("base_model_name_or_path"), conversion.get("hub_id"),
-                      _card_metadata(folder).get("base_model")):
+    folder = Path(folder)
+    trained = (_training_record(folder) or TrainingRecord()).base_model
+    adapter = _json_or_empty(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
+    converted = (_conversion_record(folder) or ConversionRecord()).hub_id
+    for candidate in (trained, adapter, converted, _card_metadata(folder).get("base_model")):
         if is_hub_id(candidate):
             return candidate
-    for candidate in (record.get("base_model"), adapter.get("base_model_name_or_path")):
+    for candidate in (trained, adapter):
         if depth > 0 and isinstance(candidate, str) and Path(candidate).expanduser().is_dir():
-            return _lineage_base_model(Path(candidate).expanduser(), depth - 1)
+            return lineage_base_model(Path(candidate).expanduser(), depth - 1)
     return None
 
 
@@ -124,31 +134,29 @@ def _parameters(folder: Path, weights: list[str]) -> tuple[int, str]:
     return count, "/".join(sorted(dtypes)).lower()
 
 
-def _training_sections(record: dict | None, base_label: str, repo_id: str = "MODEL") -> list[str]:
+def _training_sections(record: TrainingRecord | None, base_label: str, repo_id: str = "MODEL") -> list[str]:
     if record is None:
         return [
             "## Training", "",
-            f"No training record (`{TRAINING_RECORD}`) came with this checkpoint: it has **not been fine-tuned "
+            f"No training record (`{TrainingRecord.FILE}`) came with this checkpoint: it has **not been fine-tuned "
             "with `diffembed train`**. Unless it was trained elsewhere, its weights are those of "
             f"{base_label}, not trained as an embedder; fine-tune it contrastively before relying on its "
             "embeddings.", "",
         ]
     lines = ["## Training", ""]
-    datasets = record.get("datasets") or []
+    datasets = record.datasets
     lines.append(f"Fine-tuned with `diffembed train` (diffembed-hf) from {base_label}"
                  + (f" on {', '.join(_dataset_label(d) for d in datasets)}" if datasets else "")
-                 + (f" in {_duration(record['training_time_seconds'])}" if record.get("training_time_seconds")
-                    else "") + ".")
+                 + (f" in {_duration(record.training_time_seconds)}" if record.training_time_seconds else "") + ".")
     lines.append("")
-    ran = record.get("training") or {}
-    if ran.get("steps"):
-        lines += [f"Ran {ran['steps']:,} optimizer steps ({ran.get('samples', 0):,} training pairs seen, "
-                  f"{_fmt(ran.get('epochs'))} epochs, {ran.get('devices', 1)} device(s))"
-                  + (f"; loss {_fmt(ran['first_loss'])} -> {_fmt(ran['final_loss'])}"
-                     if ran.get("first_loss") is not None else "")
-                  + (f"; resumed from step {ran['resumed_from_step']}" if ran.get("resumed_from_step") else "")
+    ran = record.training
+    if ran is not None and ran.steps:
+        lines += [f"Ran {ran.steps:,} optimizer steps ({ran.samples:,} training pairs seen, "
+                  f"{_fmt(ran.epochs)} epochs, {ran.devices} device(s))"
+                  + (f"; loss {_fmt(ran.first_loss)} -> {_fmt(ran.final_loss)}" if ran.first_loss is not None else "")
+                  + (f"; resumed from step {ran.resumed_from_step}" if ran.resumed_from_step else "")
                   + ".", ""]
-    hyper = record.get("hyperparameters") or {}
+    hyper = record.hyperparameters
     if hyper:
         lines += ["| hyper-parameter | value |", "|---|---|"]
         lines += [f"| {_fmt(name)} | {_fmt(value)} |" for name, value in hyper.items()]
@@ -164,19 +172,22 @@ def _training_sections(record: dict | None, base_label: str, repo_id: str = "MOD
         if hyper.get("truncate_dim"):
             lines += [f"This folder stores `truncate_dim={hyper['truncate_dim']}`: sentence-transformers (>= 5.4) "
                       "returns that many dimensions unless told otherwise.", ""]
-    evaluation = record.get("evaluation")
-    if evaluation and evaluation.get("metrics"):
-        before = evaluation.get("metrics_before_training") or {}
-        lines += ["## Evaluation", "", f"On {_fmt(evaluation.get('split', 'the held-out split'))}:", ""]
-        if before:
-            lines += ["| metric | before training | after training |", "|---|---:|---:|"]
-            lines += [f"| {_fmt(name)} | {_fmt(before[name]) if name in before else '-'} | {_fmt(value)} |"
-                      for name, value in evaluation["metrics"].items()]
-        else:
-            lines += ["| metric | value |", "|---|---:|"]
-            lines += [f"| {_fmt(name)} | {_fmt(value)} |" for name, value in evaluation["metrics"].items()]
-        lines.append("")
+    if record.evaluation is not None and record.evaluation.metrics:
+        lines += _heldout_lines(record.evaluation)
     return lines
+
+
+def _heldout_lines(evaluation: HeldoutEvaluation) -> list[str]:
+    before = evaluation.metrics_before_training or {}
+    lines = ["## Evaluation", "", f"On {_fmt(evaluation.split)}:", ""]
+    if before:
+        lines += ["| metric | before training | after training |", "|---|---:|---:|"]
+        lines += [f"| {_fmt(name)} | {_fmt(before[name]) if name in before else '-'} | {_fmt(value)} |"
+                  for name, value in evaluation.metrics.items()]
+    else:
+        lines += ["| metric | value |", "|---|---:|"]
+        lines += [f"| {_fmt(name)} | {_fmt(value)} |" for name, value in evaluation.metrics.items()]
+    return [*lines, ""]
 
 
 def _usage_model(repo_id: str, query_prompt: str | None, max_length: int) -> list[str]:
@@ -249,50 +260,29 @@ def _usage_adapter(repo_id: str, base: str) -> list[str]:
     ]
 
 
-def _gguf_note(gguf: dict | None) -> str:
+def _gguf_note(gguf: GgufSource | None) -> str:
     """A GGUF source's quantization, said plainly: a dequantized quantized model is not the original model."""
     if not gguf:
         return ""
-    return (f" They were dequantized from the {gguf.get('quantization')}-quantized GGUF file `{gguf.get('file')}` "
-            f"({gguf.get('architecture')}): they carry its quantization error, and are not the original "
+    return (f" They were dequantized from the {gguf.quantization}-quantized GGUF file `{gguf.file}` "
+            f"({gguf.architecture}): they carry its quantization error, and are not the original "
             "full-precision model's weights.")
 
 
-def _conversion_sections(record: dict) -> list[str]:
+def _conversion_sections(record: ConversionRecord) -> list[str]:
     lines = []
-    if record.get("sliding_window") is not None:
-        lines += [f"**Sliding window ignored.** The source was trained with a {record['sliding_window']}-token "
+    if record.sliding_window is not None:
+        lines += [f"**Sliding window ignored.** The source was trained with a {record.sliding_window}-token "
                   "sliding window; this model attends over the whole text, which matches the source only up to that "
                   "length.", ""]
-    if record.get("gguf"):
-        gguf = record["gguf"]
-        lines += [f"**From a quantized GGUF file.** Source `{gguf.get('file')}`, quantization "
-                  f"{gguf.get('quantization')} (tensor types {_fmt(gguf.get('tensor_types'))}), dequantized to "
-                  f"{gguf.get('dequantized_to')} by transformers' GGUF loader.", ""]
-    lines += ["## Conversion", "", "```bash", record.get("command", "diffembed convert"), "```", "",
-              f"Converted with diffembed-hf {record.get('version', __version__)}.", ""]
+    if record.gguf:
+        gguf = record.gguf
+        lines += [f"**From a quantized GGUF file.** Source `{gguf.file}`, quantization {gguf.quantization}"
+                  f" (tensor types {_fmt(gguf.tensor_types)}), dequantized to {gguf.dequantized_to} by "
+                  "transformers' GGUF loader.", ""]
+    lines += ["## Conversion", "", "```bash", record.command, "```", "",
+              f"Converted with diffembed-hf {record.version or __version__}.", ""]
     return lines
-
-
-def stored_evaluation(folder: str | Path, results: str | Path | None = None, *, model: str | Path | None = None):
-    """The results `diffembed evaluate` stored in `results` (default: FOLDER/eval, when it holds any) as a card
-    section and `EvalResult`s (`evaluation.card.CardResults`), or None.
-
-    Only results made by `model` (default: `folder`; the same content digest) count: another model's results in
-    FOLDER/eval are left off with a warning, and `results` given explicitly that are another model's are refused
-    (`PublishUsageError` naming both)."""
-    strict = results is not None
-    if results is None:
-        results = Path(folder) / EVAL_FOLDER
-        if not (results / EVAL_SUMMARY).is_file():
-            return None
-    from .errors import EvaluationError
-    from .evaluation.card import card_results
-
-    try:
-        return card_results(results, model or folder, strict=strict)
-    except EvaluationError as err:
-        raise (PublishUsageError if strict else PublishError)(str(err)) from None
 
 
 def build_model_card(
@@ -304,7 +294,6 @@ def build_model_card(
     language: list[str] | None = None,
     eval_results: list[EvalResult] | None = None,
     extra_sections: Sequence[str] = (),
-    evaluation: str | Path | bool | None = None,
 ) -> ModelCard:
     """The model card of `folder` (published as `repo_id`; default: the folder's name): Hub metadata, pasteable
     usage, model details, conversion notes, training hyper-parameters and what ran, the evaluation table and
@@ -312,23 +301,18 @@ def build_model_card(
 
     `base_model` (a Hub id) defaults to the folder's lineage: its training record, adapter config, conversion
     record or own card. `license` and `language` default to the folder's own card, then apache-2.0 and English.
-    `eval_results` go into the `model-index` metadata and `extra_sections` (markdown) before the citation.
-    The results of `diffembed evaluate` in `evaluation` (default: FOLDER/eval; False: none) add both: a results
-    table beside the study's numbers, and one model-index entry per task, settings and split. Only results this
-    folder's model made are shown (`stored_evaluation`).
+    `eval_results` go into the `model-index` metadata and `extra_sections` (markdown) before the citation: the
+    stored results of `diffembed evaluate` come this way (`evaluation.card.stored_results` reads them; `push`
+    passes its `eval_results` and `lines`).
     """
     folder = Path(folder)
-    stored = None if evaluation is False else stored_evaluation(folder, evaluation)
-    if stored is not None:
-        eval_results = [*(eval_results or []), *stored.eval_results]
-        extra_sections = ["\n".join(stored.lines), *extra_sections]
     repo_id = repo_id or folder.name
-    kind = _folder_kind(folder, PublishError)
+    kind = folder_kind(folder, PublishError)
     own = _card_metadata(folder)
-    conversion = _json_or_empty(folder / CONVERSION_RECORD) or None
-    base_model = base_model or _lineage_base_model(folder) or (conversion or {}).get("hub_id")
-    record = (_json_or_empty(folder / TRAINING_RECORD) or None)
-    hub_datasets = [d for d in (record or {}).get("datasets") or [] if is_hub_id(d)]
+    conversion = _conversion_record(folder)
+    base_model = base_model or lineage_base_model(folder) or (conversion.hub_id if conversion else None)
+    record = _training_record(folder)
+    hub_datasets = [d for d in (record.datasets if record else []) if is_hub_id(d)]
     tags = list(CARD_TAGS) + (["peft", "lora"] if kind == "adapter" else [])
     name = repo_id.split("/")[-1]
     data = ModelCardData(
@@ -367,11 +351,11 @@ def build_model_card(
             "by cosine similarity.", "",
         ]
         if conversion and record is None:
-            source_kind = ("a diffusion language model" if conversion.get("diffusion")
+            source_kind = ("a diffusion language model" if conversion.diffusion
                            else "an autoregressive LLM, now run with bidirectional attention")
             intro += [
-                f"Its weights were converted from `{conversion.get('source')}`: {conversion.get('family_title')}, "
-                f"{conversion.get('dtype')} weights." + _gguf_note(conversion.get("gguf")), "",
+                f"Its weights were converted from `{conversion.source}`: {conversion.family_title}, "
+                f"{conversion.dtype} weights." + _gguf_note(conversion.gguf), "",
                 f"**Not trained as an embedder.** The weights are those of {source_kind}, unchanged (the "
                 "language-model head is dropped). Fine-tune it contrastively, as in the DiffEmbed study, before "
                 "relying on its embeddings.", "",
@@ -399,14 +383,13 @@ def build_model_card(
     if not (conversion and record is None):
         sections.append(_training_sections(record, base_label, repo_id))
     sections += [[section.rstrip("\n"), ""] for section in extra_sections]
-    sections.append([
-        "## Citation", "",
-        "The DiffEmbed study:", "",
-        "```bibtex", CITATION, "```", "",
-        f"Card written by diffembed-hf {__version__}.", "",
-    ])
-    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(line for section in sections for line in section)
+    text = _template().substitute(metadata=data.to_yaml(), citation=CITATION, version=__version__,
+                                  body="\n".join(line for section in sections for line in section))
     return ModelCard(mark_generated(text))
+
+
+def _template() -> Template:
+    return Template(resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8"))
 
 
 def _digest(text: str) -> str:

@@ -33,7 +33,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from transformers import TrainerCallback
 
 from . import register_auto_classes
-from .checkpoint import TRAINING_RECORD, ModelFolder, as_model_folder, base_reference, model_identity, read_json
+from .checkpoint import ModelFolder, as_model_folder, base_reference, model_identity, read_json
 from .torchrun import torchrun_ranks
 from .data import ColumnMapping, load_training_data
 from .encoding import backbone, check_max_seq_length, load_encoder, set_backbone
@@ -41,6 +41,7 @@ from .errors import ConfigError, NonFiniteLossError, OutputExistsError, Training
 from .evaluation.heldout import evaluate_model
 from .files import check_output_folder, output_lock, staged_folder, write_json
 from .model_card import write_model_card
+from .records import HeldoutEvaluation, TrainingRecord, TrainingRun
 from .device_settings import apply_threads, plan_training, resolve_device_settings
 from .sentence_transformer import (DEFAULT_MAX_SEQ_LENGTH, DEFAULT_QUERY_PROMPT, default_prompts, instruction_prompt,
                                    write_sentence_transformer_files)
@@ -64,7 +65,6 @@ logger = logging.getLogger(__name__)
 register_auto_classes()
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TRAINING_METADATA = TRAINING_RECORD  # the name earlier releases exported from here
 CHECKPOINT_COMPLETE = "diffembed_checkpoint_complete"  # written into a checkpoint folder once it is whole
 RUN_RECORD = "diffembed_run.json"  # in the checkpoints folder: what the run is, for --resume to compare
 # the learning-rate schedules after warm-up, by transformers' names (constant: "constant_with_warmup")
@@ -432,7 +432,7 @@ def _merge_adapter(model: SentenceTransformer, source: str | ModelFolder, revisi
     return merged
 
 
-def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, metadata: dict,
+def _write_output(model: SentenceTransformer, output_dir: Path, config: TrainingConfig, record: TrainingRecord,
                   base: tuple[str, str | None], overwrite: bool) -> None:
     """Write the finished model (with its model card) and publish it whole; an existing `output_dir`
     (overwrite=True) is replaced only then. An adapter names its `base` (`checkpoint.base_reference`) as PEFT
@@ -448,7 +448,7 @@ def _write_output(model: SentenceTransformer, output_dir: Path, config: Training
             prompts = {**default_prompts(), "query": config.query_prompt}
             write_sentence_transformer_files(staging, max_seq_length=config.saved_max_seq_length, prompts=prompts,
                                              truncate_dim=config.truncate_dim)
-        write_json(staging / TRAINING_RECORD, metadata)
+        write_json(staging / TrainingRecord.FILE, record.to_dict())
         write_model_card(staging, repo_id=output_dir.name)  # the folder's final name, not the staging one
 
 
@@ -619,30 +619,28 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
     after = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     seconds = time.perf_counter() - start
     if trainer.is_world_process_zero():
-        metadata = {
-            "base_model": base[0], "base_model_revision": base[1],
-            "datasets": [data] + ([eval_data] if eval_data else []),
-            "hyperparameters": dataclasses.asdict(config),
-            # what ran, not what was asked for: steps, epochs over the rows, samples seen, first and last logged loss
-            "training": {
-                "steps": steps, "epochs": round(trainer.state.epoch or 0.0, 4),
-                "samples": steps * config.batch_size * world, "devices": world,
-                "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-                "losses": [{"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
-                           for entry in trainer.state.log_history if "loss" in entry],
-                "peak_learning_rate": max((entry.get("learning_rate") or 0.0 for entry in trainer.state.log_history),
-                                          default=None),
-                "warmup_steps": trainer.args.warmup_steps, "device_settings": settings_record,
-                "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
-            },
-            "evaluation": None if after is None else {
-                "split": eval_data or f"held-out {config.eval_fraction:.0%} of {data}",
-                "max_seq_length": config.max_seq_length,
-                "metrics": after, "metrics_before_training": before,
-            },
-            "training_time_seconds": round(seconds, 1),
-        }
-        _write_output(model, output_dir, config, metadata, base, overwrite)
+        trained = TrainingRecord(
+            base_model=base[0], base_model_revision=base[1],
+            datasets=[data] + ([eval_data] if eval_data else []),
+            hyperparameters=dataclasses.asdict(config),
+            training=TrainingRun(
+                steps=steps, epochs=round(trainer.state.epoch or 0.0, 4),
+                samples=steps * config.batch_size * world, devices=world,
+                first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+                losses=[{"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
+                        for entry in trainer.state.log_history if "loss" in entry],
+                peak_learning_rate=max((entry.get("learning_rate") or 0.0 for entry in trainer.state.log_history),
+                                       default=None),
+                warmup_steps=trainer.args.warmup_steps, device_settings=settings_record,
+                resumed_from_step=int(resume_from.name.split("-")[-1]) if resume_from else None,
+            ),
+            evaluation=None if after is None else HeldoutEvaluation(
+                split=eval_data or f"held-out {config.eval_fraction:.0%} of {data}",
+                max_seq_length=config.max_seq_length, metrics=after, metrics_before_training=before,
+            ),
+            training_time_seconds=round(seconds, 1),
+        )
+        _write_output(model, output_dir, config, trained, base, overwrite)
         shutil.rmtree(checkpoints, ignore_errors=True)
     logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
     return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None,

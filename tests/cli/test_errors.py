@@ -293,7 +293,7 @@ def test_a_corrupt_manifest_is_replaced_by_the_overwrite_its_message_suggests(mo
     out = tmp_path / "corpus"
     args = ["encode", model, "-i", inputs / "corpus.jsonl", "-o", f"{out}/", "--shard-size", "5", "--device", "cpu"]
     assert in_process(*args, capsys=capsys).returncode == 0
-    manifest = next(p for p in (out / ".diffembed-manifest.json", out / "manifest.json") if p.is_file())
+    manifest = out / ".diffembed-manifest.json"
     manifest.write_text('{"format": "diffembed-corpus-embeddings/1", "complete": tr')
     refused = cli(*args)
     line = assert_one_error_line(refused, "diffembed encode", (1, 2), manifest.name, "--overwrite")

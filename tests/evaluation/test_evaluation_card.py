@@ -4,13 +4,14 @@ reproducing the demo's own held-out numbers."""
 import json
 
 import pytest
-from helpers.evaluation import stored_scores
+from helpers.evaluation import card_with_results, stored_scores
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
 from diffembed_hf.cli import main
 from diffembed_hf.demo import run_demo
-from diffembed_hf.publish import PublishError, build_model_card, prepare_push
+from diffembed_hf.errors import EvaluationError
+from diffembed_hf.publish import prepare_push
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def write_results(folder, model, summary, tasks):
 def test_model_card_lists_every_task_and_passes_huggingface_hub_validation(demo, tmp_path, capsys):
     # stored results of a real run, into MODEL/eval where push looks by default
     stdlib_scores(demo.folder, demo.folder / "eval", capsys)
-    card = build_model_card(demo.folder, "me/diffembed-demo")
+    card = card_with_results(demo.folder, "me/diffembed-demo")
     stored = stored_scores(demo.folder / "eval", "StdlibHeldOutRetrieval")
     parsed = ModelCard(str(card))  # huggingface_hub parses and validates the metadata (eval_results need a name)
     [result] = parsed.data.eval_results
@@ -81,7 +82,7 @@ def test_model_card_lists_every_task_and_passes_huggingface_hub_validation(demo,
                   "splits": ["test"], "subsets": ["en-en"]},
     }
     other = write_results(tmp_path / "suite-results", demo.folder, summary, tasks)
-    card = build_model_card(demo.folder, "me/diffembed-demo", evaluation=other)
+    card = card_with_results(demo.folder, "me/diffembed-demo", other)
     results = ModelCard(str(card)).data.eval_results
     got = {(r.dataset_name, r.dataset_split, r.dataset_config): (r.task_type, r.dataset_type, r.metric_type,
                                                                   r.metric_value, r.dataset_revision) for r in results}
@@ -103,8 +104,8 @@ def test_model_card_lists_every_task_and_passes_huggingface_hub_validation(demo,
     assert "| LEMBPasskeyRetrieval | Acc@1 >4k | 0.00 | 29.30 |" in card.text
     assert "| STS17 | cosine_spearman | 80.00 | 87.83 |" in card.text
 
-    with pytest.raises(PublishError, match="no readable evaluation results"):
-        build_model_card(demo.folder, "me/diffembed-demo", evaluation=tmp_path / "nothing-here")
+    with pytest.raises(EvaluationError, match="no readable evaluation results"):
+        card_with_results(demo.folder, "me/diffembed-demo", tmp_path / "nothing-here")
 
     # push's --eval-results DIR puts those results on the card it stages for upload (and --dry-run lists it)
     with prepare_push(demo.folder, "me/diffembed-demo", validate=False, eval_results=other) as plan:

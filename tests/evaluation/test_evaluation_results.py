@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset
-from helpers.evaluation import write_beir
+from helpers.evaluation import card_with_results, write_beir
 from helpers.processes import clean_env
 from huggingface_hub import ModelCard
 
@@ -25,7 +25,6 @@ from diffembed_hf.data import resolve_columns, to_training_rows
 from diffembed_hf.evaluation import encoder as encoder_module
 from diffembed_hf.evaluation.heldout import retrieval_task
 from diffembed_hf.evaluation.run import evaluate
-from diffembed_hf.model_card import build_model_card
 
 REAL_EMBED = encoder_module._embed
 
@@ -211,7 +210,7 @@ def test_summary_keeps_every_settings_group_of_the_model(models, sets, tmp_path,
         results)
 
     # the card lists all three, each with its settings; the model-index keeps them apart
-    card = build_model_card(models[0], "me/a", evaluation=out)
+    card = card_with_results(models[0], "me/a", out)
     assert "| task | settings | metric | this model | study |" in card.text
     assert f"| Locala | 64 tokens, query prompt '' | ndcg_at_10 | {100 * scores[1]:.2f} |  |" in card.text
     assert (f"| Locala | 16 tokens, query prompt 'Given a web search query, … | ndcg_at_10 | {100 * scores[2]:.2f} |  |"
@@ -230,12 +229,12 @@ def test_a_card_shows_only_its_own_models_results(models, sets, tmp_path, capsys
     assert main(["evaluate", str(model_a), "--data", a, "--output", str(b_eval)]) == 0
     capsys.readouterr()
 
-    card = build_model_card(model_b, "me/b")
+    card = card_with_results(model_b, "me/b")
     assert "Benchmark results" not in card.text and not ModelCard(str(card)).data.eval_results
     assert f"{b_eval} holds the results of {model_a} " in caplog.text
     assert f"left off the card of {model_b}" in caplog.text
     # A's card with those results given explicitly shows them (control: the results themselves are fine)
-    assert "| Locala | ndcg_at_10 |" in build_model_card(model_a, "me/a", evaluation=b_eval).text
+    assert "| Locala | ndcg_at_10 |" in card_with_results(model_a, "me/a", b_eval).text
 
     # push B with A's results is refused, naming both
     code = main(["push", str(model_b), "me/b", "--dry-run", "--skip-validation", "--eval-results", str(b_eval)])
@@ -247,7 +246,7 @@ def test_a_card_shows_only_its_own_models_results(models, sets, tmp_path, capsys
     assert f"holds the results of {model_a} " in err and "--overwrite" in err
     assert main(["evaluate", str(model_b), "--data", a, "--output", str(b_eval), "--overwrite"]) == 0
     own = json.loads((b_eval / "summary.json").read_text())["results"][0]["scores"]["main_score"]
-    assert f"| Locala | ndcg_at_10 | {100 * own:.2f} |" in build_model_card(model_b, "me/b").text
+    assert f"| Locala | ndcg_at_10 | {100 * own:.2f} |" in card_with_results(model_b, "me/b").text
 
 
 def test_a_models_identity_covers_what_changes_its_vectors_and_nothing_else(models, sets, tmp_path, monkeypatch,
@@ -269,7 +268,7 @@ def test_a_models_identity_covers_what_changes_its_vectors_and_nothing_else(mode
     assert recorder.calls == []  # nothing recomputed: the folder is the model that made the results
     recorded = first["model"]
     assert json.loads((model / "eval" / "summary.json").read_text())["model"] == recorded
-    assert "Benchmark results" in build_model_card(model, "me/model").text
+    assert "Benchmark results" in card_with_results(model, "me/model").text
     capsys.readouterr()
 
     from diffembed_hf.checkpoint import model_identity
@@ -281,7 +280,7 @@ def test_a_models_identity_covers_what_changes_its_vectors_and_nothing_else(mode
     config = json.loads(original)
     tokenizer_config.write_text(json.dumps({**config, "model_max_length": 77}))
     assert model_identity(model).sha256 != recorded["model_sha256"]
-    assert "Benchmark results" not in build_model_card(model, "me/model").text
+    assert "Benchmark results" not in card_with_results(model, "me/model").text
     err = error_of(capsys, ["evaluate", str(model), "--data", a, "--output", str(model / "eval")])
     assert "holds the results of" in err and recorded["model_sha256"][:12] in err
     tokenizer_config.write_bytes(original)
@@ -321,7 +320,7 @@ def test_a_damaged_or_old_summary_is_refused_and_overwrite_replaces_it(models, s
     # summary.json as diffembed-hf wrote it before results named their model: whose results these are is unknown
     (out / "summary.json").write_text(json.dumps({"Locala": {"main_score": 0.9, "metric": "ndcg_at_10"}}))
     (out / "run.json").write_text(json.dumps({"mteb_version": "2.26.24", "max_seq_length": 64, "tasks": {}}))
-    assert "Benchmark results" not in build_model_card(model, "me/model").text
+    assert "Benchmark results" not in card_with_results(model, "me/model").text
     assert "unidentified model" in caplog.text
     err = error_of(capsys, ["evaluate", str(model), "--data", a, "--output", str(out)])
     assert "unidentified model" in err and "--overwrite" in err

@@ -35,3 +35,14 @@ def stored_scores(output: str | Path, task: str) -> dict:
     """The scores of the one result of `task` in summary.json."""
     [scores] = [r["scores"] for r in stored_results(output) if r["task"] == task]
     return scores
+
+
+def card_with_results(folder: str | Path, repo_id: str, results: str | Path | None = None):
+    """The card `push` generates for `folder`: the stored results of `diffembed evaluate` in `results` (default:
+    FOLDER/eval) read by the evaluation wing and handed to the card builder."""
+    from diffembed_hf.evaluation.card import stored_results
+    from diffembed_hf.model_card import build_model_card
+
+    stored = stored_results(folder, results)
+    return build_model_card(folder, repo_id, eval_results=stored.eval_results if stored else None,
+                            extra_sections=["\n".join(stored.lines)] if stored else ())

@@ -14,14 +14,6 @@ from .common import (add_estimate_options, add_trust_option, check_device, check
                      print_inference_estimate)
 
 
-class _Retired(argparse.Action):
-    """An option an earlier release had: refused with what replaces it (never silently ignored)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} was replaced by --max-tokens-per-batch: batches are filled up to a token "
-                     "budget (both modes run the same packed encoder)")
-
-
 def add_parser(commands) -> None:
     enc = commands.add_parser("encode", help="embed texts from a file or stdin into a .npy or .safetensors file, or a "
                               "corpus into a folder of parquet shards (resumable; torchrun and Ray)")
@@ -38,7 +30,6 @@ def add_parser(commands) -> None:
     enc.add_argument("--prompt-name", help="a prompt stored with the model, e.g. query (default: none)")
     enc.add_argument("--max-tokens-per-batch", type=positive_int, default=16384,
                      help="real tokens per forward pass (length-sorted, no padding)")
-    enc.add_argument("--batch-size", action=_Retired, help=argparse.SUPPRESS)
     enc.add_argument("--max-seq-length", type=positive_int,
                      help="override the model's maximum length in tokens (default: the model's)")
     enc.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored embedding type "

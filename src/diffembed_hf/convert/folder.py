@@ -36,7 +36,6 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from .. import __version__, modeling, register_auto_classes
 from ..checkpoint import (
     CONFIG,
-    CONVERSION_RECORD,
     LICENSE_PATTERNS,
     REMOTE_CODE_FILES,
     TOKENIZER_FILES,
@@ -48,6 +47,7 @@ from ..checkpoint import (
 from ..errors import ConversionError, UsageError, one_line
 from ..files import check_parent_writable, output_lock, parse_size, staged_folder, write_json
 from ..model_card import write_model_card
+from ..records import ConversionRecord, GgufSource
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..sentence_transformer import write_sentence_transformer_files
 from .gguf import DEFAULT_GGUF_DTYPE, dequantized_checkpoint, find_gguf_file
@@ -296,11 +296,12 @@ def _convert(src: str | Path, out: Path, *, family: Optional[str], overwrite: bo
         command = " ".join(["diffembed convert", shown_source, out.name] + [
             flag if value is True else f"{flag} {value}" for flag, value in options.items() if value
         ])
-        record = {"source": hub_id or shown_source, "hub_id": hub_id, "family": fam.name, "family_title": fam.title,
-                  "diffusion": fam.diffusion, "dtype": str(weights_dtype).removeprefix("torch."),
-                  "command": command, "sliding_window": window, "version": __version__,
-                  **({"gguf": provenance["gguf"]} if "gguf" in provenance else {})}
-        write_json(tmp / CONVERSION_RECORD, record)
+        record = ConversionRecord(
+            source=hub_id or shown_source, hub_id=hub_id, family=fam.name, family_title=fam.title,
+            diffusion=fam.diffusion, dtype=str(weights_dtype).removeprefix("torch."), command=command,
+            sliding_window=window, version=__version__,
+            gguf=GgufSource(**provenance["gguf"]) if "gguf" in provenance else None)
+        write_json(tmp / ConversionRecord.FILE, record.to_dict())
         write_model_card(tmp, repo_id=out.name, base_model=hub_id)
     logger.info("Wrote %s", out)
     return out

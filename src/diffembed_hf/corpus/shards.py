@@ -7,7 +7,7 @@ The `embedding` column's type follows the precision (`compact`): float32 or floa
 
 The manifest's name starts with a dot so that the readers users point at the folder (`pyarrow.parquet.
 read_table(DIR)`, `pandas.read_parquet(DIR)`, `datasets.load_dataset("parquet", data_dir=DIR)`) skip it, as
-they skip hidden files; a `manifest.json` left by an earlier release is read and replaced.
+they skip hidden files. The manifest's fields and their order are `records.CorpusManifest`'s.
 
 A shard is written to a hidden temporary file and renamed into place, so a file under a final name is always
 complete, with parquet page checksums. Each shard carries in its parquet metadata the digest of the run's
@@ -31,12 +31,12 @@ import numpy as np
 from ..checkpoint import file_sha256
 from ..errors import CorpusError
 from ..files import staged_file, write_json
+from ..records import CorpusManifest
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = ".diffembed-manifest.json"
-LEGACY_MANIFEST = "manifest.json"  # releases before 0.2 named it so; readers of the folder tripped on it
-FORMAT = "diffembed-corpus-embeddings/1"
+MANIFEST = CorpusManifest.FILE
+FORMAT = CorpusManifest.FORMAT
 _META_KEY = b"diffembed"
 DTYPES = ("float32", "float16")  # --dtype; --precision (compact.PRECISIONS) also takes the compact types
 
@@ -126,47 +126,29 @@ def verify_shard(folder: Path, index: int, stamp: dict, rows: int, known_sha256:
 
 
 def read_manifest(folder: Path) -> dict | None:
-    for name in (MANIFEST, LEGACY_MANIFEST):
-        path = folder / name
-        if path.is_file():
-            try:
-                manifest = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise CorpusError(f"{path} is not valid JSON ({err}); pass --overwrite to replace the folder's "
-                                  "embeddings") from err
-            if name == LEGACY_MANIFEST and (not isinstance(manifest, dict) or manifest.get("format") != FORMAT):
-                return None  # a user's own manifest.json: not ours, never read as one
-            return manifest if isinstance(manifest, dict) else {}
-    return None
-
-
-def write_manifest(folder: Path, manifest: dict) -> None:
-    write_json(folder / MANIFEST, manifest)
-    if (folder / LEGACY_MANIFEST).is_file():
-        legacy = read_manifest_file(folder / LEGACY_MANIFEST)
-        if legacy is not None and legacy.get("format") == FORMAT:
-            (folder / LEGACY_MANIFEST).unlink()
-
-
-def read_manifest_file(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    path = folder / MANIFEST
+    if not path.is_file():
         return None
-    return data if isinstance(data, dict) else None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorpusError(f"{path} is not valid JSON ({err}); pass --overwrite to replace the folder's "
+                          "embeddings") from err
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def write_manifest(folder: Path, manifest: CorpusManifest) -> None:
+    write_json(folder / MANIFEST, manifest.to_dict())
 
 
 def _temporary(path: Path) -> bool:
     """A file a killed run of ours left: a shard or a manifest being written."""
-    name = path.name
-    return name.startswith((".part-", f".{MANIFEST}.", f".{LEGACY_MANIFEST}."))
+    return path.name.startswith((".part-", f".{MANIFEST}."))
 
 
 def _ours(path: Path) -> bool:
     name = path.name
-    legacy = name == LEGACY_MANIFEST and (read_manifest_file(path) or {}).get("format") == FORMAT
-    return (name == MANIFEST or legacy or (name.startswith("part-") and name.endswith(".parquet"))
-            or _temporary(path))
+    return name == MANIFEST or (name.startswith("part-") and name.endswith(".parquet")) or _temporary(path)
 
 
 def _refuse_other_settings(folder: Path, previous: dict, settings: dict) -> None:
@@ -234,10 +216,8 @@ def prepare_folder(folder: Path, settings: dict, *, overwrite: bool, extra: dict
     for path in entries:  # temporary files of a killed run
         if path.exists() and _temporary(path):
             path.unlink()
-    opening = {"format": FORMAT, "complete": False, **(extra or {}), "settings": settings}
-    if known:
-        opening["shards"] = [{"file": shard_name(k), "sha256": v} for k, v in sorted(known.items())]
-    write_manifest(folder, opening)
+    shards = [{"file": shard_name(k), "sha256": v} for k, v in sorted(known.items())]
+    write_manifest(folder, CorpusManifest(settings, complete=False, shards=shards or None, vectors=dict(extra or {})))
     return known
 
 
@@ -249,16 +229,9 @@ def _show(value) -> str:
 def finish_manifest(folder: Path, settings: dict, shards: list[ShardInfo], *, skipped: int, skipped_examples: list[str],
                     extra: dict) -> dict:
     shards = sorted(shards, key=lambda s: s.index)
-    manifest = {
-        "format": FORMAT,
-        "complete": True,
-        **{k: settings[k] for k in ("model", "revision", "dim", "prompt", "normalized", "max_seq_length", "dtype")},
-        "rows": sum(s.rows for s in shards),
-        "skipped_rows": skipped,
-        "skipped_examples": skipped_examples,
-        "shards": [{"file": shard_name(s.index), "rows": s.rows, "sha256": s.sha256} for s in shards],
-        **extra,
-        "settings": settings,
-    }
+    manifest = CorpusManifest(
+        settings, complete=True, summary={k: settings[k] for k in CorpusManifest.SUMMARY},
+        rows=sum(s.rows for s in shards), skipped_rows=skipped, skipped_examples=skipped_examples,
+        shards=[{"file": shard_name(s.index), "rows": s.rows, "sha256": s.sha256} for s in shards], vectors=extra)
     write_manifest(folder, manifest)
-    return manifest
+    return manifest.to_dict()

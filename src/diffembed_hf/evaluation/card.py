@@ -15,7 +15,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult
 
-from ..checkpoint import is_hub_id, model_identity, read_json_or_empty
+from ..checkpoint import EVAL_FOLDER, is_hub_id, model_identity, read_json_or_empty
 from ..errors import EvaluationError
 from .suites import STUDY, STUDY_URL
 from .summary import (Summary, compact_label, describe_model, identity_record, read_summary, results_table, same_model,
@@ -138,6 +138,22 @@ def card_results(results_folder: str | Path, model_folder: str | Path, *, strict
         lines[2:2] = [f"Scores of the model's default vectors: their first {default_dim} dimensions (the "
                       "`truncate_dim` it stores), renormalised.", ""]
     return CardResults(lines, eval_results(results))
+
+
+def stored_results(folder: str | Path, results: str | Path | None = None, *,
+                   model: str | Path | None = None) -> CardResults | None:
+    """The results `diffembed evaluate` stored in `results` (default: FOLDER/eval, when it holds any) as a card
+    section and `EvalResult`s, or None: what `push` hands the card builder.
+
+    Only results made by `model` (default: `folder`; the same content digest) count: another model's results in
+    FOLDER/eval are left off with a warning, and `results` given explicitly that are another model's are an
+    EvaluationError naming both."""
+    strict = results is not None
+    if results is None:
+        results = Path(folder) / EVAL_FOLDER
+        if not (results / Summary.FILE).is_file():
+            return None
+    return card_results(results, model or folder, strict=strict)
 
 
 def stored_truncate_dim(folder: Path) -> int | None:

@@ -20,10 +20,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import __version__
-from ..checkpoint import EVAL_RUN, EVAL_SUMMARY, ModelFolder, ModelIdentity, as_model_folder, model_identity
+from ..checkpoint import EVAL_RUN, ModelFolder, ModelIdentity, as_model_folder, model_identity
 from ..compact import DEFAULT_CALIBRATION_ROWS, CalibrationRanges, Compaction
 from ..errors import EvaluationError, OutputExistsError, require_extra
 from ..files import output_lock, partial_folder, staged_folder, write_json
@@ -37,13 +37,11 @@ from .summary import (
     read_summary,
     same_model,
     settings_key,
-    summary_document,
 )
 
 logger = logging.getLogger(__name__)
 
-SUMMARY = EVAL_SUMMARY
-RUN_RECORD = EVAL_RUN
+SUMMARY = Summary.FILE
 
 
 @dataclass
@@ -51,8 +49,49 @@ class EvaluationResult:
     output: Path
     summary: dict[str, dict[str, Any]]  # this run: task -> {"main_score", "metric", every metric mteb reports}
     table: str  # every result in the output, ours beside the study's published numbers
-    record: dict[str, Any]  # run.json: this run's model identity, settings, per-task dataset and instruction
+    record: dict[str, Any]  # run.json (`RunRecord.to_dict`): this run's model, settings, per-task dataset and prompts
     results: list[dict[str, Any]] = field(default_factory=list)  # summary.json's results: this run's and earlier
+
+
+@dataclass
+class RunRecord:
+    """`run.json`: the latest run into an output folder. Written when the run starts (`finished` false: the model
+    only, so that only a rerun of the same model resumes its staging folder) and again when it ends."""
+
+    FILE: ClassVar[str] = EVAL_RUN
+
+    model: str | None
+    identity: dict[str, Any] | None  # evaluation.summary.identity_record
+    finished: bool = False
+    mteb_model_name: str | None = None
+    mteb_revision: str | None = None
+    suite: str | None = None
+    max_seq_length: int | None = None
+    mteb_version: str | None = None
+    diffembed_hf_version: str | None = None
+    evaluated: str | None = None  # local time, "%Y-%m-%d %H:%M:%S"
+    vectors: dict[str, Any] | None = None  # dim, bytes per vector, the compaction, calibration ranges per task
+    tasks: dict[str, dict[str, Any]] | None = None  # per task: type, dataset, splits, result file, prompts
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        return values if self.finished else {k: values[k] for k in ("model", "identity", "finished")}
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str | Path = FILE) -> RunRecord:
+        """The record in `values`; one that is not a JSON object, or names no model, is an EvaluationError."""
+        if not isinstance(values, dict) or not isinstance(values.get("identity"), dict):
+            raise EvaluationError(f"{source} is not a run.json of `diffembed evaluate` (no model identity)")
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @classmethod
+    def read(cls, folder: Path) -> RunRecord | None:
+        """The record in `folder`; None when it has none or it cannot be read (a run killed while writing it)."""
+        try:
+            return cls.from_dict(json.loads((folder / cls.FILE).read_text(encoding="utf-8")), folder / cls.FILE)
+        except (OSError, ValueError):
+            return None
 
 
 def require_mteb():
@@ -159,10 +198,7 @@ def _prepare_partial(output: Path, identity: ModelIdentity, overwrite: bool) -> 
     if overwrite:
         shutil.rmtree(work)
         return
-    try:
-        owner = json.loads((work / RUN_RECORD).read_text(encoding="utf-8")).get("identity")
-    except (OSError, ValueError, AttributeError):
-        owner = None
+    owner = getattr(RunRecord.read(work), "identity", None)
     if same_model(owner, identity):
         logger.warning("Resuming the interrupted evaluation in %s", work)
         return
@@ -399,7 +435,7 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
     with staged_folder(output, resumable=True) as work:
         fresh = not any(work.iterdir())
         # names the model while the run is under way, so that only a rerun of the same model resumes this folder
-        write_json(work / RUN_RECORD, {"model": model, "identity": model_record, "finished": False})
+        write_json(work / RunRecord.FILE, RunRecord(model, model_record).to_dict())
         _drop_unreadable(work)  # first, so that a seed copy cut short by a kill is made again
         if keep_earlier:
             _seed(work, output)
@@ -423,14 +459,14 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
             if calibrations and result["task"] in calibrations:  # the ranges each corpus gave (int8/uint8)
                 result["calibration"] = calibrations[result["task"]]
         all_results = merge_results(earlier.results if keep_earlier else [], results)
-        record = {"model": model, "identity": model_record, "finished": True, "mteb_model_name": name,
-                  "mteb_revision": revision, "suite": suite, "max_seq_length": st_model.max_seq_length, **stamp,
-                  "vectors": {"dim": compaction.output_dim(width),
-                              "bytes_per_vector": compaction.bytes_per_vector(width), **compaction.describe(),
-                              "calibrations": calibrations or None},
-                  "tasks": record_tasks}
-        write_json(work / SUMMARY, summary_document(model_record, all_results))
-        write_json(work / RUN_RECORD, record)
+        record = RunRecord(
+            model, model_record, finished=True, mteb_model_name=name, mteb_revision=revision, suite=suite,
+            max_seq_length=st_model.max_seq_length, **stamp,
+            vectors={"dim": compaction.output_dim(width), "bytes_per_vector": compaction.bytes_per_vector(width),
+                     **compaction.describe(), "calibrations": calibrations or None},
+            tasks=record_tasks).to_dict()
+        write_json(work / SUMMARY, Summary(model_record, all_results).to_dict())
+        write_json(work / RunRecord.FILE, record)
     table = format_table(all_results)
     logger.debug("Evaluation results in %s\n%s", output, table)  # the CLI prints the table once
     return EvaluationResult(output, summary, table, record, all_results)

@@ -20,9 +20,9 @@ only with --overwrite.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..checkpoint import EVAL_SUMMARY, ModelIdentity, read_json, settings_digest
 from ..errors import EvaluationError
@@ -36,12 +36,36 @@ VERSION = 2
 
 @dataclass
 class Summary:
-    """A summary.json as read: `model` is None for a version-1 file, which named no model."""
+    """`summary.json`: the model that made the results and the results. `model` is None for a version-1 file,
+    which named no model; `path` is where it was read from (no part of the JSON)."""
 
-    path: Path
-    version: int
+    FILE: ClassVar[str] = EVAL_SUMMARY
+
     model: dict[str, Any] | None
     results: list[dict[str, Any]]
+    version: int = VERSION
+    path: Path | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": self.version, "model": self.model, "results": self.results}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path = FILE) -> Summary:
+        """The summary in `data`; anything else (another format, a damaged one) is an EvaluationError naming
+        `source`."""
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            if data.get("version") != VERSION:
+                raise EvaluationError(f"{source} has summary format version {data.get('version')!r}; this "
+                                      f"diffembed-hf reads version {VERSION} (upgrade diffembed-hf)")
+            model, results = data.get("model"), data.get("results")
+            if not isinstance(model, dict) or not isinstance(results, list) or not all(_is_result(r) for r in results):
+                raise EvaluationError(f"{source}: damaged summary (expected a model and a list of results, each with "
+                                      "its task, settings and scores)")
+            return cls(model, results, VERSION, Path(source))
+        if isinstance(data, dict) and data and all(isinstance(v, dict) and "main_score" in v for v in data.values()):
+            return cls(None, [{"task": task, "settings": {}, "settings_key": "", "scores": scores}
+                              for task, scores in data.items()], 1, Path(source))
+        raise EvaluationError(f"{source} is not a summary.json of `diffembed evaluate`")
 
 
 def identity_record(identity: ModelIdentity) -> dict[str, Any]:
@@ -69,23 +93,10 @@ def same_model(recorded: dict[str, Any] | None, identity: ModelIdentity) -> bool
 
 def read_summary(folder: Path) -> Summary | None:
     """`folder`/summary.json, or None when there is none; an unreadable or unknown file is an EvaluationError."""
-    path = Path(folder) / EVAL_SUMMARY
+    path = Path(folder) / Summary.FILE
     if not path.is_file():
         return None
-    data = read_json(path, EvaluationError)
-    if isinstance(data, dict) and data.get("format") == FORMAT:
-        if data.get("version") != VERSION:
-            raise EvaluationError(f"{path} has summary format version {data.get('version')!r}; this diffembed-hf "
-                                  f"reads version {VERSION} (upgrade diffembed-hf)")
-        model, results = data.get("model"), data.get("results")
-        if not isinstance(model, dict) or not isinstance(results, list) or not all(_is_result(r) for r in results):
-            raise EvaluationError(f"{path}: damaged summary (expected a model and a list of results, each with its "
-                                  "task, settings and scores)")
-        return Summary(path, VERSION, model, results)
-    if isinstance(data, dict) and data and all(isinstance(v, dict) and "main_score" in v for v in data.values()):
-        return Summary(path, 1, None, [{"task": task, "settings": {}, "settings_key": "", "scores": scores}
-                                       for task, scores in data.items()])
-    raise EvaluationError(f"{path} is not a summary.json of `diffembed evaluate`")
+    return Summary.from_dict(read_json(path, EvaluationError), source=path)
 
 
 def _is_result(result: Any) -> bool:
@@ -104,10 +115,6 @@ def merge_results(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> l
     new_by_key = {(r["task"], r["settings_key"]): r for r in new}
     kept = [new_by_key.pop((r["task"], r["settings_key"]), r) for r in earlier]
     return kept + list(new_by_key.values())
-
-
-def summary_document(model: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"format": FORMAT, "version": VERSION, "model": model, "results": results}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from ..checkpoint import (
     SENTENCE_TRANSFORMERS_FILES,
     TOKENIZER_FILES,
     TOKENIZER_PATTERNS,
-    TRAINING_RECORD,
     check_folder,
     check_model_files,
     code_files,
@@ -30,8 +29,6 @@ from ..checkpoint import (
 )
 from ..checkpoint import folder_kind as _folder_kind
 from ..errors import PublishError, PublishUsageError
-
-TRAINING_METADATA = TRAINING_RECORD  # the name earlier releases exported from here
 
 
 def _present(folder: Path, names: tuple[str, ...]) -> list[str]:

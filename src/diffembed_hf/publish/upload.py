@@ -43,7 +43,6 @@ from ..checkpoint import (
     LICENSE_PATTERNS,
     SENTENCE_TRANSFORMERS_FILES,
     TOKENIZER_FILES,
-    TRAINING_RECORD,
     check_folder,
     check_model_files,
     check_remote_code,
@@ -51,8 +50,10 @@ from ..checkpoint import (
     is_hub_id,
     read_json,
 )
-from ..errors import PublishError, PublishUsageError
+from ..errors import EvaluationError, PublishError, PublishUsageError
+from ..evaluation.card import stored_results
 from ..files import write_text
+from ..records import TrainingRecord
 from .files import files_to_push, folder_kind
 from .validate import validate_folder
 
@@ -155,8 +156,8 @@ def merge_adapter_files(adapter_folder: Path, base_path: Path, output: Path) -> 
             module_dir = inside(source, module["path"], what=str(modules)) if module.get("path") else None
             if module_dir is not None and module_dir.is_dir():
                 shutil.copytree(module_dir, output / module["path"], dirs_exist_ok=True)
-    if (adapter_folder / TRAINING_RECORD).is_file():  # the adapter's training, never the base's own record
-        shutil.copy2(adapter_folder / TRAINING_RECORD, output / TRAINING_RECORD)
+    if (adapter_folder / TrainingRecord.FILE).is_file():  # the adapter's training, never the base's own record
+        shutil.copy2(adapter_folder / TrainingRecord.FILE, output / TrainingRecord.FILE)
     base = DiffEmbedForEmbedding.from_pretrained(base_path)
     merged = PeftModel.from_pretrained(base, adapter_folder).merge_and_unload()
     merged.save_pretrained(output)
@@ -255,12 +256,12 @@ def prepare_push(
         else:
             # the lineage is read from the user's folder: a merged copy has lost its adapter config. Results count
             # when the user's folder made them (an adapter embeds as its merged copy does), also under FOLDER/eval
-            stored = cards.stored_evaluation(folder, eval_results)
+            stored = _stored_results(folder, eval_results)
             model_card = cards.build_model_card(
                 source, repo_id, license=license, language=language,
-                base_model=base_model or cards._lineage_base_model(folder),
+                base_model=base_model or cards.lineage_base_model(folder),
                 eval_results=stored.eval_results if stored else None,
-                extra_sections=["\n".join(stored.lines)] if stored else (), evaluation=False)
+                extra_sections=["\n".join(stored.lines)] if stored else ())
             generated.append("README.md")
         (staging / "README.md").write_text(str(model_card), encoding="utf-8")
 
@@ -285,6 +286,15 @@ def prepare_push(
     except BaseException:
         tmp.cleanup()
         raise
+
+
+def _stored_results(folder: Path, results: str | Path | None):
+    """The results of `diffembed evaluate` for the card (`evaluation.card.stored_results`), their problems in
+    push's terms: results the user named that cannot be used are a usage error, FOLDER/eval's a PublishError."""
+    try:
+        return stored_results(folder, results)
+    except EvaluationError as err:
+        raise (PublishError if results is None else PublishUsageError)(str(err)) from None
 
 
 class PlannedFiles(list):
