@@ -27,10 +27,12 @@ _ENTRY_POINTS = {
     "load_encoder": "encoding",
     "encode": "encoding",
     "encode_file": "encoding",
+    "EncodeOptions": "encoding",
     "save_sentence_transformer": "sentence_transformer",
     "convert_checkpoint": "convert",
     "TrainingConfig": "train",
     "encode_corpus": "corpus",
+    "CorpusOptions": "corpus",
     "embed_texts": "corpus",
     "evaluate": "evaluation",  # its mteb part is imported when it is called
     "push": "publish",

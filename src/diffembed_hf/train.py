@@ -36,13 +36,14 @@ from . import register_auto_classes
 from .checkpoint import TRAINING_RECORD, base_reference, model_identity, read_json
 from .corpus.distributed import current
 from .data import ColumnMapping, load_training_data
-from .encoding import backbone, check_max_seq_length, load_encoder, set_backbone
+from .encoding import backbone, load_encoder, set_backbone
 from .errors import ConfigError, NonFiniteLossError, OutputExistsError, TrainingError
 from .evaluation.heldout import evaluate_model
 from .files import check_output_folder, output_lock, staged_folder, write_json
 from .model_card import write_model_card
 from .device_settings import apply_threads, plan_training, resolve_device_settings
-from .sentence_transformer import (DEFAULT_MAX_SEQ_LENGTH, DEFAULT_QUERY_PROMPT, default_prompts, instruction_prompt,
+from .validation import MAX_SEQ_LENGTH, check_max_seq_length
+from .sentence_transformer import (DEFAULT_QUERY_PROMPT, default_prompts, instruction_prompt,
                                    write_sentence_transformer_files)
 
 try:  # sentence-transformers >= 6 moved these; 5.x has them only here
@@ -280,7 +281,7 @@ def _resolve_settings(config: TrainingConfig, model: SentenceTransformer, data_s
                                        limit)
     apply_threads(settings)
     logger.info("%s.", settings.describe())
-    base_length = model.max_seq_length or min(limit or DEFAULT_MAX_SEQ_LENGTH, DEFAULT_MAX_SEQ_LENGTH)
+    base_length = model.max_seq_length or min(limit or MAX_SEQ_LENGTH, MAX_SEQ_LENGTH)
     saved = config.saved_max_seq_length or base_length
     logger.info("The saved model will carry max_seq_length %d (%s); training cuts inputs at %d tokens.", saved,
                 "as set" if config.saved_max_seq_length else "the base model's", settings.max_seq_length)
@@ -566,7 +567,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
     base = base_reference(model_name_or_path, getattr(backbone(model).config, "_commit_hash", None))
     limit = getattr(backbone(model).config, "max_position_embeddings", None)
     check_max_seq_length(config.max_seq_length, limit)
-    check_max_seq_length(config.saved_max_seq_length, limit, option="--saved-max-seq-length")
+    check_max_seq_length(config.saved_max_seq_length, limit, name="saved_max_seq_length")
     config.resolve_dims(backbone(model).config.hidden_size)
     config, settings_record = _resolve_settings(config, model, data_split, limit)
     record = _run_record(model_name_or_path, model, [data] + ([eval_data] if eval_data else []), data_split, config,

@@ -44,12 +44,13 @@ from ..checkpoint import (
     is_hub_id,
     read_json_or_empty,
 )
-from ..errors import ConversionError, UsageError, one_line
+from ..errors import ConversionError, ConversionUsageError, UsageError, one_line
 from ..files import check_parent_writable, output_lock, parse_size, staged_folder, write_json
 from ..model_card import write_model_card
 from ..modeling import configuration_diffembed, modeling_diffembed
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..sentence_transformer import write_sentence_transformer_files
+from ..validation import MAX_SEQ_LENGTH, check_max_seq_length
 from .gguf import DEFAULT_GGUF_DTYPE, dequantized_checkpoint, find_gguf_file
 from .families import FAMILIES, Family, _build_config, _sliding_window_cap, detect_family
 from .weights import DEFAULT_MAX_SHARD_SIZE, plan_tensors, read_source_tensors, write_weights
@@ -58,7 +59,6 @@ logger = logging.getLogger(__name__)
 register_auto_classes()
 
 # Embedders rarely see longer inputs, and attention cost grows with the square of the length.
-DEFAULT_MAX_SEQ_LENGTH = 4096
 
 
 # Remote-code tokenizer classes with a transformers equivalent: Dream's tokenization_dream.DreamTokenizer is
@@ -140,7 +140,7 @@ def _resolve_source(src: str | os.PathLike, revision: Optional[str], allow_pickl
         return path, None
     repo_id = str(src)
     if not is_hub_id(repo_id):
-        raise ConversionError(f"source folder {path} does not exist (and {repo_id!r} is not a Hub id)", exit_status=2)
+        raise ConversionUsageError(f"source folder {path} does not exist (and {repo_id!r} is not a Hub id)")
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import OfflineModeIsEnabled
 
@@ -205,24 +205,20 @@ def convert_checkpoint(
     Returns the output folder. Raises `ConversionError` (naming the file, key or tensor) and leaves no `out`.
     """
     out = Path(out).expanduser().absolute()
-    if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
-                                       or max_seq_length < 1):
-        raise ConversionError(f"max_seq_length (--max-seq-length) must be an integer >= 1, got {max_seq_length!r}",
-                              exit_status=2)
+    check_max_seq_length(max_seq_length)
     try:
         check_parent_writable(out)
     except UsageError as err:
-        raise ConversionError(str(err), exit_status=2) from None
+        raise ConversionUsageError(str(err)) from None
     try:
         shard_bytes = parse_size(max_shard_size)
     except UsageError as err:
-        raise ConversionError(str(err), exit_status=2) from None
+        raise ConversionUsageError(str(err)) from None
     with output_lock(out):  # first: only a check made under the lock holds until the folder is published
         if out.exists() and not overwrite:
-            raise ConversionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it",
-                                  exit_status=2)
+            raise ConversionUsageError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
         if out.exists() and not out.is_dir():
-            raise ConversionError(f"{out} exists and is not a folder", exit_status=2)
+            raise ConversionUsageError(f"{out} exists and is not a folder")
         gguf_path = find_gguf_file(src, gguf_file)
         if gguf_path is None:
             return _convert(src, out, family=family, overwrite=overwrite, shard_bytes=shard_bytes,
@@ -271,9 +267,9 @@ def _convert(src: str | Path, out: Path, *, family: Optional[str], overwrite: bo
     plan = plan_tensors(tensors, fam, config)
     requested_length = max_seq_length
     if max_seq_length is None:
-        max_seq_length = min(config.max_position_embeddings, window or math.inf, DEFAULT_MAX_SEQ_LENGTH)
-    elif not 0 < max_seq_length <= config.max_position_embeddings:
-        raise ConversionError(f"max_seq_length must be in [1, {config.max_position_embeddings}], got {max_seq_length}")
+        max_seq_length = min(config.max_position_embeddings, window or math.inf, MAX_SEQ_LENGTH)
+    else:
+        check_max_seq_length(max_seq_length, config.max_position_embeddings)
     tokenizer = _load_tokenizer(folder, source_config, trust_remote_code)
 
     with staged_folder(out, replace=overwrite) as tmp:
