@@ -35,9 +35,12 @@ _ENTRY_POINTS = {
     "CorpusOptions": "corpus",
     "embed_texts": "corpus",
     "evaluate": "evaluation",  # its mteb part is imported when it is called
+    "EvaluateOptions": "evaluation",
     "push": "publish",
+    "PushOptions": "publish",
     "export_vllm": "export",
     "generate_reasonaug": "reasonaug",
+    "ReasonAugOptions": "reasonaug",
     "load_dream_tokenizer": "tokenization",  # the tokenizer builder pulls in tiktoken ranks
 }
 _registered = False
