@@ -30,6 +30,7 @@ _ENTRY_POINTS = {
     "EncodeOptions": "encoding",
     "save_sentence_transformer": "sentence_transformer",
     "convert_checkpoint": "convert",
+    "ConvertOptions": "convert",
     "TrainingConfig": "train",
     "encode_corpus": "corpus",
     "CorpusOptions": "corpus",
