@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH
 from ..checkpoint import EVAL_RUN, EVAL_SUMMARY, ModelIdentity, check_folder, local_folder, model_identity
 from ..compact import DEFAULT_CALIBRATION_ROWS, CalibrationRanges, Compaction, load_calibration
 from ..errors import EvaluationError, OptionError, OutputExistsError, require_extra
@@ -246,7 +247,7 @@ class EvaluateOptions:
     instructions: str | Path | dict[str, str] | None = None  # task name -> instruction (a JSON file or a dict)
     query_prompt: str | None = None  # the instruction before the queries of `data` tasks
     max_seq_length: int | None = None  # None: the suite's protocol, else the model's own
-    max_tokens_per_batch: int | None = None  # None: the encoder's default
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH  # real tokens per forward pass (no padding)
     stdlib_rows: int | None = None  # `suite="stdlib"`: the held-out rows of its task
     truncate_dim: int | None = None  # None: the model's stored one
     precision: str = "float32"  # compact.PRECISIONS; the compact ones on retrieval tasks
@@ -262,7 +263,7 @@ class EvaluateOptions:
         if isinstance(self.data, (str, Path)):
             self.data = [self.data]
         check_max_seq_length(self.max_seq_length)
-        check_positive_int("max_tokens_per_batch", self.max_tokens_per_batch, optional=True)
+        check_positive_int("max_tokens_per_batch", self.max_tokens_per_batch)
         check_positive_int("stdlib_rows", self.stdlib_rows, optional=True)
         check_positive_int("truncate_dim", self.truncate_dim, optional=True)
         if not is_positive_int(self.calibration_rows) or self.calibration_rows < 2:
@@ -389,8 +390,7 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
             query_prompts[name] = st_model.prompts.get("query", "")
             prompt_sources[name] = (query_prompts[name], "the model's query prompt")
     options = dict(instructions=overrides, query_prompts=query_prompts, prompt_sources=prompt_sources,
-                   source=None if device else model,
-                   **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
+                   source=None if device else model, max_tokens_per_batch=max_tokens_per_batch)
     if compaction.is_identity:
         encoder = DiffEmbedEncoder(st_model, None, **options)
     else:

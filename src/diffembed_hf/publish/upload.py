@@ -361,7 +361,7 @@ class PushOptions:
     """How `push` publishes a folder: where on the Hub, what card, what is validated, checked once, here.
     Load them from JSON with `from_file`."""
 
-    token: str | None = None  # None: HF_TOKEN, else the login cache
+    token: str | None = field(default=None, repr=False)  # None: HF_TOKEN, else the login cache; never shown
     private: bool | None = None  # None: the Hub's default; ignored for an existing repo
     revision: str | None = None  # a branch (created if missing) or refs/pr/N
     create_pr: bool = False  # open a pull request against `revision`

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,7 +102,7 @@ class ReasonAugOptions:
 
     model: str  # the model name the server serves
     base_url: str | None = None  # None: OPENAI_BASE_URL, else OpenAI's
-    api_key: str | None = None  # None: OPENAI_API_KEY
+    api_key: str | None = field(default=None, repr=False)  # None: OPENAI_API_KEY; never shown
     prompts: str | Path | Prompts | None = None  # None: the study's prompts
     problems_per_concept: int = 8
     seed: int = 0
