@@ -29,6 +29,11 @@ def is_positive_int(value: Any) -> bool:
     return _is_int(value) and value >= 1
 
 
+def is_non_negative_int(value: Any) -> bool:
+    """A count that may be zero (tokens, indices) as a file stores it: an integer >= 0 that is not a bool."""
+    return _is_int(value) and value >= 0
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -45,7 +50,7 @@ def check_non_negative_int(name: str, value: Any, *, optional: bool = False) -> 
     """An integer >= 0 (warm-up steps, retries)."""
     if value is None and optional:
         return
-    if not _is_int(value) or value < 0:
+    if not is_non_negative_int(value):
         raise OptionError(name, f"must be an integer >= 0, got {value!r}")
 
 
