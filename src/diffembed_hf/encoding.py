@@ -40,7 +40,8 @@ from .checkpoint import (
     read_json,
     read_json_or_empty,
 )
-from .compact import CalibrationRanges, Compaction, CompactError, check_truncate_dim, load_calibration, resolve_precision
+from .compact import (CalibrationRanges, Compaction, CompactError, check_truncate_dim, load_calibration,
+                      resolve_precision)
 from .errors import DiffembedError, ModelFilesError, UsageError, one_line, require_extra
 from .files import staged_file
 from .validation import (check_choice, check_max_seq_length, check_positive_int, is_positive_int, read_options,

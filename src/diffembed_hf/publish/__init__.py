@@ -25,6 +25,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "PlannedFiles", "PublishError", "PublishUsageError", "PushOptions", "PushPlan", "REMOTE_CODE_FILES", "TRAINING_METADATA",
+    "PlannedFiles", "PublishError", "PublishUsageError", "PushOptions", "PushPlan", "REMOTE_CODE_FILES",
+    "TRAINING_METADATA",
     "build_model_card", "files_to_push", "folder_kind", "prepare_push", "push", "upload", "validate_folder",
 ]
