@@ -32,8 +32,7 @@ def check_data_source(source: str) -> None:
     (a missing local file is named as missing, never as an unreachable Hub dataset)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        raise DataSourceError(f"{source} is a folder; give a {' / '.join(_FILE_FORMATS)} file or a Hub dataset id",
-                        exit_status=2)
+        raise DataSourceError(f"{source} is a folder; give a {' / '.join(_FILE_FORMATS)} file or a Hub dataset id")
     if path.exists():
         if path.suffix.lower() not in _FILE_FORMATS:
             raise DataSourceError(f"{source}: unsupported file type {path.suffix or '(none)'}; use "
