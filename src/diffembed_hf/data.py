@@ -36,11 +36,11 @@ def check_data_source(source: str) -> None:
     if path.exists():
         if path.suffix.lower() not in _FILE_FORMATS:
             raise DataSourceError(f"{source}: unsupported file type {path.suffix or '(none)'}; use "
-                            f"{', '.join(_FILE_FORMATS)}")
+                                  f"{', '.join(_FILE_FORMATS)}")
         return
     if not is_hub_id(source):
         raise DataSourceError(f"{source}: no such file" + ("" if path.suffix else
-                        " (and not a Hub dataset id of the form namespace/name)"))
+                              " (and not a Hub dataset id of the form namespace/name)"))
 
 
 def _describe(value) -> str:
