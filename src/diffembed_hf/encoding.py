@@ -383,7 +383,7 @@ class EncodeOptions:
         return resolve_precision(self.dtype, self.precision)
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides):
+    def from_file(cls, path: str | Path, **overrides) -> EncodeOptions:
         """The options a JSON file of field values sets, `overrides` winning; unknown keys are an error."""
         return read_options(cls, path, "encoding", **overrides)
 

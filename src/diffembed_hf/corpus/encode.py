@@ -19,7 +19,7 @@ from typing import Any
 from sentence_transformers import SentenceTransformer
 
 from .. import __version__
-from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder, progress_bar, resolve_prompt, warn_truncated
+from ..batching import Encoder, progress_bar, resolve_prompt, warn_truncated
 from ..checkpoint import model_identity, settings_digest
 from ..compact import DEFAULT_CALIBRATION_ROWS, SCALAR, CalibrationRanges, Compaction, calibrate, \
     calibration_sample, truncate
@@ -231,7 +231,8 @@ class CorpusOptions(EncodeOptions):
             raise CorpusError("device does not apply with Ray (--ray): Ray places one actor per GPU (CPU where none)")
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides):
+    def from_file(cls, path: str | Path, **overrides) -> CorpusOptions:
+        """The options a JSON file of field values sets, `overrides` winning; unknown keys are an error."""
         return read_options(cls, path, "corpus", **overrides)
 
 
