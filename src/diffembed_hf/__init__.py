@@ -29,15 +29,21 @@ _ENTRY_POINTS = {
     "ModelFolder": "checkpoint",
     "encode": "encoding",
     "encode_file": "encoding",
+    "EncodeOptions": "encoding",
     "save_sentence_transformer": "sentence_transformer",
     "convert_checkpoint": "convert",
+    "ConvertOptions": "convert",
     "TrainingConfig": "train",
     "encode_corpus": "corpus",
+    "CorpusOptions": "corpus",
     "embed_texts": "corpus",
     "evaluate": "evaluation",  # its mteb part is imported when it is called
+    "EvaluateOptions": "evaluation",
     "push": "publish",
+    "PushOptions": "publish",
     "export_vllm": "export",
     "generate_reasonaug": "reasonaug",
+    "ReasonAugOptions": "reasonaug",
     "load_dream_tokenizer": "tokenization",  # the tokenizer builder pulls in tiktoken ranks
 }
 _registered = False

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .errors import PromptNameError
 from .modeling.modeling_diffembed import check_token_ids, non_finite_message
 from .readers import surrogate_problem
+from .validation import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +80,8 @@ class Encoder:
 
     def __init__(self, model: SentenceTransformer, *, prompt: str | None = None,
                  max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH, max_texts_per_batch: int | None = None):
-        for name, value in (("max_tokens_per_batch", max_tokens_per_batch), ("max_texts_per_batch",
-                                                                             max_texts_per_batch)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive_int("max_tokens_per_batch", max_tokens_per_batch, optional=True)
+        check_positive_int("max_texts_per_batch", max_texts_per_batch, optional=True)
         self.model = model
         self.prompt = prompt or ""
         self.max_tokens_per_batch = max_tokens_per_batch

@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import CalibrationMismatch, CompactError, ModelFilesError
 from .records import CorpusManifest
+from .validation import is_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def check_truncate_dim(truncate_dim: int | None, width: int) -> int | None:
     """`truncate_dim` as given, if it is a whole number of dimensions the model has."""
     if truncate_dim is None:
         return None
-    if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)) or truncate_dim < 1:
+    if not is_positive_int(truncate_dim):
         raise CompactError(f"truncate_dim must be an integer >= 1, got {truncate_dim!r}")
     if truncate_dim > width:
         raise CompactError(f"truncate_dim {truncate_dim} is larger than the model's embedding dimension {width}")
@@ -350,7 +351,7 @@ class Compaction:
     def __post_init__(self):
         check_precision(self.precision)
         if self.rescore is not None:
-            if isinstance(self.rescore, bool) or not isinstance(self.rescore, int) or self.rescore < 1:
+            if not is_positive_int(self.rescore):
                 raise CompactError(f"rescore must be an integer >= 1 (candidates per query), got {self.rescore!r}")
             if self.precision not in PACKED:
                 raise CompactError(f"rescoring applies to binary and ubinary vectors, not {self.precision}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset
 
 from .checkpoint import is_hub_id
-from .errors import DataError
+from .errors import DataError, DataSourceError
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, instruction_prompt
 
 
@@ -32,16 +32,15 @@ def check_data_source(source: str) -> None:
     (a missing local file is named as missing, never as an unreachable Hub dataset)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        raise DataError(f"{source} is a folder; give a {' / '.join(_FILE_FORMATS)} file or a Hub dataset id",
-                        exit_status=2)
+        raise DataSourceError(f"{source} is a folder; give a {' / '.join(_FILE_FORMATS)} file or a Hub dataset id")
     if path.exists():
         if path.suffix.lower() not in _FILE_FORMATS:
-            raise DataError(f"{source}: unsupported file type {path.suffix or '(none)'}; use "
-                            f"{', '.join(_FILE_FORMATS)}", exit_status=2)
+            raise DataSourceError(f"{source}: unsupported file type {path.suffix or '(none)'}; use "
+                                  f"{', '.join(_FILE_FORMATS)}")
         return
     if not is_hub_id(source):
-        raise DataError(f"{source}: no such file" + ("" if path.suffix else
-                        " (and not a Hub dataset id of the form namespace/name)"), exit_status=2)
+        raise DataSourceError(f"{source}: no such file" + ("" if path.suffix else
+                              " (and not a Hub dataset id of the form namespace/name)"))
 
 
 def _describe(value) -> str:

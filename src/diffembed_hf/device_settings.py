@@ -22,10 +22,10 @@ import torch
 
 from .memory_estimate import (MemoryEstimate, ModelShape, activation_bytes, available_memory, format_bytes,
                               training_estimate)
+from .validation import MAX_SEQ_LENGTH
 
 logger = logging.getLogger(__name__)
 
-RECIPE_MAX_SEQ_LENGTH = 4096  # the study's training length
 LENGTH_QUANTILE = 0.98  # on a CPU, inputs are cut at this quantile of the training texts' token lengths
 LENGTH_STEP = 32  # ... rounded up to a multiple of this
 # On a CPU, LoRA trains the last third of the layers unless told otherwise (measured on SmolLM2-135M, 30 layers: a
@@ -99,7 +99,7 @@ def resolve_device_settings(config, device: torch.device, model_config, tokenize
     them (queries with their prompt, documents); `texts_per_step` how many of them one optimizer step encodes."""
     reasons = {}
     on_cuda = device.type == "cuda"
-    limit = min(model_limit or RECIPE_MAX_SEQ_LENGTH, RECIPE_MAX_SEQ_LENGTH)
+    limit = min(model_limit or MAX_SEQ_LENGTH, MAX_SEQ_LENGTH)
 
     if config.max_seq_length is not None:
         length, reasons["max_seq_length"] = config.max_seq_length, "as set"
@@ -110,7 +110,7 @@ def resolve_device_settings(config, device: torch.device, model_config, tokenize
         length = min(limit, max(LENGTH_STEP, math.ceil(typical / LENGTH_STEP) * LENGTH_STEP))
         cut = sum(1 for n in (len(ids) for ids in tokenizer(texts)["input_ids"]) if n > length) / max(1, len(texts))
         reasons["max_seq_length"] = (f"the training texts' {LENGTH_QUANTILE:.0%} length, {cut:.1%} of them cut "
-                                     f"(longest {longest}); the recipe's {RECIPE_MAX_SEQ_LENGTH} is a GPU setting")
+                                     f"(longest {longest}); the recipe's {MAX_SEQ_LENGTH} is a GPU setting")
 
     if config.bf16 is not None:
         bf16, reasons["bf16"] = config.bf16, "as set"
@@ -184,7 +184,7 @@ def plan_training(shape: ModelShape, config, *, texts_per_row: int, device: str,
     refuse a run that fits) at the shortest length it can choose, with checkpointing on."""
     cuda = device.startswith("cuda")
     notes = []
-    limit = min(shape.max_position_embeddings or RECIPE_MAX_SEQ_LENGTH, RECIPE_MAX_SEQ_LENGTH)
+    limit = min(shape.max_position_embeddings or MAX_SEQ_LENGTH, MAX_SEQ_LENGTH)
     length = config.max_seq_length
     if length is None:
         if cuda:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,12 @@ from .batching import (
     warn_truncated,
 )
 from .checkpoint import ModelFolder, as_model_folder, check_model_files
-from .compact import CalibrationRanges, Compaction, CompactError, check_truncate_dim
+from .compact import (CalibrationRanges, Compaction, CompactError, check_truncate_dim, load_calibration,
+                      resolve_precision)
 from .errors import DiffembedError, ModelFilesError, UsageError, one_line, require_extra
 from .files import staged_file
+from .validation import (check_choice, check_max_seq_length, check_positive_int, is_positive_int, read_options,
+                         with_overrides)
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +58,13 @@ def set_backbone(model: SentenceTransformer, module: torch.nn.Module) -> None:
     setattr(model[0], "model" if read_only else "auto_model", module)
 
 
-def check_max_seq_length(max_seq_length: int | None, limit: int | None, option: str = "--max-seq-length") -> None:
-    """The one check of a requested length against the model's positions, for every entry point."""
-    if max_seq_length is None:
-        return
-    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1:
-        raise UsageError(f"{option} must be an integer >= 1, got {max_seq_length!r}")
-    if limit and max_seq_length > limit:
-        raise UsageError(f"{option} {max_seq_length} exceeds the model's max_position_embeddings ({limit}); "
-                         f"pass {limit} or less")
-
-
 def check_stored_length(name: str, stored: int | None, limit: int | None, where: str) -> None:
     """A folder's stored max_seq_length (sentence_bert_config.json) must fit its positions too: a larger one is
     what every text is cut to, and the first text longer than the positions would fail mid-run, after shards or
     results were written. Checked at load, whatever the entry point, when no length is given."""
     if stored is None or not limit:
         return
-    if isinstance(stored, bool) or not isinstance(stored, int) or stored < 1:
+    if not is_positive_int(stored):
         raise ModelFilesError(f"{where} stores max_seq_length {stored!r}, not a positive whole number; correct it, "
                               "or pass --max-seq-length (max_seq_length=)")
     if stored > limit:
@@ -322,72 +315,88 @@ def check_mode_options(output: str | Path, given: dict) -> None:
         raise UsageError(f"{', '.join(unused)} apply to corpus mode only: give --output a folder (ending in /)")
 
 
-def encode_file(
-    model: str,
-    source: str,
-    output: str | Path,
-    *,
-    field: str | None = None,
-    prompt_name: str | None = None,
-    max_seq_length: int | None = None,
-    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
-    dtype: str = "float32",
-    device: str | None = None,
-    quantize: str | None = None,
-    overwrite: bool = False,
-    show_progress_bar: bool | None = None,
-    trust_remote_code: bool = False,
-    truncate_dim: int | None = None,
-    precision: str | None = None,
-    calibration: CalibrationRanges | None = None,
-    compile: bool = False,
-) -> tuple[Path, tuple[int, int]]:
+@dataclass
+class EncodeOptions:
+    """How `encode_file` embeds: the settings of `diffembed encode`'s file mode, checked once, here.
+    `CorpusOptions` (corpus mode) adds the corpus's own. Load them from JSON with `from_file`."""
+
+    field: str | None = None  # the text field of JSON-lines, CSV or parquet rows (None: plain lines, or "text")
+    prompt_name: str | None = None  # a prompt the model stores, e.g. "query"
+    max_seq_length: int | None = None  # None: the model's own
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH  # real tokens per forward pass (no padding)
+    dtype: str = "float32"  # float32 or float16 (`precision` also takes the compact types)
+    precision: str | None = None  # compact.PRECISIONS; None: `dtype`
+    truncate_dim: int | None = None  # None: the model's stored one, else every dimension
+    calibration: CalibrationRanges | str | Path | None = None  # int8/uint8 ranges of this model, or their file
+    device: str | None = None  # None: cuda if available
+    quantize: str | None = None  # "fp8": FP8 linear layers (CUDA)
+    compile: bool = False  # torch.compile the model's forward
+    overwrite: bool = False
+    show_progress_bar: bool | None = None  # None: on from 256 texts
+    trust_remote_code: bool = False  # let a folder's own Python code run
+
+    def __post_init__(self):
+        check_max_seq_length(self.max_seq_length)
+        check_positive_int("max_tokens_per_batch", self.max_tokens_per_batch)
+        check_positive_int("truncate_dim", self.truncate_dim, optional=True)
+        check_choice("quantize", self.quantize, QUANTIZATIONS, optional=True)
+        resolve_precision(self.dtype, self.precision)
+        if isinstance(self.calibration, (str, Path)):
+            self.calibration = load_calibration(self.calibration)
+
+    @property
+    def stored_precision(self) -> str:
+        """The type of the stored vectors: `precision`, else `dtype`."""
+        return resolve_precision(self.dtype, self.precision)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> EncodeOptions:
+        """The options a JSON file of field values sets, `overrides` winning; unknown keys are an error."""
+        return read_options(cls, path, "encoding", **overrides)
+
+
+def encode_file(model: str, source: str, output: str | Path, options: EncodeOptions | None = None,
+                **overrides) -> tuple[Path, tuple[int, int]]:
     """Embed the texts of `source` (one per line, or JSON lines; "-" for stdin) into one `.npy` / `.safetensors`
-    file, one row per line, in `dtype` (or compact: `truncate_dim`, `precision`, int8/uint8 with `calibration`
+    file, one row per line, as `options` say (or the `EncodeOptions` fields given as keywords, e.g.
+    `max_seq_length=512`): in `dtype`, or compact (`truncate_dim`, `precision`, int8/uint8 with `calibration`
     ranges of this model, e.g. from its corpus's manifest); returns the file and the array's shape. Everything
     that can be checked without the model (output, options, prompt name of a local folder, the input itself) is
     checked first."""
     from .files import check_output_file, output_lock
 
+    options = with_overrides(EncodeOptions, options, overrides)
     output = Path(output)
-    check_output_file(output, overwrite=overwrite, suffixes=OUTPUT_SUFFIXES)  # at once, before the lock
+    check_output_file(output, overwrite=options.overwrite, suffixes=OUTPUT_SUFFIXES)  # at once, before the lock
     # one run per file, --overwrite or not: a second run into a file being written is refused, naming this one
     with output_lock(output):
-        check_output_file(output, overwrite=overwrite)  # again under the lock: what a run finished meanwhile left
-        return _encode_file(model, source, output, field=field, prompt_name=prompt_name,
-                            max_seq_length=max_seq_length, max_tokens_per_batch=max_tokens_per_batch, dtype=dtype,
-                            device=device, quantize=quantize, overwrite=overwrite,
-                            show_progress_bar=show_progress_bar, trust_remote_code=trust_remote_code,
-                            truncate_dim=truncate_dim, precision=precision, calibration=calibration,
-                            compile=compile)
+        check_output_file(output, overwrite=options.overwrite)  # again: what a run finished meanwhile left
+        return _encode_file(model, source, output, options)
 
 
-def _encode_file(model: str, source: str, output: Path, *, field: str | None, prompt_name: str | None,
-                 max_seq_length: int | None, max_tokens_per_batch: int, dtype: str, device: str | None,
-                 quantize: str | None, overwrite: bool, show_progress_bar: bool | None, trust_remote_code: bool,
-                 truncate_dim: int | None, precision: str | None,
-                 calibration: CalibrationRanges | None, compile: bool = False) -> tuple[Path, tuple[int, int]]:
+def _encode_file(model: str, source: str, output: Path, options: EncodeOptions) -> tuple[Path, tuple[int, int]]:
     """`encode_file` while it holds the output's lock."""
     from .checkpoint import model_identity
-    from .compact import SCALAR, resolve_precision
+    from .compact import SCALAR
     from .readers import read_texts
 
-    precision = resolve_precision(dtype, precision)
+    precision, calibration = options.stored_precision, options.calibration
     if precision in SCALAR and calibration is None:
         raise CompactError(f"--precision {precision} in file mode needs --calibration (ranges of this model: a corpus "
                            "folder it encoded at that precision, or a ranges file); a handful of texts is no sample")
-    check_max_seq_length(max_seq_length, None)
-    folder = as_model_folder(model, trust_remote_code=trust_remote_code)  # opened once, handed to the loader
-    check_prompt_name(folder, prompt_name)
-    texts = read_texts(source, field)
-    st_model = load_encoder(folder or model, device=device, max_seq_length=max_seq_length, quantize=quantize,
-                            trust_remote_code=trust_remote_code, truncate_dim=truncate_dim, compile=compile)
+    folder = as_model_folder(model, trust_remote_code=options.trust_remote_code)  # opened once, for the loader
+    check_prompt_name(folder, options.prompt_name)
+    texts = read_texts(source, options.field)
+    st_model = load_encoder(folder or model, device=options.device, max_seq_length=options.max_seq_length,
+                            quantize=options.quantize, trust_remote_code=options.trust_remote_code,
+                            truncate_dim=options.truncate_dim, compile=options.compile)
     if calibration is not None:  # the ranges must be this model's, at this dimension
         identity = folder.identity if folder is not None else model_identity(
             model, getattr(st_model[0].auto_model.config, "_commit_hash", None))
         calibration.check(identity.as_dict(), st_model.truncate_dim or embedding_width(st_model))
-    embeddings = encode(st_model, texts, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
-                        show_progress_bar=show_progress_bar, precision=precision, calibration=calibration)
+    embeddings = encode(st_model, texts, prompt_name=options.prompt_name,
+                        max_tokens_per_batch=options.max_tokens_per_batch,
+                        show_progress_bar=options.show_progress_bar, precision=precision, calibration=calibration)
     # without --overwrite, a file that appeared while the texts were embedded is refused, never replaced
-    save_embeddings(embeddings, output, overwrite=overwrite)
+    save_embeddings(embeddings, output, overwrite=options.overwrite)
     return output, embeddings.shape

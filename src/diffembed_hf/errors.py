@@ -29,8 +29,25 @@ class UsageError(DiffembedError):
     exit_status = 2
 
 
+class OptionError(UsageError, ValueError):
+    """An option (a parameter of a library call, a field of an options object) out of its range. `option` is
+    the parameter's name, `problem` what is wrong with its value; the CLI names the flag that sets it instead."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option = option
+        self.problem = problem
+
+
 class OutputExistsError(UsageError, FileExistsError):
     """The output would replace something the user has; they must pass --overwrite (overwrite=True)."""
+
+
+class OutputAppearedError(OutputExistsError):
+    """The output appeared while the job ran (another process made it), so the finished work was not kept: a
+    failed job (exit status 1), not a wrong option."""
+
+    exit_status = 1
 
 
 class OutputLockedError(UsageError):
@@ -63,6 +80,10 @@ class ConversionError(DiffembedError, ValueError):
     """A checkpoint that cannot be converted; the message names the file, key or tensor at fault."""
 
 
+class ConversionUsageError(ConversionError, UsageError):
+    """A conversion asked wrongly (a missing source, an output that exists), found before any work."""
+
+
 class CorpusError(UsageError, ValueError):
     """A problem with the user's corpus or output folder, described in words (no traceback needed)."""
 
@@ -85,6 +106,11 @@ class PublishUsageError(PublishError, UsageError):
 
 class DataError(DiffembedError, ValueError):
     """A training file that cannot be used as it is; the message names the file and row."""
+
+
+class DataSourceError(DataError, UsageError):
+    """A training data source that cannot be one (a folder, an unknown file type, a missing file), found before
+    any work."""
 
 
 class ConfigError(UsageError, ValueError):

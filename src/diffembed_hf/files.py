@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError, OutputLockedError, UsageError
+from .errors import OutputAppearedError, OutputExistsError, OutputLockedError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def staged_folder(out: Path, *, resumable: bool = False, replace: bool = True) -
 
     The job must hold `output_lock` on `out` (or a folder above it), taken before it checked `out`: a check made
     without the lock says nothing about what another run publishes meanwhile. `replace=False` (no --overwrite)
-    also refuses, at publication, an `out` that is there by then (`OutputExistsError`, exit status 1).
+    also refuses, at publication, an `out` that is there by then (`OutputAppearedError`, exit status 1).
 
     `resumable=True` uses a stable name (`.OUT.partial`) that a failed or killed run leaves in place for the
     next run to continue from (the caller decides what in it can be kept)."""
@@ -139,8 +139,8 @@ def staged_folder(out: Path, *, resumable: bool = False, replace: bool = True) -
     try:
         yield work
         if not replace and (out.is_symlink() or out.exists() and not (out.is_dir() and not any(out.iterdir()))):
-            raise OutputExistsError(f"{out} appeared while this command ran, so nothing was written; pass --overwrite "
-                                    "to replace it", exit_status=1)
+            raise OutputAppearedError(f"{out} appeared while this command ran, so nothing was written; pass "
+                                      "--overwrite to replace it")
         move_into_place(work, out)
     except BaseException:
         if not resumable:
@@ -160,7 +160,7 @@ def staged_file(out: Path, *, replace: bool = True) -> Iterator[Path]:
 
     `replace=False` (no --overwrite) publishes only where nothing is at `out` by then, checked and created in one
     step (a hard link), so a file that another process made while this job ran is never replaced: that raises
-    `OutputExistsError` (exit status 1: the work was done, and is not kept)."""
+    `OutputAppearedError` (exit status 1: the work was done, and is not kept)."""
     out = final_path(out)
     tmp = temporary_sibling(out, "partial")
     try:
@@ -178,8 +178,8 @@ def staged_file(out: Path, *, replace: bool = True) -> Iterator[Path]:
 
 def _publish_new(tmp: Path, out: Path) -> None:
     apply_umask(tmp)
-    appeared = OutputExistsError(f"{out} appeared while this command ran, so nothing was written; pass --overwrite "
-                                 "to replace it", exit_status=1)
+    appeared = OutputAppearedError(f"{out} appeared while this command ran, so nothing was written; pass "
+                                   "--overwrite to replace it")
     try:
         os.link(tmp, out)  # fails if `out` exists, whoever made it and whenever
     except FileExistsError:

@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import register_auto_classes
+from .validation import MAX_SEQ_LENGTH
 
 logger = logging.getLogger(__name__)
 register_auto_classes()  # save_pretrained then copies the remote-code files into every folder it writes
@@ -38,7 +39,6 @@ TASK_PROMPTS = {
     ),
 }
 
-DEFAULT_MAX_SEQ_LENGTH = 4096  # the study's training and evaluation length
 
 
 def instruction_prompt(instruction: str | None) -> str:
@@ -80,7 +80,7 @@ def pooling_modes(pooling: dict) -> list[str]:
 def write_sentence_transformer_files(
     folder: str | Path,
     *,
-    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+    max_seq_length: int = MAX_SEQ_LENGTH,
     prompts: dict[str, str] | None = None,
     default_prompt_name: str | None = None,
     include_prompt: bool = True,

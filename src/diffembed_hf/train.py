@@ -36,14 +36,15 @@ from . import register_auto_classes
 from .checkpoint import ModelFolder, as_model_folder, base_reference, model_identity, read_json
 from .torchrun import torchrun_ranks
 from .data import ColumnMapping, load_training_data
-from .encoding import backbone, check_max_seq_length, load_encoder, set_backbone
+from .encoding import backbone, load_encoder, set_backbone
 from .errors import ConfigError, NonFiniteLossError, OutputExistsError, TrainingError
 from .evaluation.heldout import evaluate_model
 from .files import check_output_folder, output_lock, staged_folder, write_json
 from .model_card import write_model_card
 from .records import HeldoutEvaluation, TrainingRecord, TrainingRun
 from .device_settings import apply_threads, plan_training, resolve_device_settings
-from .sentence_transformer import (DEFAULT_MAX_SEQ_LENGTH, DEFAULT_QUERY_PROMPT, default_prompts, instruction_prompt,
+from .validation import MAX_SEQ_LENGTH, check_max_seq_length, is_non_negative_int, is_positive_int
+from .sentence_transformer import (DEFAULT_QUERY_PROMPT, default_prompts, instruction_prompt,
                                    write_sentence_transformer_files)
 
 try:  # sentence-transformers >= 6 moved these; 5.x has them only here
@@ -119,19 +120,17 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is None and name in optional:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ConfigError(f"{option} must be an integer >= 1, got {value!r}")
         for name in ("gradient_checkpointing", "bf16"):
             if getattr(self, name) not in (None, True, False):
                 raise ConfigError(f"{name} must be true, false or null (automatic), got {getattr(self, name)!r}")
-        if self.lora_layers is not None and (isinstance(self.lora_layers, bool) or
-                                             not isinstance(self.lora_layers, int) or self.lora_layers < 1):
+        if self.lora_layers is not None and not is_positive_int(self.lora_layers):
             raise ConfigError(f"--lora-layers must be an integer >= 1, got {self.lora_layers!r}")
         gradcache = self.gradcache_mini_batch_size
-        if gradcache is not None and (isinstance(gradcache, bool) or not isinstance(gradcache, int) or gradcache < 1):
+        if gradcache is not None and not is_positive_int(gradcache):
             raise ConfigError(f"--gradcache must be an integer >= 1, got {gradcache!r}")
-        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or
-                                              not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+        if self.warmup_steps is not None and not is_non_negative_int(self.warmup_steps):
             raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.warmup_ratio is not None and (isinstance(self.warmup_ratio, bool) or
                                               not isinstance(self.warmup_ratio, (int, float))
@@ -157,7 +156,7 @@ class TrainingConfig:
             except ValueError as err:
                 raise ConfigError(f"--matryoshka-dims: {err}") from None
         truncate = self.truncate_dim
-        if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1):
+        if truncate is not None and not is_positive_int(truncate):
             raise ConfigError(f"--truncate-dim must be an integer >= 1, got {truncate!r}")
         if truncate is not None and self.adapter_only:  # it would be silently dropped
             raise ConfigError("--truncate-dim is stored in a full model's sentence-transformers files, which "
@@ -280,7 +279,7 @@ def _resolve_settings(config: TrainingConfig, model: SentenceTransformer, data_s
                                        limit)
     apply_threads(settings)
     logger.info("%s.", settings.describe())
-    base_length = model.max_seq_length or min(limit or DEFAULT_MAX_SEQ_LENGTH, DEFAULT_MAX_SEQ_LENGTH)
+    base_length = model.max_seq_length or min(limit or MAX_SEQ_LENGTH, MAX_SEQ_LENGTH)
     saved = config.saved_max_seq_length or base_length
     logger.info("The saved model will carry max_seq_length %d (%s); training cuts inputs at %d tokens.", saved,
                 "as set" if config.saved_max_seq_length else "the base model's", settings.max_seq_length)
@@ -575,7 +574,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
     base = base_reference(getattr(source, "path", source), getattr(backbone(model).config, "_commit_hash", None))
     limit = getattr(backbone(model).config, "max_position_embeddings", None)
     check_max_seq_length(config.max_seq_length, limit)
-    check_max_seq_length(config.saved_max_seq_length, limit, option="--saved-max-seq-length")
+    check_max_seq_length(config.saved_max_seq_length, limit, name="saved_max_seq_length")
     config.resolve_dims(backbone(model).config.hidden_size)
     config, settings_record = _resolve_settings(config, model, data_split, limit)
     record = _run_record(source, model, [data] + ([eval_data] if eval_data else []), data_split, config,

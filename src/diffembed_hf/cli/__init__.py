@@ -19,7 +19,7 @@ import warnings
 from .. import __version__
 from ..errors import DiffembedError, one_line
 from . import convert, demo, encode, evaluate, export, push, reasonaug, train
-from .common import ArgumentParser, add_output_options, byte_size, fraction, positive_float, positive_int
+from .common import ArgumentParser, add_output_options, byte_size, error_message, fraction, positive_float, positive_int
 
 COMMANDS = (demo, train, encode, evaluate, convert, export, push, reasonaug)
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except DiffembedError as err:
         if args.debug:
             traceback.print_exc()
-        print(f"{command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {error_message(err)}", file=sys.stderr)
         return err.exit_status
     except Exception as err:  # noqa: BLE001 - a failure we did not foresee: still one line, traceback on request
         if args.debug:

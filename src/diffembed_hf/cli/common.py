@@ -7,7 +7,26 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import DiffembedError, UsageError
+from ..errors import DiffembedError, OptionError, UsageError
+
+# A library parameter -> the flag that sets it, where the flag is not the parameter's name with dashes.
+FLAGS = {
+    "stdlib_rows": "--max-heldout",
+    "gradcache_mini_batch_size": "--gradcache",
+    "show_progress_bar": "--progress",
+}
+
+
+def flag(option: str) -> str:
+    """The command-line flag that sets the library parameter `option`."""
+    return FLAGS.get(option) or "--" + option.replace("_", "-")
+
+
+def error_message(error: DiffembedError) -> str:
+    """What the CLI prints for a library error: an option out of range is named by its flag."""
+    if isinstance(error, OptionError):
+        return f"{flag(error.option)} {error.problem}"
+    return str(error)
 
 
 def _number(text: str, kind: type, what: str):

@@ -38,6 +38,17 @@ def add_parser(commands) -> None:
     conv.set_defaults(func=run)
 
 
+def convert_options(args: argparse.Namespace):
+    """The `ConvertOptions` of the command line."""
+    from ..convert import ConvertOptions
+
+    return ConvertOptions(
+        family=args.family, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+        max_seq_length=args.max_seq_length, allow_pickle=args.allow_pickle,
+        ignore_sliding_window=args.ignore_sliding_window, trust_remote_code=args.trust_remote_code,
+        revision=args.revision, gguf_file=args.gguf_file, dtype=args.dtype)
+
+
 def run(args: argparse.Namespace) -> int:
     if Path(args.output).exists() and not args.overwrite:  # at once, before the heavy imports
         raise UsageError(f"{Path(args.output).absolute()} already exists; pass --overwrite to replace it")
@@ -45,11 +56,6 @@ def run(args: argparse.Namespace) -> int:
 
     # SIGTERM (kill, a job scheduler) becomes SystemExit, so the half-built temporary folder is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    output = convert_checkpoint(
-        args.source, args.output, family=args.family, overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size, max_seq_length=args.max_seq_length, allow_pickle=args.allow_pickle,
-        ignore_sliding_window=args.ignore_sliding_window, trust_remote_code=args.trust_remote_code,
-        revision=args.revision, gguf_file=args.gguf_file, dtype=args.dtype,
-    )
+    output = convert_checkpoint(args.source, args.output, convert_options(args))
     print(f"DiffEmbed folder: {output}")
     return 0

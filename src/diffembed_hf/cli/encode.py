@@ -88,34 +88,45 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("file mode (a .npy or .safetensors --output) runs in one process; under torchrun give "
                          "--output a folder (corpus mode), whose shards the ranks share")
 
-    output, shape = encode_file(
-        args.model, args.input, args.output, field=args.field, prompt_name=args.prompt_name,
-        max_seq_length=args.max_seq_length, max_tokens_per_batch=args.max_tokens_per_batch, dtype=args.dtype,
-        device=args.device, quantize=args.quantize, overwrite=args.overwrite, show_progress_bar=args.progress,
-        trust_remote_code=args.trust_remote_code, truncate_dim=args.truncate_dim, precision=args.precision,
-        calibration=calibration, compile=args.compile)
+    output, shape = encode_file(args.model, args.input, args.output, encode_options(args, calibration))
     precision = args.precision or args.dtype
     print(f"{shape[0]} embeddings ({precision}, {shape[1]} values per row) -> {output}", file=sys.stderr)
     return 0
 
 
+def encode_options(args: argparse.Namespace, calibration=None):
+    """File mode's `EncodeOptions` from the command line."""
+    from ..encoding import EncodeOptions
+
+    return EncodeOptions(**_shared(args, calibration), field=args.field)
+
+
+def corpus_options(args: argparse.Namespace, calibration=None):
+    """Corpus mode's `CorpusOptions` from the command line (an option not given keeps the library's default)."""
+    from ..corpus import CorpusOptions
+
+    given = {name: getattr(args, name) for name in ("field", "shard_size", "calibration_rows")
+             if getattr(args, name) is not None}
+    return CorpusOptions(**_shared(args, calibration), **given, id_field=args.id_field, title_field=args.title_field,
+                         split=args.split, subset=args.subset, skip_bad_rows=args.skip_bad_rows, ray=args.ray)
+
+
+def _shared(args: argparse.Namespace, calibration) -> dict:
+    return dict(prompt_name=args.prompt_name, max_seq_length=args.max_seq_length,
+                max_tokens_per_batch=args.max_tokens_per_batch, dtype=args.dtype, precision=args.precision,
+                truncate_dim=args.truncate_dim, calibration=calibration, device=args.device, quantize=args.quantize,
+                compile=args.compile, overwrite=args.overwrite, show_progress_bar=args.progress,
+                trust_remote_code=args.trust_remote_code)
+
+
 def _corpus(args: argparse.Namespace, calibration) -> int:
     """Corpus mode: shards + manifest in a folder, resumable; under torchrun every rank runs this."""
-    from ..compact import DEFAULT_CALIBRATION_ROWS
-    from ..corpus import DEFAULT_SHARD_SIZE, encode_corpus
+    from ..corpus import encode_corpus
     from ..torchrun import torchrun_ranks
 
     rank = torchrun_ranks().rank  # a stray RANK or WORLD_SIZE is refused here, naming it
     try:  # the library checks the options before it touches a model or a file
-        result = encode_corpus(
-            args.model, args.input, args.output, field=args.field or "text", id_field=args.id_field,
-            title_field=args.title_field, split=args.split, subset=args.subset, prompt_name=args.prompt_name,
-            shard_size=args.shard_size or DEFAULT_SHARD_SIZE, dtype=args.dtype,
-            max_tokens_per_batch=args.max_tokens_per_batch, max_seq_length=args.max_seq_length,
-            skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, show_progress_bar=args.progress,
-            device=args.device, quantize=args.quantize, trust_remote_code=args.trust_remote_code, ray=args.ray,
-            truncate_dim=args.truncate_dim, precision=args.precision, calibration=calibration,
-            calibration_rows=args.calibration_rows or DEFAULT_CALIBRATION_ROWS, compile=args.compile)
+        result = encode_corpus(args.model, args.input, args.output, corpus_options(args, calibration))
     except DiffembedError as err:
         if rank == 0:  # under torchrun a failure on any rank is reported once, by rank 0
             raise

@@ -52,6 +52,19 @@ def add_parser(commands) -> None:
     ev.set_defaults(func=run)
 
 
+def evaluate_options(args: argparse.Namespace):
+    """The `EvaluateOptions` of the command line."""
+    from ..evaluation.run import EvaluateOptions
+
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
+    return EvaluateOptions(
+        suite=args.suite, tasks=tasks, data=args.data, instructions=args.instructions, query_prompt=args.query_prompt,
+        max_seq_length=args.max_seq_length, max_tokens_per_batch=args.max_tokens_per_batch,
+        stdlib_rows=args.max_heldout, truncate_dim=args.truncate_dim, precision=args.precision,
+        rescore=args.rescore, calibration=args.calibration, calibration_rows=args.calibration_rows,
+        device=args.device, compile=args.compile, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.estimate:  # config.json only; mteb's task data and the corpus vectors are not counted
         check_device(args.device)
@@ -61,20 +74,10 @@ def run(args: argparse.Namespace) -> int:
     require_extra("eval", what="evaluation")
     from datasets.utils.logging import disable_progress_bar
 
-    from ..compact import load_calibration
     from ..evaluation.run import evaluate
 
-    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
     disable_progress_bar()  # mteb's per-split data reshaping; the encoder shows the bar that matters
-    result = evaluate(
-        args.model, suite=args.suite, tasks=tasks, data=args.data,
-        output=args.output, instructions=args.instructions, query_prompt=args.query_prompt,
-        max_seq_length=args.max_seq_length, max_tokens_per_batch=args.max_tokens_per_batch,
-        overwrite=args.overwrite, device=args.device, stdlib_rows=args.max_heldout,
-        trust_remote_code=args.trust_remote_code, truncate_dim=args.truncate_dim, precision=args.precision,
-        rescore=args.rescore, calibration=load_calibration(args.calibration) if args.calibration else None,
-        calibration_rows=args.calibration_rows, compile=args.compile,
-    )
+    result = evaluate(args.model, evaluate_options(args), output=args.output)
     print(result.table)
     print(f"results (mteb's files, summary.json, run.json): {result.output}")
     return 0

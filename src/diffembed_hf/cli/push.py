@@ -41,16 +41,22 @@ def add_parser(commands) -> None:
     pub.set_defaults(func=run)
 
 
+def push_options(args: argparse.Namespace):
+    """The `PushOptions` of the command line."""
+    from ..publish import PushOptions
+
+    return PushOptions(
+        token=args.token, private=True if args.private else None, revision=args.revision, create_pr=args.create_pr,
+        commit_message=args.commit_message, dry_run=args.dry_run, merge_adapter=args.merge,
+        base_model=args.base_model, license=args.license, language=args.language, card=args.card,
+        write_card=args.write_card, overwrite_card=args.overwrite_card, validate=not args.skip_validation,
+        eval_results=args.eval_results, trust_remote_code=args.trust_remote_code)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..publish import push
 
-    result = push(
-        args.folder, args.repo_id, token=args.token, private=True if args.private else None,
-        revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
-        dry_run=args.dry_run, merge_adapter=args.merge, base_model=args.base_model, license=args.license,
-        language=args.language, card=args.card, write_card=args.write_card, overwrite_card=args.overwrite_card,
-        validate=not args.skip_validation, eval_results=args.eval_results, trust_remote_code=args.trust_remote_code,
-    )
+    result = push(args.folder, args.repo_id, push_options(args))
     if args.dry_run:
         checked = "NOT validated" if args.skip_validation else "validated (AutoModel + SentenceTransformer, offline)"
         print(f"Dry run: nothing was sent. {len(result)} files would be pushed to {args.repo_id}, {checked}:")

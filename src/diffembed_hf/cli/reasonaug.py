@@ -64,20 +64,25 @@ def _counts(counts: dict) -> str:
     return ", ".join(f"{name} {value}" for name, value in counts.items()) or "none"
 
 
+def reasonaug_options(args: argparse.Namespace):
+    """The `ReasonAugOptions` of the command line."""
+    from ..reasonaug.pipeline import ReasonAugOptions
+
+    return ReasonAugOptions(
+        model=args.model, base_url=args.base_url, prompts=args.prompts, problems_per_concept=args.problems_per_concept,
+        seed=args.seed, temperature=args.temperature, max_tokens=args.max_tokens, answer_retries=args.answer_retries,
+        heldout_fraction=args.heldout_fraction, workers=args.workers, timeout=args.timeout,
+        max_retries=args.max_retries, batch_file=args.batch_file, from_batch_output=args.from_batch_output,
+        overwrite=args.overwrite, show_progress=args.progress)
+
+
 def run(args: argparse.Namespace) -> int:
     require_extra("reasonaug")
     from ..reasonaug.answers import FAILURES
     from ..reasonaug.client import TRANSIENT
     from ..reasonaug.pipeline import generate_reasonaug
 
-    result = generate_reasonaug(
-        args.concepts, args.output, model=args.model, base_url=args.base_url,
-        problems_per_concept=args.problems_per_concept, workers=args.workers, seed=args.seed, prompts=args.prompts,
-        temperature=args.temperature, max_tokens=args.max_tokens, answer_retries=args.answer_retries,
-        heldout_fraction=args.heldout_fraction, timeout=args.timeout, max_retries=args.max_retries,
-        batch_file=args.batch_file, from_batch_output=args.from_batch_output, overwrite=args.overwrite,
-        show_progress=args.progress,
-    )
+    result = generate_reasonaug(args.concepts, args.output, reasonaug_options(args))
     traffic = result.traffic
     if args.from_batch_output:
         print(f"batch output: {traffic['batch_lines_journaled']} answers journaled, failed lines: "

@@ -7,7 +7,8 @@
 
 from ..errors import ConversionError
 from .families import FAMILIES, Family, detect_family
-from .folder import convert_checkpoint
+from .folder import ConvertOptions, convert_checkpoint
 from ..files import parse_size
 
-__all__ = ["ConversionError", "FAMILIES", "Family", "convert_checkpoint", "detect_family", "parse_size"]
+__all__ = ["ConversionError", "ConvertOptions", "FAMILIES", "Family", "convert_checkpoint", "detect_family",
+           "parse_size"]

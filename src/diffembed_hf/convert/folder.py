@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -44,13 +45,14 @@ from ..checkpoint import (
     is_hub_id,
     read_json_or_empty,
 )
-from ..errors import ConversionError, UsageError, one_line
+from ..errors import ConversionError, ConversionUsageError, UsageError, one_line
 from ..files import check_parent_writable, output_lock, parse_size, staged_folder, write_json
 from ..model_card import write_model_card
 from ..records import ConversionRecord, GgufSource
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..sentence_transformer import write_sentence_transformer_files
-from .gguf import DEFAULT_GGUF_DTYPE, dequantized_checkpoint, find_gguf_file
+from ..validation import MAX_SEQ_LENGTH, check_choice, check_max_seq_length, read_options, with_overrides
+from .gguf import DEFAULT_GGUF_DTYPE, GGUF_DTYPES, dequantized_checkpoint, find_gguf_file
 from .families import FAMILIES, Family, build_config, detect_family, sliding_window_cap
 from .weights import DEFAULT_MAX_SHARD_SIZE, plan_tensors, read_source_tensors, write_weights
 
@@ -58,7 +60,6 @@ logger = logging.getLogger(__name__)
 register_auto_classes()
 
 # Embedders rarely see longer inputs, and attention cost grows with the square of the length.
-DEFAULT_MAX_SEQ_LENGTH = 4096
 
 
 # Remote-code tokenizer classes with a transformers equivalent: Dream's tokenization_dream.DreamTokenizer is
@@ -140,7 +141,7 @@ def _resolve_source(src: str | os.PathLike, revision: Optional[str], allow_pickl
         return path, None
     repo_id = str(src)
     if not is_hub_id(repo_id):
-        raise ConversionError(f"source folder {path} does not exist (and {repo_id!r} is not a Hub id)", exit_status=2)
+        raise ConversionUsageError(f"source folder {path} does not exist (and {repo_id!r} is not a Hub id)")
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import OfflineModeIsEnabled
 
@@ -167,30 +168,14 @@ def _resolve_source(src: str | os.PathLike, revision: Optional[str], allow_pickl
 # ----------------------------------------------------------------------------------------------------------
 
 
-def convert_checkpoint(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    family: Optional[str] = None,
-    overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    max_seq_length: Optional[int] = None,
-    allow_pickle: bool = False,
-    ignore_sliding_window: bool = False,
-    trust_remote_code: bool = False,
-    revision: Optional[str] = None,
-    gguf_file: Optional[str] = None,
-    dtype: Optional[str] = None,
-    provenance: Optional[dict] = None,
-) -> Path:
-    """Convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint into a DiffEmbed folder at `out`.
+@dataclass
+class ConvertOptions:
+    """How `convert_checkpoint` reads its source and writes the DiffEmbed folder, checked once, here. Load them
+    from JSON with `from_file`.
 
-    Args:
-        src: a local checkpoint folder (config.json, safetensors weights, tokenizer files), a Hub id, or a GGUF
-            file (MODEL.gguf, or a folder holding one), dequantized by transformers' GGUF loading (`convert.gguf`).
-        out: the folder to create. It must not exist unless `overwrite`, which replaces it only once the new
-            folder is complete.
+    Attributes:
         family: force the source family (one of `FAMILIES`) instead of reading config.json's model_type.
+        overwrite: replace an existing `out`, only once the new folder is complete.
         max_shard_size: output shard cap in bytes or as "5GB" / "500MiB".
         max_seq_length: sentence-transformers' truncation length; defaults to min(source max positions, 4096).
         allow_pickle: accept `.bin` weights, loaded with `torch.load(weights_only=True)`.
@@ -199,42 +184,71 @@ def convert_checkpoint(
         revision: Hub revision, for a Hub id.
         gguf_file: the GGUF file inside folder `src`, where the folder holds several.
         dtype: what a GGUF source is dequantized to (float32, bfloat16 or float16; default float32).
-        provenance: for an intermediate folder (a dequantized GGUF): the `source`, command-line `options` and
-            `gguf` record that the conversion record gives instead of the intermediate folder's.
+    """
+
+    family: Optional[str] = None
+    overwrite: bool = False
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    max_seq_length: Optional[int] = None
+    allow_pickle: bool = False
+    ignore_sliding_window: bool = False
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+    dtype: Optional[str] = None
+
+    def __post_init__(self):
+        check_max_seq_length(self.max_seq_length)
+        check_choice("dtype", self.dtype, tuple(GGUF_DTYPES), optional=True)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides) -> ConvertOptions:
+        """The options a JSON file of field values sets, `overrides` winning; unknown keys are an error."""
+        return read_options(cls, path, "conversion", **overrides)
+
+
+def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions | None = None,
+                       **overrides) -> Path:
+    """Convert a Dream / LLaDA / Qwen2 / Llama / Mistral checkpoint into a DiffEmbed folder at `out`, as
+    `options` (a `ConvertOptions`, or its fields as keywords, e.g. `max_seq_length=512`) say.
+
+    Args:
+        src: a local checkpoint folder (config.json, safetensors weights, tokenizer files), a Hub id, or a GGUF
+            file (MODEL.gguf, or a folder holding one), dequantized by transformers' GGUF loading (`convert.gguf`).
+        out: the folder to create. It must not exist unless `overwrite`, which replaces it only once the new
+            folder is complete.
+        options: see `ConvertOptions`.
 
     Returns the output folder. Raises `ConversionError` (naming the file, key or tensor) and leaves no `out`.
     """
+    o = with_overrides(ConvertOptions, options, overrides)
+    family, overwrite, max_seq_length, dtype, gguf_file = o.family, o.overwrite, o.max_seq_length, o.dtype, o.gguf_file
     out = Path(out).expanduser().absolute()
-    if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
-                                       or max_seq_length < 1):
-        raise ConversionError(f"max_seq_length (--max-seq-length) must be an integer >= 1, got {max_seq_length!r}",
-                              exit_status=2)
     try:
         check_parent_writable(out)
     except UsageError as err:
-        raise ConversionError(str(err), exit_status=2) from None
+        raise ConversionUsageError(str(err)) from None
     try:
-        shard_bytes = parse_size(max_shard_size)
+        shard_bytes = parse_size(o.max_shard_size)
     except UsageError as err:
-        raise ConversionError(str(err), exit_status=2) from None
+        raise ConversionUsageError(str(err)) from None
     with output_lock(out):  # first: only a check made under the lock holds until the folder is published
         if out.exists() and not overwrite:
-            raise ConversionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it",
-                                  exit_status=2)
+            raise ConversionUsageError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
         if out.exists() and not out.is_dir():
-            raise ConversionError(f"{out} exists and is not a folder", exit_status=2)
+            raise ConversionUsageError(f"{out} exists and is not a folder")
         gguf_path = find_gguf_file(src, gguf_file)
         if gguf_path is None:
             return _convert(src, out, family=family, overwrite=overwrite, shard_bytes=shard_bytes,
-                            max_seq_length=max_seq_length, allow_pickle=allow_pickle,
-                            ignore_sliding_window=ignore_sliding_window, trust_remote_code=trust_remote_code,
-                            revision=revision, dtype=dtype, provenance=provenance)
+                            max_seq_length=max_seq_length, allow_pickle=o.allow_pickle,
+                            ignore_sliding_window=o.ignore_sliding_window, trust_remote_code=o.trust_remote_code,
+                            revision=o.revision, dtype=dtype, provenance=None)
         with dequantized_checkpoint(gguf_path, out, dtype) as (checkpoint, info):
             record = {"source": str(src), "options": {"--gguf-file": gguf_file, "--dtype": dtype},
                       "gguf": info.record(dtype or DEFAULT_GGUF_DTYPE)}
             return _convert(checkpoint, out, family=family, overwrite=overwrite, shard_bytes=shard_bytes,
                             max_seq_length=max_seq_length, allow_pickle=False,
-                            ignore_sliding_window=ignore_sliding_window, trust_remote_code=False, revision=None,
+                            ignore_sliding_window=o.ignore_sliding_window, trust_remote_code=False, revision=None,
                             dtype=None, provenance=record)
 
 
@@ -271,9 +285,9 @@ def _convert(src: str | Path, out: Path, *, family: Optional[str], overwrite: bo
     plan = plan_tensors(tensors, fam, config)
     requested_length = max_seq_length
     if max_seq_length is None:
-        max_seq_length = min(config.max_position_embeddings, window or math.inf, DEFAULT_MAX_SEQ_LENGTH)
-    elif not 0 < max_seq_length <= config.max_position_embeddings:
-        raise ConversionError(f"max_seq_length must be in [1, {config.max_position_embeddings}], got {max_seq_length}")
+        max_seq_length = min(config.max_position_embeddings, window or math.inf, MAX_SEQ_LENGTH)
+    else:
+        check_max_seq_length(max_seq_length, config.max_position_embeddings)
     tokenizer = _load_tokenizer(folder, source_config, trust_remote_code)
 
     with staged_folder(out, replace=overwrite) as tmp:

@@ -33,6 +33,7 @@ import torch
 
 from ..errors import ConversionError, UsageError, require_extra
 from ..files import remove_stale_temp_folders, temporary_sibling
+from ..validation import is_non_negative_int, is_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def _read_header(cursor: _Cursor, sizes: dict, types) -> GGUFHeader:
             raise cursor.fail(f"the tensor {name} appears twice")
         tensors[name] = GGUFTensor(shape, tensor_type, offset, math.prod(shape) // block * block_bytes)
     alignment = metadata.get("general.alignment", 32)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1 or alignment & (alignment - 1):
+    if not is_positive_int(alignment) or alignment & (alignment - 1):
         raise cursor.fail(f"general.alignment is {alignment!r}, not a power of two")
     data_start = -(-cursor.pos // alignment) * alignment
     for name, tensor in tensors.items():
@@ -311,7 +312,7 @@ def check_gguf_contents(info: GGUFInfo) -> None:
 
     def number(key: str, default: int | None = None) -> int:
         value = metadata.get(f"{arch}.{key}", default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_positive_int(value):
             shown = "missing" if value is None else f"{value!r}"
             raise ConversionError(f"{path}: the metadata {arch}.{key} is {shown}; a positive whole number is needed")
         return value
@@ -390,8 +391,7 @@ def _check_tokenizer(info: GGUFInfo) -> int:
     for role in ("bos", "eos", "unknown", "padding"):
         key = f"tokenizer.ggml.{role}_token_id"
         value = metadata.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or not 0 <= value < tokens.count):
+        if value is not None and (not is_non_negative_int(value) or value >= tokens.count):
             raise ConversionError(f"{path}: the tokenizer's {key} is {value!r}, not one of its {tokens.count:,} "
                                   "tokens")
     return tokens.count

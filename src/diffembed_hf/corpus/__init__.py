@@ -4,7 +4,7 @@ process, every rank of a torchrun job, or a Ray cluster (`ray_data`, extra `[ray
 from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder
 from ..errors import CorpusError
 from .embed import embed_texts, visible_devices
-from .encode import DEFAULT_SHARD_SIZE, CorpusResult, encode_corpus
+from .encode import DEFAULT_SHARD_SIZE, CorpusOptions, CorpusResult, encode_corpus
 from .read import CorpusSource, iter_rows, join_title
 
 
@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_MAX_TOKENS_PER_BATCH",
     "DEFAULT_SHARD_SIZE",
     "CorpusError",
+    "CorpusOptions",
     "CorpusResult",
     "CorpusSource",
     "Encoder",

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, progress_bar, warn_truncated
+from ..batching import progress_bar, warn_truncated
 from ..checkpoint import as_model_folder
-from ..compact import DEFAULT_CALIBRATION_ROWS, PRECISIONS, CalibrationRanges, resolve_precision
-from ..encoding import check_max_seq_length, check_prompt_name
+from ..compact import DEFAULT_CALIBRATION_ROWS
+from ..encoding import EncodeOptions, check_prompt_name
+from ..errors import OptionError
 from ..files import final_path, output_lock
+from ..validation import check_positive_int, is_positive_int, read_options, with_overrides
 from ..torchrun import torchrun_ranks
 from . import distributed
 from .job import CorpusResult, load, plan_job
@@ -43,16 +46,6 @@ def as_source(source, field, id_field, title_field, split, subset) -> CorpusSour
     return CorpusSource("dataset", field, id_field, title_field, dataset=source)
 
 
-def check_options(shard_size: int, dtype: str, max_tokens_per_batch: int) -> None:
-    """Numeric and choice options, checked before any work."""
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise CorpusError(f"--shard-size must be at least 1, got {shard_size}")
-    if dtype not in PRECISIONS:
-        raise CorpusError(f"--precision must be one of {', '.join(PRECISIONS)}, got {dtype}")
-    if isinstance(max_tokens_per_batch, bool) or not isinstance(max_tokens_per_batch, int) or max_tokens_per_batch < 1:
-        raise CorpusError(f"--max-tokens-per-batch must be at least 1, got {max_tokens_per_batch}")
-
-
 def check_locations(source: CorpusSource, output_dir: Path) -> None:
     """The output folder must not lie inside the input folder (a rerun would read its own shards as input)."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -68,45 +61,51 @@ def check_locations(source: CorpusSource, output_dir: Path) -> None:
                                   f"{through}; choose an output outside it")
 
 
-def encode_corpus(
-    model: str,
-    source: str | CorpusSource | Any,
-    output_dir: str | Path,
-    *,
-    field: str = "text",
-    id_field: str | None = None,
-    title_field: str | None = None,
-    split: str | None = None,
-    subset: str | None = None,
-    prompt: str | None = None,
-    prompt_name: str | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    dtype: str = "float32",
-    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
-    max_seq_length: int | None = None,
-    skip_bad_rows: bool = False,
-    overwrite: bool = False,
-    device: str | None = None,
-    show_progress_bar: bool | None = None,
-    quantize: str | None = None,
-    trust_remote_code: bool = False,
-    ray: str | None = None,
-    num_actors: int | None = None,
-    truncate_dim: int | None = None,
-    precision: str | None = None,
-    calibration: CalibrationRanges | None = None,
-    calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
-    compile: bool = False,
-) -> CorpusResult:
+@dataclass
+class CorpusOptions(EncodeOptions):
+    """How `encode_corpus` embeds a corpus: `EncodeOptions` plus the corpus's fields, its shards and where they
+    are computed (this process, torchrun's ranks, or Ray), checked once, here."""
+
+    field: str = "text"
+    id_field: str | None = None  # None: _id, else id, else the row number
+    title_field: str | None = None  # a title joined to the text as mteb does
+    split: str | None = None  # a Hub dataset's split (None: its only one)
+    subset: str | None = None  # a Hub dataset's configuration
+    prompt: str | None = None  # text put before every row (instead of a stored `prompt_name`)
+    shard_size: int = DEFAULT_SHARD_SIZE  # input rows per shard
+    skip_bad_rows: bool = False  # leave out rows without a string text (counted in the manifest)
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS  # int8/uint8: the sample the ranges come from
+    ray: str | None = None  # "auto", "host:port" or "local": spread the shards over a Ray cluster
+    num_actors: int | None = None  # Ray actors (None: one per GPU, else one per CPU)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_int("shard_size", self.shard_size)
+        check_positive_int("num_actors", self.num_actors, optional=True)
+        if not is_positive_int(self.calibration_rows) or self.calibration_rows < 2:
+            raise OptionError("calibration_rows", f"must be an integer >= 2, got {self.calibration_rows!r}")
+        if self.ray is not None and self.device is not None:
+            raise CorpusError("device does not apply with Ray (--ray): Ray places one actor per GPU (CPU where none)")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> CorpusOptions:
+        """The options a JSON file of field values sets, `overrides` winning; unknown keys are an error."""
+        return read_options(cls, path, "corpus", **overrides)
+
+
+def encode_corpus(model: str, source: str | CorpusSource | Any, output_dir: str | Path,
+                  options: CorpusOptions | None = None, **overrides) -> CorpusResult:
     """Embed a corpus (a JSON-lines, CSV or parquet file, a folder of them, a Hub dataset id, or a `datasets`
     dataset; read as docs/guides/input-files.md says) into `output_dir`: `part-NNNNN.parquet` shards of `shard_size`
-    input rows plus the manifest.
+    input rows plus the manifest. `options` is a `CorpusOptions`; its fields may also be given as keywords
+    (`encode_corpus(model, source, out, shard_size=1000)`), over `options` where both are given.
 
     Rerunning resumes (complete shards are verified and kept); other settings are refused unless `overwrite`.
     Under torchrun every rank calls this: rank r computes shards r, r + WORLD_SIZE, ... on its LOCAL_RANK GPU.
     `ray="auto"` (or "host:port", or "local" for a new local instance; extra `[ray]`) spreads the shards over a
     Ray cluster's actor pool instead (`num_actors`: default one per GPU, else one per CPU); the output is the
-    same. Raises `CorpusError` for a problem with the input, the options or the output folder.
+    same. Raises `CorpusError` for a problem with the input or the output folder, `OptionError` for an option
+    out of its range.
 
     `truncate_dim` (default: the model's stored one) keeps the first dimensions, renormalised; `precision`
     (`compact.PRECISIONS`; default `dtype`) stores float16, int8/uint8 codes or packed binary bits. int8/uint8 use
@@ -114,26 +113,23 @@ def encode_corpus(
     evenly spread sample of `calibration_rows` rows, stored in the manifest for the queries. `compile` compiles
     every process's model (`encoding.compile_backbone`); the vectors are the same, so it is no manifest setting.
     """
-    dtype = resolve_precision(dtype, precision)
-    check_options(shard_size, dtype, max_tokens_per_batch)
-    check_calibration_rows(calibration_rows)
-    check_max_seq_length(max_seq_length, None)
-    folder = as_model_folder(model, trust_remote_code=trust_remote_code)  # opened once, handed to every loader
-    check_prompt_name(folder, prompt_name)
+    o = with_overrides(CorpusOptions, options, overrides)
+    dtype = o.stored_precision
+    folder = as_model_folder(model, trust_remote_code=o.trust_remote_code)  # opened once, handed to every loader
+    check_prompt_name(folder, o.prompt_name)
     model = folder or model
-    source = as_source(source, field, id_field, title_field, split, subset)
+    source = as_source(source, o.field, o.id_field, o.title_field, o.split, o.subset)
     output_dir = final_path(Path(output_dir))  # a link the user made for OUT is followed, even to a new folder
     check_locations(source, output_dir)
-    check_first_row(source, skip_bad_rows=skip_bad_rows)  # a wrong --input or --field, before the model loads
-    options = dict(prompt=prompt, prompt_name=prompt_name, max_tokens_per_batch=max_tokens_per_batch,
-                   max_seq_length=max_seq_length, quantize=quantize, trust_remote_code=trust_remote_code,
-                   truncate_dim=truncate_dim, compile=compile)
-    job_options = dict(shard_size=shard_size, dtype=dtype, skip_bad_rows=skip_bad_rows, overwrite=overwrite,
-                       quantize=quantize, truncate_dim=truncate_dim, calibration=calibration,
-                       calibration_rows=calibration_rows)
+    check_first_row(source, skip_bad_rows=o.skip_bad_rows)  # a wrong --input or --field, before the model loads
+    options = dict(prompt=o.prompt, prompt_name=o.prompt_name, max_tokens_per_batch=o.max_tokens_per_batch,
+                   max_seq_length=o.max_seq_length, quantize=o.quantize, trust_remote_code=o.trust_remote_code,
+                   truncate_dim=o.truncate_dim, compile=o.compile)
+    job_options = dict(shard_size=o.shard_size, dtype=dtype, skip_bad_rows=o.skip_bad_rows, overwrite=o.overwrite,
+                       quantize=o.quantize, truncate_dim=o.truncate_dim, calibration=o.calibration,
+                       calibration_rows=o.calibration_rows)
+    ray, device, show_progress_bar, num_actors = o.ray, o.device, o.show_progress_bar, o.num_actors
     if ray is not None:
-        if device is not None:
-            raise CorpusError("device does not apply with Ray (--ray): Ray places one actor per GPU (CPU where none)")
         from .ray_data import encode_on_ray
 
         with output_lock(output_dir):  # one job per output folder
@@ -179,7 +175,3 @@ def encode_corpus(
     return CorpusResult(output_dir, sum(i.rows for i in everyone), job.plan.num_shards,
                         sorted(i.index for i in everyone if i.computed), job.plan.skipped, manifest)
 
-
-def check_calibration_rows(rows: int) -> None:
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 2:
-        raise CorpusError(f"--calibration-rows must be at least 2, got {rows}")

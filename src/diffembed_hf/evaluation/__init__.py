@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from ..errors import EvaluationError
 
-__all__ = ["EvaluationError", "evaluate"]
+__all__ = ["EvaluateOptions", "EvaluationError", "evaluate"]
+
+
+def __getattr__(name: str):
+    if name == "EvaluateOptions":  # its module runs mteb only when `evaluate` is called
+        from .run import EvaluateOptions
+
+        return EvaluateOptions
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def evaluate(*args, **kwargs):

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import __version__
+from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH
 from ..checkpoint import EVAL_RUN, ModelFolder, ModelIdentity, as_model_folder, model_identity
-from ..compact import DEFAULT_CALIBRATION_ROWS, CalibrationRanges, Compaction
-from ..errors import EvaluationError, OutputExistsError, require_extra
+from ..compact import DEFAULT_CALIBRATION_ROWS, CalibrationRanges, Compaction, load_calibration
+from ..errors import EvaluationError, OptionError, OutputExistsError, require_extra
 from ..files import output_lock, partial_folder, staged_folder, write_json
+from ..validation import check_max_seq_length, check_positive_int, is_positive_int, read_options, with_overrides
 from .suites import SUITE_MAX_SEQ_LENGTH, close_matches, suite_task, suite_tasks
 from .summary import (
     Summary,
@@ -132,19 +134,6 @@ def resolve_tasks(*, suite: str | None, tasks: list[str] | None, data: list[str 
     if len(set(names)) != len(names):
         raise EvaluationError(f"two data folders give the same task name: {names}; rename one folder")
     return resolved
-
-
-def _check_options(*, suite: str | None, data: list | None, query_prompt: str | None,
-                   stdlib_rows: int | None) -> None:
-    """Options that only some task sources use are refused with the others, never silently ignored."""
-    if query_prompt is not None and not data:
-        raise EvaluationError(
-            "--query-prompt (query_prompt=) applies to --data tasks only: suite and mteb tasks put each task's own "
-            "instruction before the queries (change it with --instructions FILE), and --suite stdlib's queries "
-            "carry theirs already")
-    if stdlib_rows is not None and suite != "stdlib":
-        raise EvaluationError("--max-heldout (stdlib_rows=) applies to --suite stdlib only: it is the number of "
-                              "held-out rows of that task")
 
 
 def _check_output(output: Path) -> None:
@@ -283,30 +272,67 @@ def summarize(task, task_result) -> dict[str, Any]:
     return summary
 
 
-def evaluate(
-    model: str,
-    *,
-    suite: str | None = None,
-    tasks: list[str] | None = None,
-    data: list[str | Path] | str | Path | None = None,
-    output: str | Path,
-    instructions: str | Path | dict[str, str] | None = None,
-    query_prompt: str | None = None,
-    max_seq_length: int | None = None,
-    max_tokens_per_batch: int | None = None,
-    overwrite: bool = False,
-    device: str | None = None,
-    stdlib_rows: int | None = None,
-    trust_remote_code: bool = False,
-    truncate_dim: int | None = None,
-    precision: str = "float32",
-    rescore: int | None = None,
-    calibration: CalibrationRanges | None = None,
-    calibration_rows: int = DEFAULT_CALIBRATION_ROWS,
-    compile: bool = False,
-) -> EvaluationResult:
+@dataclass
+class EvaluateOptions:
+    """What `evaluate` runs and how: the tasks (exactly one of `suite`, `tasks`, `data`), their prompts, the
+    model's settings and the compact vectors, checked once, here. Load them from JSON with `from_file`."""
+
+    suite: str | None = None  # the study's suites (`suites.SUITES`), e.g. "longembed"
+    tasks: list[str] | None = None  # mteb task names
+    data: list[str | Path] | str | Path | None = None  # local BEIR folders
+    instructions: str | Path | dict[str, str] | None = None  # task name -> instruction (a JSON file or a dict)
+    query_prompt: str | None = None  # the instruction before the queries of `data` tasks
+    max_seq_length: int | None = None  # None: the suite's protocol, else the model's own
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH  # real tokens per forward pass (no padding)
+    stdlib_rows: int | None = None  # `suite="stdlib"`: the held-out rows of its task
+    truncate_dim: int | None = None  # None: the model's stored one
+    precision: str = "float32"  # compact.PRECISIONS; the compact ones on retrieval tasks
+    rescore: int | None = None  # binary: candidates per query rescored with the float query
+    calibration: CalibrationRanges | str | Path | None = None  # int8/uint8 ranges (None: from each corpus)
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS  # int8/uint8: each corpus's sample for its ranges
+    device: str | None = None
+    compile: bool = False  # torch.compile the model's forward
+    overwrite: bool = False  # replace another model's results in the output
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.data, (str, Path)):
+            self.data = [self.data]
+        check_max_seq_length(self.max_seq_length)
+        check_positive_int("max_tokens_per_batch", self.max_tokens_per_batch)
+        check_positive_int("stdlib_rows", self.stdlib_rows, optional=True)
+        check_positive_int("truncate_dim", self.truncate_dim, optional=True)
+        if not is_positive_int(self.calibration_rows) or self.calibration_rows < 2:
+            raise OptionError("calibration_rows", f"must be an integer >= 2, got {self.calibration_rows!r}")
+        if isinstance(self.calibration, (str, Path)):
+            self.calibration = load_calibration(self.calibration)
+        self.compaction()  # precision and rescore
+        # options that only some task sources use are refused with the others, never silently ignored
+        if self.query_prompt is not None and not self.data:
+            raise EvaluationError(
+                "--query-prompt (query_prompt=) applies to --data tasks only: suite and mteb tasks put each task's "
+                "own instruction before the queries (change it with --instructions FILE), and --suite stdlib's "
+                "queries carry theirs already")
+        if self.stdlib_rows is not None and self.suite != "stdlib":
+            raise EvaluationError("--max-heldout (stdlib_rows=) applies to --suite stdlib only: it is the number "
+                                  "of held-out rows of that task")
+
+    def compaction(self) -> Compaction:
+        """The truncation, precision, calibration and rescoring every task's vectors get."""
+        return Compaction(self.truncate_dim, self.precision, self.calibration, self.rescore)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> EvaluateOptions:
+        """The options a JSON file of field values sets, `overrides` winning; unknown keys are an error."""
+        return read_options(cls, path, "evaluation", **overrides)
+
+
+def evaluate(model: str, options: EvaluateOptions | None = None, *, output: str | Path,
+             **overrides) -> EvaluationResult:
     """Evaluate `model` (a DiffEmbed folder or Hub id, loaded as a user would: sentence-transformers with
     `trust_remote_code=True`) and write mteb's result files, `summary.json` and `run.json` under `output`.
+    `options` is an `EvaluateOptions`; its fields may also be given as keywords (`suite="longembed"`), over
+    `options` where both are given.
 
     `instructions`: a JSON file (or dict) of task name -> instruction, over the study's (for local `data` tasks too,
     over `query_prompt`). `query_prompt`: the instruction before each query of local `data` tasks (default: the
@@ -326,17 +352,16 @@ def evaluate(
     Each setting is a result of its own beside the float one; every result's scores carry `bytes_per_vector`.
     `compile` compiles the model's forward (`encoding.compile_backbone`).
     """
+    options = with_overrides(EvaluateOptions, options, overrides)
+    suite, data, precision, overwrite = options.suite, options.data, options.precision, options.overwrite
     mteb = require_mteb()
-    compaction = Compaction(truncate_dim, precision, calibration, rescore)
-    if isinstance(data, (str, Path)):
-        data = [data]
     output = Path(output).expanduser().resolve()
-    _check_options(suite=suite, data=data, query_prompt=query_prompt, stdlib_rows=stdlib_rows)
     from .local import STDLIB_ROWS
 
-    task_list = resolve_tasks(suite=suite, tasks=tasks, data=data, stdlib_rows=stdlib_rows or STDLIB_ROWS)
-    overrides = _read_instructions(instructions)
-    unknown = sorted(set(overrides) - {t.metadata.name for t in task_list})
+    task_list = resolve_tasks(suite=suite, tasks=options.tasks, data=data,
+                              stdlib_rows=options.stdlib_rows or STDLIB_ROWS)
+    instructions = _read_instructions(options.instructions)
+    unknown = sorted(set(instructions) - {t.metadata.name for t in task_list})
     if unknown:
         raise EvaluationError(f"the instruction file names tasks that are not evaluated: {unknown}")
 
@@ -353,32 +378,32 @@ def evaluate(
         earlier = _earlier_results(output, overwrite)
         _check_same_data(earlier, task_list, output, overwrite)
         # a local folder is read and checked once, here, and handed to the loader
-        folder = as_model_folder(model, trust_remote_code=trust_remote_code)
+        folder = as_model_folder(model, trust_remote_code=options.trust_remote_code)
         identity = None
         if folder is not None:  # a folder's identity is known before loading: another model's output is refused now
             identity = folder.identity
             _check_same_model(earlier, identity, output, overwrite)
-        return _evaluate_locked(mteb, model, identity, earlier, task_list, overrides, output=output, suite=suite,
-                                data=data, query_prompt=query_prompt, max_seq_length=max_seq_length,
-                                max_tokens_per_batch=max_tokens_per_batch, overwrite=overwrite, device=device,
-                                stdlib_rows=stdlib_rows or STDLIB_ROWS, trust_remote_code=trust_remote_code,
-                                compaction=compaction, calibration_rows=calibration_rows, compile=compile,
-                                folder=folder)
+        return _evaluate_locked(mteb, model, identity, earlier, task_list, instructions, options, output, folder)
 
 
 def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: Summary | None, task_list: list,
-                     overrides: dict[str, str], *, output: Path, suite: str | None, data: list | None,
-                     query_prompt: str | None, max_seq_length: int | None, max_tokens_per_batch: int | None,
-                     overwrite: bool, device: str | None, stdlib_rows: int, trust_remote_code: bool,
-                     compaction: Compaction, calibration_rows: int, compile: bool = False,
+                     overrides: dict[str, str], options: EvaluateOptions, output: Path,
                      folder: ModelFolder | None = None) -> EvaluationResult:
+    """`evaluate` while it holds the output's lock, its tasks and instructions resolved; `folder` is the model's
+    folder opened by `evaluate` (None for a Hub id)."""
     from ..encoding import embedding_width, load_encoder
     from .encoder import DiffEmbedEncoder, model_meta, mteb_identity
     from .local import STDLIB_TASK
 
-    length = max_seq_length or SUITE_MAX_SEQ_LENGTH.get(suite or "")
+    from .local import STDLIB_ROWS
+
+    suite, data, query_prompt, device = options.suite, options.data, options.query_prompt, options.device
+    overwrite, calibration_rows, compaction = options.overwrite, options.calibration_rows, options.compaction()
+    stdlib_rows, max_tokens_per_batch = options.stdlib_rows or STDLIB_ROWS, options.max_tokens_per_batch
+    length = options.max_seq_length or SUITE_MAX_SEQ_LENGTH.get(suite or "")
     st_model = load_encoder(folder or model, device=device, max_seq_length=length,
-                            trust_remote_code=trust_remote_code, truncate_dim=compaction.truncate_dim, compile=compile)
+                            trust_remote_code=options.trust_remote_code, truncate_dim=compaction.truncate_dim,
+                            compile=options.compile)
     if identity is None:  # a Hub id: the commit just loaded
         identity = model_identity(model, getattr(st_model[0].auto_model.config, "_commit_hash", None))
         _check_same_model(earlier, identity, output, overwrite)
@@ -404,8 +429,7 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
             query_prompts[name] = st_model.prompts.get("query", "")
             prompt_sources[name] = (query_prompts[name], "the model's query prompt")
     options = dict(instructions=overrides, query_prompts=query_prompts, prompt_sources=prompt_sources,
-                   source=None if device else model,
-                   **({"max_tokens_per_batch": max_tokens_per_batch} if max_tokens_per_batch else {}))
+                   source=None if device else model, max_tokens_per_batch=max_tokens_per_batch)
     if compaction.is_identity:
         encoder = DiffEmbedEncoder(st_model, None, **options)
     else:

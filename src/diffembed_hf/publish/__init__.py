@@ -9,7 +9,7 @@
 from ..checkpoint import REMOTE_CODE_FILES
 from ..errors import PublishError, PublishUsageError
 from .files import files_to_push, folder_kind
-from .upload import PlannedFiles, PushPlan, prepare_push, push, upload
+from .upload import PlannedFiles, PushOptions, PushPlan, prepare_push, push, upload
 from .validate import validate_folder
 
 _CARD_NAMES = ("build_model_card", "EXAMPLE_QUERY", "EXAMPLE_DOCUMENT", "CITATION")
@@ -25,6 +25,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "PlannedFiles", "PublishError", "PublishUsageError", "PushPlan", "REMOTE_CODE_FILES",
+    "PlannedFiles", "PublishError", "PublishUsageError", "PushOptions", "PushPlan", "REMOTE_CODE_FILES",
     "build_model_card", "files_to_push", "folder_kind", "prepare_push", "push", "upload", "validate_folder",
 ]

@@ -54,6 +54,7 @@ from ..errors import EvaluationError, PublishError, PublishUsageError
 from ..evaluation.card import stored_results
 from ..files import write_text
 from ..records import TrainingRecord
+from ..validation import read_options, with_overrides
 from .files import files_to_push, folder_kind
 from .validate import validate_folder
 
@@ -365,29 +366,49 @@ def upload(
     return info
 
 
-def push(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    dry_run: bool = False,
-    merge_adapter: bool = False,
-    endpoint: str | None = None,
-    base_model: str | None = None,
-    license: str | None = None,
-    language: list[str] | None = None,
-    card: str | Path | None = None,
-    write_card: bool = False,
-    overwrite_card: bool = False,
-    validate: bool = True,
-    eval_results: str | Path | None = None,
-    trust_remote_code: bool = False,
-) -> CommitInfo | PlannedFiles:
+@dataclass
+class PushOptions:
+    """How `push` publishes a folder: where on the Hub, what card, what is validated, checked once, here.
+    Load them from JSON with `from_file`."""
+
+    token: str | None = field(default=None, repr=False)  # None: HF_TOKEN, else the login cache; never shown
+    private: bool | None = None  # None: the Hub's default; ignored for an existing repo
+    revision: str | None = None  # a branch (created if missing) or refs/pr/N
+    create_pr: bool = False  # open a pull request against `revision`
+    commit_message: str | None = None
+    endpoint: str | None = None  # None: HF_ENDPOINT
+    dry_run: bool = False  # everything but the upload; writes nothing anywhere
+    merge_adapter: bool = False  # push a LoRA adapter merged into its base
+    base_model: str | None = None  # an adapter's base by Hub id (required when its base is a local folder)
+    license: str | None = None
+    language: list[str] | None = None
+    card: str | Path | None = None  # push this file as README.md instead of the folder's card
+    write_card: bool = False  # also save the generated card as the folder's README.md
+    overwrite_card: bool = False  # regenerate the card over a hand-written one
+    validate: bool = True  # load the staged folder as a Hub user would before sending it
+    eval_results: str | Path | None = None  # a `diffembed evaluate --output` folder (default FOLDER/eval)
+    trust_remote_code: bool = False  # push (and validate) a folder holding code of its own
+
+    def __post_init__(self):
+        if self.write_card and self.card is not None:
+            raise PublishUsageError("write_card=True (--write-card) saves the generated card; it cannot be combined "
+                                    "with card= (--card)")
+        if self.create_pr and self.revision and self.revision.startswith("refs/pr/"):
+            raise PublishUsageError(f"create_pr=True opens a new pull request; revision={self.revision!r} already "
+                                    "is one")
+        if isinstance(self.language, str):
+            self.language = [self.language]
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> PushOptions:
+        """The options a JSON file of field values sets, `overrides` winning; unknown keys are an error."""
+        return read_options(cls, path, "push", **overrides)
+
+
+def push(folder: str | Path, repo_id: str, options: PushOptions | None = None,
+         **overrides) -> CommitInfo | PlannedFiles:
     """Push a DiffEmbed folder (or LoRA adapter) to the Hub in one commit, after checking and validating it.
+    `options` is a `PushOptions`; its fields may also be given as keywords (`dry_run=True`), over `options`.
 
     The repo id, the folder and the token (`token`, else `HF_TOKEN`, else the login cache) are checked before any
     network call. `private=None` keeps the Hub's default (public unless the organisation says otherwise) and is
@@ -397,32 +418,30 @@ def push(
 card as `folder/README.md`, never over a hand-written one unless `overwrite_card=True`.
     See `prepare_push` for adapters, `merge_adapter`, `base_model`, `card` and `eval_results`.
     """
+    options = with_overrides(PushOptions, options, overrides)
     _check_repo_id(repo_id)
     readme = Path(folder).expanduser() / "README.md"
-    if (write_card and not overwrite_card and readme.is_file()
+    if (options.write_card and not options.overwrite_card and readme.is_file()
             and not cards.is_replaceable_card(readme.read_text(encoding="utf-8"))):
         raise PublishUsageError(f"{readme} is a hand-written card; pass overwrite_card=True (--overwrite-card) to "
                                 "replace it with the generated one")
-    if write_card and card is not None:
-        raise PublishUsageError("write_card=True (--write-card) saves the generated card; it cannot be combined "
-                                "with card= (--card)")
-    if create_pr and revision and revision.startswith("refs/pr/"):
-        raise PublishUsageError(f"create_pr=True opens a new pull request; revision={revision!r} already is one")
-    if not dry_run:
+    token = options.token
+    if not options.dry_run:
         if hf_constants.HF_HUB_OFFLINE:
             raise PublishUsageError("HF_HUB_OFFLINE is set, so huggingface_hub refuses every request; unset it to push")
         token = token or get_token()
         if not token:
             raise PublishUsageError("No Hugging Face token: set HF_TOKEN, log in with `hf auth login`, or pass token= "
-                               "(--token). Pushing needs a token with write access.")
-    with prepare_push(folder, repo_id, merge_adapter=merge_adapter, base_model=base_model, license=license,
-                      language=language, card=card, overwrite_card=overwrite_card, validate=validate,
-                      eval_results=eval_results, trust_remote_code=trust_remote_code) as plan:
+                                    "(--token). Pushing needs a token with write access.")
+    o = options
+    with prepare_push(folder, repo_id, merge_adapter=o.merge_adapter, base_model=o.base_model, license=o.license,
+                      language=o.language, card=o.card, overwrite_card=o.overwrite_card, validate=o.validate,
+                      eval_results=o.eval_results, trust_remote_code=o.trust_remote_code) as plan:
         logger.debug("%s", plan.describe())
-        if dry_run:  # a dry run changes nothing, anywhere
+        if o.dry_run:  # a dry run changes nothing, anywhere
             return PlannedFiles(plan.paths, card_generated="README.md" in plan.generated)
-        if write_card:
+        if o.write_card:
             write_text(plan.folder / "README.md", str(plan.card))  # whole, with the user's umask
             logger.info("Wrote the model card to %s", plan.folder / "README.md")
-        return upload(plan, token=token, private=private, revision=revision, create_pr=create_pr,
-                      commit_message=commit_message, endpoint=endpoint)
+        return upload(plan, token=token, private=o.private, revision=o.revision, create_pr=o.create_pr,
+                      commit_message=o.commit_message, endpoint=o.endpoint)

@@ -14,7 +14,8 @@ from __future__ import annotations
 _EXPORTS = {
     "ConceptSet": "concepts", "ConceptsError": "concepts", "Domain": "concepts", "load_concepts": "concepts",
     "Prompts": "prompts", "PromptsError": "prompts", "load_prompts": "prompts",
-    "ReasonAugResult": "pipeline", "generate_reasonaug": "pipeline", "Settings": "planner",
+    "ReasonAugOptions": "pipeline", "ReasonAugResult": "pipeline", "generate_reasonaug": "pipeline",
+    "Settings": "planner",
 }
 
 

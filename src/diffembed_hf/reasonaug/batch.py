@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from ..errors import BatchError, UsageError
 from ..files import move_into_place, temporary_sibling
 from ..readers import json_records, open_input, read_lines
+from ..validation import is_non_negative_int
 from .client import answer_of
 
 BATCH_LIMIT = 50_000  # requests per batch input file (the Batch API's limit)
@@ -68,7 +69,7 @@ def _text(value, field: str, where: str) -> str | None:
 
 
 def _count(value, field: str, where: str) -> int:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+    if value is not None and not is_non_negative_int(value):
         raise BatchError(f"{where}: {field} is {_kind(value)}, not a token count")
     return value or 0
 

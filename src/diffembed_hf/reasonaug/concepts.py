@@ -207,7 +207,11 @@ def _yaml_loader():
     return Loader
 
 
-def _text(path: Path, error: type[Exception]) -> str:
+class StructuredFileError(ValueError):
+    """A concepts or prompts file that cannot be read as YAML or JSON; the message names the file and line."""
+
+
+def _text(path: Path) -> str:
     """The file as UTF-8 text (a byte-order mark dropped); other bytes are refused naming the file, line and byte,
     as every input file is read (`readers`)."""
     data = path.read_bytes()
@@ -215,41 +219,47 @@ def _text(path: Path, error: type[Exception]) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         bad = next(line for line in read_lines(io.BytesIO(data), path) if line.problem is not None)
-        raise error(f"{bad.where(path)}: {bad.problem}") from None
+        raise StructuredFileError(f"{bad.where(path)}: {bad.problem}") from None
 
 
-def read_structured_file(path: Path, what: str, error: type[Exception]):
-    """A .yaml / .yml / .json file's content (PyYAML comes with transformers); errors name the file and line."""
+def read_structured_file(path: Path, what: str):
+    """A .yaml / .yml / .json file's content (PyYAML comes with transformers); `StructuredFileError` names the
+    file and line, and each caller raises it as its own file's error."""
     if not path.is_file():
-        raise error(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
-    text = _text(path, error)
+        raise StructuredFileError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
+    text = _text(path)
     if not text.strip():
-        raise error(f"{path}: the {what} file is empty")
+        raise StructuredFileError(f"{path}: the {what} file is empty")
     if path.suffix.lower() not in (".json", ".yaml", ".yml"):
-        raise error(f"{path}: a {what} file is .yaml, .yml or .json, got {path.suffix or 'no suffix'}")
+        raise StructuredFileError(f"{path}: a {what} file is .yaml, .yml or .json, got {path.suffix or 'no suffix'}")
     try:
         if path.suffix.lower() == ".json":
             try:
                 return json.loads(text)
             except json.JSONDecodeError as err:
-                raise error(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+                raise StructuredFileError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
         import yaml
 
         try:
             return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader that also refuses aliases
         except _AliasFound as alias:
-            raise error(f"{path} line {alias.line}: a YAML alias (*{alias.anchor}); a {what} file cannot use "
-                        "aliases (a few bytes of them can expand to gigabytes): write the value out") from None
+            raise StructuredFileError(f"{path} line {alias.line}: a YAML alias (*{alias.anchor}); a {what} file "
+                                      "cannot use aliases (a few bytes of them can expand to gigabytes): write the "
+                                      "value out") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise error(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+            problem = getattr(err, "problem", None) or err
+            raise StructuredFileError(f"{path}{where}: not valid YAML ({problem})") from None
     except RecursionError:
-        raise error(f"{path}: nested too deeply to be a {what} file") from None
+        raise StructuredFileError(f"{path}: nested too deeply to be a {what} file") from None
 
 
 def load_concepts(path: str | Path) -> ConceptSet:
     """Read and check a concepts file (.yaml / .yml / .json)."""
     path = Path(path)
-    data = read_structured_file(path, "concepts", ConceptsError)
+    try:
+        data = read_structured_file(path, "concepts")
+    except StructuredFileError as err:
+        raise ConceptsError(str(err)) from None
     return parse_concepts(data, source=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())

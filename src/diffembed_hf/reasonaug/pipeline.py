@@ -12,13 +12,15 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..errors import OutputExistsError, UsageError, require_extra
+from ..errors import OptionError, OutputExistsError, UsageError, require_extra
 from ..files import check_parent_writable, final_path, move_into_place, output_lock, temporary_sibling
+from ..validation import (check_fraction, check_non_negative_int, check_positive_float, check_positive_int,
+                          read_options, with_overrides)
 from .concepts import ConceptSet, load_concepts
 from .dataset import write_dataset
 from .journal import JOURNAL, Journal, canonical_json
@@ -92,32 +94,59 @@ def _write_run_record(out: Path, record: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def generate_reasonaug(
-    concepts: str | Path | ConceptSet,
-    out: str | Path,
-    *,
-    model: str,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    problems_per_concept: int = 8,
-    workers: int = 8,
-    seed: int = 0,
-    prompts: str | Path | Prompts | None = None,
-    temperature: float = 1.0,
-    max_tokens: int = 4000,
-    answer_retries: int = 1,
-    heldout_fraction: float = 0.1,
-    max_pairs: int = 20,
-    timeout: float = 300.0,
-    max_retries: int = 5,
-    retry_delay: float = 1.0,
-    batch_file: str | Path | None = None,
-    from_batch_output: str | Path | None = None,
-    overwrite: bool = False,
-    show_progress: bool | None = None,
-) -> ReasonAugResult:
+@dataclass
+class ReasonAugOptions:
+    """How `generate_reasonaug` asks the server: the model and its sampling (which, with the prompts and the
+    concepts, decide the data), the traffic, and the Batch API files, checked once, here. Load them from JSON
+    with `from_file`."""
+
+    model: str  # the model name the server serves
+    base_url: str | None = None  # None: OPENAI_BASE_URL, else OpenAI's
+    api_key: str | None = field(default=None, repr=False)  # None: OPENAI_API_KEY; never shown
+    prompts: str | Path | Prompts | None = None  # None: the study's prompts
+    problems_per_concept: int = 8
+    seed: int = 0
+    temperature: float = 1.0
+    max_tokens: int = 4000
+    answer_retries: int = 1  # re-asks of an unusable answer
+    heldout_fraction: float = 0.1  # of each domain's concepts, held out for evaluation
+    max_pairs: int = 20
+    workers: int = 8  # requests in flight at a time
+    timeout: float = 300.0  # seconds per request
+    max_retries: int = 5  # of a request that failed in a way a later try can fix
+    retry_delay: float = 1.0  # seconds before the first retry (doubling after)
+    batch_file: str | Path | None = None  # write the pending requests there (Batch API input) instead of sending
+    from_batch_output: str | Path | None = None  # journal a batch's results first
+    overwrite: bool = False
+    show_progress: bool | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise OptionError("model", "is required: the model name the server serves")
+        for name in ("problems_per_concept", "max_tokens", "max_pairs", "workers"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("seed", "answer_retries", "max_retries"):
+            check_non_negative_int(name, getattr(self, name))
+        check_fraction("heldout_fraction", self.heldout_fraction)
+        check_positive_float("timeout", self.timeout)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0 <= self.temperature <= 2:
+            raise OptionError("temperature", f"must be a number in [0, 2], got {self.temperature!r}")
+        if isinstance(self.retry_delay, bool) or not isinstance(self.retry_delay, (int, float)) \
+                or not 0 <= self.retry_delay < float("inf"):
+            raise OptionError("retry_delay", f"must be a number >= 0, got {self.retry_delay!r}")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> ReasonAugOptions:
+        """The options a JSON file of field values sets, `overrides` winning; unknown keys are an error."""
+        return read_options(cls, path, "reasonaug", **overrides)
+
+
+def generate_reasonaug(concepts: str | Path | ConceptSet, out: str | Path, options: ReasonAugOptions | None = None,
+                       **overrides) -> ReasonAugResult:
     """Make ReasonAug training data for the concepts through an OpenAI-compatible chat server (or the Batch API),
     resumably: OUT/journal.jsonl keeps every answer, and a rerun of the same command sends only what is missing.
+    `options` is a `ReasonAugOptions`; its fields may also be given as keywords (`model="..."`), over `options`.
 
     Writes, once every request is answered: OUT/train.jsonl (rows `diffembed train` reads as they are),
     OUT/corpus.jsonl (every concept's definition), OUT/heldout/ (a BEIR folder of held-out concepts for
@@ -128,16 +157,18 @@ def generate_reasonaug(
     batch's results first.
     """
     require_extra("reasonaug")
+    if options is None and "model" not in overrides:
+        raise OptionError("model", "is required: the model name the server serves")
+    o = with_overrides(ReasonAugOptions, options, overrides)
+    model, batch_file, from_batch_output, overwrite = o.model, o.batch_file, o.from_batch_output, o.overwrite
     concept_set = concepts if isinstance(concepts, ConceptSet) else load_concepts(concepts)
-    prompt_set = prompts if isinstance(prompts, Prompts) else load_prompts(prompts)
-    if not model or not model.strip():
-        raise UsageError("--model is required: the model name the server serves")
-    settings = Settings(model=model, problems_per_concept=problems_per_concept, seed=seed, temperature=temperature,
-                        max_tokens=max_tokens, answer_retries=answer_retries, heldout_fraction=heldout_fraction,
-                        max_pairs=max_pairs)
+    prompt_set = o.prompts if isinstance(o.prompts, Prompts) else load_prompts(o.prompts)
+    settings = Settings(model=model, problems_per_concept=o.problems_per_concept, seed=o.seed,
+                        temperature=o.temperature, max_tokens=o.max_tokens, answer_retries=o.answer_retries,
+                        heldout_fraction=o.heldout_fraction, max_pairs=o.max_pairs)
     out = final_path(Path(out))  # a link the user made for OUT is followed, even to a folder not made yet
-    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-    api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
+    base_url = o.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = o.api_key or os.environ.get("OPENAI_API_KEY") or None
     if batch_file is None and from_batch_output is None:  # a live run: its key is checked before any work
         api_key = _api_key(base_url, api_key)
     if batch_file is not None and Path(batch_file).exists() and not overwrite:
@@ -152,9 +183,9 @@ def generate_reasonaug(
     with output_lock(out):  # first: only a check made under the lock holds while this run writes
         _prepare_output(out, identity, overwrite=overwrite)
         return _generate(out, identity, concept_set, prompt_set, settings, model=model, base_url=base_url,
-                         api_key=api_key, workers=workers, timeout=timeout, max_retries=max_retries,
-                         retry_delay=retry_delay, batch_file=batch_file, from_batch_output=from_batch_output,
-                         batch_results=batch_results, overwrite=overwrite, show_progress=show_progress)
+                         api_key=api_key, workers=o.workers, timeout=o.timeout, max_retries=o.max_retries,
+                         retry_delay=o.retry_delay, batch_file=batch_file, from_batch_output=from_batch_output,
+                         batch_results=batch_results, overwrite=overwrite, show_progress=o.show_progress)
 
 
 def _generate(out: Path, identity: str, concept_set: ConceptSet, prompt_set: Prompts, settings: Settings, *,

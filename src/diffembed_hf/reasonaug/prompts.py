@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import PromptsError
-from .concepts import Domain, read_structured_file
+from .concepts import Domain, StructuredFileError, read_structured_file
 
 STAGES = ("definition", "problem", "check")
 ROW_KINDS = ("p2i", "p2ps", "ps2ps", "i2ps")
@@ -123,7 +123,10 @@ def load_prompts(path: str | Path | None = None) -> Prompts:
     if path is None:
         return Prompts(data)
     path = Path(path)
-    override = read_structured_file(path, "prompts", PromptsError)
+    try:
+        override = read_structured_file(path, "prompts")
+    except StructuredFileError as err:
+        raise PromptsError(str(err)) from None
     if not isinstance(override, dict):
         raise PromptsError(f"{path}: expected a mapping like the default prompts.yaml")
     for section, value in override.items():
