@@ -59,8 +59,8 @@ def third_party_beir(folder: Path, rows: int) -> tuple[str, str]:
     from datasets import Dataset
 
     from diffembed_hf.builtin_task import build_rows
-    from diffembed_hf.data import resolve_columns, to_training_rows
-    from diffembed_hf.evaluation.heldout import retrieval_task
+    from diffembed_hf.training_data import resolve_columns, to_training_rows
+    from diffembed_hf.heldout import retrieval_task
 
     raw = Dataset.from_list(build_rows(HELD_OUT_PACKAGES)[:rows])
     columns, _ = to_training_rows(raw, "third-party", resolve_columns(raw, "third-party"))

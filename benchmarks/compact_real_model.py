@@ -90,7 +90,7 @@ def embed_set(model, rows: list[dict]) -> tuple[dict, object, object, list[str]]
     """(relevant, query vectors, document vectors, document ids) of one held-out set, float32 full width; the
     queries carry their instruction prompt (as in quality.py), the documents none."""
     from diffembed_hf.corpus import embed_texts
-    from diffembed_hf.evaluation.heldout import retrieval_task
+    from diffembed_hf.heldout import retrieval_task
 
     queries, corpus, relevant = retrieval_task(rows_dataset(rows, with_instruction=True))
     query_vectors = embed_texts(model, list(queries.values()), prompt="", show_progress_bar=False)
@@ -135,7 +135,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from diffembed_hf.builtin_task import build_rows
-    from diffembed_hf.checkpoint import model_identity
+    from diffembed_hf.model_folder import model_identity
     from diffembed_hf.compact import bytes_per_vector
 
     disable_progress_bar()

@@ -319,10 +319,10 @@ def fp8_throughput(device, tiny: bool, repeats: int):
 
 def fp8_retrieval(root: Path, device, tiny: bool):
     from diffembed_hf.builtin_task import write_task
-    from diffembed_hf.data import load_training_data
+    from diffembed_hf.training_data import load_training_data
     from diffembed_hf.demo import DEMO_TRAINING
     from diffembed_hf.encoding import load_encoder
-    from diffembed_hf.evaluation.heldout import evaluate_model, retrieval_task
+    from diffembed_hf.heldout import evaluate_model, retrieval_task
     from diffembed_hf.train import TrainingConfig, train
 
     base = small_base(root, tiny)

@@ -91,7 +91,7 @@ MODES = {"cpu-budget": (30, 8, 128, 3e-4, 100), "full": tuple(FULL.values())[:5]
 
 def rows_task(rows: list[dict]) -> RetrievalTask:
     """A task from held-out rows (instruction, query, positive[, negative]): the pool is every positive and negative."""
-    from diffembed_hf.evaluation.heldout import retrieval_task
+    from diffembed_hf.heldout import retrieval_task
     from diffembed_hf.sentence_transformer import instruction_prompt
 
     queries, corpus, relevant = retrieval_task(rows_dataset(rows, with_instruction=False))
@@ -269,7 +269,7 @@ def peer_folder() -> Path:
 
 
 def score(model, tasks: dict[str, RetrievalTask], with_instruction: bool = True) -> dict[str, dict[str, float]]:
-    from diffembed_hf.evaluation.heldout import evaluate_task
+    from diffembed_hf.heldout import evaluate_task
 
     was_training = model.training
     with torch.inference_mode():
@@ -281,7 +281,7 @@ def score(model, tasks: dict[str, RetrievalTask], with_instruction: bool = True)
 
 
 def score_bm25(tasks: dict[str, RetrievalTask]) -> dict[str, dict[str, float]]:
-    from diffembed_hf.evaluation.heldout import evaluate_bm25_task
+    from diffembed_hf.heldout import evaluate_bm25_task
 
     return {name: {m: round(v, 4) for m, v in evaluate_bm25_task(t.queries, t.corpus, t.relevant).items()
                    if m in METRICS} for name, t in tasks.items()}

@@ -78,7 +78,7 @@ def run_variant(args) -> dict:
     from sentence_transformers import SentenceTransformer
     from transformers import TrainerCallback
 
-    from diffembed_hf.data import load_training_data
+    from diffembed_hf.training_data import load_training_data
     from diffembed_hf.device_settings import available_cores
     from diffembed_hf.train import TrainingConfig, backbone, build_trainer
 

@@ -22,7 +22,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import diffembed_hf.modeling.modeling_diffembed as mdl
 import diffembed_hf.modeling.attention_kernels as kernels
-from diffembed_hf.batching import Encoder
+from diffembed_hf.packed_encoder import PackedEncoder
 from diffembed_hf.cli import main
 from diffembed_hf.encoding import backbone, encode, load_encoder
 
@@ -160,7 +160,7 @@ def folder(tiny_folders):
 
 
 def test_encoder_checks_ids_on_the_host_before_the_copy(folder):
-    encoder = Encoder(load_encoder(str(folder), device="cpu"))
+    encoder = PackedEncoder(load_encoder(str(folder), device="cpu"))
     vocab = encoder.vocab_size
     assert encoder.embed_ids([[5, 6], [vocab - 1]]).shape == (2, encoder.dim)  # control: the edge id is fine
     with pytest.raises(ValueError, match=rf"must lie in \[0, {vocab}\).*\[5, {vocab + 3}\]"):
@@ -225,7 +225,7 @@ def test_load_encoder_compile_encodes_like_eager_in_batches_of_other_lengths(fol
     eager = encode(load_encoder(str(folder), device="cpu"), TEXTS, max_tokens_per_batch=12)
     model = load_encoder(str(folder), device="cpu", compile=True)
     assert options == [{"fullgraph": True, "dynamic": True}]
-    encoder = Encoder(model, max_tokens_per_batch=12)
+    encoder = PackedEncoder(model, max_tokens_per_batch=12)
     batches = encoder.batches([len(row) for row in encoder.tokenize(TEXTS)[0]])
     assert len(batches) >= 3 and sum(len(batch) > 1 for batch in batches) >= 2, batches
     compiled = encode(model, TEXTS, max_tokens_per_batch=12)  # several batches, each of other lengths

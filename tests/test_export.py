@@ -24,7 +24,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaModel, PreTrainedTokenize
 from diffembed_hf import DiffEmbedForEmbedding
 from diffembed_hf.cli import main as cli_main
 from diffembed_hf.errors import ModelFilesError
-from diffembed_hf.files import current_umask
+from diffembed_hf.outputs import current_umask
 from diffembed_hf.export import VLLM_HEAD_SIZES, ExportError, export_vllm
 from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT, save_sentence_transformer
 

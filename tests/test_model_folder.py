@@ -12,8 +12,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from diffembed_hf import ModelFolder, open_model_folder
-from diffembed_hf import checkpoint
-from diffembed_hf.checkpoint import model_identity
+from diffembed_hf import model_folder as checkpoint
+from diffembed_hf.model_folder import model_identity
 from diffembed_hf.errors import ModelFilesError, UntrustedFolderError, UsageError
 
 SPEC = dict(tokenizer="words", seed=3)  # `tiny_folders(**SPEC)`: a few KB

@@ -14,8 +14,8 @@ import diffembed_hf
 # name -> the module a user could also import it from (what the docs' reference pages name)
 ENTRY_POINTS = {
     "load_encoder": "diffembed_hf.encoding",
-    "open_model_folder": "diffembed_hf.checkpoint",
-    "ModelFolder": "diffembed_hf.checkpoint",
+    "open_model_folder": "diffembed_hf.model_folder",
+    "ModelFolder": "diffembed_hf.model_folder",
     "encode": "diffembed_hf.encoding",
     "encode_file": "diffembed_hf.encoding",
     "save_sentence_transformer": "diffembed_hf.sentence_transformer",

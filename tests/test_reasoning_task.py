@@ -4,7 +4,7 @@ the held-out evaluation."""
 
 
 from diffembed_hf import reasoning_task
-from diffembed_hf.data import load_training_data
+from diffembed_hf.training_data import load_training_data
 from diffembed_hf.sentence_transformer import instruction_prompt
 
 

@@ -11,7 +11,7 @@ import pytest
 from diffembed_hf.errors import EvaluationError, ModelFilesError
 from diffembed_hf.evaluation.run import RunRecord
 from diffembed_hf.evaluation.summary import Summary, read_summary
-from diffembed_hf.files import write_json
+from diffembed_hf.outputs import write_json
 from diffembed_hf.records import ConversionRecord, CorpusManifest, TrainingRecord
 
 TRAINING = """{

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from diffembed_hf.builtin_task import HELD_OUT_MODULES, TRAIN_MODULES, build_rows
-from diffembed_hf.data import DataError, load_training_data
-from diffembed_hf.evaluation.heldout import evaluate_bm25
+from diffembed_hf.training_data import DataError, load_training_data
+from diffembed_hf.heldout import evaluate_bm25
 from diffembed_hf.train import TrainingConfig, train
 
 TRAINING_RECORD = "diffembed_training.json"  # written by `diffembed train` into the model folder
@@ -373,7 +373,7 @@ def test_an_adapter_means_one_base_wherever_it_is_used(tiny_folders, task, tmp_p
     base, also for an adapter that names its base relatively (earlier versions wrote those)."""
     import shutil
 
-    from diffembed_hf.checkpoint import content_digest, model_identity
+    from diffembed_hf.model_folder import content_digest, model_identity
     from diffembed_hf.encoding import encode, load_encoder
 
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
@@ -526,7 +526,7 @@ def test_a_matryoshka_models_default_evaluation_goes_on_its_card(tiny_folders, t
     default (truncated) vectors; the card refused those as "compact vectors (--truncate-dim / --precision)",
     options the user never gave. They are the model's own vectors and go on the card; results of other vectors
     are left off with a message naming only the options that made them."""
-    from diffembed_hf.checkpoint import model_identity
+    from diffembed_hf.model_folder import model_identity
     from diffembed_hf.evaluation.card import card_results
     from diffembed_hf.errors import EvaluationError
     from helpers.evaluation import card_with_results

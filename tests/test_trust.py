@@ -19,13 +19,13 @@ from helpers.corpus import corpus_rows, read_output, write_jsonl
 from helpers.processes import launch
 
 from diffembed_hf import load_dream_tokenizer
-from diffembed_hf.checkpoint import content_digest, identity_files
+from diffembed_hf.model_folder import content_digest, identity_files
 from diffembed_hf.cli import main as cli_main
 from diffembed_hf.corpus import encode_corpus
 from diffembed_hf.encoding import load_encoder
 from diffembed_hf.errors import ModelFilesError, OutputLockedError, UntrustedFolderError, UsageError
 from diffembed_hf.export import export_vllm
-from diffembed_hf.files import lock_path, output_lock
+from diffembed_hf.outputs import lock_path, output_lock
 from diffembed_hf.sentence_transformer import DEFAULT_QUERY_PROMPT
 
 
@@ -135,7 +135,7 @@ def test_a_foreign_folder_with_its_own_code_never_runs_it(folder, tmp_path, caps
 def test_each_remote_code_file_is_checked_byte_for_byte(folder):
     """The kernel choice (`attention_kernels.py`) runs in a Hub user's process as the model file does: a copy that
     differs from the package's is the folder's own code; the package's own files are not (in process, none are)."""
-    from diffembed_hf.checkpoint import REMOTE_CODE_FILES, foreign_code
+    from diffembed_hf.model_folder import REMOTE_CODE_FILES, foreign_code
 
     assert "attention_kernels.py" in REMOTE_CODE_FILES and (folder / "attention_kernels.py").is_file()
     assert foreign_code(folder) == []  # control: the converted folder's copies are the package's

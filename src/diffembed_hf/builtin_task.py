@@ -16,7 +16,7 @@ import logging
 import random
 from pathlib import Path
 
-from .files import write_text
+from .outputs import write_text
 
 logger = logging.getLogger(__name__)
 

@@ -268,7 +268,7 @@ def load_calibration(path: str | Path) -> CalibrationRanges:
 
 
 def save_calibration(ranges: CalibrationRanges, path: str | Path) -> None:
-    from .files import write_text
+    from .outputs import write_text
 
     write_text(Path(path), json.dumps(ranges.to_dict(), indent=1) + "\n")
 

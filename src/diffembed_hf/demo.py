@@ -27,10 +27,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from . import register_auto_classes
 from .builtin_task import write_task
-from .checkpoint import read_json
-from .data import load_training_data
+from .model_folder import read_json
+from .training_data import load_training_data
 from .errors import ModelFilesError, UsageError
-from .evaluation.heldout import evaluate_bm25, evaluate_bm25_task, evaluate_task
+from .heldout import evaluate_bm25, evaluate_bm25_task, evaluate_task
 from .hub_user import embed_as_hub_user
 from .modeling.configuration_diffembed import DiffEmbedConfig
 from .modeling.modeling_diffembed import DiffEmbedForEmbedding
@@ -145,7 +145,7 @@ def run_demo(output_dir: str | Path, max_steps: int | None = None, max_heldout: 
 
     `output_dir` must be new or empty unless `overwrite`, which replaces the demo's own data/, untrained/ and
     model/ in it (nothing else there is touched)."""
-    from .files import check_output_folder, final_path, output_lock
+    from .outputs import check_output_folder, final_path, output_lock
 
     if tiny and base is not None:
         raise UsageError("--tiny builds the small random model; --base names a pretrained one: give one of them")
@@ -166,7 +166,7 @@ def _run_demo(output_dir: Path, max_steps: int | None, max_heldout: int | None, 
               base: str | Path | None) -> DemoResult:
     """`run_demo` while it holds the output folder's lock; `base` None: the tiny random model."""
     from . import reasoning_task
-    from .files import apply_umask, staged_folder, write_text
+    from .outputs import apply_umask, staged_folder, write_text
 
     tiny = base is None
     untrained = output_dir / "untrained"

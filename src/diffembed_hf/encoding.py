@@ -1,6 +1,7 @@
 """Encoding texts with a DiffEmbed model: `load_encoder` loads a folder or Hub id as a `SentenceTransformer`
 (checked first, never running code the user did not opt into), `encode` embeds through the packed encoder
-(`batching.Encoder`), `save_embeddings` writes a file whole, and `encode_file` is `diffembed encode`'s file mode.
+(`packed_encoder.PackedEncoder`), `save_embeddings` writes a file whole, and `encode_file` is `diffembed encode`'s
+file mode.
 
 What this adds to `SentenceTransformer.encode`: no padded token is ever computed (length-sorted packed batches
 under a token budget), a clear error for a bad item, one warning saying how many texts were truncated
@@ -21,20 +22,20 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from . import register_auto_classes
-from .batching import (
+from .packed_encoder import (
     DEFAULT_MAX_TOKENS_PER_BATCH,
-    Encoder,
+    PackedEncoder,
     check_texts,
     progress_bar,
     resolve_prompt,
     unknown_prompt,
     warn_truncated,
 )
-from .checkpoint import ModelFolder, as_model_folder, check_model_files
+from .model_folder import ModelFolder, as_model_folder, check_model_files
 from .compact import (CalibrationRanges, Compaction, CompactError, check_truncate_dim, load_calibration,
                       resolve_precision)
 from .errors import DiffembedError, ModelFilesError, UsageError, one_line, require_extra
-from .files import staged_file
+from .outputs import staged_file
 from .validation import (check_choice, check_max_seq_length, check_positive_int, is_positive_int, read_options,
                          with_overrides)
 
@@ -258,7 +259,7 @@ def encode(
     compaction.check(embedding_width(model), calibration.model if calibration is not None else None)
     if convert_to_tensor and precision != "float32":
         raise CompactError(f"precision={precision!r} returns numpy codes; leave convert_to_tensor off")
-    encoder = Encoder(model, prompt=resolve_prompt(model, prompt, prompt_name),
+    encoder = PackedEncoder(model, prompt=resolve_prompt(model, prompt, prompt_name),
                       max_tokens_per_batch=max_tokens_per_batch, max_texts_per_batch=batch_size)
     progress = progress_bar(len(texts), show_progress_bar)
     try:
@@ -363,7 +364,7 @@ def encode_file(model: str, source: str, output: str | Path, options: EncodeOpti
     ranges of this model, e.g. from its corpus's manifest); returns the file and the array's shape. Everything
     that can be checked without the model (output, options, prompt name of a local folder, the input itself) is
     checked first."""
-    from .files import check_output_file, output_lock
+    from .outputs import check_output_file, output_lock
 
     options = with_overrides(EncodeOptions, options, overrides)
     output = Path(output)
@@ -376,7 +377,7 @@ def encode_file(model: str, source: str, output: str | Path, options: EncodeOpti
 
 def _encode_file(model: str, source: str, output: Path, options: EncodeOptions) -> tuple[Path, tuple[int, int]]:
     """`encode_file` while it holds the output's lock."""
-    from .checkpoint import model_identity
+    from .model_folder import model_identity
     from .compact import SCALAR
     from .readers import read_texts
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
-from .checkpoint import (
+from .model_folder import (
     CONFIG,
     LICENSE_PATTERNS,
     TOKENIZER_FILES,
@@ -41,7 +41,7 @@ from .checkpoint import (
     read_json_or_empty,
 )
 from .errors import ExportError, ModelFilesError, require_extra
-from .files import final_path, output_lock, staged_folder, temporary_sibling, write_json
+from .outputs import final_path, output_lock, staged_folder, temporary_sibling, write_json
 from .modeling.configuration_diffembed import DiffEmbedConfig
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, pooling_modes, write_sentence_transformer_files
 
@@ -254,7 +254,7 @@ def export_vllm(model_folder: str | os.PathLike, out: str | os.PathLike, *, over
 def _merged_adapter(adapter: Path, out: Path) -> Iterator[Path]:
     """A LoRA adapter folder merged into its base (a local DiffEmbed folder or a cached Hub id), in a hidden folder
     beside `out` (same file system: the export hard-links its weights), removed afterwards."""
-    from .publish.upload import local_base_path, merge_adapter_files
+    from .adapters import local_base_path, merge_adapter_files
 
     check_folder(adapter)
     base = read_json(adapter / "adapter_config.json", ExportError).get("base_model_name_or_path")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from .errors import MemoryLimitError, ModelFilesError, UsageError
 
 if TYPE_CHECKING:
-    from .checkpoint import ModelFolder
+    from .model_folder import ModelFolder
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ def inference_estimate(shape: ModelShape, *, max_tokens_per_batch: int, max_seq_
 def read_model_config(model_name_or_path: str | ModelFolder) -> dict:
     """config.json of a DiffEmbed folder (an adapter folder: its base's), or of a Hub id (downloaded alone, or from
     the cache offline), without touching any weight file. A folder a job has opened gives the config it read."""
-    from .checkpoint import ADAPTER_CONFIG, CONFIG, ModelFolder, adapter_base, local_folder, read_json
+    from .model_folder import ADAPTER_CONFIG, CONFIG, ModelFolder, adapter_base, local_folder, read_json
 
     if isinstance(model_name_or_path, ModelFolder):
         opened = model_name_or_path

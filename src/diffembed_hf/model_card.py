@@ -28,9 +28,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 
 from . import __version__
-from .checkpoint import ADAPTER_CONFIG, CONFIG, folder_kind, is_hub_id, read_json, read_json_or_empty, weight_files
+from .model_folder import ADAPTER_CONFIG, CONFIG, folder_kind, is_hub_id, read_json, read_json_or_empty, weight_files
 from .errors import PublishError
-from .files import write_text
+from .outputs import write_text
 from .records import ConversionRecord, GgufSource, HeldoutEvaluation, TrainingRecord
 
 TEMPLATE = "model_card_template.md"  # package data beside this module: front matter, body, citation
@@ -329,63 +329,78 @@ def build_model_card(
     base_label = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local checkpoint"
     sections: list[list[str]] = [[f"# {name}", ""]]
     if kind == "adapter":
-        adapter = _json(folder / ADAPTER_CONFIG)
-        sections.append([
-            f"A LoRA adapter (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
-            f"{_fmt(sorted(adapter.get('target_modules') or []))}) for the [DiffEmbed](https://arxiv.org/abs/"
-            f"2505.15045) text-embedding model {base_label}.", "",
-        ])
-        # a local base (an adapter just trained from a local folder) is named as the folder; push requires a Hub id
-        sections.append(_usage_adapter(repo_id, base_model or Path(adapter["base_model_name_or_path"]).name))
+        sections += _adapter_sections(folder, repo_id, base_model, base_label)
     else:
-        config = _json(folder / CONFIG)
-        st_config = _json_or_empty(folder / "sentence_bert_config.json")
-        prompts = _json_or_empty(folder / "config_sentence_transformers.json").get("prompts") or {}
-        max_length = st_config.get("max_seq_length") or config.get("max_position_embeddings")
-        count, dtype = _parameters(folder, weight_files(folder))
-        attention = "causal (the study's ablation)" if config.get("is_causal") else "bidirectional"
-        intro = [
-            f"A [DiffEmbed](https://arxiv.org/abs/2505.15045) text-embedding model: a language-model backbone "
-            f"(a diffusion LM such as Dream in the study) run with {attention} attention, whose final-layer states "
-            "(after the last RMSNorm) are mean-pooled over the real tokens and L2-normalised; texts are compared "
-            "by cosine similarity.", "",
-        ]
-        if conversion and record is None:
-            source_kind = ("a diffusion language model" if conversion.diffusion
-                           else "an autoregressive LLM, now run with bidirectional attention")
-            intro += [
-                f"Its weights were converted from `{conversion.source}`: {conversion.family_title}, "
-                f"{conversion.dtype} weights." + _gguf_note(conversion.gguf), "",
-                f"**Not trained as an embedder.** The weights are those of {source_kind}, unchanged (the "
-                "language-model head is dropped). Fine-tune it contrastively, as in the DiffEmbed study, before "
-                "relying on its embeddings.", "",
-            ]
-        sections.append(intro)
-        sections.append(_usage_model(repo_id, prompts.get("query"), max_length))
-        details = [
-            "## Model details", "",
-            "| | |", "|---|---|",
-            f"| base model | {base_label} |",
-            f"| parameters | {count:,} ({dtype}) |",
-            f"| layers / hidden size / heads (kv) | {config.get('num_hidden_layers')} / {config.get('hidden_size')} "
-            f"/ {config.get('num_attention_heads')} ({config.get('num_key_value_heads')}) |",
-            f"| embedding dimension | {config.get('hidden_size')} |",
-            f"| max sequence length | {max_length} tokens |",
-            f"| pooling | {config.get('pooling', 'mean')}, prompt tokens included; L2-normalised |",
-            f"| prompts | {_fmt(sorted(prompts)) if prompts else '(none)'} |",
-            "",
-        ]
-        if prompts.get("query"):
-            details += ["Query prompt:", "", "```text", prompts["query"].rstrip("\n"), "```", ""]
-        sections.append(details)
-        if conversion:
-            sections.append(_conversion_sections(conversion))
+        sections += _model_sections(folder, repo_id, conversion, record, base_label)
     if not (conversion and record is None):
         sections.append(_training_sections(record, base_label, repo_id))
     sections += [[section.rstrip("\n"), ""] for section in extra_sections]
     text = _template().substitute(metadata=data.to_yaml(), citation=CITATION, version=__version__,
                                   body="\n".join(line for section in sections for line in section))
     return ModelCard(mark_generated(text))
+
+
+def _adapter_sections(folder: Path, repo_id: str, base_model: str | None, base_label: str) -> list[list[str]]:
+    """An adapter's card body: what it adapts, and how to load it."""
+    sections: list[list[str]] = []
+    adapter = _json(folder / ADAPTER_CONFIG)
+    sections.append([
+        f"A LoRA adapter (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
+        f"{_fmt(sorted(adapter.get('target_modules') or []))}) for the [DiffEmbed](https://arxiv.org/abs/"
+        f"2505.15045) text-embedding model {base_label}.", "",
+    ])
+    # a local base (an adapter just trained from a local folder) is named as the folder; push requires a Hub id
+    sections.append(_usage_adapter(repo_id, base_model or Path(adapter["base_model_name_or_path"]).name))
+    return sections
+
+
+def _model_sections(folder: Path, repo_id: str, conversion: ConversionRecord | None, record: TrainingRecord | None,
+                    base_label: str) -> list[list[str]]:
+    """A model's card body: what it is, how to use it, its details and, if converted, where it came from."""
+    sections: list[list[str]] = []
+    config = _json(folder / CONFIG)
+    st_config = _json_or_empty(folder / "sentence_bert_config.json")
+    prompts = _json_or_empty(folder / "config_sentence_transformers.json").get("prompts") or {}
+    max_length = st_config.get("max_seq_length") or config.get("max_position_embeddings")
+    count, dtype = _parameters(folder, weight_files(folder))
+    attention = "causal (the study's ablation)" if config.get("is_causal") else "bidirectional"
+    intro = [
+        f"A [DiffEmbed](https://arxiv.org/abs/2505.15045) text-embedding model: a language-model backbone "
+        f"(a diffusion LM such as Dream in the study) run with {attention} attention, whose final-layer states "
+        "(after the last RMSNorm) are mean-pooled over the real tokens and L2-normalised; texts are compared "
+        "by cosine similarity.", "",
+    ]
+    if conversion and record is None:
+        source_kind = ("a diffusion language model" if conversion.diffusion
+                       else "an autoregressive LLM, now run with bidirectional attention")
+        intro += [
+            f"Its weights were converted from `{conversion.source}`: {conversion.family_title}, "
+            f"{conversion.dtype} weights." + _gguf_note(conversion.gguf), "",
+            f"**Not trained as an embedder.** The weights are those of {source_kind}, unchanged (the "
+            "language-model head is dropped). Fine-tune it contrastively, as in the DiffEmbed study, before "
+            "relying on its embeddings.", "",
+        ]
+    sections.append(intro)
+    sections.append(_usage_model(repo_id, prompts.get("query"), max_length))
+    details = [
+        "## Model details", "",
+        "| | |", "|---|---|",
+        f"| base model | {base_label} |",
+        f"| parameters | {count:,} ({dtype}) |",
+        f"| layers / hidden size / heads (kv) | {config.get('num_hidden_layers')} / {config.get('hidden_size')} "
+        f"/ {config.get('num_attention_heads')} ({config.get('num_key_value_heads')}) |",
+        f"| embedding dimension | {config.get('hidden_size')} |",
+        f"| max sequence length | {max_length} tokens |",
+        f"| pooling | {config.get('pooling', 'mean')}, prompt tokens included; L2-normalised |",
+        f"| prompts | {_fmt(sorted(prompts)) if prompts else '(none)'} |",
+        "",
+    ]
+    if prompts.get("query"):
+        details += ["Query prompt:", "", "```text", prompts["query"].rstrip("\n"), "```", ""]
+    sections.append(details)
+    if conversion:
+        sections.append(_conversion_sections(conversion))
+    return sections
 
 
 def _template() -> Template:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .checkpoint import CONVERSION_RECORD, TRAINING_RECORD, read_json
+from .model_folder import CONVERSION_RECORD, TRAINING_RECORD, read_json
 from .errors import DiffembedError, ModelFilesError
 
 _NUMBER = (int, float)

@@ -33,13 +33,13 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from transformers import TrainerCallback
 
 from . import register_auto_classes
-from .checkpoint import ModelFolder, as_model_folder, base_reference, model_identity, read_json
+from .model_folder import ModelFolder, as_model_folder, base_reference, model_identity, read_json
 from .torchrun import torchrun_ranks
-from .data import ColumnMapping, load_training_data
+from .training_data import ColumnMapping, load_training_data
 from .encoding import backbone, load_encoder, set_backbone
 from .errors import ConfigError, NonFiniteLossError, OutputExistsError, TrainingError
-from .evaluation.heldout import evaluate_model
-from .files import check_output_folder, output_lock, staged_folder, write_json
+from .heldout import evaluate_model
+from .outputs import check_output_folder, output_lock, staged_folder, write_json
 from .model_card import write_model_card
 from .records import HeldoutEvaluation, TrainingRecord, TrainingRun
 from .device_settings import apply_threads, plan_training, resolve_device_settings
@@ -552,18 +552,7 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
         raise TrainingError(f"{data}: {rows} training rows, fewer than one batch of {config.batch_size * world} "
                             "(--batch-size per device x devices); lower --batch-size or add rows")
     checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints"
-    resume_from = None
-    if resume:
-        resume_from = _last_complete_checkpoint(checkpoints, remove_incomplete=torchrun_ranks().is_main)
-        if resume_from is None:
-            logger.warning("--resume: no complete checkpoint in %s; training from the start.", checkpoints)
-        else:
-            logger.warning("Resuming from %s (the last complete checkpoint).", resume_from)
-    elif _checkpoints(checkpoints):
-        if not overwrite:  # an interrupted run's work: never thrown away unasked
-            raise OutputExistsError(f"{checkpoints} holds the checkpoints of an interrupted run: pass --resume to "
-                                    "continue it, or --overwrite to start again (they are then deleted)")
-        shutil.rmtree(checkpoints)
+    resume_from = _resume_point(checkpoints, resume, overwrite)
     # a local base is read and checked once, here, and handed to the memory check, the loader and the record
     source = as_model_folder(model_name_or_path, trust_remote_code=trust_remote_code) or model_name_or_path
     _check_memory(source, config, data_split, device, world, device_memory)
@@ -584,12 +573,56 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
     model.max_seq_length = config.max_seq_length
     before = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
     trainer = build_trainer(model, data_split.train, config, checkpoints, callbacks=callbacks)
+    steps, losses = _fit(trainer, checkpoints, record, resume_from,
+                         batch=f"{config.batch_size} from the {rows} rows of {data}")
+    if steps < config.max_steps:
+        logger.warning("Training ended after %d of %d steps: the data gave no further batch.", steps, config.max_steps)
+
+    if config.lora and not config.adapter_only:
+        model = _merge_adapter(model, source if isinstance(source, ModelFolder) else base[0], base[1], config,
+                               device, trust_remote_code)
+        model.max_seq_length = config.max_seq_length  # evaluated as before training: at the training length
+    after = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
+    seconds = time.perf_counter() - start
+    if trainer.is_world_process_zero():
+        trained = _training_record(trainer, config, base, data, eval_data, settings_record, resume_from, world,
+                                   losses, before, after, seconds)
+        _write_output(model, output_dir, config, trained, base, overwrite)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
+    return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None,
+                          rows)
+
+
+def _resume_point(checkpoints: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint a run continues from (`resume`), or None; an interrupted run's checkpoints are never thrown
+    away unasked (`overwrite` deletes them)."""
+    if resume:
+        resume_from = _last_complete_checkpoint(checkpoints, remove_incomplete=torchrun_ranks().is_main)
+        if resume_from is None:
+            logger.warning("--resume: no complete checkpoint in %s; training from the start.", checkpoints)
+        else:
+            logger.warning("Resuming from %s (the last complete checkpoint).", resume_from)
+        return resume_from
+    if _checkpoints(checkpoints):
+        if not overwrite:
+            raise OutputExistsError(f"{checkpoints} holds the checkpoints of an interrupted run: pass --resume to "
+                                    "continue it, or --overwrite to start again (they are then deleted)")
+        shutil.rmtree(checkpoints)
+    return None
+
+
+def _fit(trainer: SentenceTransformerTrainer, checkpoints: Path, record: dict, resume_from: Path | None,
+         batch: str) -> tuple[int, list[float]]:
+    """Run the trainer (recording a new run for --resume first): (steps, logged losses). A run that stops on a
+    non-finite loss, runs no step (`batch`: the batch it could not form) or fails leaves no checkpoint folder
+    without a complete checkpoint."""
     try:
         if resume_from is None and torchrun_ranks().is_main:  # a new run: what --resume will compare
             checkpoints.mkdir(parents=True, exist_ok=True)
             write_json(checkpoints / RUN_RECORD, record)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except FloatingPointError as err:  # from the loss check above (a non-finite embedding makes the loss so)
+    except FloatingPointError as err:  # from the loss check (a non-finite embedding makes the loss so)
         _remove_if_no_complete_checkpoint(checkpoints)
         raise NonFiniteLossError(
             f"Training stopped at step {trainer.state.global_step + 1}: {err} No model was written; lower the "
@@ -603,47 +636,40 @@ def _run(model_name_or_path: str, data: str, output_dir: Path, config: TrainingC
         _remove_if_no_complete_checkpoint(checkpoints)
         raise TrainingError(
             f"Training ran no step: the batch sampler, which never puts the same text twice in a batch (a duplicate "
-            f"would be a false negative), formed no batch of {config.batch_size} from the {rows} rows of {data}; "
-            "are most rows duplicates? No model was written.")
+            f"would be a false negative), formed no batch of {batch}; are most rows duplicates? No model was "
+            "written.")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if losses and not math.isfinite(losses[-1]):
         raise NonFiniteLossError(f"The training loss ended as {losses[-1]}; no model was written.")
-    if steps < config.max_steps:
-        logger.warning("Training ended after %d of %d steps: the data gave no further batch.", steps, config.max_steps)
+    return steps, losses
 
-    if config.lora and not config.adapter_only:
-        model = _merge_adapter(model, source if isinstance(source, ModelFolder) else base[0], base[1], config,
-                               device, trust_remote_code)
-        model.max_seq_length = config.max_seq_length  # evaluated as before training: at the training length
-    after = evaluate_model(model, data_split.eval, config.batch_size * 8) if data_split.eval else None
-    seconds = time.perf_counter() - start
-    if trainer.is_world_process_zero():
-        trained = TrainingRecord(
-            base_model=base[0], base_model_revision=base[1],
-            datasets=[data] + ([eval_data] if eval_data else []),
-            hyperparameters=dataclasses.asdict(config),
-            training=TrainingRun(
-                steps=steps, epochs=round(trainer.state.epoch or 0.0, 4),
-                samples=steps * config.batch_size * world, devices=world,
-                first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
-                losses=[{"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
-                        for entry in trainer.state.log_history if "loss" in entry],
-                peak_learning_rate=max((entry.get("learning_rate") or 0.0 for entry in trainer.state.log_history),
-                                       default=None),
-                warmup_steps=trainer.args.warmup_steps, device_settings=settings_record,
-                resumed_from_step=int(resume_from.name.split("-")[-1]) if resume_from else None,
-            ),
-            evaluation=None if after is None else HeldoutEvaluation(
-                split=eval_data or f"held-out {config.eval_fraction:.0%} of {data}",
-                max_seq_length=config.max_seq_length, metrics=after, metrics_before_training=before,
-            ),
-            training_time_seconds=round(seconds, 1),
-        )
-        _write_output(model, output_dir, config, trained, base, overwrite)
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    logger.info("Fine-tuned model written to %s in %.0f s", output_dir, seconds)
-    return TrainingResult(output_dir, before, after, losses, seconds, steps, str(resume_from) if resume_from else None,
-                          rows)
+
+def _training_record(trainer: SentenceTransformerTrainer, config: TrainingConfig, base: tuple[str, str | None],
+                     data: str, eval_data: str | None, settings_record: dict, resume_from: Path | None, world: int,
+                     losses: list[float], before: dict | None, after: dict | None, seconds: float) -> TrainingRecord:
+    """What the finished run writes beside the model (`diffembed_training.json`) and the card reads."""
+    steps = trainer.state.global_step
+    return TrainingRecord(
+        base_model=base[0], base_model_revision=base[1],
+        datasets=[data] + ([eval_data] if eval_data else []),
+        hyperparameters=dataclasses.asdict(config),
+        training=TrainingRun(
+            steps=steps, epochs=round(trainer.state.epoch or 0.0, 4),
+            samples=steps * config.batch_size * world, devices=world,
+            first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+            losses=[{"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
+                    for entry in trainer.state.log_history if "loss" in entry],
+            peak_learning_rate=max((entry.get("learning_rate") or 0.0 for entry in trainer.state.log_history),
+                                   default=None),
+            warmup_steps=trainer.args.warmup_steps, device_settings=settings_record,
+            resumed_from_step=int(resume_from.name.split("-")[-1]) if resume_from else None,
+        ),
+        evaluation=None if after is None else HeldoutEvaluation(
+            split=eval_data or f"held-out {config.eval_fraction:.0%} of {data}",
+            max_seq_length=config.max_seq_length, metrics=after, metrics_before_training=before,
+        ),
+        training_time_seconds=round(seconds, 1),
+    )
 
 
 # The CLI option that sets each setting, for messages; the others are set in a --config file only.
@@ -667,7 +693,7 @@ def texts_per_row(data_split) -> int:
 def training_memory(model_name_or_path: str | ModelFolder, config: TrainingConfig, per_row: int, device: str | None,
                     world: int, device_memory: int | str | None, *, favourable: bool = False):
     """(the training estimate, the memory it is compared with, where that figure comes from), from config.json."""
-    from .files import parse_size
+    from .outputs import parse_size
     from .memory_estimate import ModelShape, device_memory as memory_of, read_model_config, resolve_device
 
     device = resolve_device(device)

@@ -71,11 +71,11 @@ def _run_with_hook(mode: dict, args: list[str]):
     import pyarrow.parquet as parquet
 
     from diffembed_hf.cli import main
-    from diffembed_hf.batching import Encoder
+    from diffembed_hf.packed_encoder import PackedEncoder
     from diffembed_hf.corpus.job import CorpusJob
 
     state = {"shard": None, "batches": 0}
-    compute, forward, write_table = CorpusJob.compute, Encoder._forward, parquet.write_table
+    compute, forward, write_table = CorpusJob.compute, PackedEncoder._forward, parquet.write_table
     me = int(os.environ.get("RANK", "0")) == mode.get("rank", 0)
 
     def recording_compute(self, shard, encoder, progress=None):
@@ -94,7 +94,8 @@ def _run_with_hook(mode: dict, args: list[str]):
             os.truncate(where, os.path.getsize(where) // 2)  # the temporary file is half written when the process dies
             os.kill(os.getpid(), signal.SIGKILL)
 
-    CorpusJob.compute, Encoder._forward, parquet.write_table = recording_compute, killing_forward, killing_write_table
+    CorpusJob.compute, PackedEncoder._forward = recording_compute, killing_forward
+    parquet.write_table = killing_write_table
     sys.exit(main(args))
 
 

@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader
 from diffembed_hf.builtin_task import build_rows
 from diffembed_hf.cli import main
 from diffembed_hf.errors import OutputExistsError
-from diffembed_hf.data import resolve_columns, to_training_rows
+from diffembed_hf.training_data import resolve_columns, to_training_rows
 from diffembed_hf.evaluation import encoder as encoder_module
 from diffembed_hf.evaluation.encoder import DiffEmbedEncoder
-from diffembed_hf.evaluation.heldout import evaluate_model, retrieval_task
+from diffembed_hf.heldout import evaluate_model, retrieval_task
 from diffembed_hf.evaluation.run import evaluate
 from diffembed_hf.evaluation.suites import SUITES
 

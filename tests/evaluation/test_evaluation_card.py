@@ -43,7 +43,7 @@ def test_suite_stdlib_reproduces_the_demo_numbers(demo, tmp_path, capsys):
 
 def write_results(folder, model, summary, tasks):
     """A summary.json (format version 2) of `model`'s results, as `diffembed evaluate` writes it."""
-    from diffembed_hf.checkpoint import model_identity
+    from diffembed_hf.model_folder import model_identity
 
     identity = model_identity(model)
     results = [{"task": task, "settings": {"max_seq_length": 4096, "query_prompt": "q", "document_prompt": ""},

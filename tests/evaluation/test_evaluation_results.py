@@ -21,9 +21,9 @@ from huggingface_hub import ModelCard
 
 from diffembed_hf.builtin_task import build_rows
 from diffembed_hf.cli import main
-from diffembed_hf.data import resolve_columns, to_training_rows
+from diffembed_hf.training_data import resolve_columns, to_training_rows
 from diffembed_hf.evaluation import encoder as encoder_module
-from diffembed_hf.evaluation.heldout import retrieval_task
+from diffembed_hf.heldout import retrieval_task
 from diffembed_hf.evaluation.run import evaluate
 
 REAL_EMBED = encoder_module._embed
@@ -271,7 +271,7 @@ def test_a_models_identity_covers_what_changes_its_vectors_and_nothing_else(mode
     assert "Benchmark results" in card_with_results(model, "me/model").text
     capsys.readouterr()
 
-    from diffembed_hf.checkpoint import model_identity
+    from diffembed_hf.model_folder import model_identity
 
     assert model_identity(model).sha256 == recorded["model_sha256"]
     # a tokenizer edit changes the vectors: another model, whose card does not show the old results

@@ -80,7 +80,7 @@ def generate(concepts, out, server, **kwargs):
 
 
 def test_outputs_are_the_columns_train_reads_and_a_beir_folder(concepts, server, tmp_path):
-    from diffembed_hf.data import format_query, load_training_data
+    from diffembed_hf.training_data import format_query, load_training_data
     from diffembed_hf.evaluation.local import beir_task
     from diffembed_hf.reasonaug.dataset import format_query as our_format_query
 

@@ -70,7 +70,7 @@ def fraction(text: str) -> float:
 
 def byte_size(text: str) -> str:
     """A size in bytes, e.g. 5GB or 500MiB (> 0); kept as text for the library to read."""
-    from ..files import parse_size
+    from ..outputs import parse_size
 
     try:
         parse_size(text)
@@ -81,7 +81,7 @@ def byte_size(text: str) -> str:
 
 def memory_size(text: str) -> int:
     """A memory size in bytes, e.g. 80GiB, 24GB or 512MiB (> 0)."""
-    from ..files import parse_size
+    from ..outputs import parse_size
 
     try:
         value = parse_size(text)
@@ -154,7 +154,7 @@ def check_model_source(name: str, option: str = "MODEL") -> None:
     """A local folder, or something that can be a Hub id; a missing local path is named as such. A DiffEmbed
     folder's files are checked too (`checkpoint.check_model_files`), so that a damaged one is named in a
     second, before torch is imported; everything else about the folder is checked where it loads."""
-    from ..checkpoint import CONFIG, check_folder, check_model_files, local_folder
+    from ..model_folder import CONFIG, check_folder, check_model_files, local_folder
 
     try:
         folder = local_folder(name)

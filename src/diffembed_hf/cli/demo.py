@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     require_extra("train" if args.tiny else "demo")
     import tempfile
 
-    from ..files import check_output_folder, current_umask
+    from ..outputs import check_output_folder, current_umask
 
     if args.output:
         check_output_folder(Path(args.output), overwrite=args.overwrite)

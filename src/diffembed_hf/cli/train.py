@@ -67,13 +67,13 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_extra("train")
-    from ..files import check_output_folder
+    from ..outputs import check_output_folder
 
     # the checks that need no heavy import first: a mistake is reported at once
     if not args.estimate:  # the estimate writes nothing and reads config.json only
         check_output_folder(Path(args.output), overwrite=args.overwrite)
         check_model_source(args.model)
-    from ..data import ColumnMapping, check_data_source
+    from ..training_data import ColumnMapping, check_data_source
 
     check_data_source(args.data)
     if args.eval_data:
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 def _estimate(args: argparse.Namespace, config, mapping) -> int:
     """`train --estimate`: the peak of a step from config.json and the rows' columns (texts per row)."""
     from ..torchrun import torchrun_ranks
-    from ..data import load_training_data
+    from ..training_data import load_training_data
     from ..train import texts_per_row, training_memory
 
     data_split = load_training_data(args.data, mapping=mapping, group_by_instruction=config.group_by_instruction,

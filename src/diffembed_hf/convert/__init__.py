@@ -8,7 +8,7 @@
 from ..errors import ConversionError
 from .families import FAMILIES, Family, detect_family
 from .folder import ConvertOptions, convert_checkpoint
-from ..files import parse_size
+from ..outputs import parse_size
 
 __all__ = ["ConversionError", "ConvertOptions", "FAMILIES", "Family", "convert_checkpoint", "detect_family",
            "parse_size"]

@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .. import __version__, modeling, register_auto_classes
-from ..checkpoint import (
+from ..model_folder import (
     CONFIG,
     LICENSE_PATTERNS,
     REMOTE_CODE_FILES,
@@ -46,7 +46,7 @@ from ..checkpoint import (
     read_json_or_empty,
 )
 from ..errors import ConversionError, ConversionUsageError, UsageError, one_line
-from ..files import check_parent_writable, output_lock, parse_size, staged_folder, write_json
+from ..outputs import check_parent_writable, output_lock, parse_size, staged_folder, write_json
 from ..model_card import write_model_card
 from ..records import ConversionRecord, GgufSource
 from ..modeling.configuration_diffembed import DiffEmbedConfig

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import ConversionError, UsageError, require_extra
-from ..files import remove_stale_temp_folders, temporary_sibling
+from ..outputs import remove_stale_temp_folders, temporary_sibling
 from ..validation import is_non_negative_int, is_positive_int
 
 logger = logging.getLogger(__name__)

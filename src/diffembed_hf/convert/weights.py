@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ..checkpoint import inside
+from ..model_folder import inside
 from ..errors import ConversionError
 from ..modeling.configuration_diffembed import DiffEmbedConfig
 from ..modeling.modeling_diffembed import DiffEmbedForEmbedding

@@ -1,7 +1,7 @@
 """Embedding corpora: in memory (`embed_texts`), or of any size into parquet shards (`encode_corpus`), on one
 process, every rank of a torchrun job, or a Ray cluster (`ray_data`, extra `[ray]`)."""
 
-from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, Encoder
+from ..packed_encoder import DEFAULT_MAX_TOKENS_PER_BATCH, PackedEncoder
 from ..errors import CorpusError
 from .embed import embed_texts, visible_devices
 from .encode import DEFAULT_SHARD_SIZE, CorpusOptions, CorpusResult, encode_corpus
@@ -24,7 +24,7 @@ __all__ = [
     "CorpusOptions",
     "CorpusResult",
     "CorpusSource",
-    "Encoder",
+    "PackedEncoder",
     "embed_dataset",
     "embed_texts",
     "encode_corpus",

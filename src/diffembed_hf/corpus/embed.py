@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 from sentence_transformers import SentenceTransformer
 
-from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, check_texts, progress_bar
+from ..packed_encoder import DEFAULT_MAX_TOKENS_PER_BATCH, check_texts, progress_bar
 from ..encoding import encode, load_encoder
 
 logger = logging.getLogger(__name__)

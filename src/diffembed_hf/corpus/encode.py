@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..batching import progress_bar, warn_truncated
-from ..checkpoint import as_model_folder
+from ..packed_encoder import progress_bar, warn_truncated
+from ..model_folder import as_model_folder
 from ..compact import DEFAULT_CALIBRATION_ROWS
 from ..encoding import EncodeOptions, check_prompt_name
 from ..errors import OptionError
-from ..files import final_path, output_lock
+from ..outputs import final_path, output_lock
 from ..validation import check_positive_int, is_positive_int, read_options, with_overrides
 from ..torchrun import torchrun_ranks
 from . import distributed
@@ -135,6 +135,13 @@ def encode_corpus(model: str, source: str | CorpusSource | Any, output_dir: str 
         with output_lock(output_dir):  # one job per output folder
             return encode_on_ray(model, source, output_dir, address=ray, options=options, job_options=job_options,
                                  show_progress_bar=show_progress_bar, num_actors=num_actors)
+    return _encode_on_ranks(model, source, output_dir, options, job_options, device, show_progress_bar)
+
+
+def _encode_on_ranks(model, source: CorpusSource, output_dir: Path, options: dict, job_options: dict,
+                     device: str | None, show_progress_bar: bool | None) -> CorpusResult:
+    """The corpus job on this process, or on each torchrun rank: rank 0 plans it and writes the manifest, every
+    rank computes the shards it owns."""
     ranks = torchrun_ranks()
     with distributed.process_group(ranks), contextlib.ExitStack() as held:
         # Each step ends with every rank learning whether another failed (distributed.together): a failure on
@@ -174,4 +181,3 @@ def encode_corpus(model: str, source: str | CorpusSource | Any, output_dir: str 
                                        extra={**job.manifest_fields(), "created_by": f"diffembed-hf {__version__}"})
     return CorpusResult(output_dir, sum(i.rows for i in everyone), job.plan.num_shards,
                         sorted(i.index for i in everyone if i.computed), job.plan.skipped, manifest)
-

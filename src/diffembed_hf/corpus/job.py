@@ -13,8 +13,8 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
-from ..batching import Encoder, resolve_prompt
-from ..checkpoint import ModelFolder, model_identity, settings_digest
+from ..packed_encoder import PackedEncoder, resolve_prompt
+from ..model_folder import ModelFolder, model_identity, settings_digest
 from ..compact import DEFAULT_CALIBRATION_ROWS, SCALAR, CalibrationRanges, Compaction, calibrate, calibration_sample, \
     truncate
 from ..encoding import load_encoder
@@ -64,7 +64,7 @@ class CorpusJob:
         return verify_shard(self.output_dir, shard, self.stamp(shard), self.plan.shard_rows[shard],
                             self.known_digests.get(shard))
 
-    def compute(self, shard: int, encoder: Encoder, progress=None) -> ShardInfo:
+    def compute(self, shard: int, encoder: PackedEncoder, progress=None) -> ShardInfo:
         """Read shard `shard`'s rows (from its start position), embed the good ones, write the shard."""
         position, index = self.plan.starts[shard]
         ids, texts = [], []
@@ -87,15 +87,16 @@ class CorpusJob:
 def load(model: str | ModelFolder, *, device: str | None = None, prompt: str | None, prompt_name: str | None,
          max_tokens_per_batch: int, max_seq_length: int | None, quantize: str | None,
          trust_remote_code: bool, truncate_dim: int | None = None,
-         compile: bool = False) -> tuple[SentenceTransformer, Encoder]:
+         compile: bool = False) -> tuple[SentenceTransformer, PackedEncoder]:
     """The model and the encoder a process (a rank, a Ray actor) computes shards with."""
     st_model = load_encoder(model, device=device, max_seq_length=max_seq_length, quantize=quantize,
                             trust_remote_code=trust_remote_code, truncate_dim=truncate_dim, compile=compile)
-    return st_model, Encoder(st_model, prompt=resolve_prompt(st_model, prompt, prompt_name),
+    return st_model, PackedEncoder(st_model, prompt=resolve_prompt(st_model, prompt, prompt_name),
                              max_tokens_per_batch=max_tokens_per_batch)
 
 
-def plan_job(model_name: str | ModelFolder, model: SentenceTransformer, encoder: Encoder, source, output_dir: Path, *,
+def plan_job(model_name: str | ModelFolder, model: SentenceTransformer, encoder: PackedEncoder, source,
+             output_dir: Path, *,
              shard_size: int, dtype: str, skip_bad_rows: bool, overwrite: bool, quantize: str | None = None,
              truncate_dim: int | None = None, calibration: CalibrationRanges | None = None,
              calibration_rows: int = DEFAULT_CALIBRATION_ROWS) -> CorpusJob:
@@ -148,7 +149,7 @@ def _earlier_ranges(output_dir: Path, settings: dict, calibration_rows: int) -> 
     return ranges if ranges.digest() == previous.get("calibration") else None
 
 
-def _calibrate(encoder: Encoder, source: CorpusSource, plan: ShardPlan, truncate_dim: int | None, identity: dict,
+def _calibrate(encoder: PackedEncoder, source: CorpusSource, plan: ShardPlan, truncate_dim: int | None, identity: dict,
                rows: int) -> CalibrationRanges:
     """int8/uint8 ranges from an evenly spread sample of the corpus's good rows, embedded as the shards are."""
     wanted = set(calibration_sample(plan.good_rows, rows))

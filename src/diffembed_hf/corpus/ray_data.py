@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH, warn_truncated
+from ..packed_encoder import DEFAULT_MAX_TOKENS_PER_BATCH, warn_truncated
 from ..errors import CorpusError, DiffembedError, require_extra
 from .job import CorpusJob, CorpusResult, load, plan_job
 from .read import CorpusSource

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import is_hub_id
+from ..model_folder import is_hub_id
 from ..errors import CorpusError, require_extra
 from ..readers import Record, check_id, check_text, columns_of, describe_files, list_inputs, no_field, read_records
 

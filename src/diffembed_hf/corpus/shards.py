@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import file_sha256
+from ..model_folder import file_sha256
 from ..errors import CorpusError
-from ..files import staged_file, write_json
+from ..outputs import staged_file, write_json
 from ..records import CorpusManifest
 
 logger = logging.getLogger(__name__)

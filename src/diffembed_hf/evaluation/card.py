@@ -15,7 +15,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult
 
-from ..checkpoint import EVAL_FOLDER, is_hub_id, model_identity, read_json_or_empty
+from ..model_folder import EVAL_FOLDER, is_hub_id, model_identity, read_json_or_empty
 from ..errors import EvaluationError
 from .suites import STUDY, STUDY_URL
 from .summary import (Summary, compact_label, describe_model, identity_record, read_summary, results_table, same_model,

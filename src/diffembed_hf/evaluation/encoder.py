@@ -23,8 +23,8 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 from sentence_transformers import SentenceTransformer
 
-from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH
-from ..checkpoint import ModelIdentity
+from ..packed_encoder import DEFAULT_MAX_TOKENS_PER_BATCH
+from ..model_folder import ModelIdentity
 from ..corpus import embed_texts, visible_devices
 from .suites import STUDY_INSTRUCTIONS, SYMMETRIC_TYPES, render_prompt
 

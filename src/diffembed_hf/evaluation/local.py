@@ -197,8 +197,8 @@ def stdlib_task(rows: int = STDLIB_ROWS) -> LocalRetrievalTask:
     evaluator's own `retrieval_task`, queries = the anchors, which already carry their instruction (so the
     query prompt is '' here), documents bare; the caller evaluates at the demo's max_seq_length (128)."""
     from ..builtin_task import HELD_OUT_MODULES, build_rows
-    from ..data import resolve_columns, to_training_rows
-    from .heldout import retrieval_task
+    from ..training_data import resolve_columns, to_training_rows
+    from ..heldout import retrieval_task
 
     raw = Dataset.from_list(build_rows(HELD_OUT_MODULES)[:rows])
     columns, _ = to_training_rows(raw, "stdlib", resolve_columns(raw, "stdlib"))

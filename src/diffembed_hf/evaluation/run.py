@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import __version__
-from ..batching import DEFAULT_MAX_TOKENS_PER_BATCH
-from ..checkpoint import EVAL_RUN, ModelFolder, ModelIdentity, as_model_folder, model_identity
+from ..packed_encoder import DEFAULT_MAX_TOKENS_PER_BATCH
+from ..model_folder import EVAL_RUN, ModelFolder, ModelIdentity, as_model_folder, model_identity
 from ..compact import DEFAULT_CALIBRATION_ROWS, CalibrationRanges, Compaction, load_calibration
 from ..errors import EvaluationError, OptionError, OutputExistsError, require_extra
-from ..files import output_lock, partial_folder, staged_folder, write_json
+from ..outputs import output_lock, partial_folder, staged_folder, write_json
 from ..validation import check_max_seq_length, check_positive_int, is_positive_int, read_options, with_overrides
 from .suites import SUITE_MAX_SEQ_LENGTH, close_matches, suite_task, suite_tasks
 from .summary import (
@@ -393,8 +393,6 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
     folder opened by `evaluate` (None for a Hub id)."""
     from ..encoding import embedding_width, load_encoder
     from .encoder import DiffEmbedEncoder, model_meta, mteb_identity
-    from .local import STDLIB_TASK
-
     from .local import STDLIB_ROWS
 
     suite, data, query_prompt, device = options.suite, options.data, options.query_prompt, options.device
@@ -411,42 +409,21 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
     compaction = dataclasses.replace(compaction, truncate_dim=st_model.truncate_dim)  # the stored one by default
     compaction.check(width, identity.as_dict())
     keep_earlier = earlier is not None and same_model(earlier.model, identity)
-    query_prompts, prompt_sources = {}, {}  # a local task's query prompt, and (instruction, where it came from)
-    if suite == "stdlib":
-        query_prompts[STDLIB_TASK] = ""  # the anchors already carry the task's instruction
-        prompt_sources[STDLIB_TASK] = ("", "the task's queries carry their instruction")
-    from ..sentence_transformer import instruction_prompt
-
-    for task in task_list if data else []:  # one rule for an instruction and --query-prompt (`instruction_prompt`)
-        name = task.metadata.name
-        if name in overrides:
-            query_prompts[name] = instruction_prompt(overrides[name])
-            prompt_sources[name] = (overrides[name], "instruction file")
-        elif query_prompt is not None:
-            query_prompts[name] = instruction_prompt(query_prompt)
-            prompt_sources[name] = (query_prompt, "--query-prompt")
-        else:
-            query_prompts[name] = st_model.prompts.get("query", "")
-            prompt_sources[name] = (query_prompts[name], "the model's query prompt")
-    options = dict(instructions=overrides, query_prompts=query_prompts, prompt_sources=prompt_sources,
-                   source=None if device else model, max_tokens_per_batch=max_tokens_per_batch)
+    query_prompts, prompt_sources = _query_prompts(task_list if data else [], suite, overrides, query_prompt,
+                                                   st_model.prompts.get("query", ""))
+    encoder_options = dict(instructions=overrides, query_prompts=query_prompts, prompt_sources=prompt_sources,
+                           source=None if device else model, max_tokens_per_batch=max_tokens_per_batch)
     if compaction.is_identity:
-        encoder = DiffEmbedEncoder(st_model, None, **options)
+        encoder = DiffEmbedEncoder(st_model, None, **encoder_options)
     else:
         from .compact_search import CompactEncoder
 
         encoder = CompactEncoder(st_model, None, compaction=compaction, model_identity=identity.as_dict(),
-                                 calibration_rows=calibration_rows, **options)
-    # each task's settings: what, beside the model and the data, decides its scores
-    settings = {}
-    for task in task_list:
-        route = encoder.routing(task.metadata)
-        settings[task.metadata.name] = {"max_seq_length": st_model.max_seq_length, "query_prompt": route["query"],
-                                        "document_prompt": route["document"]}
-        if task.metadata.name == STDLIB_TASK and suite == "stdlib":
-            settings[task.metadata.name]["max_heldout"] = stdlib_rows
-        if not compaction.is_identity:  # another result beside the float one (and another mteb cache folder)
-            settings[task.metadata.name]["compact"] = {**compaction.describe(), "calibration_rows": calibration_rows}
+                                 calibration_rows=calibration_rows, **encoder_options)
+    settings = {task.metadata.name: _task_settings(task, encoder, st_model.max_seq_length,
+                                                   stdlib_rows if suite == "stdlib" else None, compaction,
+                                                   calibration_rows)
+                for task in task_list}
     name, revision = mteb_identity(identity)
     # mteb files each task's results under the model and that task's settings, so its cache never hands a task
     # the results of other settings
@@ -472,16 +449,9 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
             raise
         stamp = {"mteb_version": mteb.__version__, "diffembed_hf_version": __version__,
                  "evaluated": time.strftime("%Y-%m-%d %H:%M:%S")}
-        results = [{
-            "task": task, "settings": settings[task], "settings_key": settings_key(settings[task]), "scores": scores,
-            **{k: record_tasks[task][k] for k in ("type", "dataset", "dataset_revision", "splits", "subsets")},
-            "prompts": record_tasks[task]["routing"], **stamp,
-        } for task, scores in summary.items()]
         calibrations = getattr(encoder, "calibrations", None)
-        for result in results:
-            result["scores"]["bytes_per_vector"] = compaction.bytes_per_vector(width)
-            if calibrations and result["task"] in calibrations:  # the ranges each corpus gave (int8/uint8)
-                result["calibration"] = calibrations[result["task"]]
+        results = _task_results(summary, record_tasks, settings, stamp, compaction.bytes_per_vector(width),
+                                calibrations)
         all_results = merge_results(earlier.results if keep_earlier else [], results)
         record = RunRecord(
             model, model_record, finished=True, mteb_model_name=name, mteb_revision=revision, suite=suite,
@@ -494,6 +464,61 @@ def _evaluate_locked(mteb, model: str, identity: ModelIdentity | None, earlier: 
     table = format_table(all_results)
     logger.debug("Evaluation results in %s\n%s", output, table)  # the CLI prints the table once
     return EvaluationResult(output, summary, table, record, all_results)
+
+
+def _task_settings(task, encoder, max_seq_length: int, stdlib_rows: int | None, compaction: Compaction,
+                   calibration_rows: int) -> dict:
+    """What, beside the model and the data, decides a task's scores (its results are kept per settings)."""
+    from .local import STDLIB_TASK
+
+    route = encoder.routing(task.metadata)
+    settings = {"max_seq_length": max_seq_length, "query_prompt": route["query"], "document_prompt": route["document"]}
+    if task.metadata.name == STDLIB_TASK and stdlib_rows is not None:
+        settings["max_heldout"] = stdlib_rows
+    if not compaction.is_identity:  # another result beside the float one (and another mteb cache folder)
+        settings["compact"] = {**compaction.describe(), "calibration_rows": calibration_rows}
+    return settings
+
+
+def _task_results(summary: dict, record_tasks: dict, settings: dict, stamp: dict, bytes_per_vector: float,
+                  calibrations: dict | None) -> list[dict]:
+    """One summary.json entry per task: its scores, the settings that decided them, its data and prompts, and
+    the ranges its corpus gave (int8/uint8)."""
+    results = [{
+        "task": task, "settings": settings[task], "settings_key": settings_key(settings[task]), "scores": scores,
+        **{k: record_tasks[task][k] for k in ("type", "dataset", "dataset_revision", "splits", "subsets")},
+        "prompts": record_tasks[task]["routing"], **stamp,
+    } for task, scores in summary.items()]
+    for result in results:
+        result["scores"]["bytes_per_vector"] = bytes_per_vector
+        if calibrations and result["task"] in calibrations:
+            result["calibration"] = calibrations[result["task"]]
+    return results
+
+
+def _query_prompts(data_tasks: list, suite: str | None, overrides: dict[str, str], query_prompt: str | None,
+                   model_query_prompt: str) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """A local task's query prompt, and (instruction, where it came from): the instruction file, else
+    --query-prompt, else the model's own query prompt; one rule for both (`instruction_prompt`)."""
+    from ..sentence_transformer import instruction_prompt
+    from .local import STDLIB_TASK
+
+    query_prompts, prompt_sources = {}, {}
+    if suite == "stdlib":
+        query_prompts[STDLIB_TASK] = ""  # the anchors already carry the task's instruction
+        prompt_sources[STDLIB_TASK] = ("", "the task's queries carry their instruction")
+    for task in data_tasks:
+        name = task.metadata.name
+        if name in overrides:
+            query_prompts[name] = instruction_prompt(overrides[name])
+            prompt_sources[name] = (overrides[name], "instruction file")
+        elif query_prompt is not None:
+            query_prompts[name] = instruction_prompt(query_prompt)
+            prompt_sources[name] = (query_prompt, "--query-prompt")
+        else:
+            query_prompts[name] = model_query_prompt
+            prompt_sources[name] = (model_query_prompt, "the model's query prompt")
+    return query_prompts, prompt_sources
 
 
 def _run(mteb, encoder, task_list: list, work: Path, metas: dict, *, overwrite: bool) -> tuple[dict, dict]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..checkpoint import EVAL_SUMMARY, ModelIdentity, read_json, settings_digest
+from ..model_folder import EVAL_SUMMARY, ModelIdentity, read_json, settings_digest
 from ..errors import EvaluationError
 from .suites import PUBLISHED, STUDY
 

@@ -6,7 +6,7 @@
   * the card itself comes from `diffembed_hf.model_card`, the one builder every job uses.
 """
 
-from ..checkpoint import REMOTE_CODE_FILES
+from ..model_folder import REMOTE_CODE_FILES
 from ..errors import PublishError, PublishUsageError
 from .files import files_to_push, folder_kind
 from .upload import PlannedFiles, PushOptions, PushPlan, prepare_push, push, upload

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import (
+from ..model_folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CONFIG,
@@ -27,7 +27,7 @@ from ..checkpoint import (
     inside,
     read_json,
 )
-from ..checkpoint import folder_kind as _folder_kind
+from ..model_folder import folder_kind as _folder_kind
 from ..errors import PublishError, PublishUsageError
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ..errors import BatchError, UsageError
-from ..files import move_into_place, temporary_sibling
+from ..outputs import move_into_place, temporary_sibling
 from ..readers import json_records, open_input, read_lines
 from ..validation import is_non_negative_int
 from .client import answer_of

@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..errors import DiffembedError
-from ..files import move_into_place, temporary_sibling
+from ..outputs import move_into_place, temporary_sibling
 from .concepts import fold
 from .planner import Plan, Planner
 from .prompts import STAGES

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import JournalError
-from ..files import holds_lock, output_lock
+from ..outputs import holds_lock, output_lock
 
 logger = logging.getLogger(__name__)
 

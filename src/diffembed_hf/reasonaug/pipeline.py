@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import OptionError, OutputExistsError, UsageError, require_extra
-from ..files import check_parent_writable, final_path, move_into_place, output_lock, temporary_sibling
+from ..outputs import check_parent_writable, final_path, move_into_place, output_lock, temporary_sibling
 from ..validation import (check_fraction, check_non_negative_int, check_positive_float, check_positive_int,
                           read_options, with_overrides)
 from .concepts import ConceptSet, load_concepts

@@ -1,6 +1,6 @@
 """The one encoding engine: length-sorted batches under a token budget, run on the model's packed path.
 
-Every vector this package produces comes from `Encoder`: `encoding.encode` (the Python API and `diffembed encode
+Every vector this package produces comes from `PackedEncoder`: `encoding.encode` (the Python API and `diffembed encode
 -o x.npy`), corpus shards (`diffembed encode -o DIR/`, torchrun, Ray), in-memory corpora (`corpus.embed_texts`)
 and evaluation. It gives what `SentenceTransformer(folder).encode(texts, prompt=...)` gives for a DiffEmbed
 folder (same tokenization and truncation, mean pooling in float32, normalisation) but never pads: each batch is
@@ -75,7 +75,7 @@ def resolve_prompt(model: SentenceTransformer, prompt: str | None, prompt_name: 
     return prompt
 
 
-class Encoder:
+class PackedEncoder:
     """Embeds texts with a DiffEmbed sentence-transformers pipeline (Transformer -> mean Pooling -> [Normalize])."""
 
     def __init__(self, model: SentenceTransformer, *, prompt: str | None = None,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-from .checkpoint import is_hub_id
+from .model_folder import is_hub_id
 from .errors import DataError, DataSourceError
 from .sentence_transformer import DEFAULT_QUERY_PROMPT, instruction_prompt
 
