@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from diffembed_hf import ModelFolder, open_model_folder
-from diffembed_hf import model_folder as checkpoint
+from diffembed_hf import model_folder
 from diffembed_hf.model_folder import model_identity
 from diffembed_hf.errors import ModelFilesError, UntrustedFolderError, UsageError
 
@@ -51,8 +51,8 @@ def test_a_diffembed_folder_opens_with_its_files_read_once(tiny_folders):
 
 def test_the_identity_is_computed_on_first_use_only(tiny_folders, monkeypatch):
     calls = []
-    real = checkpoint.content_digest
-    monkeypatch.setattr(checkpoint, "content_digest", lambda *a: calls.append(a) or real(*a))
+    real = model_folder.content_digest
+    monkeypatch.setattr(model_folder, "content_digest", lambda *a: calls.append(a) or real(*a))
     opened = open_model_folder(tiny_folders(**SPEC))
     assert calls == []  # opening reads no weight bytes for a digest
     first, second = opened.identity, opened.identity
@@ -167,18 +167,18 @@ def test_the_undamaged_copy_opens(folder):
 
 
 class Count:
-    """Counts the calls of some `checkpoint` functions (every check of a folder goes through that module)."""
+    """Counts the calls of some `model_folder` functions (every check of a folder goes through that module)."""
 
     def __init__(self, monkeypatch, *names):
         self.calls = {name: [] for name in names}
         for name in names:
-            real = getattr(checkpoint, name)
+            real = getattr(model_folder, name)
 
             def spy(*args, _real=real, _name=name, **kwargs):
                 self.calls[_name].append(args[0] if args else None)
                 return _real(*args, **kwargs)
 
-            monkeypatch.setattr(checkpoint, name, spy)
+            monkeypatch.setattr(model_folder, name, spy)
 
     def __getitem__(self, name):
         return len(self.calls[name])

@@ -25,8 +25,8 @@ _MODEL_CLASSES = {
 # name -> the module (relative to this package) it is defined in
 _ENTRY_POINTS = {
     "load_encoder": "encoding",
-    "open_model_folder": "checkpoint",  # a model folder read and checked once, for a job to hand down
-    "ModelFolder": "checkpoint",
+    "open_model_folder": "model_folder",  # a model folder read and checked once, for a job to hand down
+    "ModelFolder": "model_folder",
     "encode": "encoding",
     "encode_file": "encoding",
     "EncodeOptions": "encoding",
