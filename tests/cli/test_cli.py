@@ -234,11 +234,13 @@ def _user_error_cases(base: Path, data: Path, tmp: Path) -> list[tuple[list[str]
         (["train", m, d, f"{t}/o1", "--max-steps", "0"], 2, "--max-steps"),
         (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/nowhere/e.npy"], 2, "does not exist"),
         (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/exists.npy"], 2, "exists"),
-        (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/e.npy", "--device", "cuda:7"], 2, "--device cuda:7"),
-        (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/e.npy", "--device", "cpu", "--prompt-name", "nope"],
+        # one output each: the fresh-process test runs the cases at once, and two runs into one output file meet
+        # its lock ("being written by another run"), as they should
+        (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/e1.npy", "--device", "cuda:7"], 2, "--device cuda:7"),
+        (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/e2.npy", "--device", "cpu", "--prompt-name", "nope"],
          2, "--prompt-name 'nope' is not one of the model's prompts"),
-        (["encode", m, "-i", f"{t}/missing.txt", "-o", f"{t}/e.npy"], 2, "no such file"),
-        (["encode", m, "-i", f"{t}/bad.jsonl", "-o", f"{t}/e.npy"], 1, "bad.jsonl line 2: a JSON list"),
+        (["encode", m, "-i", f"{t}/missing.txt", "-o", f"{t}/e3.npy"], 2, "no such file"),
+        (["encode", m, "-i", f"{t}/bad.jsonl", "-o", f"{t}/e4.npy"], 1, "bad.jsonl line 2: a JSON list"),
         (["encode", m, "-i", f"{t}/texts.txt", "-o", f"{t}/e.csv"], 2, ".npy or .safetensors"),
         (["convert", m, f"{t}/taken"], 2, "already exists"),
         (["convert", f"{t}/no-source", f"{t}/c1"], 2, "does not exist"),
