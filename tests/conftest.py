@@ -15,6 +15,12 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (`-n 2`) each worker is one of the machine's cores: one torch thread here and in every
+    # process a test starts, or two workers' OpenMP pools spin against each other and both run many times slower.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 TESTS = Path(__file__).resolve().parent
 # Folders whose every test depends on the versions of transformers / sentence-transformers / mteb / huggingface_hub
 # (the model against transformers' own, the CLI's output, evaluation, publishing): each test in them, a new module

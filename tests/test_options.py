@@ -183,6 +183,13 @@ def test_the_cli_names_the_flag_of_a_parameter():
         "--max-seq-length must be an integer >= 1, got 0"
     assert error_message(OptionError("stdlib_rows", "must be an integer >= 1, got 0")).startswith("--max-heldout ")
     assert error_message(UsageError("no flag here")) == "no flag here"  # other errors as they are
+    # another option the problem names: by its parameter in the library, by its flag on the command line
+    both = OptionError("warmup_ratio", "and {warmup_steps} were both given: give one", ("warmup_steps",))
+    assert str(both) == "warmup_ratio and warmup_steps were both given: give one"
+    assert error_message(both) == "--warmup-ratio and --warmup-steps were both given: give one"
+    # a training setting that only a --config file sets has no flag: the message says where it is set
+    assert error_message(OptionError("lora_alpha", "must be a number > 0, got 0")) == \
+        "lora_alpha (a --config setting) must be a number > 0, got 0"
 
 
 @pytest.mark.parametrize("name", ["encode_file", "encode_corpus", "convert_checkpoint", "push",

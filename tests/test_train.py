@@ -299,6 +299,7 @@ class _StopAt:
         return Stop()
 
 
+@pytest.mark.slow  # four training runs, one killed
 def test_resume_uses_only_a_complete_checkpoint_and_says_which(base, task, tmp_path, caplog):
     import shutil
 
@@ -398,6 +399,7 @@ def test_an_adapter_means_one_base_wherever_it_is_used(tiny_folders, task, tmp_p
     assert model_identity(adapter).sha256 != identity.sha256  # its base changed under it: so did it
 
 
+@pytest.mark.slow  # a run and five refused resumes, each loading the base
 def test_a_resume_must_be_the_interrupted_run(base, tiny_folders, task, tmp_path, capsys):
     """`train --resume` with another base, other rows or another setting is refused, naming each difference
     (it ran at the checkpoint's learning rate, or merged the first base's LoRA into another, and recorded what was
@@ -425,7 +427,7 @@ def test_a_resume_must_be_the_interrupted_run(base, tiny_folders, task, tmp_path
     assert "learning-rate" not in str(refused.value)  # only what differs is named
     with pytest.raises(ConfigError, match=r"the training rows were those of .*train.jsonl.*now of .*heldout.jsonl"):
         train(base, task[1], out, config, resume=True)
-    with pytest.raises(ConfigError, match=r"--max-steps was 4, now 6; scale \(a --config setting\) was 50.0, now 20"):
+    with pytest.raises(ConfigError, match=r"max_steps was 4, now 6; scale was 50.0, now 20"):
         train(base, task[0], out, dataclasses.replace(config, max_steps=6, scale=20.0), resume=True)
     assert sorted(p.relative_to(tmp_path) for p in checkpoints.rglob("*")) == kept  # nothing touched
 
@@ -489,7 +491,7 @@ def test_a_warm_up_flag_overrides_the_config_files_warm_up(tmp_path):
     config = TrainingConfig.from_file(path, warmup_ratio=0.25)
     assert (config.warmup_steps, config.warmup_ratio) == (None, 0.25)
     assert TrainingConfig.from_file(path).warmup_steps == 30  # no flag: the file's
-    with pytest.raises(ConfigError, match="--warmup-steps or --warmup-ratio, not both"):
+    with pytest.raises(ConfigError, match="warmup_ratio and warmup_steps were both given: give one"):
         TrainingConfig.from_file(path, warmup_steps=3, warmup_ratio=0.1)
 
 

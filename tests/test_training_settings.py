@@ -72,9 +72,9 @@ def test_warmup_options(base, rows, tmp_path, caplog):
         train(base, rows, tmp_path / "long", TrainingConfig(max_steps=4, max_seq_length=64, warmup_steps=3, **QUICK),
               device="cpu")
     assert "Warm-up takes 3 of the 4 steps" in caplog.text
-    with pytest.raises(ConfigError, match="--warmup-steps or --warmup-ratio, not both"):
+    with pytest.raises(ConfigError, match="warmup_ratio and warmup_steps were both given: give one"):
         TrainingConfig(warmup_steps=3, warmup_ratio=0.1)
-    with pytest.raises(ConfigError, match=r"--warmup-ratio must be a number in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"warmup_ratio must be a number in \[0, 1\)"):
         TrainingConfig(warmup_ratio=1.5)
 
 
@@ -200,9 +200,9 @@ def test_lora_on_the_last_layers_leaves_the_others_untouched(base, rows, tmp_pat
     assert _layer_changes(base, every.output_dir) == [True, True]  # the control: every layer moves
     record = json.loads((last.output_dir / TRAINING_RECORD).read_text())
     assert record["hyperparameters"]["lora_layers"] == 1
-    with pytest.raises(ConfigError, match="--lora-layers 3: the model has 2 layers"):
+    with pytest.raises(ConfigError, match="lora_layers is 3, but the model has 2 layers"):
         train(base, rows, tmp_path / "too-many", TrainingConfig(lora_layers=3, **config), device="cpu")
-    with pytest.raises(ConfigError, match="--lora-layers must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="lora_layers must be an integer >= 1"):
         TrainingConfig(lora_layers=0)
 
 
@@ -223,7 +223,7 @@ def test_learning_rate_schedules(base, rows, tmp_path, schedule):
         import math
 
         assert after == [pytest.approx(rate * (1 + math.cos(math.pi * t / 10)) / 2) for t in range(10)]
-    with pytest.raises(ConfigError, match="--lr-scheduler must be one of linear, cosine, constant"):
+    with pytest.raises(ConfigError, match="lr_scheduler must be one of linear, cosine, constant"):
         TrainingConfig(lr_scheduler="exponential")
 
 

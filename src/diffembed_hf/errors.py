@@ -31,12 +31,20 @@ class UsageError(DiffembedError):
 
 class OptionError(UsageError, ValueError):
     """An option (a parameter of a library call, a field of an options object) out of its range. `option` is
-    the parameter's name, `problem` what is wrong with its value; the CLI names the flag that sets it instead."""
+    the parameter's name, `problem` what is wrong with its value; the CLI names the flag that sets it instead.
+    Other options the problem mentions are written `{name}` in it and listed in `others`: the message names each
+    by its parameter, the CLI by its flag."""
 
-    def __init__(self, option: str, problem: str):
-        super().__init__(f"{option} {problem}")
-        self.option = option
-        self.problem = problem
+    def __init__(self, option: str, problem: str, others: tuple[str, ...] = ()):
+        self.option, self.problem, self.others = option, problem, others
+        super().__init__(self.worded(lambda name: name))
+
+    def worded(self, name_of) -> str:
+        """The message with every option named by `name_of(parameter)`."""
+        problem = self.problem
+        for other in self.others:
+            problem = problem.replace("{" + other + "}", name_of(other))
+        return f"{name_of(self.option)} {problem}"
 
 
 class OutputExistsError(UsageError, FileExistsError):
@@ -115,6 +123,10 @@ class DataSourceError(DataError, UsageError):
 
 class ConfigError(UsageError, ValueError):
     """A training setting out of its range, or a settings file that cannot be used."""
+
+
+class SettingError(ConfigError, OptionError):
+    """A training setting (a TrainingConfig field) out of its range: named by its field, by the CLI by its flag."""
 
 
 class MemoryLimitError(ConfigError, MemoryError):

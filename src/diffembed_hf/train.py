@@ -37,7 +37,7 @@ from .model_folder import ModelFolder, as_model_folder, base_reference, model_id
 from .torchrun import torchrun_ranks
 from .training_data import ColumnMapping, load_training_data
 from .encoding import backbone, load_encoder, set_backbone
-from .errors import ConfigError, NonFiniteLossError, OutputExistsError, TrainingError
+from .errors import ConfigError, NonFiniteLossError, OutputExistsError, SettingError, TrainingError
 from .heldout import evaluate_model
 from .outputs import check_output_folder, output_lock, staged_folder, write_json
 from .model_card import write_model_card
@@ -110,58 +110,43 @@ class TrainingConfig:
     truncate_dim: int | None = None  # stored in config_sentence_transformers.json: SentenceTransformer's default
 
     def __post_init__(self):
-        """Every number in its range, named as the CLI option (or field) that sets it: nothing is reinterpreted."""
-        at_least_one = {"max_steps": "--max-steps", "batch_size": "--batch-size", "max_seq_length": "--max-seq-length",
-                        "saved_max_seq_length": "--saved-max-seq-length",
-                        "save_steps": "save_steps", "save_total_limit": "save_total_limit",
-                        "logging_steps": "logging_steps", "lora_r": "lora_r"}
-        optional = {"max_seq_length", "saved_max_seq_length"}  # None: automatic
-        for name, option in at_least_one.items():
+        """Every number in its range, named by its field (the CLI names the flag): nothing is reinterpreted."""
+        optional = {"max_seq_length", "saved_max_seq_length", "lora_layers", "gradcache_mini_batch_size",
+                    "truncate_dim"}  # None: automatic, or not used
+        for name in ("max_steps", "batch_size", "max_seq_length", "saved_max_seq_length", "save_steps",
+                     "save_total_limit", "logging_steps", "lora_r", *optional):
             value = getattr(self, name)
-            if value is None and name in optional:
-                continue
-            if not is_positive_int(value):
-                raise ConfigError(f"{option} must be an integer >= 1, got {value!r}")
+            if not (value is None and name in optional) and not is_positive_int(value):
+                raise SettingError(name, f"must be an integer >= 1, got {value!r}")
         for name in ("gradient_checkpointing", "bf16"):
             if getattr(self, name) not in (None, True, False):
-                raise ConfigError(f"{name} must be true, false or null (automatic), got {getattr(self, name)!r}")
-        if self.lora_layers is not None and not is_positive_int(self.lora_layers):
-            raise ConfigError(f"--lora-layers must be an integer >= 1, got {self.lora_layers!r}")
-        gradcache = self.gradcache_mini_batch_size
-        if gradcache is not None and not is_positive_int(gradcache):
-            raise ConfigError(f"--gradcache must be an integer >= 1, got {gradcache!r}")
+                raise SettingError(name, f"must be true, false or null (automatic), got {getattr(self, name)!r}")
         if self.warmup_steps is not None and not is_non_negative_int(self.warmup_steps):
-            raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.warmup_ratio is not None and (isinstance(self.warmup_ratio, bool) or
-                                              not isinstance(self.warmup_ratio, (int, float))
-                                              or not 0 <= self.warmup_ratio < 1):
-            raise ConfigError(f"--warmup-ratio must be a number in [0, 1), got {self.warmup_ratio!r}")
+            raise SettingError("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
+        for name in ("warmup_ratio", "eval_fraction", "lora_dropout"):
+            value = getattr(self, name)
+            if not (value is None and name == "warmup_ratio") and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+                raise SettingError(name, f"must be a number in [0, 1), got {value!r}")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
-            raise ConfigError("give --warmup-steps or --warmup-ratio, not both")
-        for name, option in {"learning_rate": "--learning-rate", "scale": "scale", "lora_alpha": "lora_alpha"}.items():
+            raise SettingError("warmup_ratio", "and {warmup_steps} were both given: give one", ("warmup_steps",))
+        for name in ("learning_rate", "scale", "lora_alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ConfigError(f"{option} must be a number > 0, got {value!r}")
+                raise SettingError(name, f"must be a number > 0, got {value!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ConfigError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        if not isinstance(self.eval_fraction, (int, float)) or not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"--eval-fraction must be a number in [0, 1), got {self.eval_fraction!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+            raise SettingError("lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.matryoshka_dims is not None and self.matryoshka_dims != "auto":
             from .compact import parse_dims
 
             try:
                 self.matryoshka_dims = parse_dims(self.matryoshka_dims)
             except ValueError as err:
-                raise ConfigError(f"--matryoshka-dims: {err}") from None
-        truncate = self.truncate_dim
-        if truncate is not None and not is_positive_int(truncate):
-            raise ConfigError(f"--truncate-dim must be an integer >= 1, got {truncate!r}")
-        if truncate is not None and self.adapter_only:  # it would be silently dropped
-            raise ConfigError("--truncate-dim is stored in a full model's sentence-transformers files, which "
-                              "--adapter-only does not write: drop --adapter-only, or give --truncate-dim when "
-                              "encoding with the adapter")
+                raise SettingError("matryoshka_dims", f"is not a list of dimensions: {err}") from None
+        if self.truncate_dim is not None and self.adapter_only:  # it would be silently dropped
+            raise SettingError("truncate_dim", "is stored in a full model's sentence-transformers files, which "
+                               "{adapter_only} does not write: train a full model, or give the truncation when "
+                               "encoding with the adapter", ("adapter_only",))
 
     def resolve_dims(self, width: int) -> None:
         """Check the dimensions against the model's width (and pick them for "auto"), before any training."""
@@ -169,10 +154,11 @@ class TrainingConfig:
             self.matryoshka_dims = auto_matryoshka_dims(width)
         too_wide = [d for d in self.matryoshka_dims or [] if d > width]
         if too_wide:
-            raise ConfigError(f"--matryoshka-dims {too_wide[0]} is larger than the model's embedding dimension {width}")
+            raise SettingError("matryoshka_dims", f"{too_wide[0]} is larger than the model's embedding dimension "
+                               f"{width}")
         if self.truncate_dim is not None and self.truncate_dim > width:
-            raise ConfigError(f"--truncate-dim {self.truncate_dim} is larger than the model's embedding dimension "
-                              f"{width}")
+            raise SettingError("truncate_dim", f"{self.truncate_dim} is larger than the model's embedding dimension "
+                               f"{width}")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainingConfig:
@@ -181,11 +167,11 @@ class TrainingConfig:
         try:
             values = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
-            raise ConfigError(f"--config {path}: no such file") from None
+            raise ConfigError(f"training settings file {path}: no such file") from None
         except (OSError, ValueError) as err:
-            raise ConfigError(f"--config {path}: not a JSON file ({err})") from None
+            raise ConfigError(f"training settings file {path}: not a JSON file ({err})") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"--config {path}: expected a JSON object of settings")
+            raise ConfigError(f"training settings file {path}: expected a JSON object of settings")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -308,7 +294,7 @@ def _add_lora(model: SentenceTransformer, config: TrainingConfig) -> None:
 
     layers = backbone(model).config.num_hidden_layers
     if config.lora_layers is not None and config.lora_layers > layers:
-        raise ConfigError(f"--lora-layers {config.lora_layers}: the model has {layers} layers")
+        raise SettingError("lora_layers", f"is {config.lora_layers}, but the model has {layers} layers")
     last = None if config.lora_layers is None else list(range(layers - config.lora_layers, layers))
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.lora_target_modules), bias="none", layers_to_transform=last,
@@ -673,17 +659,6 @@ def _training_record(trainer: SentenceTransformerTrainer, config: TrainingConfig
 
 
 # The CLI option that sets each setting, for messages; the others are set in a --config file only.
-SETTING_OPTIONS = {
-    "max_steps": "--max-steps", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
-    "max_seq_length": "--max-seq-length", "saved_max_seq_length": "--saved-max-seq-length",
-    "warmup_steps": "--warmup-steps", "warmup_ratio": "--warmup-ratio",
-    "gradient_checkpointing": "--[no-]gradient-checkpointing", "bf16": "--[no-]bf16",
-    "gradcache_mini_batch_size": "--gradcache", "matryoshka_dims": "--matryoshka-dims",
-    "truncate_dim": "--truncate-dim", "lora": "--full", "adapter_only": "--adapter-only",
-    "group_by_instruction": "--group-by-instruction", "eval_fraction": "--eval-fraction",
-}
-
-
 def texts_per_row(data_split) -> int:
     """The texts each training row gives the model (query, positive, negatives): one forward pass each per step."""
     columns = data_split.train.column_names
@@ -770,16 +745,15 @@ def _check_resume(checkpoints: Path, record: dict) -> None:
                            f"{str(then.get('sha256'))[:12]}), now of {', '.join(now['sources'])} (sha256 "
                            f"{now['sha256'][:12]})")
     then, now = before.get("settings") or {}, record["settings"]
-    for name in [*now, *(k for k in then if k not in now)]:
-        if then.get(name) != now.get(name):
-            option = SETTING_OPTIONS.get(name, f"{name} (a --config setting)")
-            differences.append(f"{option} was {then.get(name)!r}, now {now.get(name)!r}")
+    settings = [name for name in [*now, *(k for k in then if k not in now)] if then.get(name) != now.get(name)]
+    differences += [f"{{{name}}} was {then.get(name)!r}, now {now.get(name)!r}" for name in settings]
     if before.get("devices") != record["devices"]:
         differences.append(f"the run had {before.get('devices')} device(s), now {record['devices']}")
     if differences:
-        raise ConfigError(f"--resume: the checkpoints in {checkpoints} are of another run: {'; '.join(differences)}. "
-                          "Resume with that run's base, data and settings, or start again without --resume and with "
-                          "--overwrite (which deletes them)")
+        raise SettingError("resume", f"cannot continue the checkpoints in {checkpoints}: they are of another run: "
+                           f"{'; '.join(differences)}. Resume with that run's base, data and settings, or start "
+                           "again without {resume} and with {overwrite} (which deletes them)",
+                           (*settings, "resume", "overwrite"))
 
 
 def _describe_base(identity: dict) -> str:

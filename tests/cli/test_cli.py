@@ -172,7 +172,8 @@ def test_bad_numbers_are_refused_before_any_output(base, data, tmp_path, capsys,
     ({"eval_fraction": 1.0}, "--eval-fraction must be a number in [0, 1)"),
     ({"learning_rate": 0}, "--learning-rate must be a number > 0"),
     ({"gradcache_mini_batch_size": 0}, "--gradcache must be an integer >= 1"),
-    ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
+    ({"warmup_steps": -1}, "--warmup-steps must be an integer >= 0"),
+    ({"lora_dropout": 1}, "lora_dropout (a --config setting) must be a number in [0, 1), got 1"),
     ({"max_steps": "10"}, "--max-steps must be an integer >= 1, got '10'"),
 ])
 def test_a_config_file_is_held_to_the_same_ranges(base, data, tmp_path, capsys, settings, message):

@@ -55,6 +55,7 @@ def write_results(folder, model, summary, tasks):
     return folder
 
 
+@pytest.mark.slow  # the whole demo first (shared with the test above)
 def test_model_card_lists_every_task_and_passes_huggingface_hub_validation(demo, tmp_path, capsys):
     # stored results of a real run, into MODEL/eval where push looks by default
     stdlib_scores(demo.folder, demo.folder / "eval", capsys)

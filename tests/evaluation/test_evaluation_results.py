@@ -139,6 +139,7 @@ def test_a_second_evaluate_into_the_same_output_is_refused_naming_the_first(mode
     assert main(["evaluate", models[0], "--data", a, "--output", str(out)]) == 0 and recorder.calls == []
 
 
+@pytest.mark.slow  # a killed evaluation, its resume and a second model
 def test_a_killed_evaluate_resumes_and_leaves_nothing_to_another_model(models, sets, tmp_path, monkeypatch, caplog):
     a, b, pause_on, corpus = sets
     out = tmp_path / "eval"

@@ -50,6 +50,15 @@ DREAM_SPECIAL_IDS = dict(DREAM_IDS, bos_token_id=151665, eos_token_id=151643)  #
 FOLDER_DEFAULTS = dict(seed=0, weights="random", tokenizer="dream", max_seq_length=64, include_prompt=True)  # as below
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, under the name the installed transformers gives it:
+    5.x renamed `gradient_checkpointing_enable` and warns on the old name, which the oldest 5.x alone has."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def word_tokenizer():
     """A 128-word vocabulary ("<pad>", "<s>", "w2" ... "w127"), split on whitespace: a model folder of a few KB."""
     from tokenizers import Tokenizer

@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from helpers.models import tiny_model
+from helpers.models import enable_checkpointing, tiny_model
 from helpers.tensors import make_batch
 from helpers.tensors import reference_varlen as per_segment_sdpa  # a correct varlen kernel: SDPA per text
 
@@ -281,7 +281,7 @@ def test_flash_attn_4_path_trains_like_sdpa(monkeypatch):
         monkeypatch.setattr(mdl, "select_backend", lambda config, device, dtype, attn=attn: attn)
         monkeypatch.setattr(mdl, "probe_kernel", lambda *args: "native")
         model = tiny_model().train()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         out = model(input_ids=ids, attention_mask=mask).embeddings
         (out @ torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         grads[attn] = model.model.layers[0].self_attn.q_proj.weight.grad.clone()

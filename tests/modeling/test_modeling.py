@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers.models import TINY, randomize, tiny_config, tiny_model
+from helpers.models import TINY, enable_checkpointing, randomize, tiny_config, tiny_model
 from helpers.tensors import additive_mask, make_batch, real_positions
 from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
 
@@ -229,7 +229,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     def grads(checkpointing):
         model = tiny_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
             assert all(layer.gradient_checkpointing for layer in model.model.layers)
         out = model(input_ids=ids, attention_mask=mask)
         (out.embeddings @ torch.arange(64.0)).sum().backward()

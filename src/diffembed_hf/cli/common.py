@@ -14,18 +14,28 @@ FLAGS = {
     "stdlib_rows": "--max-heldout",
     "gradcache_mini_batch_size": "--gradcache",
     "show_progress_bar": "--progress",
+    "lora": "--full",  # its opposite: lora=False is --full
+    "gradient_checkpointing": "--[no-]gradient-checkpointing",
+    "bf16": "--[no-]bf16",
 }
 
 
+# Training settings that only a --config file sets (TrainingConfig fields without a flag of their own).
+CONFIG_ONLY = {"save_steps", "save_total_limit", "logging_steps", "seed", "lora_r", "lora_alpha", "lora_dropout",
+               "scale", "query_prompt"}
+
+
 def flag(option: str) -> str:
-    """The command-line flag that sets the library parameter `option`."""
+    """The command-line flag that sets the library parameter `option` (or says that a --config file does)."""
+    if option in CONFIG_ONLY:
+        return f"{option} (a --config setting)"
     return FLAGS.get(option) or "--" + option.replace("_", "-")
 
 
 def error_message(error: DiffembedError) -> str:
     """What the CLI prints for a library error: an option out of range is named by its flag."""
     if isinstance(error, OptionError):
-        return f"{flag(error.option)} {error.problem}"
+        return error.worded(flag)
     return str(error)
 
 
