@@ -658,7 +658,6 @@ def _training_record(trainer: SentenceTransformerTrainer, config: TrainingConfig
     )
 
 
-# The CLI option that sets each setting, for messages; the others are set in a --config file only.
 def texts_per_row(data_split) -> int:
     """The texts each training row gives the model (query, positive, negatives): one forward pass each per step."""
     columns = data_split.train.column_names
